@@ -1,0 +1,159 @@
+"""``QTuningConfig``: ``trl.SFTConfig`` plus the Q-Tuning knobs, each documented and validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from .core.selection import SelectionParams
+
+__all__ = ["QTuningConfig"]
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "triage_scope": ("micro_batch", "step", "global"),
+    "neighbor_mode": ("sum", "mean"),
+    "token_budget_scope": ("sample", "batch"),
+    "entropy_positions": ("response", "all"),
+    "qtuning_ledger": ("none", "summary", "full"),
+}
+
+
+@dataclass
+class QTuningConfig(SFTConfig):
+    r"""
+    Configuration for [`QTuningSFTTrainer`]: every field of `trl.SFTConfig`, plus the Q-Tuning settings below
+    (Wang et al., "Winning the Pruning Gamble", arXiv:2509.23873).
+
+    Each optimizer step, the trainer scores every sample of the step with the current model, keeps
+    `sample_keep_ratio` of them (Q2 "valuable misconception" and Q4 "calibration data" samples on the
+    Error-Uncertainty plane), and keeps `token_keep_ratio` of the response tokens of the Q2 samples.
+    """
+
+    qtuning_enabled: bool = field(
+        default=True,
+        metadata={"help": "Turn Q-Tuning on. False trains exactly like `SFTTrainer` (no scoring pass, no pruning)."},
+    )
+    sample_keep_ratio: float = field(
+        default=0.25,
+        metadata={"help": "Share of the samples of each triage group that are trained on, in (0, 1]."},
+    )
+    token_keep_ratio: float = field(
+        default=0.5,
+        metadata={"help": "Share of the response tokens of each kept Q2 sample that keep their label, in (0, 1]."},
+    )
+    neighbor_lambda: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight of the neighbouring tokens' perplexity in the token score, in [0, 1]: "
+            "s_i = (1 - lambda) * PPL_i + lambda * (PPL_{i-1} + PPL_{i+1}). 0 scores a token by its own PPL."
+        },
+    )
+    neighbor_mode: str = field(
+        default="sum",
+        metadata={"help": "How neighbours combine: 'sum' (the paper's equation) or 'mean' (its prose)."},
+    )
+    triage_scope: str = field(
+        default="step",
+        metadata={
+            "help": "Which samples are triaged together: 'step' (all micro-batches of one optimizer step; larger "
+            "triage batches give better quantile thresholds) or 'micro_batch' (each micro-batch alone, as the "
+            "paper's code did). 'global' (all ranks together) is reserved for multi-process triage."
+        },
+    )
+    enforce_sample_budget: bool = field(
+        default=True,
+        metadata={
+            "help": "Trim an over-full Q2+Q4 set to exactly the sample budget. False is paper-faithful: every Q2 "
+            "and Q4 sample stays, so the realised budget can exceed `sample_keep_ratio`."
+        },
+    )
+    prune_filled_q2_like: bool = field(
+        default=False,
+        metadata={
+            "help": "Also token-prune samples added by the under-fill rule that lean towards Q2 "
+            "(normalised PPL >= normalised entropy). By default they are kept whole."
+        },
+    )
+    reverse_token_score: bool = field(
+        default=False,
+        metadata={"help": "Ablation: keep the highest-scoring tokens of Q2 samples instead of the lowest."},
+    )
+    token_budget_scope: str = field(
+        default="sample",
+        metadata={
+            "help": "'sample': each Q2 sample keeps floor(token_keep_ratio * its response tokens); 'batch': one "
+            "budget over all Q2 tokens of the triage group (each sample still keeps its best token)."
+        },
+    )
+    entropy_positions: str = field(
+        default="response",
+        metadata={
+            "help": "Positions the sample entropy averages over: 'response' (trainable tokens, the paper's "
+            "definition) or 'all' (every attended position, as one early implementation did)."
+        },
+    )
+    triage_max_iter: int = field(
+        default=10, metadata={"help": "Bisection steps at most when searching the quantile level q."}
+    )
+    triage_tol: float = field(
+        default=0.01, metadata={"help": "Bisection stops once |kept share - sample_keep_ratio| < triage_tol."}
+    )
+    qtuning_ledger: str = field(
+        default="full",
+        metadata={
+            "help": "Per-sample decision ledger written under `output_dir/qtuning_ledger/` as Parquet shards: "
+            "'none', 'summary' (one row per sample and step), or 'full' (also the pruned token positions)."
+        },
+    )
+    qtuning_ledger_rows_per_shard: int = field(
+        default=20_000, metadata={"help": "Ledger rows buffered in memory before a Parquet shard is written."}
+    )
+
+    def __post_init__(self) -> None:
+        self._validate_qtuning()
+        super().__post_init__()
+
+    def _validate_qtuning(self) -> None:
+        for name in ("sample_keep_ratio", "token_keep_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
+                raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}.")
+            setattr(self, name, float(value))
+        if not 0.0 <= float(self.neighbor_lambda) <= 1.0:
+            raise ValueError(f"`neighbor_lambda` must be in [0, 1], got {self.neighbor_lambda!r}.")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {getattr(self, name)!r}.")
+        if self.triage_scope == "global":
+            raise ValueError(
+                "`triage_scope='global'` (cross-rank triage) is not available in this version; use 'step' "
+                "(default) or 'micro_batch'."
+            )
+        if int(self.triage_max_iter) < 1:
+            raise ValueError(f"`triage_max_iter` must be >= 1, got {self.triage_max_iter!r}.")
+        if not 0.0 < float(self.triage_tol) < 1.0:
+            raise ValueError(f"`triage_tol` must be in (0, 1), got {self.triage_tol!r}.")
+        if int(self.qtuning_ledger_rows_per_shard) < 1:
+            raise ValueError(f"`qtuning_ledger_rows_per_shard` must be >= 1, got {self.qtuning_ledger_rows_per_shard!r}.")
+        if self.qtuning_enabled and self.packing:
+            raise ValueError(
+                "`packing=True` is not supported with Q-Tuning: packed rows mix samples, so samples cannot be "
+                "scored and dropped one by one. Use `padding_free=True` for the same padding savings, or set "
+                "`qtuning_enabled=False`."
+            )
+
+    def selection_params(self) -> SelectionParams:
+        """The method's settings as the pure core takes them."""
+        return SelectionParams(
+            sample_keep_ratio=self.sample_keep_ratio,
+            token_keep_ratio=self.token_keep_ratio,
+            neighbor_lambda=float(self.neighbor_lambda),
+            neighbor_mode=self.neighbor_mode,  # type: ignore[arg-type]
+            enforce_sample_budget=self.enforce_sample_budget,
+            prune_filled_q2_like=self.prune_filled_q2_like,
+            reverse_token_score=self.reverse_token_score,
+            token_budget_scope=self.token_budget_scope,  # type: ignore[arg-type]
+            triage_max_iter=int(self.triage_max_iter),
+            triage_tol=float(self.triage_tol),
+        )

@@ -1,0 +1,93 @@
+"""Q-Tuning's whole decision for one triage group: which samples stay and which of their labels are kept.
+
+Pure tensor code over a padded ``(samples, positions)`` layout, so padded and padding-free batches, one micro-batch or
+a whole optimizer step, all go through the same rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .tokens import prune_tokens
+from .triage import TriageResult, triage_samples
+
+__all__ = ["SelectionParams", "Selection", "select_qtuning"]
+
+
+@dataclass(frozen=True)
+class SelectionParams:
+    """The knobs of the method (see ``QTuningConfig`` for their meaning)."""
+
+    sample_keep_ratio: float = 0.25
+    token_keep_ratio: float = 0.5
+    neighbor_lambda: float = 0.5
+    neighbor_mode: Literal["sum", "mean"] = "sum"
+    enforce_sample_budget: bool = True
+    prune_filled_q2_like: bool = False
+    reverse_token_score: bool = False
+    token_budget_scope: Literal["sample", "batch"] = "sample"
+    triage_max_iter: int = 10
+    triage_tol: float = 0.01
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Decisions for a group of B samples, with their pre-pruning statistics."""
+
+    ppl: torch.Tensor
+    entropy: torch.Tensor
+    triage: TriageResult
+    token_pruned: torch.Tensor
+    """(B,) kept samples whose tokens were pruned (Q2, and Q2-like fills when asked)."""
+    label_keep: torch.Tensor
+    """(B, L) True on response positions that keep their label (all False on dropped samples)."""
+
+    @property
+    def keep(self) -> torch.Tensor:
+        return self.triage.keep
+
+
+def select_qtuning(
+    ppl: torch.Tensor,
+    entropy: torch.Tensor,
+    token_logps: torch.Tensor,
+    response_mask: torch.Tensor,
+    params: SelectionParams,
+) -> Selection:
+    """Triage the group on the EU plane, then token-prune its kept Q2 samples.
+
+    Args:
+        ppl, entropy: per-sample statistics, shape ``(B,)`` (from :func:`eu_plane_stats`).
+        token_logps: log-probability of each label, shape ``(B, L)``.
+        response_mask: True on response positions, shape ``(B, L)``.
+        params: the method's settings.
+    """
+    triage = triage_samples(
+        ppl,
+        entropy,
+        params.sample_keep_ratio,
+        enforce_budget=params.enforce_sample_budget,
+        max_iter=params.triage_max_iter,
+        tol=params.triage_tol,
+    )
+    mask = response_mask.to(torch.bool)
+    token_pruned = triage.keep & (triage.quadrant == 2)
+    if params.prune_filled_q2_like:
+        token_pruned = token_pruned | (triage.keep & triage.q2_like)
+    label_keep = mask & triage.keep.unsqueeze(-1)
+    if params.token_keep_ratio < 1.0 and bool(token_pruned.any()):
+        rows = token_pruned.nonzero().squeeze(-1)
+        kept_tokens = prune_tokens(
+            torch.exp(-token_logps[rows].double()),
+            mask[rows],
+            params.token_keep_ratio,
+            neighbor_lambda=params.neighbor_lambda,
+            neighbor=params.neighbor_mode,
+            keep_highest=params.reverse_token_score,
+            budget=params.token_budget_scope,
+        )
+        label_keep[rows] = kept_tokens
+    return Selection(ppl=ppl, entropy=entropy, triage=triage, token_pruned=token_pruned, label_keep=label_keep)

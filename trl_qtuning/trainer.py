@@ -1,0 +1,397 @@
+"""``QTuningSFTTrainer``: TRL's ``SFTTrainer`` that prunes each optimizer step's data before training on it.
+
+Where it hooks in (transformers' training loop): ``get_batch_samples`` fetches the micro-batches of one optimizer step
+and counts the loss normaliser. This trainer fetches them, scores every sample with the current model (no grad, eval
+mode, TRL's fused LM head: per-token log-probs and entropy without the (batch, seq, vocab) logits), asks the pure core
+which samples stay and which labels are kept, physically removes dropped rows, masks pruned labels, and only then
+counts the normaliser. The loss of the step is therefore ``sum(NLL over kept tokens) / kept token count``, exactly,
+under gradient accumulation. It returns as many micro-batches as it fetched (an emptied one is skipped in
+``training_step``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from trl import SFTTrainer
+
+from .collator import SAMPLE_ID_COLUMN, QTuningDataCollator
+from .config import QTuningConfig
+from .core.selection import Selection, select_qtuning
+from .core.stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
+from .ledger import DecisionLedger
+
+try:  # Internal TRL API (1.15+): checked here so a TRL change fails at import with a clear message.
+    from trl.trainer.utils import FusedCausalLMOutput
+except ImportError as exc:  # pragma: no cover - depends on the installed TRL
+    raise ImportError(
+        "trl_qtuning needs TRL's fused LM head (`trl.trainer.utils.FusedCausalLMOutput`, TRL >= 1.15, < 2). "
+        "Install a supported version: pip install 'trl>=1.15,<2'."
+    ) from exc
+
+__all__ = ["QTuningSFTTrainer"]
+
+logger = logging.getLogger(__name__)
+
+_PER_TOKEN_FLAT_KEYS = ("input_ids", "labels", "position_ids", "shift_labels")
+
+
+@dataclass
+class _ScoredMicroBatch:
+    """One micro-batch's statistics in a per-sample padded layout (row = sample, column = label position - 1)."""
+
+    token_logps: torch.Tensor
+    response: torch.Tensor
+    positions: torch.Tensor
+    """(n, W) offset in the sample's input_ids of the label each column scores."""
+    ppl: torch.Tensor
+    entropy: torch.Tensor
+    sample_ids: torch.Tensor
+    flat_segments: torch.Tensor | None = None
+    """Padding-free only: sample index and column of every shifted position of the flat row."""
+    flat_columns: torch.Tensor | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.ppl.numel()
+
+
+def _is_padding_free(batch: dict[str, Any]) -> bool:
+    return "position_ids" in batch and "attention_mask" not in batch
+
+
+def _pad_columns(tensor: torch.Tensor, width: int, value: float | bool = 0) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+class QTuningSFTTrainer(SFTTrainer):
+    """Drop-in replacement for ``trl.SFTTrainer`` (same constructor) that trains with Q-Tuning.
+
+    Pass a :class:`QTuningConfig` as ``args``. With ``qtuning_enabled=False`` it behaves exactly like ``SFTTrainer``.
+    """
+
+    _tag_names = ["trl", "sft", "qtuning"]
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        bound = inspect.signature(SFTTrainer.__init__).bind(None, *args, **kwargs)
+        call = dict(bound.arguments)
+        call.pop("self")
+        extra = call.pop("kwargs", {})
+        config = call.get("args")
+        if config is None:
+            raise ValueError("QTuningSFTTrainer needs `args=QTuningConfig(...)` (the Q-Tuning budgets live there).")
+        if not isinstance(config, QTuningConfig):
+            raise TypeError(
+                f"`args` must be a trl_qtuning.QTuningConfig, got {type(config).__name__}. Replace SFTConfig(...) "
+                "with QTuningConfig(...): it takes the same arguments plus the Q-Tuning ones."
+            )
+        if config.qtuning_enabled and call.get("train_dataset") is not None:
+            call["train_dataset"] = self._with_sample_ids(call["train_dataset"])
+        super().__init__(**call, **extra)
+        if not config.qtuning_enabled:
+            return
+        if self.compute_loss_func is not None:
+            raise ValueError(
+                "`compute_loss_func` is not supported with Q-Tuning (TRL deprecates it, and it would need an extra "
+                "full-logits forward). Remove it, or set `qtuning_enabled=False`."
+            )
+        self.data_collator = QTuningDataCollator(self.data_collator)
+        # The normaliser is counted after pruning and passed to every micro-batch's loss, which divides by it.
+        self.loss_is_scaled_for_ga = True
+        self._selection_params = config.selection_params()
+        self._ledger: DecisionLedger | None = None
+        if config.qtuning_ledger != "none":
+            self._ledger = DecisionLedger(
+                Path(config.output_dir) / "qtuning_ledger",
+                level=config.qtuning_ledger,
+                rank=self.args.process_index,
+                rows_per_shard=config.qtuning_ledger_rows_per_shard,
+            )
+
+    # ------------------------------------------------------------------ dataset plumbing
+    @staticmethod
+    def _with_sample_ids(dataset: Any) -> Any:
+        """Add the row index as ``qtuning_sample_id`` (kept if the user already supplies one)."""
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and SAMPLE_ID_COLUMN in columns:
+            return dataset
+        if hasattr(dataset, "add_column") and hasattr(dataset, "__len__"):
+            return dataset.add_column(SAMPLE_ID_COLUMN, list(range(len(dataset))))
+        if hasattr(dataset, "map"):
+            return dataset.map(lambda _, idx: {SAMPLE_ID_COLUMN: idx}, with_indices=True)
+        return dataset
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.args.qtuning_enabled and SAMPLE_ID_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, SAMPLE_ID_COLUMN]
+
+    # ------------------------------------------------------------------ the hook
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if not self.args.qtuning_enabled:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if batch_samples:
+            batch_samples = self._prune_step(batch_samples)
+        return batch_samples, self._count_label_tokens(batch_samples, device)
+
+    def _count_label_tokens(self, batch_samples: list[dict[str, Any]], device: torch.device) -> torch.Tensor | None:
+        """Trainable tokens of the step (labels shifted by one), summed over ranks like transformers does."""
+        if not batch_samples:
+            return None
+        count = sum((mb["labels"][..., 1:] != -100).sum() for mb in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.args.qtuning_enabled and inputs["input_ids"].numel() == 0:
+            # Every sample of this micro-batch was dropped: nothing to compute, nothing to add to the loss.
+            return torch.zeros((), device=self.args.device)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs.pop(SAMPLE_ID_COLUMN, None)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def _score(self, batch: dict[str, Any], sample_ids: torch.Tensor | None) -> _ScoredMicroBatch:
+        labels = batch["labels"]
+        model_inputs = {k: v for k, v in batch.items() if k != "labels"}
+        padding_free = _is_padding_free(batch)
+        score_labels = labels
+        if self.args.entropy_positions == "all":
+            score_labels = batch["input_ids"].clone()
+            if padding_free:
+                score_labels[batch["position_ids"] == 0] = -100
+            else:
+                score_labels[batch["attention_mask"] == 0] = -100
+        model = self.model_wrapped
+        was_training = model.training
+        model.eval()
+        try:
+            with self.compute_loss_context_manager():
+                out = model(**model_inputs, labels=score_labels, fused_lm_head=True, use_cache=False)
+        finally:
+            model.train(was_training)
+        if not isinstance(out, FusedCausalLMOutput) or out.entropy is None:
+            raise RuntimeError(
+                "The scoring forward did not return TRL's fused LM head output with per-token entropy. Q-Tuning needs "
+                f"`SFTTrainer`'s fused head (TRL >= 1.15, < 2); got {type(out).__name__}. Is the model's forward "
+                "replaced by another library (e.g. Liger's fused cross-entropy)?"
+            )
+        token_logps, token_entropy = out.log_probs.float(), out.entropy.float()
+        response = labels[:, 1:] != -100
+        entropy_mask = score_labels[:, 1:] != -100
+        if padding_free:
+            position_ids = batch["position_ids"]
+            n = sample_ids.numel() if sample_ids is not None else int((position_ids == 0).sum())
+            segments = segment_ids_from_position_ids(position_ids, n)[0, 1:]
+            columns = position_ids[0, 1:] - 1
+
+            def to_rows(values: torch.Tensor, fill: float | bool = 0) -> torch.Tensor:
+                return flat_to_padded(values[0], segments, columns, n, fill=fill)
+
+            token_logps, token_entropy = to_rows(token_logps), to_rows(token_entropy)
+            response, entropy_mask = to_rows(response, False), to_rows(entropy_mask, False)
+            positions = to_rows(position_ids[:, 1:])
+        else:
+            n = labels.shape[0]
+            segments = columns = None
+            positions = torch.arange(1, labels.shape[1], device=labels.device).expand(n, -1)
+        ppl, entropy = eu_plane_stats(token_logps, token_entropy, response)
+        if self.args.entropy_positions == "all":
+            entropy = eu_plane_stats(token_logps, token_entropy, entropy_mask)[1]
+        if sample_ids is None:
+            sample_ids = torch.full((n,), -1, dtype=torch.long)
+        return _ScoredMicroBatch(token_logps, response, positions, ppl, entropy, sample_ids.cpu(), segments, columns)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _prune_step(self, batch_samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        sample_ids = [mb.pop(SAMPLE_ID_COLUMN, None) for mb in batch_samples]
+        scored = [self._score(mb, ids) for mb, ids in zip(batch_samples, sample_ids)]
+        scoring_seconds = time.perf_counter() - start
+        if self.args.triage_scope == "micro_batch":
+            groups = [[i] for i in range(len(scored))]
+        else:
+            groups = [list(range(len(scored)))]
+        selections: list[tuple[int, slice, Selection]] = []
+        for group in groups:
+            width = max(scored[i].token_logps.shape[1] for i in group)
+            selection = select_qtuning(
+                torch.cat([scored[i].ppl for i in group]),
+                torch.cat([scored[i].entropy for i in group]),
+                torch.cat([_pad_columns(scored[i].token_logps, width) for i in group]),
+                torch.cat([_pad_columns(scored[i].response, width, False) for i in group]),
+                self._selection_params,
+            )
+            offset = 0
+            for i in group:
+                rows = slice(offset, offset + scored[i].num_samples)
+                selections.append((i, rows, selection))
+                offset += scored[i].num_samples
+        pruned = list(batch_samples)
+        for i, rows, selection in selections:
+            width = scored[i].token_logps.shape[1]
+            keep_rows = selection.keep[rows]
+            label_keep = selection.label_keep[rows, :width]
+            pruned[i] = self._apply(batch_samples[i], scored[i], keep_rows, label_keep)
+        self._record(scored, selections, scoring_seconds)
+        return pruned
+
+    def _apply(
+        self, batch: dict[str, Any], scored: _ScoredMicroBatch, keep_rows: torch.Tensor, label_keep: torch.Tensor
+    ) -> dict[str, Any]:
+        """Mask pruned labels and physically drop the rows (or segments) of dropped samples."""
+        device = batch["labels"].device
+        keep_rows, label_keep = keep_rows.to(device), label_keep.to(device)
+        masked = scored.response.to(device) & ~label_keep
+        labels = batch["labels"].clone()
+        out = dict(batch)
+        if scored.flat_segments is not None:
+            flat_masked = padded_to_flat(masked, scored.flat_segments, scored.flat_columns, fill=False)
+            labels[0, 1:][flat_masked] = -100
+            out["labels"] = labels
+            token_segment = segment_ids_from_position_ids(batch["position_ids"], scored.num_samples)[0]
+            keep_tokens = (token_segment >= 0) & keep_rows[token_segment.clamp(min=0)]
+            for key in _PER_TOKEN_FLAT_KEYS:
+                if key in out:
+                    out[key] = out[key][:, keep_tokens]
+            return self._refresh_flat_metadata(out)
+        labels[:, 1:][masked] = -100
+        out["labels"] = labels
+        rows = keep_rows.nonzero().squeeze(-1)
+        batch_size, seq_len = labels.shape
+        width = seq_len
+        if "attention_mask" in batch:
+            attended = batch["attention_mask"][rows].bool()
+            if attended.numel() and bool(attended.any()):
+                # Right padding (TRL's collator): drop the columns no kept row attends to.
+                width = int(attended.any(dim=0).nonzero().max()) + 1
+        for key, value in out.items():
+            if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == batch_size:
+                value = value.index_select(0, rows)
+                if value.dim() >= 2 and value.shape[1] == seq_len:
+                    value = value[:, :width]
+                out[key] = value
+        return out
+
+    @staticmethod
+    def _refresh_flat_metadata(batch: dict[str, Any]) -> dict[str, Any]:
+        """Recompute the varlen metadata of a padding-free row after segments were removed (as TRL's collator)."""
+        position_ids = batch["position_ids"]
+        starts = (position_ids[0] == 0).nonzero().flatten()
+        total = torch.tensor([position_ids.shape[1]], device=position_ids.device)
+        cu_seq_lens = torch.cat([starts, total]).to(torch.int32)
+        if "cu_seq_lens_q" in batch:
+            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu_seq_lens
+        lengths = cu_seq_lens.diff()
+        if "max_length_q" in batch:
+            batch["max_length_q"] = batch["max_length_k"] = int(lengths.max()) if lengths.numel() else 0
+        if "seq_idx" in batch:
+            batch["seq_idx"] = torch.repeat_interleave(
+                torch.arange(lengths.numel(), dtype=torch.int32, device=position_ids.device), lengths
+            )[None]
+        return batch
+
+    # ------------------------------------------------------------------ metrics and ledger
+    def _record(
+        self, scored: list[_ScoredMicroBatch], selections: list[tuple[int, slice, Selection]], scoring_seconds: float
+    ) -> None:
+        quadrant = torch.cat([sel.triage.quadrant[rows].cpu() for _, rows, sel in selections])
+        keep = torch.cat([sel.keep[rows].cpu() for _, rows, sel in selections])
+        filled = torch.cat([sel.triage.filled[rows].cpu() for _, rows, sel in selections])
+        trimmed = torch.cat([sel.triage.trimmed[rows].cpu() for _, rows, sel in selections])
+        invalid = torch.cat([sel.triage.invalid[rows].cpu() for _, rows, sel in selections])
+        token_pruned = torch.cat([sel.token_pruned[rows].cpu() for _, rows, sel in selections])
+        response_tokens = torch.cat([s.response.sum(dim=1).cpu() for s in scored])
+        kept_tokens = torch.cat(
+            [sel.label_keep[rows, : scored[i].token_logps.shape[1]].sum(dim=1).cpu() for i, rows, sel in selections]
+        )
+        ppl = torch.cat([s.ppl.cpu() for s in scored])
+        entropy = torch.cat([s.entropy.cpu() for s in scored])
+        total = quadrant.numel()
+        valid = ~invalid
+        metrics = self._metrics["train"]
+        for q in range(5):
+            name = f"qtuning/q{q}_share" if q else "qtuning/mid_band_share"
+            metrics[name].append(float((quadrant[valid] == q).sum()) / max(1, total))
+        metrics["qtuning/sample_keep_ratio"].append(float(keep.sum()) / max(1, total))
+        kept_response = float(response_tokens[keep].sum())
+        metrics["qtuning/token_keep_ratio"].append(float(kept_tokens.sum()) / kept_response if kept_response else 0.0)
+        metrics["qtuning/label_token_share"].append(float(kept_tokens.sum()) / max(1.0, float(response_tokens.sum())))
+        metrics["qtuning/filled_share"].append(float(filled.sum()) / max(1, total))
+        metrics["qtuning/trimmed_share"].append(float(trimmed.sum()) / max(1, total))
+        metrics["qtuning/invalid_samples"].append(float(invalid.sum()))
+        metrics["qtuning/ppl_mean"].append(float(ppl[valid].mean()) if bool(valid.any()) else float("nan"))
+        metrics["qtuning/entropy_mean"].append(float(entropy[valid].mean()) if bool(valid.any()) else float("nan"))
+        metrics["qtuning/scoring_seconds"].append(scoring_seconds)
+        distinct = {id(sel): sel for _, _, sel in selections}.values()
+        metrics["qtuning/q"].append(float(np.mean([sel.triage.q for sel in distinct])))
+        for name in ("ppl_lo", "ppl_hi", "ent_lo", "ent_hi"):
+            metrics[f"qtuning/{name}"].append(float(np.nanmean([sel.triage.thresholds[name] for sel in distinct])))
+        if int(invalid.sum()):
+            logger.warning(
+                "Q-Tuning: %d sample(s) of step %d had no finite statistics (no response token, or NaN/inf "
+                "log-probs) and were dropped.", int(invalid.sum()), self.state.global_step + 1,
+            )
+        if self._ledger is None:
+            return
+        decision = np.select(
+            [invalid.numpy(), (keep & filled).numpy(), (keep & token_pruned).numpy(), keep.numpy(), trimmed.numpy()],
+            ["invalid", "filled", "token_pruned", "kept", "trimmed"],
+            default="dropped",
+        )
+        micro_batch = torch.cat([torch.full((s.num_samples,), i, dtype=torch.int32) for i, s in enumerate(scored)])
+        columns: dict[str, list[Any]] = {
+            "step": [self.state.global_step + 1] * total,
+            "epoch": [float(self.state.epoch or 0.0)] * total,
+            "rank": [self.args.process_index] * total,
+            "micro_batch": micro_batch.tolist(),
+            "sample_id": torch.cat([s.sample_ids for s in scored]).tolist(),
+            "quadrant": quadrant.tolist(),
+            "ppl": ppl.double().tolist(),
+            "entropy": entropy.double().tolist(),
+            "decision": decision.tolist(),
+            "response_tokens": response_tokens.tolist(),
+            "kept_tokens": kept_tokens.tolist(),
+        }
+        if self._ledger.level == "full":
+            pruned_positions: list[list[int]] = []
+            for i, rows, sel in selections:
+                width = scored[i].token_logps.shape[1]
+                pruned_mask = (scored[i].response.cpu() & ~sel.label_keep[rows, :width].cpu()) & sel.keep[rows].cpu()[:, None]
+                values = scored[i].positions.cpu()[pruned_mask]
+                per_row = torch.split(values, pruned_mask.sum(dim=1).tolist())
+                pruned_positions.extend(chunk.tolist() for chunk in per_row)
+            columns["pruned_positions"] = pruned_positions
+        self._ledger.append(columns)
+
+    # ------------------------------------------------------------------ persistence
+    def _save_checkpoint(self, model, trial):
+        if self.args.qtuning_enabled and self._ledger is not None:
+            self._ledger.flush()
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        if self.args.qtuning_enabled and self._ledger is not None and not resume_from_checkpoint:
+            self._ledger.reset()
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if self.args.qtuning_enabled and self._ledger is not None:
+                self._ledger.flush()
