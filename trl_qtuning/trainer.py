@@ -267,12 +267,20 @@ class QTuningSFTTrainer(SFTTrainer):
             labels[0, 1:][flat_masked] = -100
             out["labels"] = labels
             token_segment = segment_ids_from_position_ids(batch["position_ids"], scored.num_samples)[0]
+            if self._needs_placeholder(keep_rows):
+                keep_rows = torch.zeros_like(keep_rows)
+                keep_rows[0] = True
+                labels[:] = -100
             keep_tokens = (token_segment >= 0) & keep_rows[token_segment.clamp(min=0)]
             for key in _PER_TOKEN_FLAT_KEYS:
                 if key in out:
                     out[key] = out[key][:, keep_tokens]
             return self._refresh_flat_metadata(out)
         labels[:, 1:][masked] = -100
+        if self._needs_placeholder(keep_rows):
+            keep_rows = torch.zeros_like(keep_rows)
+            keep_rows[0] = True
+            labels[:] = -100
         out["labels"] = labels
         rows = keep_rows.nonzero().squeeze(-1)
         batch_size, seq_len = labels.shape
@@ -289,6 +297,14 @@ class QTuningSFTTrainer(SFTTrainer):
                     value = value[:, :width]
                 out[key] = value
         return out
+
+    def _needs_placeholder(self, keep_rows: torch.Tensor) -> bool:
+        """With several processes, an emptied micro-batch still runs one fully label-masked row.
+
+        Every rank must join the same forwards/backwards (DDP's gradient all-reduce, FSDP's gathers), so a rank whose
+        samples were all dropped contributes an exact zero instead of skipping the step. One process skips it.
+        """
+        return self.accelerator.num_processes > 1 and not bool(keep_rows.any()) and keep_rows.numel() > 0
 
     @staticmethod
     def _refresh_flat_metadata(batch: dict[str, Any]) -> dict[str, Any]:

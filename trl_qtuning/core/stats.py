@@ -54,14 +54,13 @@ def eu_plane_stats(
             )
         seg = segment_ids.reshape(-1).long()
         if num_segments is None:
-            num_segments = int(seg.max().item()) + 1 if seg.numel() else 0
+            num_segments = max(int(seg.max().item()) + 1, 0) if seg.numel() else 0
         valid = mask.reshape(-1) & (seg >= 0)
-        seg = torch.where(valid, seg, torch.zeros_like(seg))
-        weights = valid.float()
+        seg = seg[valid]
         zeros = torch.zeros(num_segments, device=token_logps.device)
-        count = zeros.index_add(0, seg, weights)
-        nll_sum = zeros.index_add(0, seg, nll.reshape(-1) * weights)
-        ent_sum = zeros.index_add(0, seg, ent.reshape(-1) * weights)
+        count = zeros.index_add(0, seg, torch.ones_like(seg, dtype=zeros.dtype))
+        nll_sum = zeros.index_add(0, seg, nll.reshape(-1)[valid])
+        ent_sum = zeros.index_add(0, seg, ent.reshape(-1)[valid])
     count = count.float()
     has_tokens = count > 0
     denom = count.clamp(min=1.0)

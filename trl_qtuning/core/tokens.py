@@ -50,9 +50,15 @@ def token_scores(
         neighbours = neighbours / (left_in.double() + right_in.double()).clamp(min=1.0)
     elif neighbor != "sum":
         raise ValueError(f"neighbor must be 'sum' or 'mean', got {neighbor!r}")
-    scores = (1.0 - neighbor_lambda) * ppl + neighbor_lambda * neighbours
+    # A zero-weight term is left out rather than multiplied by 0, so an infinite perplexity cannot turn into NaN.
+    if neighbor_lambda == 0.0:
+        scores = ppl
+    elif neighbor_lambda == 1.0:
+        scores = neighbours
+    else:
+        scores = (1.0 - neighbor_lambda) * ppl + neighbor_lambda * neighbours
     # A NaN score (NaN log-prob) ranks as the hardest token, so it is pruned first.
-    scores = torch.nan_to_num(scores, nan=math.inf)
+    scores = torch.nan_to_num(scores, nan=math.inf, posinf=math.inf)
     return torch.where(mask, scores, torch.full_like(scores, math.inf))
 
 

@@ -1,0 +1,99 @@
+"""``trl-qtuning``: the console entry point. Dispatches to one subcommand, imported only when it runs.
+
+    trl-qtuning sft --config recipes/<model>/qtuning/config_<name>.yaml [--any_field value ...]
+    trl-qtuning demo [...]
+
+Every subcommand is a ``main(argv: list[str] | None) -> int`` function; add one by adding a line to ``COMMANDS``.
+Runs in-process, so ``accelerate launch -m trl_qtuning.cli.main sft ...`` works for multi-GPU training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["COMMANDS", "main"]
+
+PROG = "trl-qtuning"
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    target: str
+    """``"module:function"``; the function takes the arguments after the subcommand name and returns an exit code."""
+
+    def load(self) -> Callable[[list[str] | None], int | None]:
+        module_name, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("sft", "Train with Q-Tuning from a YAML recipe and/or --flags, like `trl sft`.", "trl_qtuning.cli.sft:main"),
+    Command("demo", "Run the embedded, fully offline Q-Tuning demo (tiny model, math data).", "trl_qtuning.demo.run:main"),
+    # Reserved: Command("compare", ...), Command("bench", ...).
+)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("trl-qtuning")
+    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+        from trl_qtuning import __version__
+
+        return __version__
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Q-Tuning (joint dynamic sample and token pruning for SFT) on top of TRL.",
+        epilog=f"Run `{PROG} <command> --help` for the options of one command.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="<command>")
+    for command in COMMANDS:
+        # The subcommand parses its own arguments (including -h), so its parser here only names it.
+        subparsers.add_parser(command.name, help=command.help, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``trl-qtuning``; returns the process exit code (the console script exits with it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
+    try:
+        args, _ = parser.parse_known_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    command = next(c for c in COMMANDS if c.name == args.command)
+    rest = argv[argv.index(command.name) + 1 :]
+    try:
+        run = command.load()
+    except ImportError as exc:
+        print(
+            f"{PROG} {command.name}: this command is not available in this installation "
+            f"(cannot import {command.target.partition(':')[0]}: {exc}).",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        code = run(rest)
+    except KeyboardInterrupt:
+        print(f"{PROG} {command.name}: interrupted.", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,354 @@
+"""``trl-qtuning sft``: supervised fine-tuning with Q-Tuning, in the style of ``trl sft``.
+
+    trl-qtuning sft --config recipes/tiny/qtuning/config_cpu.yaml --model_name_or_path ./model --dataset_name data.jsonl
+
+Arguments are the fields of ``trl.ScriptArguments``, :class:`~trl_qtuning.QTuningConfig` (``trl.SFTConfig`` plus the
+Q-Tuning budgets), ``trl.ModelConfig`` (model, LoRA, quantisation) and ``trl.DatasetMixtureConfig``. A YAML recipe
+(``--config``) sets their values and may carry an ``env:`` mapping of environment variables; flags on the command
+line override the recipe. ``dataset_name`` is a Hub dataset id or a local path: a folder written by
+``Dataset.save_to_disk``, a folder of data files, or a ``.json``/``.jsonl``/``.parquet``/``.csv`` file.
+
+Mistakes in the arguments or inputs are reported as one line (exit code 2 for arguments and recipes, 1 for inputs
+that cannot be loaded); set ``TRL_QTUNING_DEBUG=1`` to get the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CliError", "load_datasets", "main", "make_parser", "run"]
+
+PROG = "trl-qtuning sft"
+DEBUG_ENV = "TRL_QTUNING_DEBUG"
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+LEDGER_DIRNAME = "qtuning_ledger"
+
+logger = logging.getLogger(__name__)
+
+
+class CliError(Exception):
+    """A mistake the user can fix (arguments, recipe, inputs): reported as one line, without a traceback."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def _one_line(exc: BaseException | str) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def make_parser(prog: str = PROG):
+    """A ``trl.TrlParser`` over (ScriptArguments, QTuningConfig, ModelConfig, DatasetMixtureConfig)."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    from trl_qtuning.config import QTuningConfig
+
+    class _Parser(TrlParser):
+        def error(self, message: str):  # argparse's: usage of 400 options + exit(2); ours: one line
+            raise CliError(f"{message} (see `{prog} --help`)")
+
+    return _Parser(
+        (ScriptArguments, QTuningConfig, ModelConfig, DatasetMixtureConfig),
+        prog=prog,
+        usage=f"{prog} [--config RECIPE.yaml] [--<field> VALUE ...]",
+        description=(
+            "Supervised fine-tuning with Q-Tuning (QTuningSFTTrainer). Every option below can be set in the YAML "
+            "recipe given with --config (which may also hold an `env:` mapping of environment variables); options "
+            "on the command line override the recipe. --dataset_name takes a Hub id or a local path (save_to_disk "
+            "folder, data folder, .json/.jsonl/.parquet/.csv file); `datasets:` in the recipe loads a mixture. "
+            "--resume_from_checkpoint true resumes from the last checkpoint in output_dir. "
+            f"Set {DEBUG_ENV}=1 to see tracebacks instead of one-line errors."
+        ),
+    )
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """Accept ``--config=path`` too (TrlParser only recognises ``--config path``)."""
+    out: list[str] = []
+    for arg in argv:
+        if arg.startswith("--config="):
+            out.extend(["--config", arg.split("=", 1)[1]])
+        else:
+            out.append(arg)
+    return out
+
+
+def _read_recipe(argv: list[str]) -> None:
+    """Check the recipe and apply its ``env:`` block now, before transformers/datasets read their environment.
+
+    ``TrlParser`` applies the block too, but only after TRL is imported, which is too late for settings that the Hub
+    libraries read at import (``HF_HUB_OFFLINE``, ``HF_HOME``...) when this runs as a fresh process.
+    """
+    if "--config" not in argv:
+        return
+    index = argv.index("--config")
+    if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
+        raise CliError("--config needs the path of a YAML recipe")
+    path = Path(argv[index + 1]).expanduser()
+    if not path.is_file():
+        raise CliError(f"recipe not found: {argv[index + 1]}")
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CliError(f"cannot parse recipe {path}: {_one_line(exc)}") from exc
+    if not isinstance(recipe, dict):
+        raise CliError(f"recipe {path} must be a YAML mapping of option names to values")
+    env = recipe.get("env") or {}
+    if not isinstance(env, dict):
+        raise CliError(f"`env` in recipe {path} must be a mapping of variable names to values")
+    for key, value in env.items():
+        os.environ[str(key)] = str(value)
+
+
+def parse_args(argv: list[str]):
+    """(script_args, training_args, model_args, dataset_args) from a recipe and command-line flags."""
+    argv = _normalise_argv(argv)
+    _read_recipe(argv)
+    parser = make_parser()
+    try:
+        return parser.parse_args_and_config(argv)
+    except (ValueError, TypeError) as exc:  # dataclass validation, unknown options / recipe keys
+        raise CliError(_one_line(exc)) from exc
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a Hub id (``org/name`` or ``name``)."""
+    if name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name in (".", "..") or "\\" in name:
+        return True
+    return name.count("/") > 1 or Path(name).suffix.lower() in DATA_FILE_BUILDERS
+
+
+def _check_model(model_args) -> None:
+    name = model_args.model_name_or_path
+    if not name:
+        raise CliError("no model given: set `model_name_or_path` in the recipe or pass --model_name_or_path")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CliError(f"model path is not a directory: {name}")
+        if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+            raise CliError(f"not a model directory (no config.json or adapter_config.json): {name}")
+        model_args.model_name_or_path = str(path)
+    elif _looks_like_path(name):
+        raise CliError(f"model path not found: {name}", code=1)
+
+
+def _load_local(path: Path, config_name: str | None, streaming: bool):
+    import datasets
+
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.Dataset):
+                loaded = datasets.DatasetDict({"train": loaded})
+            if streaming:
+                loaded = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in loaded.items()})
+            return loaded
+        return datasets.load_dataset(str(path), name=config_name, streaming=streaming)
+    builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise CliError(
+            f"unsupported dataset file type {path.suffix or '(none)'!r}: {path} "
+            f"(use {', '.join(sorted(DATA_FILE_BUILDERS))}, or a folder written by save_to_disk)"
+        )
+    return datasets.load_dataset(builder, data_files=str(path), streaming=streaming)
+
+
+def load_datasets(script_args, dataset_args):
+    """The ``DatasetDict`` to train on: the ``datasets:`` mixture if given, else ``dataset_name`` (Hub id or path)."""
+    import datasets
+    from trl import get_dataset
+
+    if dataset_args.datasets:
+        if script_args.dataset_name:
+            logger.warning("Both `datasets` and `dataset_name` are given: using the `datasets` mixture.")
+        source, load = "the `datasets` mixture", lambda: get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        name = script_args.dataset_name
+        path = Path(name).expanduser()
+        source = repr(name)
+        if path.exists():
+            def load():
+                return _load_local(path, script_args.dataset_config, script_args.dataset_streaming)
+        elif _looks_like_path(name):
+            raise CliError(f"dataset not found: {name} (no such file or folder)", code=1)
+        else:
+            def load():
+                return datasets.load_dataset(
+                    name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+                )
+    else:
+        raise CliError("no dataset given: set `dataset_name` (Hub id or local path) or a `datasets:` mixture")
+    try:
+        return load()
+    except CliError:
+        raise
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:
+        if _debug():
+            raise
+        hint = " (the Hub is unreachable with HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise CliError(f"cannot load dataset {source}{hint}: {_one_line(exc)}", code=1) from exc
+
+
+def _split(dataset, split: str, option: str, source: str):
+    if split not in dataset:
+        available = ", ".join(map(repr, dataset)) or "none"
+        raise CliError(f"split {split!r} not found in dataset {source} (available: {available}); set --{option}")
+    return dataset[split]
+
+
+def _resume_value(value: str | bool | None) -> str | bool | None:
+    if isinstance(value, str):
+        if value.strip().lower() in ("true", "last", "latest"):
+            return True
+        if value.strip().lower() in ("", "false", "none"):
+            return None
+        if not Path(value).expanduser().is_dir():
+            raise CliError(f"checkpoint not found: {value} (resume_from_checkpoint)", code=1)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _final_loss(log_history: list[dict[str, Any]], fallback: float | None) -> float | None:
+    for entry in reversed(log_history):
+        if "loss" in entry:
+            return float(entry["loss"])
+    return fallback
+
+
+def _mean_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
+    values = [float(entry[key]) for entry in log_history if key in entry]
+    return sum(values) / len(values) if values else None
+
+
+def summary_lines(trainer, train_output) -> list[str]:
+    """The few lines printed after training."""
+    args = trainer.args
+    history = trainer.state.log_history
+    loss = _final_loss(history, getattr(train_output, "training_loss", None))
+    loss_text = f"{loss:.4f}" if loss is not None else "n/a"
+    lines = [f"Training completed: {trainer.state.global_step} optimizer steps, final loss {loss_text}."]
+    if args.qtuning_enabled:
+        samples = _mean_logged(history, "qtuning/sample_keep_ratio")
+        tokens = _mean_logged(history, "qtuning/token_keep_ratio")
+        if samples is not None and tokens is not None:
+            lines.append(
+                f"Q-Tuning kept {samples:.0%} of the samples (target {args.sample_keep_ratio:.0%}) and {tokens:.0%} "
+                f"of the kept samples' response tokens (mean over logged steps)."
+            )
+    kind = "LoRA adapter" if getattr(trainer.model, "peft_config", None) else "model"
+    lines.append(f"{kind[0].upper()}{kind[1:]} saved to {args.output_dir}.")
+    if args.qtuning_enabled and args.qtuning_ledger != "none":
+        ledger = Path(args.output_dir) / LEDGER_DIRNAME
+        shards = len(list(ledger.glob("ledger-rank*-*.parquet"))) if ledger.is_dir() else 0
+        lines.append(
+            f"Decision ledger: {ledger} ({shards} Parquet shard{'s' if shards != 1 else ''}; "
+            "read it with trl_qtuning.read_ledger(path) or pandas.read_parquet(path))."
+        )
+    return lines
+
+
+def run(script_args, training_args, model_args, dataset_args) -> int:
+    """Train with the parsed arguments (the body of ``trl sft``'s script, with ``QTuningSFTTrainer``)."""
+    import transformers
+    from packaging.version import Version
+    from trl import get_peft_config, get_quantization_config
+
+    from trl_qtuning.trainer import QTuningSFTTrainer
+
+    _check_model(model_args)
+    resume = _resume_value(training_args.resume_from_checkpoint)
+
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = model_init_kwargs
+
+    dataset = load_datasets(script_args, dataset_args)
+    source = "the `datasets` mixture" if dataset_args.datasets else repr(script_args.dataset_name)
+    train_dataset = _split(dataset, script_args.dataset_train_split, "dataset_train_split", source)
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = _split(dataset, script_args.dataset_test_split, "dataset_test_split", source)
+
+    try:
+        peft_config = get_peft_config(model_args)
+        quantization_config = get_quantization_config(model_args)
+        trainer = QTuningSFTTrainer(
+            model=model_args.model_name_or_path,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+    except (OSError, ImportError) as exc:  # model not found / not downloadable, missing optional package
+        if _debug():
+            raise
+        hint = ""
+        if isinstance(exc, ImportError) and (model_args.load_in_4bit or model_args.load_in_8bit):
+            hint = " (quantisation needs `pip install 'trl-qtuning[quantization]'`)"
+        raise CliError(f"cannot set up training for model {model_args.model_name_or_path!r}{hint}: {_one_line(exc)}", 1) from exc
+
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    for line in summary_lines(trainer, train_output):
+        trainer.accelerator.print(line)
+    if training_args.push_to_hub:
+        trainer.accelerator.print(f"Model pushed to the Hub: https://huggingface.co/{trainer.hub_model_id}.")
+    if Version(transformers.__version__) >= Version("5.18.0") and hasattr(trainer, "end"):
+        trainer.end()  # finish the trackers and destroy the process group
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``trl-qtuning sft [--config RECIPE.yaml] [--field value ...]``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parsed = parse_args(argv)
+        return run(*parsed)
+    except CliError as exc:
+        if _debug() and exc.__cause__ is not None:
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
