@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 __all__ = ["DecisionLedger", "read_ledger", "LEDGER_SCHEMA"]
@@ -63,6 +64,24 @@ class DecisionLedger:
         self._buffer = {name: [] for name in LEDGER_SCHEMA.names}
         self._buffered = 0
         self._next_shard = 0
+
+    def truncate_after(self, step: int) -> None:
+        """Remove this rank's rows of steps after ``step`` (a run resumed from that checkpoint redoes them)."""
+        self._buffer = {name: [] for name in LEDGER_SCHEMA.names}
+        self._buffered = 0
+        for shard in sorted(self.directory.glob(f"ledger-rank{self.rank}-*.parquet")):
+            table = pq.read_table(shard, schema=LEDGER_SCHEMA)
+            keep = pc.less_equal(table["step"], step)
+            if pc.all(keep).as_py():
+                continue
+            kept = table.filter(keep)
+            if kept.num_rows == 0:
+                shard.unlink()
+                continue
+            tmp = shard.with_suffix(".parquet.tmp")
+            pq.write_table(kept, tmp)
+            os.replace(tmp, shard)
+        self._next_shard = self._first_free_shard()
 
     def append(self, columns: dict[str, list[Any]]) -> None:
         """Add rows given column-wise (every schema column but ``pruned_positions`` is required)."""

@@ -347,8 +347,14 @@ class QTuningSFTTrainer(SFTTrainer):
             name = f"qtuning/q{q}_share" if q else "qtuning/mid_band_share"
             metrics[name].append(float((quadrant[valid] == q).sum()) / max(1, total))
         metrics["qtuning/sample_keep_ratio"].append(float(keep.sum()) / max(1, total))
+        pruned_response = float(response_tokens[token_pruned].sum())
+        metrics["qtuning/token_keep_ratio"].append(
+            float(kept_tokens[token_pruned].sum()) / pruned_response if pruned_response else 1.0
+        )
         kept_response = float(response_tokens[keep].sum())
-        metrics["qtuning/token_keep_ratio"].append(float(kept_tokens.sum()) / kept_response if kept_response else 0.0)
+        metrics["qtuning/kept_sample_token_share"].append(
+            float(kept_tokens[keep].sum()) / kept_response if kept_response else 0.0
+        )
         metrics["qtuning/label_token_share"].append(float(kept_tokens.sum()) / max(1.0, float(response_tokens.sum())))
         metrics["qtuning/filled_share"].append(float(filled.sum()) / max(1, total))
         metrics["qtuning/trimmed_share"].append(float(trimmed.sum()) / max(1, total))
@@ -398,14 +404,36 @@ class QTuningSFTTrainer(SFTTrainer):
         self._ledger.append(columns)
 
     # ------------------------------------------------------------------ persistence
+    def _checkpoint_step(self, resume_from_checkpoint: str | bool | None) -> int | None:
+        """Global step of the checkpoint a run resumes from (None for a fresh run)."""
+        if not resume_from_checkpoint:
+            return None
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                return None  # transformers raises its own clear error
+        state_file = Path(resume_from_checkpoint) / "trainer_state.json"
+        if not state_file.exists():
+            return None
+        import json
+
+        return int(json.loads(state_file.read_text()).get("global_step", 0))
+
     def _save_checkpoint(self, model, trial):
         if self.args.qtuning_enabled and self._ledger is not None:
             self._ledger.flush()
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        if self.args.qtuning_enabled and self._ledger is not None and not resume_from_checkpoint:
-            self._ledger.reset()
+        if self.args.qtuning_enabled and self._ledger is not None:
+            resumed_step = self._checkpoint_step(resume_from_checkpoint)
+            if resumed_step is None:
+                self._ledger.reset()
+            else:
+                # Steps after the checkpoint will be decided again: drop their old rows so none is counted twice.
+                self._ledger.truncate_after(resumed_step)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:

@@ -33,8 +33,12 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("sft", "Train with Q-Tuning from a YAML recipe and/or --flags, like `trl sft`.", "trl_qtuning.cli.sft:main"),
-    Command("demo", "Run the embedded, fully offline Q-Tuning demo (tiny model, math data).", "trl_qtuning.demo.run:main"),
+    Command(
+        "sft", "Train with Q-Tuning from a YAML recipe and/or --flags, like `trl sft`.", "trl_qtuning.cli.sft:main"
+    ),
+    Command(
+        "demo", "Run the fully offline Q-Tuning demo (small pretrained model, math data).", "trl_qtuning.demo.run:main"
+    ),
     # Reserved: Command("compare", ...), Command("bench", ...).
 )
 

@@ -14,7 +14,6 @@ that cannot be loaded); set ``TRL_QTUNING_DEBUG=1`` to get the full traceback in
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -124,9 +123,17 @@ def parse_args(argv: list[str]):
     _read_recipe(argv)
     parser = make_parser()
     try:
-        return parser.parse_args_and_config(argv)
-    except (ValueError, TypeError) as exc:  # dataclass validation, unknown options / recipe keys
+        *parsed, recipe_rest, cli_rest = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except (ValueError, TypeError) as exc:  # dataclass validation (QTuningConfig, SFTConfig, ModelConfig...)
         raise CliError(_one_line(exc)) from exc
+    if recipe_rest:  # TrlParser gives them back as ["--key", "value", ...]
+        keys = ", ".join(key.removeprefix("--") for key in recipe_rest[::2])
+        raise CliError(f"unknown key(s) in the recipe: {keys} (see `{PROG} --help` for the valid names)")
+    if cli_rest:
+        raise CliError(f"unknown argument(s): {' '.join(cli_rest)} (see `{PROG} --help`)")
+    return tuple(parsed)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -209,8 +216,14 @@ def load_datasets(script_args, dataset_args):
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:
         if _debug():
             raise
-        hint = " (the Hub is unreachable with HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise CliError(f"cannot load dataset {source}{hint}: {_one_line(exc)}", code=1) from exc
+        hint = ""
+        if not (script_args.dataset_name and Path(script_args.dataset_name).expanduser().exists()):
+            if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+                hint = " (HF_HUB_OFFLINE is set: only local or cached datasets can load)"
+        detail = _one_line(exc)
+        if exc.__cause__ is not None:  # e.g. DatasetGenerationError wraps the parse error
+            detail = f"{detail}: {_one_line(exc.__cause__)}"
+        raise CliError(f"cannot load dataset {source}{hint}: {detail}", code=1) from exc
 
 
 def _split(dataset, split: str, option: str, source: str):
@@ -218,6 +231,23 @@ def _split(dataset, split: str, option: str, source: str):
         available = ", ".join(map(repr, dataset)) or "none"
         raise CliError(f"split {split!r} not found in dataset {source} (available: {available}); set --{option}")
     return dataset[split]
+
+
+def _check_columns(dataset, training_args, source: str) -> None:
+    """SFT needs text, conversations or prompt-completion pairs (or tokenised rows): say so before TRL's KeyError."""
+    columns = getattr(dataset, "column_names", None)
+    if not columns:  # e.g. a streamed dataset whose features are unknown
+        return
+    text_field = getattr(training_args, "dataset_text_field", "text")
+    if text_field in columns or "messages" in columns or "input_ids" in columns:
+        return
+    if "prompt" in columns and "completion" in columns:
+        return
+    raise CliError(
+        f"dataset {source} has columns {', '.join(map(repr, columns))}; SFT needs a {text_field!r} column "
+        "(--dataset_text_field), 'messages' (conversations), 'prompt' + 'completion', or pre-tokenised 'input_ids'",
+        code=1,
+    )
 
 
 def _resume_value(value: str | bool | None) -> str | bool | None:
@@ -302,6 +332,9 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = _split(dataset, script_args.dataset_test_split, "dataset_test_split", source)
+    for split in (train_dataset, eval_dataset):
+        if split is not None:
+            _check_columns(split, training_args, source)
 
     try:
         peft_config = get_peft_config(model_args)
@@ -320,7 +353,8 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
         hint = ""
         if isinstance(exc, ImportError) and (model_args.load_in_4bit or model_args.load_in_8bit):
             hint = " (quantisation needs `pip install 'trl-qtuning[quantization]'`)"
-        raise CliError(f"cannot set up training for model {model_args.model_name_or_path!r}{hint}: {_one_line(exc)}", 1) from exc
+        model = model_args.model_name_or_path
+        raise CliError(f"cannot set up training for model {model!r}{hint}: {_one_line(exc)}", code=1) from exc
 
     train_output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)

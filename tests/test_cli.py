@@ -1,0 +1,214 @@
+"""The ``trl-qtuning`` console script: dispatch, ``sft`` with the tiny CPU recipe, overrides and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from trl_qtuning.cli import sft as sft_cli
+from trl_qtuning.cli.main import main
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "qtuning" / "config_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """A saved tiny model folder and a prompt-completion JSONL file."""
+    from trl_qtuning.testing import make_arithmetic_dataset, save_tiny_model
+
+    root = tmp_path_factory.mktemp("cli_inputs")
+    model_dir = save_tiny_model(root / "model")
+    data_file = root / "data.jsonl"
+    make_arithmetic_dataset(48).to_json(str(data_file))
+    return model_dir, data_file
+
+
+def _sft_args(model_dir: Path, data: Path | str, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "sft", "--config", str(RECIPE),
+        "--model_name_or_path", str(model_dir),
+        "--dataset_name", str(data),
+        "--output_dir", str(output_dir),
+        *extra,
+    ]  # fmt: skip
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "expected an error message on stderr"
+    return err[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Top-level dispatch
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_help_lists_subcommands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "sft" in out and "demo" in out
+    assert main([]) == 0  # no command: help, like `trl`
+
+
+def test_version(capsys):
+    import trl_qtuning
+
+    assert main(["--version"]) == 0
+    assert trl_qtuning.__version__ in capsys.readouterr().out
+
+
+def test_sft_help(capsys):
+    assert main(["sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--sample_keep_ratio" in out and "--model_name_or_path" in out and "--config" in out
+
+
+def test_demo_missing_module_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "trl_qtuning.demo.run", None)  # makes the import fail
+    assert main(["demo"]) == 1
+    assert "trl-qtuning demo" in _error_line(capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Recipe + overrides (parsing only)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_recipe_values_env_and_overrides(tmp_path, monkeypatch):
+    recipe = tmp_path / "recipe.yaml"
+    extra_env = 'HF_HUB_OFFLINE: "1"\n  TRL_QTUNING_CLI_TEST: "from-recipe"'
+    recipe.write_text(RECIPE.read_text().replace('HF_HUB_OFFLINE: "1"', extra_env))
+    monkeypatch.setenv("TRL_QTUNING_CLI_TEST", "unset")
+    script_args, training_args, model_args, dataset_args = sft_cli.parse_args(
+        ["--config", str(recipe), "--sample_keep_ratio", "0.3", "--output_dir", str(tmp_path / "out")]
+    )
+    assert training_args.sample_keep_ratio == 0.3  # command line wins over the recipe's 0.5
+    assert training_args.token_keep_ratio == 0.7  # recipe value
+    assert training_args.triage_scope == "step"
+    assert training_args.max_steps == 3 and training_args.per_device_train_batch_size == 4
+    assert training_args.gradient_accumulation_steps == 2 and training_args.use_cpu and not training_args.bf16
+    assert model_args.use_peft and model_args.lora_r == 4
+    assert list(model_args.lora_target_modules) == ["q_proj", "v_proj"]
+    assert script_args.dataset_name is None and model_args.model_name_or_path is None  # filled in by the caller
+    assert dataset_args.datasets == []
+    assert os.environ["TRL_QTUNING_CLI_TEST"] == "from-recipe"  # the env: block was applied
+
+
+def test_invalid_override_names_the_field(tiny_inputs, tmp_path, capsys):
+    model_dir, data = tiny_inputs
+    code = main(_sft_args(model_dir, data, tmp_path / "out", "--sample_keep_ratio", "1.5"))
+    assert code != 0
+    line = _error_line(capsys)
+    assert "sample_keep_ratio" in line and "Traceback" not in line
+
+
+def test_unknown_recipe_key_and_option(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.read_text() + "\nnot_a_field: 3\n")
+    assert main(["sft", "--config", str(recipe)]) != 0
+    assert "not_a_field" in _error_line(capsys)
+    assert main(["sft", "--config", str(RECIPE), "--not_an_option", "1"]) != 0
+    assert "--not_an_option" in _error_line(capsys)
+
+
+def test_missing_recipe(tmp_path, capsys):
+    assert main(["sft", "--config", str(tmp_path / "nope.yaml")]) != 0
+    assert "recipe not found" in _error_line(capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input errors: one line, non-zero exit, no traceback
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_dataset_path(tiny_inputs, tmp_path, capsys):
+    model_dir, _ = tiny_inputs
+    missing = tmp_path / "missing.jsonl"
+    assert main(_sft_args(model_dir, missing, tmp_path / "out")) != 0
+    line = _error_line(capsys)
+    assert "dataset not found" in line and str(missing) in line
+
+
+def test_missing_model_path(tiny_inputs, tmp_path, capsys):
+    _, data = tiny_inputs
+    missing = tmp_path / "no-model"
+    assert main(_sft_args(missing, data, tmp_path / "out")) != 0
+    line = _error_line(capsys)
+    assert "model path not found" in line and str(missing) in line
+
+
+def test_unknown_split(tiny_inputs, tmp_path, capsys):
+    model_dir, data = tiny_inputs
+    assert main(_sft_args(model_dir, data, tmp_path / "out", "--dataset_train_split", "nope")) != 0
+    line = _error_line(capsys)
+    assert "'nope'" in line and "'train'" in line
+
+
+def test_dataset_without_sft_columns(tiny_inputs, tmp_path, capsys):
+    model_dir, _ = tiny_inputs
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"foo": "a"}\n{"foo": "b"}\n')
+    assert main(_sft_args(model_dir, bad, tmp_path / "out")) != 0
+    line = _error_line(capsys)
+    assert "'foo'" in line and "'prompt' + 'completion'" in line
+
+
+def test_no_dataset(tiny_inputs, tmp_path, capsys):
+    model_dir, _ = tiny_inputs
+    args = ["sft", "--config", str(RECIPE), "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path)]
+    assert main(args) != 0
+    assert "no dataset given" in _error_line(capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Local dataset formats
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_local_dataset_formats(tmp_path):
+    from trl import DatasetMixtureConfig, ScriptArguments
+
+    from trl_qtuning.testing import make_arithmetic_dataset
+
+    ds = make_arithmetic_dataset(6)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    ds.to_parquet(str(tmp_path / "data.parquet"))
+    for name in ("saved", "data.parquet"):
+        loaded = sft_cli.load_datasets(ScriptArguments(dataset_name=str(tmp_path / name)), DatasetMixtureConfig())
+        assert list(loaded) == ["train"] and loaded["train"].num_rows == 6
+        assert set(loaded["train"].column_names) == {"prompt", "completion"}
+    mixture = DatasetMixtureConfig(
+        datasets=[{"path": "parquet", "data_files": str(tmp_path / "data.parquet"), "columns": ["prompt"]}],
+        test_split_size=2,
+    )
+    loaded = sft_cli.load_datasets(ScriptArguments(), mixture)
+    assert sorted(loaded) == ["test", "train"] and loaded["train"].column_names == ["prompt"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# End to end: the tiny CPU recipe trains, saves an adapter and writes the ledger
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_sft_end_to_end(tiny_inputs, tmp_path, capsys):
+    from trl_qtuning import read_ledger
+
+    model_dir, data = tiny_inputs
+    output_dir = tmp_path / "out"
+    assert main(_sft_args(model_dir, data, output_dir)) == 0
+    out = capsys.readouterr().out
+    assert "3 optimizer steps" in out
+    assert str(output_dir / "qtuning_ledger") in out
+    assert (output_dir / "adapter_config.json").is_file()
+    shards = sorted((output_dir / "qtuning_ledger").glob("*.parquet"))
+    assert shards
+    ledger = read_ledger(output_dir / "qtuning_ledger")
+    assert sorted(set(ledger.column("step").to_pylist())) == [1, 2, 3]
+    # 3 steps x (batch 4 x grad-acc 2) samples triaged, half of them kept.
+    assert ledger.num_rows == 3 * 4 * 2
+    kept = sum(d in ("kept", "token_pruned", "filled") for d in ledger.column("decision").to_pylist())
+    assert kept == ledger.num_rows // 2

