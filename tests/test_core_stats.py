@@ -368,3 +368,20 @@ def test_property_flat_padded_round_trip(lengths, n_pad):
     n_real = sum(lengths)
     assert back[:n_real].tolist() == (np.arange(n_real) + 0.5).tolist()
     assert (back[n_real:] == -2.0).all()
+
+
+def test_cu_seq_lens_boundaries_equal_segment_ids():
+    """Boundaries [0, 3, 5] over 6 positions: positions 0-2 -> sample 0, 3-4 -> sample 1, 5 -> ignored (padding)."""
+    from trl_qtuning.core.stats import segment_ids_from_boundaries
+
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    assert segment_ids_from_boundaries(cu, (6,)).tolist() == [0, 0, 0, 1, 1, -1]
+    logps = torch.log(torch.tensor([0.5, 0.25, 1.0, 0.5, 0.5, 0.01]))
+    entropy = torch.tensor([1.0, 3.0, 9.0, 2.0, 4.0, 7.0])
+    mask = torch.tensor([False, True, True, True, True, True])
+    ppl, ent = eu_plane_stats(logps, entropy, mask, cu_seq_lens=cu)
+    # Sample 0: NLL {ln 4, 0} -> PPL exp(ln 4 / 2) = 2, ENT (3 + 9) / 2 = 6. Sample 1: NLL {ln 2, ln 2} -> PPL 2, ENT 3.
+    torch.testing.assert_close(ppl, torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(ent, torch.tensor([6.0, 3.0]))
+    with pytest.raises(ValueError, match="either"):
+        eu_plane_stats(logps, entropy, mask, cu_seq_lens=cu, segment_ids=torch.zeros(6, dtype=torch.long))

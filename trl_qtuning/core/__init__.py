@@ -1,7 +1,13 @@
 """Pure tensor core of Q-Tuning: statistics -> quadrants -> masks. No Trainer, no I/O."""
 
 from .selection import Selection, SelectionParams, select_qtuning
-from .stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
+from .stats import (
+    eu_plane_stats,
+    flat_to_padded,
+    padded_to_flat,
+    segment_ids_from_boundaries,
+    segment_ids_from_position_ids,
+)
 from .tokens import prune_tokens, token_keep_counts, token_scores
 from .triage import TriageResult, assign_quadrants, target_keep_count, triage_samples
 
@@ -14,6 +20,7 @@ __all__ = [
     "flat_to_padded",
     "padded_to_flat",
     "prune_tokens",
+    "segment_ids_from_boundaries",
     "segment_ids_from_position_ids",
     "select_qtuning",
     "target_keep_count",

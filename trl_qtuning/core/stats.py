@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["eu_plane_stats", "segment_ids_from_position_ids", "flat_to_padded", "padded_to_flat"]
+__all__ = ["eu_plane_stats", "segment_ids_from_boundaries", "segment_ids_from_position_ids", "flat_to_padded", "padded_to_flat"]
 
 
 def eu_plane_stats(
@@ -19,6 +19,7 @@ def eu_plane_stats(
     *,
     segment_ids: torch.Tensor | None = None,
     num_segments: int | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample perplexity ``exp(mean NLL)`` and mean entropy over the response tokens.
 
@@ -29,6 +30,8 @@ def eu_plane_stats(
         segment_ids: for padding-free rows, the sample index of every position, same shape as ``token_logps``;
             positions with a negative id (padding) are ignored. When given, statistics are per segment.
         num_segments: number of samples when ``segment_ids`` is given (default: ``max(segment_ids) + 1``).
+        cu_seq_lens: alternatively, segment boundaries of a padding-free row (``[0, end_0, end_1, ...]``, as TRL's
+            collator returns them), in the same index space as the per-position tensors.
 
     Returns:
         ``(ppl, entropy)``, float32 tensors of shape ``(B,)`` or ``(num_segments,)``. A sample without response tokens
@@ -39,6 +42,11 @@ def eu_plane_stats(
             "token_logps, token_entropy and response_mask must have the same shape, got "
             f"{tuple(token_logps.shape)}, {tuple(token_entropy.shape)} and {tuple(response_mask.shape)}"
         )
+    if cu_seq_lens is not None:
+        if segment_ids is not None:
+            raise ValueError("pass either segment_ids or cu_seq_lens, not both")
+        segment_ids = segment_ids_from_boundaries(cu_seq_lens, token_logps.shape)
+        num_segments = cu_seq_lens.numel() - 1
     mask = response_mask.to(torch.bool)
     nll = torch.where(mask, -token_logps.float(), torch.zeros((), device=token_logps.device))
     ent = torch.where(mask, token_entropy.float(), torch.zeros((), device=token_logps.device))
@@ -81,6 +89,16 @@ def segment_ids_from_position_ids(position_ids: torch.Tensor, num_segments: int 
     if num_segments is not None:
         seg = torch.where(seg < num_segments, seg, torch.full_like(seg, -1))
     return seg.view_as(position_ids)
+
+
+def segment_ids_from_boundaries(cu_seq_lens: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Sample index of every position from cumulative boundaries ``[0, end_0, end_1, ...]``; -1 past the last end."""
+    total = int(torch.tensor(shape).prod()) if len(shape) else 0
+    boundaries = cu_seq_lens.reshape(-1).long()
+    positions = torch.arange(total, device=boundaries.device)
+    seg = torch.bucketize(positions, boundaries[1:], right=True)
+    seg = torch.where(positions < boundaries[-1], seg, torch.full_like(seg, -1))
+    return seg.view(shape)
 
 
 def flat_to_padded(
