@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from datasets import Dataset
 
 from tests.trainer_helpers import KEPT_DECISIONS, build_trainer
@@ -70,8 +71,28 @@ def test_resume_continues_the_ledger_without_duplicates(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     ledger = read_ledger(tmp_path / "qtuning_ledger").to_pandas()
     assert ledger.groupby("step").size().to_dict() == {1: 4, 2: 4, 3: 4}
-    # Step 3 is decided on the same samples as in the uninterrupted run.
-    assert sorted(ledger[ledger.step == 3].sample_id) == sorted(first[first.step == 3].sample_id)
+    # Step 3 is decided on the same samples, with the same decisions, as in the uninterrupted run.
+    columns = ["sample_id", "quadrant", "decision", "kept_tokens"]
+    redone = ledger[ledger.step == 3][columns].sort_values("sample_id").reset_index(drop=True)
+    original = first[first.step == 3][columns].sort_values("sample_id").reset_index(drop=True)
+    assert redone.equals(original)
+
+
+def test_same_seed_gives_identical_ledgers_and_parameters(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        trainer = build_trainer(
+            tmp_path / name, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+            sample_keep_ratio=0.25,
+        )
+        trainer.train()
+        ledger = read_ledger(tmp_path / name / "qtuning_ledger").to_pandas()
+        runs.append((ledger, {k: v.clone() for k, v in trainer.model.state_dict().items()}))
+    (ledger_a, params_a), (ledger_b, params_b) = runs
+    assert ledger_a.drop(columns="pruned_positions").equals(ledger_b.drop(columns="pruned_positions"))
+    assert ledger_a.pruned_positions.apply(list).tolist() == ledger_b.pruned_positions.apply(list).tolist()
+    for name, value in params_a.items():
+        assert torch.equal(value, params_b[name]), name
 
 
 def test_micro_batch_scope_triages_each_micro_batch_alone(tmp_path):
