@@ -104,3 +104,38 @@ def test_micro_batch_scope_triages_each_micro_batch_alone(tmp_path):
     ledger = read_ledger(tmp_path / "qtuning_ledger").to_pandas()
     kept = ledger.groupby("micro_batch").decision.apply(lambda d: d.isin(KEPT_DECISIONS).sum())
     assert kept.tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"entropy_positions": "all"},
+        {"neighbor_mode": "mean", "neighbor_lambda": 0.3},
+        {"token_budget_scope": "batch"},
+        {"prune_filled_q2_like": True},
+        {"enforce_sample_budget": False},
+        {"reverse_token_score": True},
+        {"qtuning_ledger": "summary"},
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_method_options_train_and_keep_the_ledger_consistent(tmp_path, option):
+    trainer = build_trainer(
+        tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2, sample_keep_ratio=0.5,
+        token_keep_ratio=0.5, **option,
+    )
+    trainer.train()
+    ledger = read_ledger(tmp_path / "qtuning_ledger").to_pandas()
+    assert len(ledger) == 16
+    kept = ledger.decision.isin(KEPT_DECISIONS)
+    assert (ledger.kept_tokens[~kept] == 0).all()
+    assert (ledger.kept_tokens[kept] >= 1).all() and (ledger.kept_tokens <= ledger.response_tokens).all()
+    if option.get("enforce_sample_budget", True):
+        assert (ledger.groupby("step").decision.apply(lambda d: d.isin(KEPT_DECISIONS).sum()) == 4).all()
+    else:
+        assert (ledger.groupby("step").decision.apply(lambda d: d.isin(KEPT_DECISIONS).sum()) >= 4).all()
+    if option.get("qtuning_ledger") == "summary":
+        assert ledger.pruned_positions.isna().all()
+    else:
+        assert (ledger.response_tokens - ledger.kept_tokens)[kept].tolist() == ledger.pruned_positions[kept].apply(len).tolist()
+    assert "qtuning/q" in trainer.state.log_history[0]
