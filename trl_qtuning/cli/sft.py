@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CliError", "load_datasets", "main", "make_parser", "run"]
+__all__ = ["CliError", "load_datasets", "load_local_dataset", "main", "make_parser", "run"]
 
 PROG = "trl-qtuning sft"
 DEBUG_ENV = "TRL_QTUNING_DEBUG"
@@ -163,7 +163,8 @@ def _check_model(model_args) -> None:
         raise CliError(f"model path not found: {name}", code=1)
 
 
-def _load_local(path: Path, config_name: str | None, streaming: bool):
+def load_local_dataset(path: Path, config_name: str | None = None, streaming: bool = False):
+    """A local dataset as a ``DatasetDict``: a ``save_to_disk`` folder, a folder of data files, or one data file."""
     import datasets
 
     if path.is_dir():
@@ -199,7 +200,7 @@ def load_datasets(script_args, dataset_args):
         source = repr(name)
         if path.exists():
             def load():
-                return _load_local(path, script_args.dataset_config, script_args.dataset_streaming)
+                return load_local_dataset(path, script_args.dataset_config, script_args.dataset_streaming)
         elif _looks_like_path(name):
             raise CliError(f"dataset not found: {name} (no such file or folder)", code=1)
         else:

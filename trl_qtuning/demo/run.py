@@ -64,15 +64,15 @@ def _load_dataset(args: argparse.Namespace):
         first = json.loads(path.open().readline())
         if {"question", "answer"} <= set(first):
             return split_pool(load_local_gsm8k_jsonl(path), args.eval_size, args.seed)
-    from datasets import load_dataset, load_from_disk
+    from datasets import load_dataset
 
-    if path.is_dir():
-        dataset = load_from_disk(str(path))
-    elif path.exists():
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
-        if kind is None:
-            raise SystemExit(f"error: --dataset {path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet, .csv)")
-        dataset = load_dataset(kind, data_files=str(path), split="train")
+    from ..cli.sft import CliError, load_local_dataset
+
+    if path.exists():
+        try:
+            dataset = load_local_dataset(path, args.dataset_config)
+        except CliError as exc:
+            raise SystemExit(f"error: --dataset {path}: {exc}") from exc
     else:
         dataset = load_dataset(args.dataset, args.dataset_config, split=args.dataset_split)
     if hasattr(dataset, "keys"):
