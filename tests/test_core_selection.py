@@ -9,7 +9,6 @@ import math
 from fractions import Fraction
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -12,7 +12,6 @@ from tests.trainer_helpers import (
     build_trainer,
     reference_model,
     reference_step_loss,
-    tiny_config,
 )
 from trl_qtuning import QTuningConfig, read_ledger
 from trl_qtuning.core import eu_plane_stats, select_qtuning
@@ -65,7 +64,7 @@ def test_gradient_equals_hand_computed_reference(tmp_path, ga, batch, lora, padd
     expected = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     assert set(got) == set(expected)
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     logged = trainer.state.log_history[0]
     assert logged["loss"] == pytest.approx(float(loss.detach()), rel=1e-4)
 
