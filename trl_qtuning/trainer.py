@@ -12,6 +12,7 @@ under gradient accumulation. It returns as many micro-batches as it fetched (an 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -261,27 +262,21 @@ class QTuningSFTTrainer(SFTTrainer):
         keep_rows, label_keep = keep_rows.to(device), label_keep.to(device)
         masked = scored.response.to(device) & ~label_keep
         labels = batch["labels"].clone()
-        out = dict(batch)
+        if self._needs_placeholder(keep_rows):
+            keep_rows = torch.zeros_like(keep_rows)
+            keep_rows[0] = True
+            labels[:] = -100
+        out = {**batch, "labels": labels}  # labels are masked in place below
         if scored.flat_segments is not None:
             flat_masked = padded_to_flat(masked, scored.flat_segments, scored.flat_columns, fill=False)
             labels[0, 1:][flat_masked] = -100
-            out["labels"] = labels
             token_segment = segment_ids_from_position_ids(batch["position_ids"], scored.num_samples)[0]
-            if self._needs_placeholder(keep_rows):
-                keep_rows = torch.zeros_like(keep_rows)
-                keep_rows[0] = True
-                labels[:] = -100
             keep_tokens = (token_segment >= 0) & keep_rows[token_segment.clamp(min=0)]
             for key in _PER_TOKEN_FLAT_KEYS:
                 if key in out:
                     out[key] = out[key][:, keep_tokens]
             return self._refresh_flat_metadata(out)
         labels[:, 1:][masked] = -100
-        if self._needs_placeholder(keep_rows):
-            keep_rows = torch.zeros_like(keep_rows)
-            keep_rows[0] = True
-            labels[:] = -100
-        out["labels"] = labels
         rows = keep_rows.nonzero().squeeze(-1)
         batch_size, seq_len = labels.shape
         width = seq_len
@@ -417,8 +412,6 @@ class QTuningSFTTrainer(SFTTrainer):
         state_file = Path(resume_from_checkpoint) / "trainer_state.json"
         if not state_file.exists():
             return None
-        import json
-
         return int(json.loads(state_file.read_text()).get("global_step", 0))
 
     def _save_checkpoint(self, model, trial):
