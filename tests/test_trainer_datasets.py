@@ -139,3 +139,16 @@ def test_method_options_train_and_keep_the_ledger_consistent(tmp_path, option):
     else:
         assert (ledger.response_tokens - ledger.kept_tokens)[kept].tolist() == ledger.pruned_positions[kept].apply(len).tolist()
     assert "qtuning/q" in trainer.state.log_history[0]
+
+
+def test_decision_listeners_receive_every_step(tmp_path):
+    events = []
+    trainer = build_trainer(
+        tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2, qtuning_ledger="none",
+    )
+    trainer.add_decision_listener(events.append)
+    trainer.train()
+    assert [e.step for e in events] == [1, 2]
+    assert all(len(e.columns["sample_id"]) == 8 and len(e.columns["pruned_positions"]) == 8 for e in events)
+    assert all(set(e.thresholds[0]) == {"q", "ppl_lo", "ppl_hi", "ent_lo", "ent_hi"} for e in events)
+    assert not (tmp_path / "qtuning_ledger").exists()

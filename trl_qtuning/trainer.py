@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from .collator import SAMPLE_ID_COLUMN, QTuningDataCollator
 from .config import QTuningConfig
 from .core.selection import Selection, select_qtuning
 from .core.stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
+from .events import DecisionListener, StepDecisions
 from .ledger import DecisionLedger
 
 try:  # Internal TRL API (1.15+): checked here so a TRL change fails at import with a clear message.
@@ -72,6 +74,16 @@ def _pad_columns(tensor: torch.Tensor, width: int, value: float | bool = 0) -> t
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
 
+class _LedgerFlush(TrainerCallback):
+    """Writes the buffered ledger rows when training ends, before other callbacks upload or read them."""
+
+    def __init__(self, ledger: DecisionLedger):
+        self.ledger = ledger
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.ledger.flush()
+
+
 class QTuningSFTTrainer(SFTTrainer):
     """Drop-in replacement for ``trl.SFTTrainer`` (same constructor) that trains with Q-Tuning.
 
@@ -107,6 +119,7 @@ class QTuningSFTTrainer(SFTTrainer):
         # The normaliser is counted after pruning and passed to every micro-batch's loss, which divides by it.
         self.loss_is_scaled_for_ga = True
         self._selection_params = config.selection_params()
+        self._decision_listeners: list[DecisionListener] = []
         self._ledger: DecisionLedger | None = None
         if config.qtuning_ledger != "none":
             self._ledger = DecisionLedger(
@@ -115,6 +128,9 @@ class QTuningSFTTrainer(SFTTrainer):
                 rank=self.args.process_index,
                 rows_per_shard=config.qtuning_ledger_rows_per_shard,
             )
+            self.add_decision_listener(lambda event: self._ledger.append(event.columns))
+            # First in line, so listeners that read the ledger at the end of training see every row.
+            self.callback_handler.callbacks.insert(0, _LedgerFlush(self._ledger))
 
     # ------------------------------------------------------------------ dataset plumbing
     @staticmethod
@@ -366,7 +382,7 @@ class QTuningSFTTrainer(SFTTrainer):
                 "Q-Tuning: %d sample(s) of step %d had no finite statistics (no response token, or NaN/inf "
                 "log-probs) and were dropped.", int(invalid.sum()), self.state.global_step + 1,
             )
-        if self._ledger is None:
+        if not self._decision_listeners:
             return
         decision = np.select(
             [invalid.numpy(), (keep & filled).numpy(), (keep & token_pruned).numpy(), keep.numpy(), trimmed.numpy()],
@@ -387,16 +403,28 @@ class QTuningSFTTrainer(SFTTrainer):
             "response_tokens": response_tokens.tolist(),
             "kept_tokens": kept_tokens.tolist(),
         }
-        if self._ledger.level == "full":
-            pruned_positions: list[list[int]] = []
-            for i, rows, sel in selections:
-                width = scored[i].token_logps.shape[1]
-                pruned_mask = (scored[i].response.cpu() & ~sel.label_keep[rows, :width].cpu()) & sel.keep[rows].cpu()[:, None]
-                values = scored[i].positions.cpu()[pruned_mask]
-                per_row = torch.split(values, pruned_mask.sum(dim=1).tolist())
-                pruned_positions.extend(chunk.tolist() for chunk in per_row)
-            columns["pruned_positions"] = pruned_positions
-        self._ledger.append(columns)
+        pruned_positions: list[list[int]] = []
+        for i, rows, sel in selections:
+            width = scored[i].token_logps.shape[1]
+            pruned_mask = (scored[i].response.cpu() & ~sel.label_keep[rows, :width].cpu()) & sel.keep[rows].cpu()[:, None]
+            values = scored[i].positions.cpu()[pruned_mask]
+            per_row = torch.split(values, pruned_mask.sum(dim=1).tolist())
+            pruned_positions.extend(chunk.tolist() for chunk in per_row)
+        columns["pruned_positions"] = pruned_positions
+        event = StepDecisions(
+            step=self.state.global_step + 1,
+            epoch=float(self.state.epoch or 0.0),
+            rank=self.args.process_index,
+            columns=columns,
+            thresholds=[{"q": sel.triage.q, **sel.triage.thresholds} for sel in distinct],
+            scoring_seconds=scoring_seconds,
+        )
+        for listener in self._decision_listeners:
+            listener(event)
+
+    def add_decision_listener(self, listener: DecisionListener) -> None:
+        """Call ``listener(StepDecisions)`` after every optimizer step's decisions (tracking integrations use this)."""
+        self._decision_listeners.append(listener)
 
     # ------------------------------------------------------------------ persistence
     def _checkpoint_step(self, resume_from_checkpoint: str | bool | None) -> int | None:
