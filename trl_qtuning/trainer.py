@@ -66,6 +66,13 @@ class _ScoredMicroBatch:
         return self.ppl.numel()
 
 
+def _sized_length(dataset: Any) -> int | None:
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:  # IterableDataset
+        return None
+
+
 def _is_padding_free(batch: dict[str, Any]) -> bool:
     return "position_ids" in batch and "attention_mask" not in batch
 
@@ -107,9 +114,11 @@ class QTuningSFTTrainer(SFTTrainer):
             )
         if config.qtuning_enabled and call.get("train_dataset") is not None:
             call["train_dataset"] = self._with_sample_ids(call["train_dataset"])
+        given = _sized_length(call.get("train_dataset"))
         super().__init__(**call, **extra)
         if not config.qtuning_enabled:
             return
+        self._check_prepared_dataset(given)
         if self.compute_loss_func is not None:
             raise ValueError(
                 "`compute_loss_func` is not supported with Q-Tuning (TRL deprecates it, and it would need an extra "
@@ -133,6 +142,26 @@ class QTuningSFTTrainer(SFTTrainer):
             self.callback_handler.callbacks.insert(0, _LedgerFlush(self._ledger))
 
     # ------------------------------------------------------------------ dataset plumbing
+    def _check_prepared_dataset(self, given: int | None) -> None:
+        """Fail now, not at the first step, when TRL's preparation left no sample with a trainable token."""
+        prepared = _sized_length(self.train_dataset)
+        if given is None or prepared is None:
+            return
+        if prepared == 0:
+            raise ValueError(
+                f"train_dataset has no sample with a trainable (completion/assistant) token left after TRL's "
+                f"preparation: all {given} were fully masked (max_length={self.args.max_length}, truncation_mode="
+                f"{self.args.truncation_mode!r}). Raise `max_length`, shorten the prompts, or check that the data "
+                "has completions (and, with `assistant_only_loss`, that the chat template marks assistant turns "
+                "with {% generation %})."
+            )
+        if prepared < given:
+            logger.warning(
+                "Q-Tuning: %d of %d training samples had no trainable token left after truncation to max_length=%s "
+                "and were removed by TRL; ledger sample ids still refer to rows of the dataset you passed.",
+                given - prepared, given, self.args.max_length,
+            )
+
     @staticmethod
     def _with_sample_ids(dataset: Any) -> Any:
         """Add the row index as ``qtuning_sample_id`` (kept if the user already supplies one)."""
@@ -376,8 +405,14 @@ class QTuningSFTTrainer(SFTTrainer):
         distinct = {id(sel): sel for _, _, sel in selections}.values()
         metrics["qtuning/q"].append(float(np.mean([sel.triage.q for sel in distinct])))
         for name in ("ppl_lo", "ppl_hi", "ent_lo", "ent_hi"):
-            metrics[f"qtuning/{name}"].append(float(np.nanmean([sel.triage.thresholds[name] for sel in distinct])))
-        if int(invalid.sum()):
+            values = [v for v in (sel.triage.thresholds[name] for sel in distinct) if np.isfinite(v)]
+            metrics[f"qtuning/{name}"].append(float(np.mean(values)) if values else float("nan"))
+        if total and not bool(keep.any()):
+            logger.warning(
+                "Q-Tuning: step %d kept no sample (%d of %d had non-finite statistics); it trains on nothing and "
+                "the optimizer step changes no weight.", self.state.global_step + 1, int(invalid.sum()), total,
+            )
+        elif int(invalid.sum()):
             logger.warning(
                 "Q-Tuning: %d sample(s) of step %d had no finite statistics (no response token, or NaN/inf "
                 "log-probs) and were dropped.", int(invalid.sum()), self.state.global_step + 1,
