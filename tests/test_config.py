@@ -21,7 +21,6 @@ BASE = dict(output_dir="unused", bf16=False, use_cpu=True, report_to="none")
         ("neighbor_lambda", -0.5, "neighbor_lambda"),
         ("neighbor_mode", "max", "`neighbor_mode` must be one of 'sum', 'mean'"),
         ("triage_scope", "epoch", "`triage_scope` must be one of"),
-        ("triage_scope", "global", "not available in this version"),
         ("token_budget_scope", "step", "`token_budget_scope`"),
         ("entropy_positions", "prompt", "`entropy_positions`"),
         ("qtuning_ledger", "verbose", "`qtuning_ledger`"),

@@ -58,7 +58,8 @@ class QTuningConfig(SFTConfig):
         metadata={
             "help": "Which samples are triaged together: 'step' (all micro-batches of one optimizer step; larger "
             "triage batches give better quantile thresholds) or 'micro_batch' (each micro-batch alone, as the "
-            "paper's code did). 'global' (all ranks together) is reserved for multi-process triage."
+            "paper's code did) or 'global' (the step's samples of every rank together: one gather of two floats per "
+            "sample; the same as 'step' with one process)."
         },
     )
     enforce_sample_budget: bool = field(
@@ -125,11 +126,6 @@ class QTuningConfig(SFTConfig):
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {getattr(self, name)!r}.")
-        if self.triage_scope == "global":
-            raise ValueError(
-                "`triage_scope='global'` (cross-rank triage) is not available in this version; use 'step' "
-                "(default) or 'micro_batch'."
-            )
         if int(self.triage_max_iter) < 1:
             raise ValueError(f"`triage_max_iter` must be >= 1, got {self.triage_max_iter!r}.")
         if not 0.0 < float(self.triage_tol) < 1.0:

@@ -27,6 +27,7 @@ from trl import SFTTrainer
 from .collator import SAMPLE_ID_COLUMN, QTuningDataCollator
 from .config import QTuningConfig
 from .core.selection import Selection, select_qtuning
+from .core.triage import TriageResult, triage_samples
 from .core.stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
 from .events import DecisionListener, StepDecisions
 from .ledger import DecisionLedger
@@ -130,7 +131,8 @@ class QTuningSFTTrainer(SFTTrainer):
         self._selection_params = config.selection_params()
         self._decision_listeners: list[DecisionListener] = []
         self._ledger: DecisionLedger | None = None
-        if config.qtuning_ledger != "none":
+        if config.qtuning_ledger != "none" and self.is_world_process_zero():
+            # One writer: with several processes every rank's rows are gathered to the main process each step.
             self._ledger = DecisionLedger(
                 Path(config.output_dir) / "qtuning_ledger",
                 level=config.qtuning_ledger,
@@ -269,7 +271,7 @@ class QTuningSFTTrainer(SFTTrainer):
     def _prune_step(self, batch_samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         start = time.perf_counter()
         sample_ids = [mb.pop(SAMPLE_ID_COLUMN, None) for mb in batch_samples]
-        scored = [self._score(mb, ids) for mb, ids in zip(batch_samples, sample_ids)]
+        scored = [self._score(mb, ids) for mb, ids in zip(batch_samples, sample_ids, strict=True)]
         scoring_seconds = time.perf_counter() - start
         if self.args.triage_scope == "micro_batch":
             groups = [[i] for i in range(len(scored))]
@@ -278,12 +280,15 @@ class QTuningSFTTrainer(SFTTrainer):
         selections: list[tuple[int, slice, Selection]] = []
         for group in groups:
             width = max(scored[i].token_logps.shape[1] for i in group)
+            ppl = torch.cat([scored[i].ppl for i in group])
+            entropy = torch.cat([scored[i].entropy for i in group])
             selection = select_qtuning(
-                torch.cat([scored[i].ppl for i in group]),
-                torch.cat([scored[i].entropy for i in group]),
+                ppl,
+                entropy,
                 torch.cat([_pad_columns(scored[i].token_logps, width) for i in group]),
                 torch.cat([_pad_columns(scored[i].response, width, False) for i in group]),
                 self._selection_params,
+                triage=self._global_triage(ppl, entropy) if self.args.triage_scope == "global" else None,
             )
             offset = 0
             for i in group:
@@ -298,6 +303,30 @@ class QTuningSFTTrainer(SFTTrainer):
             pruned[i] = self._apply(batch_samples[i], scored[i], keep_rows, label_keep)
         self._record(scored, selections, scoring_seconds)
         return pruned
+
+    def _global_triage(self, ppl: torch.Tensor, entropy: torch.Tensor) -> TriageResult:
+        """Triage the step's samples of every rank together; return this rank's share of the decisions.
+
+        Costs one gather of two floats per sample (plus one of the per-rank counts). Every rank computes the same
+        thresholds and decisions from the same gathered statistics, in rank order.
+        """
+        device = self.accelerator.device
+        local = torch.stack([ppl, entropy], dim=1).to(device=device, dtype=torch.float64)
+        counts = self.accelerator.gather(torch.tensor([local.shape[0]], device=device)).tolist()
+        padded = torch.full((max(counts), 2), float("nan"), dtype=torch.float64, device=device)
+        padded[: local.shape[0]] = local
+        gathered = self.accelerator.gather(padded).view(len(counts), max(counts), 2)
+        everyone = torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
+        triage = triage_samples(
+            everyone[:, 0],
+            everyone[:, 1],
+            self._selection_params.sample_keep_ratio,
+            enforce_budget=self._selection_params.enforce_sample_budget,
+            max_iter=self._selection_params.triage_max_iter,
+            tol=self._selection_params.triage_tol,
+        )
+        offset = sum(counts[: self.accelerator.process_index])
+        return triage.rows(slice(offset, offset + local.shape[0]))
 
     def _apply(
         self, batch: dict[str, Any], scored: _ScoredMicroBatch, keep_rows: torch.Tensor, label_keep: torch.Tensor
@@ -368,94 +397,113 @@ class QTuningSFTTrainer(SFTTrainer):
     def _record(
         self, scored: list[_ScoredMicroBatch], selections: list[tuple[int, slice, Selection]], scoring_seconds: float
     ) -> None:
-        quadrant = torch.cat([sel.triage.quadrant[rows].cpu() for _, rows, sel in selections])
-        keep = torch.cat([sel.keep[rows].cpu() for _, rows, sel in selections])
-        filled = torch.cat([sel.triage.filled[rows].cpu() for _, rows, sel in selections])
-        trimmed = torch.cat([sel.triage.trimmed[rows].cpu() for _, rows, sel in selections])
-        invalid = torch.cat([sel.triage.invalid[rows].cpu() for _, rows, sel in selections])
-        token_pruned = torch.cat([sel.token_pruned[rows].cpu() for _, rows, sel in selections])
-        response_tokens = torch.cat([s.response.sum(dim=1).cpu() for s in scored])
-        kept_tokens = torch.cat(
-            [sel.label_keep[rows, : scored[i].token_logps.shape[1]].sum(dim=1).cpu() for i, rows, sel in selections]
-        )
-        ppl = torch.cat([s.ppl.cpu() for s in scored])
-        entropy = torch.cat([s.entropy.cpu() for s in scored])
-        total = quadrant.numel()
-        valid = ~invalid
-        metrics = self._metrics["train"]
-        for q in range(5):
-            name = f"qtuning/q{q}_share" if q else "qtuning/mid_band_share"
-            metrics[name].append(float((quadrant[valid] == q).sum()) / max(1, total))
-        metrics["qtuning/sample_keep_ratio"].append(float(keep.sum()) / max(1, total))
-        pruned_response = float(response_tokens[token_pruned].sum())
-        metrics["qtuning/token_keep_ratio"].append(
-            float(kept_tokens[token_pruned].sum()) / pruned_response if pruned_response else 1.0
-        )
-        kept_response = float(response_tokens[keep].sum())
-        metrics["qtuning/kept_sample_token_share"].append(
-            float(kept_tokens[keep].sum()) / kept_response if kept_response else 0.0
-        )
-        metrics["qtuning/label_token_share"].append(float(kept_tokens.sum()) / max(1.0, float(response_tokens.sum())))
-        metrics["qtuning/filled_share"].append(float(filled.sum()) / max(1, total))
-        metrics["qtuning/trimmed_share"].append(float(trimmed.sum()) / max(1, total))
-        metrics["qtuning/invalid_samples"].append(float(invalid.sum()))
-        metrics["qtuning/ppl_mean"].append(float(ppl[valid].mean()) if bool(valid.any()) else float("nan"))
-        metrics["qtuning/entropy_mean"].append(float(entropy[valid].mean()) if bool(valid.any()) else float("nan"))
-        metrics["qtuning/scoring_seconds"].append(scoring_seconds)
-        distinct = {id(sel): sel for _, _, sel in selections}.values()
-        metrics["qtuning/q"].append(float(np.mean([sel.triage.q for sel in distinct])))
-        for name in ("ppl_lo", "ppl_hi", "ent_lo", "ent_hi"):
-            values = [v for v in (sel.triage.thresholds[name] for sel in distinct) if np.isfinite(v)]
-            metrics[f"qtuning/{name}"].append(float(np.mean(values)) if values else float("nan"))
-        if total and not bool(keep.any()):
-            logger.warning(
-                "Q-Tuning: step %d kept no sample (%d of %d had non-finite statistics); it trains on nothing and "
-                "the optimizer step changes no weight.", self.state.global_step + 1, int(invalid.sum()), total,
-            )
-        elif int(invalid.sum()):
-            logger.warning(
-                "Q-Tuning: %d sample(s) of step %d had no finite statistics (no response token, or NaN/inf "
-                "log-probs) and were dropped.", int(invalid.sum()), self.state.global_step + 1,
-            )
-        if not self._decision_listeners:
-            return
+        """Log the step's metrics (over every rank's samples) and hand its decisions to the listeners."""
+
+        def per_sample(get) -> torch.Tensor:
+            return torch.cat([get(i, rows, sel).cpu() for i, rows, sel in selections])
+
+        keep = per_sample(lambda i, rows, sel: sel.keep[rows])
+        filled = per_sample(lambda i, rows, sel: sel.triage.filled[rows])
+        invalid = per_sample(lambda i, rows, sel: sel.triage.invalid[rows])
+        token_pruned = per_sample(lambda i, rows, sel: sel.token_pruned[rows])
+        trimmed = per_sample(lambda i, rows, sel: sel.triage.trimmed[rows])
+        total = keep.numel()
         decision = np.select(
             [invalid.numpy(), (keep & filled).numpy(), (keep & token_pruned).numpy(), keep.numpy(), trimmed.numpy()],
             ["invalid", "filled", "token_pruned", "kept", "trimmed"],
             default="dropped",
         )
-        micro_batch = torch.cat([torch.full((s.num_samples,), i, dtype=torch.int32) for i, s in enumerate(scored)])
-        columns: dict[str, list[Any]] = {
-            "step": [self.state.global_step + 1] * total,
-            "epoch": [float(self.state.epoch or 0.0)] * total,
-            "rank": [self.args.process_index] * total,
-            "micro_batch": micro_batch.tolist(),
-            "sample_id": torch.cat([s.sample_ids for s in scored]).tolist(),
-            "quadrant": quadrant.tolist(),
-            "ppl": ppl.double().tolist(),
-            "entropy": entropy.double().tolist(),
-            "decision": decision.tolist(),
-            "response_tokens": response_tokens.tolist(),
-            "kept_tokens": kept_tokens.tolist(),
-        }
         pruned_positions: list[list[int]] = []
         for i, rows, sel in selections:
             width = scored[i].token_logps.shape[1]
             pruned_mask = (scored[i].response.cpu() & ~sel.label_keep[rows, :width].cpu()) & sel.keep[rows].cpu()[:, None]
             values = scored[i].positions.cpu()[pruned_mask]
-            per_row = torch.split(values, pruned_mask.sum(dim=1).tolist())
-            pruned_positions.extend(chunk.tolist() for chunk in per_row)
-        columns["pruned_positions"] = pruned_positions
+            pruned_positions.extend(chunk.tolist() for chunk in torch.split(values, pruned_mask.sum(dim=1).tolist()))
+        columns: dict[str, list[Any]] = {
+            "step": [self.state.global_step + 1] * total,
+            "epoch": [float(self.state.epoch or 0.0)] * total,
+            "rank": [self.args.process_index] * total,
+            "micro_batch": torch.cat(
+                [torch.full((s.num_samples,), i, dtype=torch.int32) for i, s in enumerate(scored)]
+            ).tolist(),
+            "sample_id": torch.cat([s.sample_ids for s in scored]).tolist(),
+            "quadrant": per_sample(lambda i, rows, sel: sel.triage.quadrant[rows]).tolist(),
+            "ppl": torch.cat([s.ppl.cpu() for s in scored]).double().tolist(),
+            "entropy": torch.cat([s.entropy.cpu() for s in scored]).double().tolist(),
+            "decision": decision.tolist(),
+            "response_tokens": torch.cat([s.response.sum(dim=1).cpu() for s in scored]).tolist(),
+            "kept_tokens": per_sample(lambda i, rows, sel: sel.label_keep[rows, : scored[i].token_logps.shape[1]].sum(1)).tolist(),
+            "pruned_positions": pruned_positions,
+        }
+        distinct = {id(sel): sel for _, _, sel in selections}.values()
+        thresholds = [{"q": sel.triage.q, **sel.triage.thresholds} for sel in distinct]
+        if self.accelerator.num_processes > 1:
+            # One collective per step: every rank's rows reach every rank, so metrics describe the global batch and
+            # the main process writes one ledger for all ranks.
+            from accelerate.utils import gather_object
+
+            parts = gather_object([(columns, thresholds, scoring_seconds)])
+            columns = {name: [v for part in parts for v in part[0][name]] for name in columns}
+            if self.args.triage_scope != "global":
+                thresholds = [t for part in parts for t in part[1]]
+            scoring_seconds = max(part[2] for part in parts)
+        self._log_step_metrics(columns, thresholds, scoring_seconds)
+        if not self._decision_listeners or not self.is_world_process_zero():
+            return
         event = StepDecisions(
             step=self.state.global_step + 1,
             epoch=float(self.state.epoch or 0.0),
             rank=self.args.process_index,
             columns=columns,
-            thresholds=[{"q": sel.triage.q, **sel.triage.thresholds} for sel in distinct],
+            thresholds=thresholds,
             scoring_seconds=scoring_seconds,
         )
         for listener in self._decision_listeners:
             listener(event)
+
+    def _log_step_metrics(self, columns: dict[str, list[Any]], thresholds: list[dict[str, float]], seconds: float):
+        decision = np.asarray(columns["decision"])
+        quadrant = np.asarray(columns["quadrant"])
+        response = np.asarray(columns["response_tokens"], dtype=np.float64)
+        kept_tokens = np.asarray(columns["kept_tokens"], dtype=np.float64)
+        ppl, entropy = np.asarray(columns["ppl"]), np.asarray(columns["entropy"])
+        keep = np.isin(decision, ("kept", "filled", "token_pruned"))
+        invalid = decision == "invalid"
+        pruned = (decision == "token_pruned") | (keep & (kept_tokens < response))
+        total = max(1, decision.size)
+
+        def ratio(numerator: float, denominator: float, empty: float) -> float:
+            return float(numerator / denominator) if denominator else empty
+
+        metrics = self._metrics["train"]
+        for q in range(5):
+            name = f"qtuning/q{q}_share" if q else "qtuning/mid_band_share"
+            metrics[name].append(float(((quadrant == q) & ~invalid).sum()) / total)
+        metrics["qtuning/sample_keep_ratio"].append(float(keep.sum()) / total)
+        metrics["qtuning/token_keep_ratio"].append(ratio(kept_tokens[pruned].sum(), response[pruned].sum(), 1.0))
+        metrics["qtuning/kept_sample_token_share"].append(ratio(kept_tokens[keep].sum(), response[keep].sum(), 0.0))
+        metrics["qtuning/label_token_share"].append(ratio(kept_tokens.sum(), response.sum(), 0.0))
+        metrics["qtuning/filled_share"].append(float((decision == "filled").sum()) / total)
+        metrics["qtuning/trimmed_share"].append(float((decision == "trimmed").sum()) / total)
+        metrics["qtuning/invalid_samples"].append(float(invalid.sum()))
+        valid = ~invalid
+        metrics["qtuning/ppl_mean"].append(float(ppl[valid].mean()) if valid.any() else float("nan"))
+        metrics["qtuning/entropy_mean"].append(float(entropy[valid].mean()) if valid.any() else float("nan"))
+        metrics["qtuning/scoring_seconds"].append(seconds)
+        for name in ("q", "ppl_lo", "ppl_hi", "ent_lo", "ent_hi"):
+            values = [t[name] for t in thresholds if np.isfinite(t[name])]
+            metrics[f"qtuning/{name}"].append(float(np.mean(values)) if values else float("nan"))
+        step = self.state.global_step + 1
+        if decision.size and not keep.any():
+            logger.warning(
+                "Q-Tuning: step %d kept no sample (%d of %d had non-finite statistics); it trains on nothing and "
+                "the optimizer step changes no weight.", step, int(invalid.sum()), decision.size,
+            )
+        elif invalid.any():
+            logger.warning(
+                "Q-Tuning: %d sample(s) of step %d had no finite statistics (no response token, or NaN/inf "
+                "log-probs) and were dropped.", int(invalid.sum()), step,
+            )
 
     def add_decision_listener(self, listener: DecisionListener) -> None:
         """Call ``listener(StepDecisions)`` after every optimizer step's decisions (tracking integrations use this)."""

@@ -56,6 +56,8 @@ def select_qtuning(
     token_logps: torch.Tensor,
     response_mask: torch.Tensor,
     params: SelectionParams,
+    *,
+    triage: TriageResult | None = None,
 ) -> Selection:
     """Triage the group on the EU plane, then token-prune its kept Q2 samples.
 
@@ -64,15 +66,20 @@ def select_qtuning(
         token_logps: log-probability of each label, shape ``(B, L)``.
         response_mask: True on response positions, shape ``(B, L)``.
         params: the method's settings.
+        triage: decisions already taken for these samples (by a triage over a larger group, e.g. all ranks);
+            only token pruning is left to do.
     """
-    triage = triage_samples(
-        ppl,
-        entropy,
-        params.sample_keep_ratio,
-        enforce_budget=params.enforce_sample_budget,
-        max_iter=params.triage_max_iter,
-        tol=params.triage_tol,
-    )
+    if triage is None:
+        triage = triage_samples(
+            ppl,
+            entropy,
+            params.sample_keep_ratio,
+            enforce_budget=params.enforce_sample_budget,
+            max_iter=params.triage_max_iter,
+            tol=params.triage_tol,
+        )
+    elif triage.keep.shape != ppl.shape:
+        raise ValueError(f"triage covers {triage.keep.numel()} samples, the group has {ppl.numel()}")
     mask = response_mask.to(torch.bool)
     token_pruned = triage.keep & (triage.quadrant == 2)
     if params.prune_filled_q2_like:

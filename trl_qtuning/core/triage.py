@@ -54,6 +54,15 @@ class TriageResult:
     iterations: int
     """Bisection steps taken."""
 
+    def rows(self, index: slice | torch.Tensor) -> TriageResult:
+        """The decisions of some samples of the group (e.g. one rank's share of a cross-rank triage)."""
+        per_sample = {
+            name: getattr(self, name)[index] for name in ("quadrant", "keep", "filled", "trimmed", "invalid", "q2_like")
+        }
+        return TriageResult(
+            **per_sample, q=self.q, target=self.target, thresholds=self.thresholds, iterations=self.iterations
+        )
+
 
 def target_keep_count(batch_size: int, keep_ratio: float) -> int:
     """K = max(1, round(r * B)), rounding halves up (so 0.5 -> 1, 2.5 -> 3), capped at B."""

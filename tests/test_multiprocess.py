@@ -1,0 +1,121 @@
+"""Two CPU processes (gloo) launched with accelerate: cross-rank triage equals one process over the same batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.trainer_helpers import KEPT_DECISIONS, GradCapture, build_trainer
+from trl_qtuning import read_ledger
+from trl_qtuning.testing import make_arithmetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+_RANK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    sys.path.insert(0, {repo!r})
+    import torch
+    from tests.trainer_helpers import GradCapture, build_trainer
+    from trl_qtuning.testing import make_arithmetic_dataset
+
+    out = Path(sys.argv[1])
+    capture = GradCapture()
+    trainer = build_trainer(
+        out, dataset=make_arithmetic_dataset(8, seed=1), callbacks=[capture], per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, max_steps=1, sample_keep_ratio={ratio}, token_keep_ratio=0.5,
+        triage_scope="global",
+    )
+    decided = []
+    original = trainer._global_triage
+
+    def recording(ppl, entropy):
+        result = original(ppl, entropy)
+        decided.append({{"thresholds": result.thresholds, "q": result.q, "kept": int(result.keep.sum())}})
+        return result
+
+    trainer._global_triage = recording
+    trainer.train()
+    rank = trainer.args.process_index
+    (out / f"rank{{rank}}.json").write_text(json.dumps(decided))
+    torch.save({{"grads": capture.grads[0], "params": trainer.model.state_dict()}}, out / f"rank{{rank}}.pt")
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio", [0.125, 0.5], ids=["one-rank-keeps-nothing", "both-ranks-keep"])
+def test_global_triage_over_two_processes_equals_one_process(tmp_path, ratio):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT.format(repo=str(REPO), ratio=ratio))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(out),
+    ]
+    result = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    # Every rank computed the same thresholds and quantile level from the gathered statistics.
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0][0]["thresholds"] == ranks[1][0]["thresholds"] and ranks[0][0]["q"] == ranks[1][0]["q"]
+    # One ledger, written by the main process, holds both ranks' rows; one rank kept nothing and still stepped.
+    ledger = read_ledger(out / "qtuning_ledger").to_pandas()
+    assert sorted(ledger["rank"].unique()) == [0, 1] and len(ledger) == 8
+    kept_per_rank = ledger.groupby("rank").decision.apply(lambda d: int(d.isin(KEPT_DECISIONS).sum())).to_dict()
+    assert sorted(kept_per_rank.values()) == sorted(r[0]["kept"] for r in ranks)
+    if ratio == 0.125:
+        assert sorted(kept_per_rank.values()) == [0, 1]
+    else:
+        assert min(kept_per_rank.values()) >= 1 and sum(kept_per_rank.values()) == 4
+    state = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    for name, value in state[0]["params"].items():
+        assert torch.equal(value, state[1]["params"][name]), name
+
+    # One process over the same 8 samples (the whole dataset is one optimizer step either way), triaged together.
+    capture = GradCapture()
+    single = build_trainer(
+        tmp_path / "single", dataset=make_arithmetic_dataset(8, seed=1), per_device_train_batch_size=2,
+        gradient_accumulation_steps=4, max_steps=1, sample_keep_ratio=ratio, token_keep_ratio=0.5,
+        triage_scope="step", callbacks=[capture],
+    )
+    single.train()
+    reference = read_ledger(tmp_path / "single" / "qtuning_ledger").to_pandas()
+    columns = ["sample_id", "quadrant", "decision", "kept_tokens"]
+    by_id = lambda frame: frame[columns].sort_values("sample_id").reset_index(drop=True)  # noqa: E731
+    assert by_id(ledger).equals(by_id(reference))
+    # Same gradient (DDP-averaged, normalised by the kept tokens of both ranks) and so the same parameters.
+    for name, grad in capture.grads[0].items():
+        torch.testing.assert_close(state[0]["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(state[0]["params"][name], value, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_global_scope_with_one_process_is_the_step_scope(tmp_path):
+    ledgers = []
+    for scope in ("global", "step"):
+        trainer = build_trainer(
+            tmp_path / scope, dataset=make_arithmetic_dataset(24, seed=3), per_device_train_batch_size=4,
+            gradient_accumulation_steps=2, max_steps=2, sample_keep_ratio=0.25, triage_scope=scope,
+        )
+        trainer.train()
+        ledgers.append(read_ledger(tmp_path / scope / "qtuning_ledger").to_pandas().drop(columns="pruned_positions"))
+    assert ledgers[0].equals(ledgers[1])
