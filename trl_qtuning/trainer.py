@@ -31,6 +31,7 @@ from .core.triage import TriageResult, triage_samples
 from .core.stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
 from .events import DecisionListener, StepDecisions
 from .ledger import DecisionLedger
+from .packing import pack_padded, pack_padding_free, refresh_flat_metadata
 
 try:  # Internal TRL API (1.15+): checked here so a TRL change fails at import with a clear message.
     from trl.trainer.utils import FusedCausalLMOutput
@@ -302,7 +303,17 @@ class QTuningSFTTrainer(SFTTrainer):
             label_keep = selection.label_keep[rows, :width]
             pruned[i] = self._apply(batch_samples[i], scored[i], keep_rows, label_keep)
         self._record(scored, selections, scoring_seconds)
+        if self.args.pack_kept_rows and self.accelerator.num_processes == 1 and len(pruned) > 1:
+            if _is_padding_free(pruned[0]):
+                pruned = pack_padding_free(pruned, self.args.per_device_train_batch_size)
+            else:
+                pruned = pack_padded(pruned, self.args.per_device_train_batch_size, self._pad_token_id())
         return pruned
+
+    def _pad_token_id(self) -> int:
+        collator = getattr(self.data_collator, "collator", self.data_collator)
+        pad = getattr(collator, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
 
     def _global_triage(self, ppl: torch.Tensor, entropy: torch.Tensor) -> TriageResult:
         """Triage the step's samples of every rank together; return this rank's share of the decisions.
@@ -349,7 +360,7 @@ class QTuningSFTTrainer(SFTTrainer):
             for key in _PER_TOKEN_FLAT_KEYS:
                 if key in out:
                     out[key] = out[key][:, keep_tokens]
-            return self._refresh_flat_metadata(out)
+            return refresh_flat_metadata(out)
         labels[:, 1:][masked] = -100
         rows = keep_rows.nonzero().squeeze(-1)
         batch_size, seq_len = labels.shape
@@ -374,24 +385,6 @@ class QTuningSFTTrainer(SFTTrainer):
         samples were all dropped contributes an exact zero instead of skipping the step. One process skips it.
         """
         return self.accelerator.num_processes > 1 and not bool(keep_rows.any()) and keep_rows.numel() > 0
-
-    @staticmethod
-    def _refresh_flat_metadata(batch: dict[str, Any]) -> dict[str, Any]:
-        """Recompute the varlen metadata of a padding-free row after segments were removed (as TRL's collator)."""
-        position_ids = batch["position_ids"]
-        starts = (position_ids[0] == 0).nonzero().flatten()
-        total = torch.tensor([position_ids.shape[1]], device=position_ids.device)
-        cu_seq_lens = torch.cat([starts, total]).to(torch.int32)
-        if "cu_seq_lens_q" in batch:
-            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu_seq_lens
-        lengths = cu_seq_lens.diff()
-        if "max_length_q" in batch:
-            batch["max_length_q"] = batch["max_length_k"] = int(lengths.max()) if lengths.numel() else 0
-        if "seq_idx" in batch:
-            batch["seq_idx"] = torch.repeat_interleave(
-                torch.arange(lengths.numel(), dtype=torch.int32, device=position_ids.device), lengths
-            )[None]
-        return batch
 
     # ------------------------------------------------------------------ metrics and ledger
     def _record(
