@@ -19,7 +19,12 @@ from trl_qtuning.cli.main import main as cli_main  # noqa: E402
 
 
 @pytest.mark.slow
-def test_demo_trains_and_reports(tmp_path, capsys):
+def test_demo_trains_and_reports(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("mlflow")
+    # MLflow's default store and artifacts land in the working directory: keep them in the test's folder.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "demo-test")
     out = tmp_path / "demo"
     code = cli_main(
         ["demo", "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--grad-acc", "2",
@@ -35,6 +40,12 @@ def test_demo_trains_and_reports(tmp_path, capsys):
     assert summary["steps"] == 2 and summary["embedded_default"] is True
     assert summary["realised_sample_keep_ratio"] == 0.5
     assert summary["heldout_loss_before"] > 0 and summary["heldout_loss_after"] > 0
+    # With mlflow installed the demo logs to it by default (MLflow's own default store here).
+    import mlflow
+
+    assert "MLflow: experiment 'demo-test'" in printed
+    runs = mlflow.search_runs(experiment_names=["demo-test"])
+    assert len(runs) == 1 and runs["metrics.qtuning/sample_keep_ratio"].iloc[0] == 0.5
 
 
 def test_demo_takes_a_local_model_and_dataset(tmp_path, capsys):
@@ -47,11 +58,11 @@ def test_demo_takes_a_local_model_and_dataset(tmp_path, capsys):
     data.write_text("".join(json.dumps({"question": r["prompt"], "answer": r["completion"]}) + "\n" for r in rows))
     out = tmp_path / "out"
     code = cli_main(["demo", "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(out),
-                     "--max-steps", "1", "--batch-size", "2", "--grad-acc", "2", "--eval-size", "4"])
+                     "--max-steps", "1", "--batch-size", "2", "--grad-acc", "2", "--eval-size", "4", "--report-to", "none"])
     assert code == 0
     assert "Held-out NLL" in capsys.readouterr().out
     assert read_ledger(out / "qtuning_ledger").num_rows == 4
     bad = tmp_path / "bad.txt"
     bad.write_text("x")
     with pytest.raises(SystemExit, match="unsupported dataset file type"):
-        cli_main(["demo", "--model", str(model_dir), "--dataset", str(bad), "--output-dir", str(out)])
+        cli_main(["demo", "--model", str(model_dir), "--dataset", str(bad), "--output-dir", str(out), "--report-to", "none"])

@@ -117,9 +117,20 @@ class QTuningSFTTrainer(SFTTrainer):
         if config.qtuning_enabled and call.get("train_dataset") is not None:
             call["train_dataset"] = self._with_sample_ids(call["train_dataset"])
         given = _sized_length(call.get("train_dataset"))
+        wants_mlflow = "mlflow" in (config.report_to or [])
+        if wants_mlflow:
+            from .tracking import require_mlflow
+
+            require_mlflow()  # before transformers' own MLflowCallback fails with a less helpful message
         super().__init__(**call, **extra)
-        if not config.qtuning_enabled:
-            return
+        if config.qtuning_enabled:
+            self._setup_qtuning(config, given)
+        if wants_mlflow:
+            from .tracking import attach_tracking
+
+            attach_tracking(self)
+
+    def _setup_qtuning(self, config: QTuningConfig, given: int | None) -> None:
         self._check_prepared_dataset(given)
         if self.compute_loss_func is not None:
             raise ValueError(

@@ -2,6 +2,7 @@
 
     trl-qtuning sft --config recipes/<model>/qtuning/config_<name>.yaml [--any_field value ...]
     trl-qtuning demo [...]
+    trl-qtuning compare --experiment NAME [--tracking-uri URI]
 
 Every subcommand is a ``main(argv: list[str] | None) -> int`` function; add one by adding a line to ``COMMANDS``.
 Runs in-process, so ``accelerate launch -m trl_qtuning.cli.main sft ...`` works for multi-GPU training.
@@ -39,7 +40,12 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "demo", "Run the fully offline Q-Tuning demo (small pretrained model, math data).", "trl_qtuning.demo.run:main"
     ),
-    # Reserved: Command("compare", ...), Command("bench", ...).
+    Command(
+        "compare",
+        "Compare the runs of an MLflow experiment (Q-Tuning and plain SFT): table and figure.",
+        "trl_qtuning.tracking.compare:main",
+    ),
+    # Reserved: Command("bench", ...).
 )
 
 

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-chars", type=int, default=400, help="Embedded pool: skip longer problems (CPU time).")
     parser.add_argument("--no-lora", action="store_true", help="Full fine-tuning instead of LoRA (r=8, alpha=16).")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--report-to", default="none", help="'none' or 'mlflow'.")
+    parser.add_argument("--report-to", default="auto", choices=["auto", "mlflow", "none"],
+                        help="'auto' (default): MLflow when it is installed (pip install 'trl-qtuning[mlflow]').")
     return parser
 
 
@@ -170,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     print("== trl-qtuning demo ==")
+    if args.report_to == "auto":
+        import importlib.util
+
+        args.report_to = "mlflow" if importlib.util.find_spec("mlflow") else "none"
+    if args.report_to == "mlflow":
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "trl-qtuning-demo")
     print("Loading model ...", flush=True)
     if args.model is None:
         model, tokenizer = load_demo_model_and_tokenizer()
@@ -268,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Held-out NLL per answer token: before {before:.4f} -> after {after:.4f} ({after - before:+.4f})")
     print(f"Training: {result.global_step} steps in {train_seconds:.0f} s; whole demo {time.perf_counter() - started:.0f} s")
     print(f"Decision ledger (Parquet): {Path(args.output_dir) / 'qtuning_ledger'}")
+    if args.report_to == "mlflow":
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+        print(f"MLflow: experiment {os.environ['MLFLOW_EXPERIMENT_NAME']!r} at {uri}; open the UI with "
+              f"`mlflow ui --backend-store-uri {uri}` and browse http://127.0.0.1:5000")
     summary = {
         "model": model_name,
         "embedded_default": embedded,

@@ -1,0 +1,270 @@
+"""Step time of QTuningSFTTrainer relative to plain SFTTrainer, measured in the same run.
+
+    python benchmarks/step_time.py                 # CPU: a small random Llama, a few minutes
+    python benchmarks/step_time.py --model PATH    # any local causal LM (CUDA is used when available)
+
+For each regime (LoRA without gradient checkpointing; full fine-tuning) and each setting (pruning off; scoring on
+but keeping everything; sample keep ratio 0.5 / 0.25 / 0.125 with token ratio 0.5), short runs of SFTTrainer and
+QTuningSFTTrainer alternate (A B A B ...) on the same model, data and seed. It prints the median step-time ratio,
+the scoring pass's share of a Q-Tuning step, the peak-memory ratio (CUDA only), and the floor of the regime:
+(1 + 2r) / 2 for LoRA (backward ~ one forward), (1 + 3r) / 3 for full fine-tuning (backward ~ two forwards).
+It then compares one scoring forward with one training forward of the same rows, and the triage decisions of fp32
+and bf16 scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from trl_qtuning import QTuningConfig, QTuningSFTTrainer  # noqa: E402
+from trl_qtuning.core import eu_plane_stats, triage_samples  # noqa: E402
+from trl_qtuning.testing import make_tiny_tokenizer  # noqa: E402
+
+SETTINGS = {"off": None, "r=1": 1.0, "r=0.5": 0.5, "r=0.25": 0.25, "r=0.125": 0.125}
+
+
+class StepClock(TrainerCallback):
+    """Wall time between consecutive optimizer steps (fetch + scoring + training), synchronised on CUDA."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        now = time.perf_counter()
+        self.times.append(now - self._last)
+        self._last = now
+
+    @staticmethod
+    def _sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="Local model folder (default: a random Llama built in code).")
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8, help="per-device micro-batch")
+    parser.add_argument("--grad-acc", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per run (after one warm-up step)")
+    parser.add_argument("--repeats", type=int, default=2, help="A/B pairs per setting")
+    parser.add_argument("--regimes", default="lora,full")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--output", default=None, help="Also write the table as Markdown to this file.")
+    return parser
+
+
+def make_model(args, vocab: int):
+    if args.model:
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3, num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=max(1, args.hidden // 128),
+        max_position_embeddings=args.seq_len * 2, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def make_dataset(args, vocab: int, n: int) -> Dataset:
+    """Pre-tokenized rows of varied length; the last 40-70% of each row is the trainable completion."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(args.seq_len // 2, args.seq_len + 1, (1,), generator=generator))
+        ids = torch.randint(10, vocab, (length,), generator=generator).tolist()
+        prompt = int(length * float(torch.empty(1).uniform_(0.3, 0.6, generator=generator)))
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return Dataset.from_list(rows)
+
+
+def run_once(args, tokenizer, dataset, regime: str, ratio: float | None, seed: int) -> dict[str, float]:
+    cuda = torch.cuda.is_available()
+    common = dict(
+        output_dir=str(Path(args.workdir) / f"{regime}-{ratio}"), per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.grad_acc, max_steps=args.steps + 1, learning_rate=1e-4, report_to="none",
+        save_strategy="no", logging_steps=1, gradient_checkpointing=False, bf16=cuda, use_cpu=not cuda, seed=seed,
+        disable_tqdm=True, dataloader_num_workers=0, max_length=None,
+    )
+    peft_config = None
+    if regime == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = make_model(args, len(tokenizer) if args.model else args.vocab)
+    clock = StepClock()
+    if ratio is None and args._variant == "sft":
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config, callbacks=[clock])
+    else:
+        config = QTuningConfig(**common, qtuning_enabled=ratio is not None, sample_keep_ratio=ratio or 1.0,
+                               token_keep_ratio=1.0 if ratio in (None, 1.0) else 0.5, qtuning_ledger="none")
+        trainer = QTuningSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                    peft_config=peft_config, callbacks=[clock])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    scoring = [h["qtuning/scoring_seconds"] for h in trainer.state.log_history if "qtuning/scoring_seconds" in h]
+    measured = clock.times[1:]
+    return {
+        "step": statistics.median(measured),
+        "scoring": statistics.median(scoring[1:]) if len(scoring) > 1 else 0.0,
+        "peak": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+    }
+
+
+def floor(regime: str, ratio: float | None) -> float:
+    if ratio is None:
+        return 1.0
+    return (1 + 2 * ratio) / 2 if regime == "lora" else (1 + 3 * ratio) / 3
+
+
+def scoring_vs_training_forward(args, tokenizer, dataset) -> tuple[float, float]:
+    """Seconds of one scoring forward and of one training forward (+ no backward) on the same micro-batch."""
+    config = QTuningConfig(output_dir=str(Path(args.workdir) / "fwd"), per_device_train_batch_size=args.batch,
+                           report_to="none", use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
+                           gradient_checkpointing=False, max_length=None, qtuning_ledger="none")
+    trainer = QTuningSFTTrainer(model=make_model(args, len(tokenizer) if args.model else args.vocab), args=config,
+                                train_dataset=dataset, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch.pop("qtuning_sample_id", None)
+    trainer.model.train()
+
+    def timed(fn) -> float:
+        fn()
+        StepClock._sync()
+        start = time.perf_counter()
+        for _ in range(3):
+            fn()
+        StepClock._sync()
+        return (time.perf_counter() - start) / 3
+
+    score = timed(lambda: trainer._score(dict(batch), None))
+
+    def train_forward():
+        with trainer.compute_loss_context_manager():
+            trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=None)
+
+    return score, timed(train_forward)
+
+
+def precision_agreement(args, tokenizer, dataset, batches: int = 6) -> tuple[float, float]:
+    """Share of identical keep decisions and quadrants between fp32 and bf16-autocast scoring."""
+    model = make_model(args, len(tokenizer) if args.model else args.vocab).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    keep_same = quadrant_same = total = 0
+    group = args.batch * args.grad_acc
+    rows = dataset.select(range(min(batches, len(dataset) // group) * group))
+    for start in range(0, len(rows), group):
+        part = rows.select(range(start, start + group))
+        width = max(len(r) for r in part["input_ids"])
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in part["input_ids"]], device=device)
+        labels = torch.tensor([r + [-100] * (width - len(r)) for r in part["labels"]], device=device)
+        mask = (torch.arange(width, device=device)[None] < torch.tensor([len(r) for r in part["input_ids"]], device=device)[:, None]).long()
+        decisions = []
+        for dtype in (None, torch.bfloat16):
+            ctx = torch.autocast(device, dtype=dtype) if dtype else torch.autocast(device, enabled=False)
+            with torch.no_grad(), ctx:
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, -1)
+            token_logps = logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            ppl, ent = eu_plane_stats(token_logps, entropy, labels[:, 1:] != -100)
+            decisions.append(triage_samples(ppl.cpu(), ent.cpu(), 0.25))
+        keep_same += int((decisions[0].keep == decisions[1].keep).sum())
+        quadrant_same += int((decisions[0].quadrant == decisions[1].quadrant).sum())
+        total += group
+    return keep_same / total, quadrant_same / total
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    import datasets
+    import tempfile
+
+    datasets.disable_progress_bars()
+    args.workdir = tempfile.mkdtemp(prefix="qtuning-bench-")
+    if args.model:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        vocab = len(tokenizer)
+    else:
+        tokenizer = make_tiny_tokenizer()  # only its pad/eos ids are used: the data is pre-tokenized
+        vocab = args.vocab
+    step_rows = (args.steps + 1) * args.batch * args.grad_acc
+    dataset = make_dataset(args, vocab, step_rows)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    model_name = args.model or f"random Llama h{args.hidden} L{args.layers} V{args.vocab}"
+    print(f"device: {device}; model: {model_name}; micro-batch {args.batch} x grad-acc {args.grad_acc}; "
+          f"seq <= {args.seq_len}; {args.steps} measured steps x {args.repeats} A/B pairs per setting", flush=True)
+    lines = ["| regime | setting | step ratio (median) | floor | scoring share | peak memory ratio |",
+             "|---|---|---|---|---|---|"]
+    for regime in args.regimes.split(","):
+        for name in args.settings.split(","):
+            ratio = SETTINGS[name]
+            sft_times, q_times, q_scoring, sft_peak, q_peak = [], [], [], [], []
+            for repeat in range(args.repeats):
+                args._variant = "sft"
+                base = run_once(args, tokenizer, dataset, regime, None, seed=repeat)
+                args._variant = "qtuning"
+                if name == "off":
+                    result = run_once(args, tokenizer, dataset, regime, None, seed=repeat)
+                else:
+                    result = run_once(args, tokenizer, dataset, regime, ratio, seed=repeat)
+                sft_times.append(base["step"])
+                q_times.append(result["step"])
+                q_scoring.append(result["scoring"])
+                sft_peak.append(base["peak"])
+                q_peak.append(result["peak"])
+            step_ratio = statistics.median(q_times) / statistics.median(sft_times)
+            share = statistics.median(q_scoring) / statistics.median(q_times)
+            peak_ratio = max(q_peak) / max(sft_peak) if torch.cuda.is_available() else float("nan")
+            line = (f"| {regime} | {name} | {step_ratio:.3f} | {floor(regime, ratio):.3f} | {share:.2f} | "
+                    f"{'n/a (CPU)' if peak_ratio != peak_ratio else f'{peak_ratio:.3f}'} |")
+            lines.append(line)
+            print(line, f"(SFT step {statistics.median(sft_times):.3f} s, Q-Tuning {statistics.median(q_times):.3f} s)",
+                  flush=True)
+    score, train = scoring_vs_training_forward(args, tokenizer, dataset)
+    keep_agree, quadrant_agree = precision_agreement(args, tokenizer, dataset)
+    extra = [
+        "",
+        f"scoring forward {score * 1000:.1f} ms vs training forward {train * 1000:.1f} ms on the same micro-batch "
+        f"(ratio {score / train:.2f})",
+        f"fp32 vs bf16 scoring: keep decisions agree on {keep_agree:.1%} of samples, quadrants on {quadrant_agree:.1%}",
+    ]
+    print("\n".join(lines + extra))
+    if args.output:
+        Path(args.output).write_text("\n".join([f"device: {device}; model: {model_name}", "", *lines, *extra]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

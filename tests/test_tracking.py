@@ -1,0 +1,260 @@
+"""MLflow tracking against MLflow's default store kind (SQLite), one store shared by the module's tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+pytest.importorskip("matplotlib")
+
+from tests.trainer_helpers import build_trainer, tiny_config  # noqa: E402
+from trl_qtuning import QTuningSFTTrainer, read_ledger  # noqa: E402
+from trl_qtuning.testing import make_arithmetic_dataset, make_tiny_model, make_tiny_tokenizer  # noqa: E402
+from trl_qtuning.tracking import attach_tracking, kept_sample_ids, load_selection, require_mlflow  # noqa: E402
+
+BATCH, GA, STEPS = 4, 2, 6  # 48 samples / (4 x 2) = 6 steps: one epoch, every sample scored once
+
+
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow_sqlite")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=uri).search_experiments()  # creates the schema once (takes seconds)
+    return uri, root
+
+
+@pytest.fixture()
+def tracking(sqlite_store, monkeypatch):
+    """A fresh experiment (artifacts under the store's tmp dir) selected through transformers' env variables."""
+    uri, root = sqlite_store
+    name = f"exp-{uuid.uuid4().hex[:8]}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    client.create_experiment(name, artifact_location=str(root / "artifacts" / name))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_NESTED_RUN", "MLFLOW_TAGS", "HF_MLFLOW_LOG_ARTIFACTS"):
+        monkeypatch.delenv(var, raising=False)
+    return client, name
+
+
+@pytest.fixture(scope="module")
+def qtuning_run(sqlite_store, tmp_path_factory):
+    """One Q-Tuning run (6 steps, gradient accumulation 2, checkpoints at steps 3 and 6), shared by several tests."""
+    uri, root = sqlite_store
+    name = "qtuning-main"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    client.create_experiment(name, artifact_location=str(root / "artifacts" / name))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("MLFLOW_EXPERIMENT_NAME", name)
+    out = tmp_path_factory.mktemp("qtuning_run")
+    try:
+        trainer = build_trainer(
+            out, report_to=["mlflow"], max_steps=STEPS, per_device_train_batch_size=BATCH,
+            gradient_accumulation_steps=GA, save_strategy="steps", save_steps=3, run_name="qtuning-r0.25",
+        )
+        callback = attach_tracking(trainer, eu_plane_every=2)
+        trainer.train()
+    finally:
+        mp.undo()
+    return trainer, callback, client, out
+
+
+def test_missing_mlflow_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'trl-qtuning\[mlflow\]'"):
+        require_mlflow()
+    with pytest.raises(ImportError, match=r"trl-qtuning\[mlflow\]"):
+        attach_tracking(object())
+
+
+def test_core_and_trainer_do_not_import_mlflow():
+    code = (
+        "import sys, trl_qtuning, trl_qtuning.trainer, trl_qtuning.ledger, trl_qtuning.tracking; "
+        "assert 'mlflow' not in sys.modules, 'mlflow imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_trainer_attaches_tracking_in_place_of_transformers_callback(tmp_path, tracking):
+    from transformers.integrations import MLflowCallback
+
+    from tests.trainer_helpers import GradCapture
+    from trl_qtuning.tracking.callback import QTuningMLflowCallback
+
+    user_callback = GradCapture()
+    trainer = build_trainer(tmp_path, report_to=["mlflow"], callbacks=[user_callback])
+    callbacks = trainer.callback_handler.callbacks
+    mlflow_callbacks = [cb for cb in callbacks if isinstance(cb, MLflowCallback)]
+    assert len(mlflow_callbacks) == 1 and isinstance(mlflow_callbacks[0], QTuningMLflowCallback)
+    callback = mlflow_callbacks[0]
+    assert attach_tracking(trainer, eu_plane_every=3) is callback  # idempotent; options still apply
+    assert callback.eu_plane_every == 3
+    assert callbacks.index(callback) < callbacks.index(user_callback)  # logged before user callbacks run
+    assert callback.on_decisions in trainer._decision_listeners
+
+
+def test_metrics_params_tags_and_dataset_in_one_run(qtuning_run):
+    trainer, callback, client, _ = qtuning_run
+    run = client.get_run(callback.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "qtuning-r0.25"
+    metrics = run.data.metrics
+    qtuning_metrics = [k for k in metrics if k.startswith("qtuning/") and not k.startswith("qtuning/final/")]
+    assert len(qtuning_metrics) >= 15
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert loss_steps == list(range(1, STEPS + 1))
+    for key in qtuning_metrics:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == loss_steps, key  # same run, same steps as TRL's loss
+    ledger = read_ledger(Path(trainer.args.output_dir) / "qtuning_ledger").to_pandas()
+    for m in client.get_metric_history(run.info.run_id, "qtuning/sample_keep_ratio"):
+        rows = ledger[ledger.step == m.step]
+        assert m.value == pytest.approx(rows.decision.isin(["kept", "token_pruned", "filled"]).mean())
+    assert "train_loss" in metrics and "train_runtime" in metrics
+    assert metrics["qtuning/final/sample_keep_ratio"] == pytest.approx(0.25)
+    params = run.data.params
+    for name in ("sample_keep_ratio", "token_keep_ratio", "neighbor_lambda", "triage_scope", "qtuning_ledger"):
+        assert params[name] == str(getattr(trainer.args, name))
+    tags = run.data.tags
+    assert tags["qtuning.method"] == "qtuning"
+    assert tags["qtuning.sample_keep_ratio"] == "0.25" and tags["qtuning.token_keep_ratio"] == "0.5"
+    found = client.search_runs(
+        [run.info.experiment_id], "tags.`qtuning.method` = 'qtuning' and tags.`qtuning.sample_keep_ratio` = '0.25'"
+    )
+    assert [r.info.run_id for r in found] == [run.info.run_id]
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "train_dataset"
+    assert json.loads(dataset_input.dataset.profile)["num_rows"] == len(trainer.train_dataset)
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "train"
+
+
+def test_ledger_accounts_for_every_sample_and_is_uploaded(qtuning_run, tmp_path):
+    trainer, callback, client, out = qtuning_run
+    ledger = read_ledger(out / "qtuning_ledger").to_pandas()
+    assert sorted(ledger.step.unique()) == list(range(1, STEPS + 1))
+    assert (ledger.groupby("step").size() == BATCH * GA).all()
+    assert sorted(ledger.sample_id) == list(range(len(trainer.train_dataset)))  # one epoch: each sample once
+    local = {p.name: p.read_bytes() for p in (out / "qtuning_ledger").glob("*.parquet")}
+    assert len(local) >= 2  # flushed at the checkpoint of step 3 and at the end
+    remote = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=callback.run_id, artifact_path="qtuning_ledger", dst_path=str(tmp_path), tracking_uri=client.tracking_uri
+        )
+    )
+    assert {p.name: p.read_bytes() for p in remote.glob("*.parquet")} == local
+    assert len(read_ledger(remote)) == STEPS * BATCH * GA
+
+
+def test_figures_page_summary_and_selection(qtuning_run, tmp_path):
+    trainer, callback, client, out = qtuning_run
+    run_id = callback.run_id
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"figures", "qtuning_ledger", "qtuning_selection", "qtuning_summary.json", "qtuning_report.md",
+            "qtuning_samples.html"} <= names
+    eu = sorted(a.path for a in client.list_artifacts(run_id, "figures/eu_plane"))
+    assert eu == [f"figures/eu_plane/eu_plane_step_{s:06d}.png" for s in (1, 2, 4, 6)]
+    figures = {a.path for a in client.list_artifacts(run_id, "figures")}
+    assert {"figures/quadrant_shares.png", "figures/realised_budgets.png"} <= figures
+    assert (out / "qtuning_tracking" / "figures" / "quadrant_shares.png").read_bytes()[:4] == b"\x89PNG"
+
+    ledger = read_ledger(out / "qtuning_ledger").to_pandas()
+    summary = json.loads((out / "qtuning_summary.json").read_text())
+    assert summary["samples_scored"] == len(ledger) == STEPS * BATCH * GA
+    assert sum(q["count"] for q in summary["quadrants"].values()) == len(ledger)
+    assert summary["quadrants"]["q2"]["count"] == int((ledger.quadrant == 2).sum())
+    assert sum(summary["decisions"].values()) == len(ledger)
+    kept = ledger.decision.isin(["kept", "token_pruned", "filled"])
+    assert summary["realised"]["sample_keep_ratio"] == pytest.approx(kept.mean())
+    assert summary["realised"]["label_tokens_trained"] == int(ledger.kept_tokens[kept].sum())
+    assert summary["scoring"]["steps_timed"] == STEPS and summary["scoring"]["total_seconds"] > 0
+    assert summary["train"]["train_loss"] > 0
+    assert summary["most_dropped"] and summary["most_dropped"][0]["dropped"] >= 1
+    report = (out / "qtuning_report.md").read_text()
+    assert "## Quadrants" in report and "Most-dropped samples" in report
+    downloaded = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="qtuning_summary.json", dst_path=str(tmp_path), tracking_uri=client.tracking_uri
+        )
+    )
+    assert json.loads(downloaded.read_text()) == summary
+
+    selection = load_selection(out / "qtuning_selection").to_pandas()
+    assert len(selection) == len(trainer.train_dataset) and (selection.epoch == 0).all()
+    assert selection.kept.sum() == kept.sum()
+    assert kept_sample_ids(out / "qtuning_selection", epoch=0) == sorted(ledger.sample_id[kept].tolist())
+
+    page = (out / "qtuning_tracking" / "qtuning_samples.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    pruned_rows = ledger[ledger.decision == "token_pruned"]
+    if len(pruned_rows):
+        assert "class='tok pruned'" in page
+        assert page.count("class='tok pruned'") >= len(pruned_rows.iloc[-1].pruned_positions)
+
+
+def test_plain_sft_run_and_compare(tracking, tmp_path, capsys):
+    """A run with Q-Tuning off (plain SFT path, transformers' MLflowCallback) and one with it on; compare both."""
+    client, experiment = tracking
+    tokenizer = make_tiny_tokenizer()
+    data = make_arithmetic_dataset(24, seed=1)
+    eval_data = make_arithmetic_dataset(8, seed=2)
+    for name, enabled in (("plain-sft", False), ("qtuning", True)):
+        trainer = QTuningSFTTrainer(
+            model=make_tiny_model(tokenizer),
+            args=tiny_config(
+                tmp_path / name, report_to=["mlflow"], max_steps=3, qtuning_enabled=enabled, run_name=name,
+                eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=4,
+            ),
+            train_dataset=data,
+            eval_dataset=eval_data,
+            processing_class=tokenizer,
+        )
+        if enabled:
+            attach_tracking(trainer)  # the plain run keeps transformers' own MLflowCallback
+        trainer.train()
+    mlflow.flush_async_logging()
+    from trl_qtuning.cli.main import main
+
+    figure = tmp_path / "compare.png"
+    assert main(["compare", "--experiment", experiment, "--output", str(figure)]) == 0
+    printed = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in printed.splitlines() if line.startswith(("plain-sft", "qtuning"))}
+    assert " sft " in lines["plain-sft"] and " qtuning " in lines["qtuning"]
+    assert "eval_loss" in printed
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    comparison = [r for r in runs if r.data.tags.get("qtuning.kind") == "comparison"]
+    assert len(comparison) == 1
+    assert [a.path for a in client.list_artifacts(comparison[0].info.run_id, "figures")] == ["figures/comparison.png"]
+    assert main(["compare", "--experiment", "no-such-experiment", "--no-log"]) == 2
+
+
+def test_user_active_run_is_used_and_left_open(tracking, tmp_path):
+    client, experiment = tracking
+    with mlflow.start_run(experiment_id=client.get_experiment_by_name(experiment).experiment_id) as active:
+        trainer = build_trainer(tmp_path, report_to=["mlflow"], max_steps=1)
+        callback = attach_tracking(trainer)
+        trainer.train()
+        assert callback.run_id == active.info.run_id
+        assert client.get_run(active.info.run_id).info.status == "RUNNING"
+    assert "qtuning/q2_share" in client.get_run(active.info.run_id).data.metrics
+
+
+def test_default_store_when_no_uri_is_set(monkeypatch, tmp_path):
+    """No MLFLOW_TRACKING_URI: the callback uses MLflow's own default (a local SQLite database)."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    monkeypatch.chdir(tmp_path)
+    from trl_qtuning.tracking.sink import MLflowSink
+
+    sink = MLflowSink(tmp_path / "spool")
+    assert sink.tracking_uri.startswith("sqlite:")
+    assert sink.tracking_uri == mlflow.get_tracking_uri()

@@ -1,0 +1,88 @@
+"""MLflow tracking for Q-Tuning runs (optional: ``pip install 'trl-qtuning[mlflow]'``).
+
+``attach_tracking(trainer)`` swaps transformers' ``MLflowCallback`` for :class:`QTuningMLflowCallback` and registers
+its decision listener. Nothing here imports mlflow until it is used, and the trainer never imports this package
+unless ``report_to`` asks for mlflow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "MLFLOW_INSTALL_HINT",
+    "require_mlflow",
+    "attach_tracking",
+    "QTuningMLflowCallback",
+    "sync_pending",
+    "load_selection",
+    "kept_sample_ids",
+]
+
+MLFLOW_INSTALL_HINT = "pip install 'trl-qtuning[mlflow]'"
+
+
+def require_mlflow() -> None:
+    """Raise a clear ImportError when mlflow is missing (``report_to`` asks for it)."""
+    try:
+        import mlflow  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "MLflow tracking was requested (`report_to` includes 'mlflow') but mlflow is not installed. "
+            f"Install the extra: {MLFLOW_INSTALL_HINT}"
+        ) from exc
+
+
+def attach_tracking(trainer: Any, **options: Any):
+    """Log ``trainer``'s run to MLflow with Q-Tuning's extras; returns the callback (idempotent).
+
+    Replaces any ``transformers.integrations.MLflowCallback`` in the trainer at the same position (so metrics are
+    logged before user callbacks run), and listens to the trainer's per-step decisions when Q-Tuning is enabled.
+    ``options`` go to :class:`QTuningMLflowCallback` (``eu_plane_every``, ``html_samples``, ``retry_interval``).
+    """
+    require_mlflow()
+    from transformers.integrations import MLflowCallback
+
+    from .callback import QTuningMLflowCallback
+
+    callbacks = trainer.callback_handler.callbacks
+    for cb in callbacks:
+        if isinstance(cb, QTuningMLflowCallback):
+            # Already attached (the trainer does it when report_to asks for mlflow): apply the caller's options.
+            cb.configure(**options)
+            return cb
+    callback = QTuningMLflowCallback(trainer, **options)
+    positions = [i for i, cb in enumerate(callbacks) if isinstance(cb, MLflowCallback)]
+    for i in reversed(positions):
+        del callbacks[i]
+    callbacks.insert(positions[0] if positions else len(callbacks), callback)
+    if getattr(trainer, "_decision_listeners", None) is not None:
+        trainer.add_decision_listener(callback.on_decisions)
+    return callback
+
+
+def sync_pending(output_dir: str, tracking_uri: str | None = None) -> bool:
+    """Send what a finished training process could not (``output_dir/qtuning_tracking/pending.jsonl``)."""
+    from pathlib import Path
+
+    from .callback import TRACKING_DIR
+    from .sink import PENDING_FILE, MLflowSink
+
+    spool = Path(output_dir) / TRACKING_DIR
+    if not (spool / PENDING_FILE).exists():
+        return True
+    sink = MLflowSink.from_pending(spool, tracking_uri=tracking_uri)
+    return sink.flush(force=True)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "QTuningMLflowCallback":
+        require_mlflow()
+        from .callback import QTuningMLflowCallback
+
+        return QTuningMLflowCallback
+    if name in ("load_selection", "kept_sample_ids"):
+        from . import reports
+
+        return getattr(reports, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,199 @@
+"""``trl-qtuning compare --experiment NAME [--tracking-uri URI]``: one table (and one figure) for an experiment's runs.
+
+Works on runs logged by plain ``SFTTrainer`` too (transformers' MLflowCallback): the method is then ``sft``, the
+realised sample keep ratio 1, and the columns that only Q-Tuning logs are ``-``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "collect_rows", "format_table", "comparison_figure"]
+
+COMPARISON_TAG = "qtuning.kind"
+
+
+def _num(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _method(run) -> str:
+    tags, params = run.data.tags, run.data.params
+    if "qtuning.method" in tags:
+        return tags["qtuning.method"]
+    if params.get("qtuning_enabled") == "True":
+        return "qtuning"
+    return "sft"
+
+
+def collect_rows(client, experiment_id: str, max_runs: int = 200) -> list[dict[str, Any]]:
+    runs = client.search_runs([experiment_id], max_results=max_runs, order_by=["attributes.start_time ASC"])
+    rows = []
+    for run in runs:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        if tags.get(COMPARISON_TAG) == "comparison":
+            continue
+        method = _method(run)
+        qtuning = method == "qtuning"
+        realised_sample = metrics.get("qtuning/final/sample_keep_ratio", metrics.get("qtuning/sample_keep_ratio"))
+        realised_token = metrics.get("qtuning/final/token_keep_ratio", metrics.get("qtuning/token_keep_ratio"))
+        wall = metrics.get("train_runtime")
+        if wall is None and run.info.end_time and run.info.start_time:
+            wall = (run.info.end_time - run.info.start_time) / 1000.0
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "run_name": run.info.run_name or run.info.run_id[:8],
+                "status": run.info.status,
+                "method": method,
+                "sample_keep_ratio": _num(params.get("sample_keep_ratio")) if qtuning else None,
+                "token_keep_ratio": _num(params.get("token_keep_ratio")) if qtuning else None,
+                "realised_sample_keep": realised_sample if qtuning else 1.0,
+                "realised_token_keep": realised_token if qtuning else 1.0,
+                "train_loss": metrics.get("train_loss", metrics.get("loss")),
+                "eval": {k: v for k, v in sorted(metrics.items()) if k.startswith("eval_") or k.startswith("eval/")},
+                "wall_seconds": wall,
+                "tokens": metrics.get("num_tokens", metrics.get("num_input_tokens_seen")),
+                "label_tokens": metrics.get("qtuning/final/label_tokens_trained"),
+            }
+        )
+    return rows
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) >= 1000:
+            return f"{int(value)}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    eval_keys = sorted({k for row in rows for k in row["eval"] if k.endswith("loss") or "runtime" not in k})[:4]
+    header = [
+        "run", "method", "status", "sample_r", "token_r", "real_sample", "real_token", "train_loss",
+        *eval_keys, "wall_s", "tokens", "label_tokens",
+    ]
+    table = [header]
+    for row in rows:
+        table.append(
+            [
+                row["run_name"][:28],
+                row["method"],
+                row["status"],
+                _cell(row["sample_keep_ratio"], 3),
+                _cell(row["token_keep_ratio"], 3),
+                _cell(row["realised_sample_keep"]),
+                _cell(row["realised_token_keep"]),
+                _cell(row["train_loss"], 4),
+                *[_cell(row["eval"].get(k), 4) for k in eval_keys],
+                _cell(row["wall_seconds"], 1),
+                _cell(row["tokens"], 0),
+                _cell(row["label_tokens"], 0),
+            ]
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def comparison_figure(client, rows: list[dict[str, Any]], experiment_name: str):
+    """Left: training loss per step for every run. Right: final train loss against realised sample keep ratio."""
+    from .figures import _figure
+
+    fig = _figure(12.0, 4.8)
+    ax_loss, ax_scatter = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for row in rows:
+        history = sorted(client.get_metric_history(row["run_id"], "loss"), key=lambda m: m.step)
+        if history:
+            ax_loss.plot([m.step for m in history], [m.value for m in history], marker=".", label=f"{row['run_name']} ({row['method']})")
+        if row["train_loss"] is not None and row["realised_sample_keep"] is not None:
+            ax_scatter.scatter(row["realised_sample_keep"], row["train_loss"], s=40)
+            ax_scatter.annotate(row["run_name"][:20], (row["realised_sample_keep"], row["train_loss"]), fontsize=8)
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_title(f"{experiment_name}: training loss")
+    ax_loss.grid(True, alpha=0.3)
+    if rows:
+        ax_loss.legend(fontsize=7)
+    ax_scatter.set_xlabel("realised sample keep ratio")
+    ax_scatter.set_ylabel("final train loss")
+    ax_scatter.set_title("final train loss vs data kept")
+    ax_scatter.grid(True, alpha=0.3)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="trl-qtuning compare", description="Compare the runs of an MLflow experiment (Q-Tuning and plain SFT)."
+    )
+    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
+    parser.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else MLflow's default")
+    parser.add_argument("--output", default=None, help="also save the comparison figure to this PNG path")
+    parser.add_argument("--no-log", action="store_true", help="do not log the figure to a comparison run")
+    parser.add_argument("--max-runs", type=int, default=200)
+    args = parser.parse_args(argv)
+    try:
+        from . import require_mlflow
+
+        require_mlflow()
+    except ImportError as exc:
+        print(f"trl-qtuning compare: {exc}", file=sys.stderr)
+        return 1
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=args.tracking_uri)
+    try:
+        experiment = client.get_experiment_by_name(args.experiment)
+    except Exception as exc:
+        print(f"trl-qtuning compare: cannot reach the tracking store ({type(exc).__name__}: {exc}).", file=sys.stderr)
+        return 1
+    if experiment is None:
+        print(f"trl-qtuning compare: no experiment named {args.experiment!r}.", file=sys.stderr)
+        return 2
+    rows = collect_rows(client, experiment.experiment_id, args.max_runs)
+    if not rows:
+        print(f"Experiment {args.experiment!r} has no runs.")
+        return 0
+    print(format_table(rows))
+    try:
+        fig = comparison_figure(client, rows, args.experiment)
+    except ImportError:
+        print("(no figure: matplotlib is missing)", file=sys.stderr)
+        return 0
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.output, bbox_inches="tight")
+        print(f"Figure written to {args.output}")
+    if not args.no_log:
+        run = client.create_run(
+            experiment.experiment_id,
+            run_name=f"compare-{len(rows)}-runs",
+            tags={COMPARISON_TAG: "comparison", "qtuning.compared_runs": ",".join(r["run_id"] for r in rows)[:5000]},
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "comparison.png"
+            fig.savefig(path, bbox_inches="tight")
+            client.log_artifact(run.info.run_id, str(path), "figures")
+            table = Path(tmp) / "comparison.txt"
+            table.write_text(format_table(rows) + "\n")
+            client.log_artifact(run.info.run_id, str(table))
+        client.set_terminated(run.info.run_id, "FINISHED")
+        print(f"Comparison figure logged to run {run.info.run_id} (experiment {args.experiment!r}).")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""Matplotlib figures (Agg canvas, no pyplot global state): the EU plane of one step, quadrant shares and realised
+budgets over training, and the comparison of several runs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .recorder import KEPT_DECISIONS, QUADRANT_NAMES, StepStats
+
+__all__ = ["eu_plane_figure", "quadrant_shares_figure", "budgets_figure", "save_figure"]
+
+QUADRANT_LABELS = {
+    "mid_band": "mid band",
+    "q1": "Q1 harmful noise",
+    "q2": "Q2 valuable misconception",
+    "q3": "Q3 redundant knowledge",
+    "q4": "Q4 calibration data",
+}
+QUADRANT_COLORS = {"mid_band": "#9e9e9e", "q1": "#d62728", "q2": "#ff7f0e", "q3": "#1f77b4", "q4": "#2ca02c"}
+
+
+def _figure(width: float = 7.0, height: float = 5.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
+def _finite(values: Sequence[float]) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    return arr[np.isfinite(arr)]
+
+
+def eu_plane_figure(step: int, columns: dict[str, Any], thresholds: list[dict[str, float]]):
+    """PPL (log x axis when it spans more than a decade) against mean entropy, one point per sample, coloured by
+    quadrant; filled markers were trained on, crosses were dropped; dashed lines are the step's thresholds."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    ppl = np.asarray(columns["ppl"], dtype=np.float64)
+    ent = np.asarray(columns["entropy"], dtype=np.float64)
+    quadrant = np.asarray(columns["quadrant"], dtype=np.int64)
+    kept = np.isin(np.asarray(columns["decision"], dtype=object), KEPT_DECISIONS)
+    finite = np.isfinite(ppl) & np.isfinite(ent)
+    for code, name in enumerate(QUADRANT_NAMES):
+        sel = finite & (quadrant == code)
+        if not sel.any():
+            continue
+        color = QUADRANT_COLORS[name]
+        ax.scatter(ppl[sel & kept], ent[sel & kept], c=color, s=28, label=f"{QUADRANT_LABELS[name]} ({int(sel.sum())})")
+        ax.scatter(ppl[sel & ~kept], ent[sel & ~kept], c=color, s=28, marker="x")
+    positive = _finite(ppl[finite & (ppl > 0)])
+    if positive.size and positive.max() / max(positive.min(), 1e-12) > 10:
+        ax.set_xscale("log")
+    for i, group in enumerate(thresholds):
+        label = "thresholds" if i == 0 else None
+        for key in ("ppl_lo", "ppl_hi"):
+            if math.isfinite(group.get(key, math.nan)):
+                ax.axvline(group[key], color="black", ls="--", lw=0.8, alpha=0.7, label=label)
+                label = None
+        for key in ("ent_lo", "ent_hi"):
+            if math.isfinite(group.get(key, math.nan)):
+                ax.axhline(group[key], color="black", ls=":", lw=0.8, alpha=0.7)
+    q = np.nanmean([g.get("q", math.nan) for g in thresholds]) if thresholds else math.nan
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_xlabel("perplexity of the answer (PPL)")
+    ax.set_ylabel("mean predictive entropy")
+    ax.set_title(f"EU plane, step {step}" + (f" (q = {q:.3f})" if math.isfinite(q) else "") + "; x = dropped")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def quadrant_shares_figure(steps: Sequence[StepStats]):
+    """Stacked share of each quadrant per optimizer step (before pruning)."""
+    fig = _figure(8.0, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    x = [s.step for s in steps]
+    shares = [[s.share(name) for s in steps] for name in QUADRANT_NAMES]
+    ax.stackplot(
+        x, *shares, labels=[QUADRANT_LABELS[n] for n in QUADRANT_NAMES], colors=[QUADRANT_COLORS[n] for n in QUADRANT_NAMES]
+    )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("share of the step's samples")
+    ax.set_ylim(0, 1)
+    ax.set_title("Quadrant shares over training")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def budgets_figure(steps: Sequence[StepStats], sample_target: float | None, token_target: float | None):
+    """Realised sample keep ratio, token keep ratio (token-pruned samples) and trained label-token share per step."""
+    fig = _figure(8.0, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    x = [s.step for s in steps]
+    ax.plot(x, [s.sample_keep_ratio for s in steps], marker=".", color="#1f77b4", label="sample keep ratio")
+    ax.plot(x, [s.token_keep_ratio for s in steps], marker=".", color="#ff7f0e", label="token keep ratio (Q2 pruned)")
+    ax.plot(
+        x,
+        [s.label_tokens / s.response_tokens if s.response_tokens else math.nan for s in steps],
+        marker=".",
+        color="#2ca02c",
+        label="label tokens trained / all",
+    )
+    if sample_target is not None:
+        ax.axhline(sample_target, color="#1f77b4", ls="--", lw=1, label=f"sample_keep_ratio = {sample_target:g}")
+    if token_target is not None:
+        ax.axhline(token_target, color="#ff7f0e", ls="--", lw=1, label=f"token_keep_ratio = {token_target:g}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("ratio")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Realised budgets over training")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
