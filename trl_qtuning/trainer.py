@@ -123,6 +123,11 @@ class QTuningSFTTrainer(SFTTrainer):
 
             require_mlflow()  # before transformers' own MLflowCallback fails with a less helpful message
         super().__init__(**call, **extra)
+        from .quantization import keep_4bit_trainable_on_cpu
+
+        # bitsandbytes' CPU backend repacks 4-bit weights for inference on an eval forward (our scoring pass), which
+        # silently cuts gradients: keep them trainable (a no-op without bitsandbytes or on CUDA).
+        keep_4bit_trainable_on_cpu(self.model)
         if config.qtuning_enabled:
             self._setup_qtuning(config, given)
         if wants_mlflow:

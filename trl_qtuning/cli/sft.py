@@ -3,7 +3,8 @@
     trl-qtuning sft --config recipes/tiny/qtuning/config_cpu.yaml --model_name_or_path ./model --dataset_name data.jsonl
 
 Arguments are the fields of ``trl.ScriptArguments``, :class:`~trl_qtuning.QTuningConfig` (``trl.SFTConfig`` plus the
-Q-Tuning budgets), ``trl.ModelConfig`` (model, LoRA, quantisation) and ``trl.DatasetMixtureConfig``. A YAML recipe
+Q-Tuning budgets), ``trl.ModelConfig`` (model, LoRA, quantisation; plus ``quantization_fallback``, see
+:mod:`trl_qtuning.quantization`) and ``trl.DatasetMixtureConfig``. A YAML recipe
 (``--config``) sets their values and may carry an ``env:`` mapping of environment variables; flags on the command
 line override the recipe. ``dataset_name`` is a Hub dataset id or a local path: a folder written by
 ``Dataset.save_to_disk``, a folder of data files, or a ``.json``/``.jsonl``/``.parquet``/``.csv`` file.
@@ -53,17 +54,21 @@ def _debug() -> bool:
 
 
 def make_parser(prog: str = PROG):
-    """A ``trl.TrlParser`` over (ScriptArguments, QTuningConfig, ModelConfig, DatasetMixtureConfig)."""
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+    """A ``trl.TrlParser`` over (ScriptArguments, QTuningConfig, QTuningModelConfig, DatasetMixtureConfig).
+
+    ``QTuningModelConfig`` is ``trl.ModelConfig`` plus ``quantization_fallback``.
+    """
+    from trl import DatasetMixtureConfig, ScriptArguments, TrlParser
 
     from trl_qtuning.config import QTuningConfig
+    from trl_qtuning.quantization import QTuningModelConfig
 
     class _Parser(TrlParser):
         def error(self, message: str):  # argparse's: usage of 400 options + exit(2); ours: one line
             raise CliError(f"{message} (see `{prog} --help`)")
 
     return _Parser(
-        (ScriptArguments, QTuningConfig, ModelConfig, DatasetMixtureConfig),
+        (ScriptArguments, QTuningConfig, QTuningModelConfig, DatasetMixtureConfig),
         prog=prog,
         usage=f"{prog} [--config RECIPE.yaml] [--<field> VALUE ...]",
         description=(
@@ -72,6 +77,8 @@ def make_parser(prog: str = PROG):
             "on the command line override the recipe. --dataset_name takes a Hub id or a local path (save_to_disk "
             "folder, data folder, .json/.jsonl/.parquet/.csv file); `datasets:` in the recipe loads a mixture. "
             "--resume_from_checkpoint true resumes from the last checkpoint in output_dir. "
+            "--load_in_4bit true trains QLoRA (with --use_peft true); if bitsandbytes cannot run it, the command "
+            "stops with the reason unless --quantization_fallback lora asks for plain LoRA instead. "
             f"Set {DEBUG_ENV}=1 to see tracebacks instead of one-line errors."
         ),
     )
@@ -279,8 +286,8 @@ def _mean_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summary_lines(trainer, train_output) -> list[str]:
-    """The few lines printed after training."""
+def summary_lines(trainer, train_output, quantization=None) -> list[str]:
+    """The few lines printed after training (``quantization``: the run's ``QuantizationPlan``, if any)."""
     args = trainer.args
     history = trainer.state.log_history
     loss = _final_loss(history, getattr(train_output, "training_loss", None))
@@ -294,6 +301,8 @@ def summary_lines(trainer, train_output) -> list[str]:
                 f"Q-Tuning kept {samples:.0%} of the samples (target {args.sample_keep_ratio:.0%}) and {tokens:.0%} "
                 f"of the kept samples' response tokens (mean over logged steps)."
             )
+    if quantization is not None and quantization.requested_mode is not None:
+        lines.append(quantization.describe())
     kind = "LoRA adapter" if getattr(trainer.model, "peft_config", None) else "model"
     lines.append(f"{kind[0].upper()}{kind[1:]} saved to {args.output_dir}.")
     if args.qtuning_enabled and args.qtuning_ledger != "none":
@@ -310,12 +319,19 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
     """Train with the parsed arguments (the body of ``trl sft``'s script, with ``QTuningSFTTrainer``)."""
     import transformers
     from packaging.version import Version
-    from trl import get_peft_config, get_quantization_config
+    from trl import get_peft_config
 
+    from trl_qtuning.quantization import QuantizationError, plan_quantization, prepare_quantized_model
     from trl_qtuning.trainer import QTuningSFTTrainer
 
     _check_model(model_args)
     resume = _resume_value(training_args.resume_from_checkpoint)
+    try:
+        # Before anything is loaded: bitsandbytes and its backend for the device, a quantisable model, or the
+        # opt-in plain-LoRA fallback (which merges its tag into MLFLOW_TAGS before the trainer reads it).
+        quantization = plan_quantization(model_args, training_args)
+    except QuantizationError as exc:
+        raise CliError(_one_line(exc), code=exc.code) from exc
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -339,13 +355,12 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
 
     try:
         peft_config = get_peft_config(model_args)
-        quantization_config = get_quantization_config(model_args)
         trainer = QTuningSFTTrainer(
             model=model_args.model_name_or_path,
             args=training_args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            quantization_config=quantization_config,
+            quantization_config=quantization.quantization_config,
             peft_config=peft_config,
         )
     except (OSError, ImportError) as exc:  # model not found / not downloadable, missing optional package
@@ -356,12 +371,17 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
             hint = " (quantisation needs `pip install 'trl-qtuning[quantization]'`)"
         model = model_args.model_name_or_path
         raise CliError(f"cannot set up training for model {model!r}{hint}: {_one_line(exc)}", code=1) from exc
+    try:
+        # Really quantised as asked (never full precision in silence); 4-bit layers kept trainable on CPU.
+        prepare_quantized_model(trainer.model, quantization)
+    except QuantizationError as exc:
+        raise CliError(_one_line(exc), code=exc.code) from exc
 
     train_output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    for line in summary_lines(trainer, train_output):
+    for line in summary_lines(trainer, train_output, quantization):
         trainer.accelerator.print(line)
     if training_args.push_to_hub:
         trainer.accelerator.print(f"Model pushed to the Hub: https://huggingface.co/{trainer.hub_model_id}.")
