@@ -212,3 +212,42 @@ def test_sft_end_to_end(tiny_inputs, tmp_path, capsys):
     assert ledger.num_rows == 3 * 4 * 2
     kept = sum(d in ("kept", "token_pruned", "filled") for d in ledger.column("decision").to_pylist())
     assert kept == ledger.num_rows // 2
+
+
+def test_accelerate_config_spells_the_accelerate_launch_command(tmp_path, capsys):
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate_configs" / "ddp.yaml"
+    command = sft_cli.accelerate_command(["--accelerate_config", str(config), "--num_processes=4", "--config", "r.yaml"])
+    assert command[1:] == [
+        "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "4",
+        "-m", "trl_qtuning.cli.main", "sft", "--config", "r.yaml",
+    ]  # fmt: skip
+    assert sft_cli.accelerate_command(["--config", "r.yaml"]) is None
+    assert main(["sft", "--num_processes", "2", "--config", "r.yaml"]) == 2
+    assert "need --accelerate_config" in _error_line(capsys)
+    assert main(["sft", "--accelerate_config", str(tmp_path / "missing.yaml")]) == 1
+    assert "accelerate config not found" in _error_line(capsys)
+
+
+@pytest.mark.slow
+def test_sft_through_accelerate_with_two_cpu_processes(tiny_inputs, tmp_path):
+    """`--accelerate_config` runs the same recipe in 2 processes (gloo on CPU) with cross-rank triage."""
+    import socket
+
+    from trl_qtuning import read_ledger
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    model_dir, data = tiny_inputs
+    output_dir = tmp_path / "ddp"
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
+    code = main(
+        ["sft", "--accelerate_config", str(config), "--main_process_port", str(port),
+         *_sft_args(model_dir, data, output_dir, "--triage_scope", "global", "--max_steps", "2")[1:]]
+    )  # fmt: skip
+    assert code == 0
+    ledger = read_ledger(output_dir / "qtuning_ledger").to_pandas()
+    # 2 steps x 2 ranks x (batch 4 x grad-acc 2) samples, one ledger written by the main process.
+    assert len(ledger) == 2 * 2 * 4 * 2 and sorted(ledger["rank"].unique()) == [0, 1]
+    kept = ledger.decision.isin(["kept", "token_pruned", "filled"]).groupby(ledger.step).sum()
+    assert kept.tolist() == [8, 8]  # half of each step's 16 samples, wherever they sit

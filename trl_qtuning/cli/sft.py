@@ -390,10 +390,51 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
     return 0
 
 
+def accelerate_command(argv: list[str]) -> list[str] | None:
+    """The ``accelerate launch`` command for ``--accelerate_config FILE [--num_processes N] [--main_process_port P]``.
+
+    Returns None when no ``--accelerate_config`` is given.
+
+    Multi-process training goes through accelerate's own launcher, never one of ours: this only spells the command.
+    """
+    launch: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, has_value, value = arg.partition("=")
+        if name in ("--accelerate_config", "--num_processes", "--main_process_port"):
+            if not has_value:
+                if i + 1 >= len(argv):
+                    raise CliError(f"{name} needs a value")
+                value = argv[i + 1]
+                i += 1
+            launch += ["--config_file" if name == "--accelerate_config" else name, value]
+        else:
+            rest.append(arg)
+        i += 1
+    if not launch:
+        return None
+    if "--config_file" not in launch:
+        raise CliError(
+            "--num_processes/--main_process_port need --accelerate_config FILE (e.g. recipes/accelerate_configs/ddp.yaml)"
+        )
+    config_file = Path(launch[launch.index("--config_file") + 1])
+    if not config_file.is_file():
+        raise CliError(f"accelerate config not found: {config_file}", code=1)
+    return [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "trl_qtuning.cli.main", "sft", *rest]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``trl-qtuning sft [--config RECIPE.yaml] [--field value ...]``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        command = accelerate_command(argv)
+        if command is not None:
+            import subprocess
+
+            print("launching: " + " ".join(command[1:]), flush=True)
+            return subprocess.call(command)
         parsed = parse_args(argv)
         return run(*parsed)
     except CliError as exc:
