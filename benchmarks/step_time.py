@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PrinterCallback, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from trl_qtuning import QTuningConfig, QTuningSFTTrainer  # noqa: E402
@@ -125,6 +125,7 @@ def run_once(args, tokenizer, dataset, regime: str, ratio: float | None, seed: i
                                token_keep_ratio=1.0 if ratio in (None, 1.0) else 0.5, qtuning_ledger="none")
         trainer = QTuningSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                                     peft_config=peft_config, callbacks=[clock])
+    trainer.remove_callback(PrinterCallback)  # keep the output to the table
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
