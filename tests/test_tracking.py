@@ -258,3 +258,17 @@ def test_default_store_when_no_uri_is_set(monkeypatch, tmp_path):
     sink = MLflowSink(tmp_path / "spool")
     assert sink.tracking_uri.startswith("sqlite:")
     assert sink.tracking_uri == mlflow.get_tracking_uri()
+
+
+def test_default_run_name_is_readable_and_not_seeded():
+    """MLflow's random run names repeat once the trainer seeds `random`; ours name the folder and budgets."""
+    import random
+    from types import SimpleNamespace
+
+    from trl_qtuning.tracking.callback import _default_run_name
+
+    random.seed(0)
+    qtuning = SimpleNamespace(output_dir="/x/my-run", qtuning_enabled=True, sample_keep_ratio=0.25, token_keep_ratio=0.5)
+    assert _default_run_name(qtuning).startswith("my-run-qtuning-0.25x0.5-")
+    plain = SimpleNamespace(output_dir="/x/base", qtuning_enabled=False)
+    assert _default_run_name(plain).startswith("base-sft-")

@@ -186,7 +186,7 @@ class QTuningMLflowCallback(MLflowCallback):
             self.output_dir / TRACKING_DIR,
             tracking_uri=tracking_uri,
             experiment_name=os.getenv("MLFLOW_EXPERIMENT_NAME") or None,
-            run_name=args.run_name,
+            run_name=args.run_name or _default_run_name(args),
             run_id=run_id,
             parent_run_id=parent_run_id,
             end_run=end_run,
@@ -465,3 +465,15 @@ class QTuningMLflowCallback(MLflowCallback):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(samples_html(samples, tokenizer), encoding="utf-8")
         self.sink.log_artifact(path, None)
+
+
+def _default_run_name(args: Any) -> str:
+    """A readable, unique run name: MLflow's random names repeat across runs once the trainer seeds ``random``."""
+    import time as _time
+
+    folder = Path(str(args.output_dir)).name or "run"
+    if getattr(args, "qtuning_enabled", False):
+        budget = f"qtuning-{getattr(args, 'sample_keep_ratio', 1.0):g}x{getattr(args, 'token_keep_ratio', 1.0):g}"
+    else:
+        budget = "sft"
+    return f"{folder}-{budget}-{_time.strftime('%m%d-%H%M%S')}"
