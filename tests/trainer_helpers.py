@@ -80,8 +80,12 @@ def reference_model(trainer: QTuningSFTTrainer, initial_state: dict[str, torch.T
     return model
 
 
-def reference_step_loss(trainer: QTuningSFTTrainer, model, step: int) -> tuple[torch.Tensor, int, Any]:
+def reference_step_loss(
+    trainer: QTuningSFTTrainer, model, step: int, weights: dict[int, float] | None = None
+) -> tuple[torch.Tensor, int, Any]:
     """sum(NLL over kept tokens) / kept-token count for one optimizer step, rebuilt from the ledger and the dataset.
+
+    ``weights`` (sample id -> loss factor) multiplies each sample's NLL sum, as reweighting policies do.
 
     Uses only the ledger's decisions (sample ids, pruned positions) and the tokenized training rows, with the model's
     ordinary full-logits forward, one sample at a time: independent of how the trainer drops rows and masks labels.
@@ -106,6 +110,7 @@ def reference_step_loss(trainer: QTuningSFTTrainer, model, step: int) -> tuple[t
         mask = targets != -100
         assert int(mask.sum()) == row.kept_tokens
         logp = torch.log_softmax(logits, dim=-1)[mask].gather(-1, targets[mask][:, None]).squeeze(-1)
-        nll_sum = nll_sum + (-logp).sum()
+        factor = 1.0 if weights is None else weights[int(row.sample_id)]
+        nll_sum = nll_sum + factor * (-logp).sum()
         count += int(mask.sum())
     return nll_sum / max(count, 1), count, rows

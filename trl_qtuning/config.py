@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from .core.selection import SelectionParams
+from .policies import SAMPLE_POLICIES, TOKEN_POLICIES, Policy, build_policy
 
 __all__ = ["QTuningConfig"]
 
@@ -41,6 +42,37 @@ class QTuningConfig(SFTConfig):
     token_keep_ratio: float = field(
         default=0.5,
         metadata={"help": "Share of the response tokens of each kept Q2 sample that keep their label, in (0, 1]."},
+    )
+    sample_policy: str = field(
+        default="qtuning",
+        metadata={
+            "help": "Which samples of a triage group stay: 'qtuning' (EU-plane triage, the paper's method) or a "
+            "baseline at the same budget: 'random', 'longest' (drop the longest responses first), 'infobatch' (drop "
+            "below-mean-loss samples at random, rescale the rest), 'entropy' (keep the highest entropy), 'ppl_high' / "
+            "'ppl_low' (keep the highest / lowest perplexity), 'all' (keep every sample: token pruning only)."
+        },
+    )
+    token_policy: str = field(
+        default="qtuning",
+        metadata={
+            "help": "Which response tokens of the samples the sample policy hands over keep their label: 'qtuning' "
+            "(neighbour-aware PPL, prune the highest), 'reversed' (same score, keep the highest), 'random', 'ppl' "
+            "(own PPL, lambda 0, prune the highest), 'rho1' (keep the highest excess loss over "
+            "`reference_model_path`), 'none' (keep every token). The 'qtuning' sample policy hands over its Q2 "
+            "samples; every other sample policy hands over all the samples it keeps."
+        },
+    )
+    reference_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local folder (or hub id, when online) of the reference model the 'rho1' token policy scores "
+            "excess loss against; it must share the trained model's tokenizer. Loaded frozen, in the training "
+            "model's dtype, on the training device."
+        },
+    )
+    token_prune_q4: bool = field(
+        default=False,
+        metadata={"help": "Ablation: the 'qtuning' sample policy token-prunes its kept Q4 samples too."},
     )
     neighbor_lambda: float = field(
         default=0.5,
@@ -134,6 +166,21 @@ class QTuningConfig(SFTConfig):
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {getattr(self, name)!r}.")
+        for name, registry in (("sample_policy", SAMPLE_POLICIES), ("token_policy", TOKEN_POLICIES)):
+            if getattr(self, name) not in registry:
+                raise ValueError(
+                    f"`{name}` must be one of {', '.join(map(repr, registry))}; got {getattr(self, name)!r}."
+                )
+        if TOKEN_POLICIES[self.token_policy].needs_reference and not self.reference_model_path:
+            raise ValueError(
+                f"`token_policy={self.token_policy!r}` scores tokens against a reference model: set "
+                "`reference_model_path` to its folder (same tokenizer as the trained model)."
+            )
+        if self.reference_model_path and not TOKEN_POLICIES[self.token_policy].needs_reference:
+            raise ValueError(
+                f"`reference_model_path` is only used by `token_policy='rho1'` (got token_policy="
+                f"{self.token_policy!r}): remove it, or choose the rho1 token policy."
+            )
         if int(self.triage_max_iter) < 1:
             raise ValueError(f"`triage_max_iter` must be >= 1, got {self.triage_max_iter!r}.")
         if not 0.0 < float(self.triage_tol) < 1.0:
@@ -147,6 +194,10 @@ class QTuningConfig(SFTConfig):
                 "`qtuning_enabled=False`."
             )
 
+    def build_policy(self) -> Policy:
+        """The sample and token policies these settings name."""
+        return build_policy(self.sample_policy, self.token_policy, self.selection_params())
+
     def selection_params(self) -> SelectionParams:
         """The method's settings as the pure core takes them."""
         return SelectionParams(
@@ -156,6 +207,7 @@ class QTuningConfig(SFTConfig):
             neighbor_mode=self.neighbor_mode,  # type: ignore[arg-type]
             enforce_sample_budget=self.enforce_sample_budget,
             prune_filled_q2_like=self.prune_filled_q2_like,
+            token_prune_q4=self.token_prune_q4,
             reverse_token_score=self.reverse_token_score,
             token_budget_scope=self.token_budget_scope,  # type: ignore[arg-type]
             triage_max_iter=int(self.triage_max_iter),

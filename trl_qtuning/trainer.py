@@ -26,12 +26,12 @@ from trl import SFTTrainer
 
 from .collator import SAMPLE_ID_COLUMN, QTuningDataCollator
 from .config import QTuningConfig
-from .core.selection import Selection, select_qtuning
-from .core.triage import TriageResult, triage_samples
+from .core.selection import Selection
 from .core.stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
 from .events import DecisionListener, StepDecisions
 from .ledger import DecisionLedger
 from .packing import pack_padded, pack_padding_free, refresh_flat_metadata
+from .policies import SampleDecision
 
 try:  # Internal TRL API (1.15+): checked here so a TRL change fails at import with a clear message.
     from trl.trainer.utils import FusedCausalLMOutput
@@ -45,7 +45,9 @@ __all__ = ["QTuningSFTTrainer"]
 
 logger = logging.getLogger(__name__)
 
-_PER_TOKEN_FLAT_KEYS = ("input_ids", "labels", "position_ids", "shift_labels")
+LOSS_WEIGHT_COLUMN = "qtuning_loss_weight"
+"""Per-token loss factor added to micro-batches by reweighting policies (InfoBatch); read by ``compute_loss``."""
+_PER_TOKEN_FLAT_KEYS = ("input_ids", "labels", "position_ids", "shift_labels", LOSS_WEIGHT_COLUMN)
 
 
 @dataclass
@@ -59,6 +61,8 @@ class _ScoredMicroBatch:
     ppl: torch.Tensor
     entropy: torch.Tensor
     sample_ids: torch.Tensor
+    reference_logps: torch.Tensor | None = None
+    """(n, W) log-probs of the labels under the reference model (policies that need one)."""
     flat_segments: torch.Tensor | None = None
     """Padding-free only: sample index and column of every shifted position of the flat row."""
     flat_columns: torch.Tensor | None = None
@@ -66,6 +70,24 @@ class _ScoredMicroBatch:
     @property
     def num_samples(self) -> int:
         return self.ppl.numel()
+
+
+class _WeightedLogProbs:
+    """Calls the model and multiplies its fused per-token log-probs by a loss weight, so TRL's own loss (``-sum
+    log_probs / num_items``) becomes the weighted sum. Everything else is the wrapped model's."""
+
+    def __init__(self, model: torch.nn.Module, weights: torch.Tensor):
+        self._model = model
+        self._weights = weights
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._model(*args, **kwargs)
+        if isinstance(out, FusedCausalLMOutput) and out.log_probs is not None:
+            out.log_probs = out.log_probs * self._weights[..., 1:].to(out.log_probs.dtype)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
 
 def _sized_length(dataset: Any) -> int | None:
@@ -145,7 +167,8 @@ class QTuningSFTTrainer(SFTTrainer):
         self.data_collator = QTuningDataCollator(self.data_collator)
         # The normaliser is counted after pruning and passed to every micro-batch's loss, which divides by it.
         self.loss_is_scaled_for_ga = True
-        self._selection_params = config.selection_params()
+        self._policy = config.build_policy()
+        self._reference_model = self._load_reference_model(config) if self._policy.tokens.needs_reference else None
         self._decision_listeners: list[DecisionListener] = []
         self._ledger: DecisionLedger | None = None
         if config.qtuning_ledger != "none" and self.is_world_process_zero():
@@ -159,6 +182,31 @@ class QTuningSFTTrainer(SFTTrainer):
             self.add_decision_listener(lambda event: self._ledger.append(event.columns))
             # First in line, so listeners that read the ledger at the end of training see every row.
             self.callback_handler.callbacks.insert(0, _LedgerFlush(self._ledger))
+
+    def _load_reference_model(self, config: QTuningConfig) -> torch.nn.Module:
+        """The frozen reference model of Rho-1-style token policies, with TRL's fused head, on the training device."""
+        from transformers import AutoModelForCausalLM
+        from trl.trainer.utils import add_fused_lm_head
+
+        floating = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
+        dtype = floating[0] if floating else torch.float32
+        try:
+            reference = AutoModelForCausalLM.from_pretrained(config.reference_model_path, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"`reference_model_path={config.reference_model_path!r}` could not be loaded as a causal LM "
+                f"({type(exc).__name__}: {exc}). Give the folder of a model saved with save_pretrained."
+            ) from exc
+        ours = self.model.get_output_embeddings().weight.shape[0]
+        theirs = reference.get_output_embeddings().weight.shape[0]
+        if ours != theirs:
+            raise ValueError(
+                f"`reference_model_path` model has a vocabulary of {theirs} tokens, the trained model {ours}: the "
+                "rho1 token policy compares log-probs of the same tokens, so both must share one tokenizer."
+            )
+        add_fused_lm_head(reference, outputs=("log_probs",))
+        reference.requires_grad_(False)
+        return reference.to(self.args.device).eval()
 
     # ------------------------------------------------------------------ dataset plumbing
     def _check_prepared_dataset(self, given: int | None) -> None:
@@ -229,6 +277,9 @@ class QTuningSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs.pop(SAMPLE_ID_COLUMN, None)
+        weights = inputs.pop(LOSS_WEIGHT_COLUMN, None)
+        if weights is not None:
+            model = _WeightedLogProbs(model, weights)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     # ------------------------------------------------------------------ scoring
@@ -259,6 +310,12 @@ class QTuningSFTTrainer(SFTTrainer):
                 "replaced by another library (e.g. Liger's fused cross-entropy)?"
             )
         token_logps, token_entropy = out.log_probs.float(), out.entropy.float()
+        reference_logps = None
+        if self._reference_model is not None:
+            with self.compute_loss_context_manager():
+                reference_logps = self._reference_model(
+                    **model_inputs, labels=labels, fused_lm_head=True, use_cache=False
+                ).log_probs.float()
         response = labels[:, 1:] != -100
         entropy_mask = score_labels[:, 1:] != -100
         if padding_free:
@@ -271,6 +328,8 @@ class QTuningSFTTrainer(SFTTrainer):
                 return flat_to_padded(values[0], segments, columns, n, fill=fill)
 
             token_logps, token_entropy = to_rows(token_logps), to_rows(token_entropy)
+            if reference_logps is not None:
+                reference_logps = to_rows(reference_logps)
             response, entropy_mask = to_rows(response, False), to_rows(entropy_mask, False)
             positions = to_rows(position_ids[:, 1:])
         else:
@@ -282,7 +341,9 @@ class QTuningSFTTrainer(SFTTrainer):
             entropy = eu_plane_stats(token_logps, token_entropy, entropy_mask)[1]
         if sample_ids is None:
             sample_ids = torch.full((n,), -1, dtype=torch.long)
-        return _ScoredMicroBatch(token_logps, response, positions, ppl, entropy, sample_ids.cpu(), segments, columns)
+        return _ScoredMicroBatch(
+            token_logps, response, positions, ppl, entropy, sample_ids.cpu(), reference_logps, segments, columns
+        )
 
     # ------------------------------------------------------------------ one optimizer step
     def _prune_step(self, batch_samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -295,17 +356,25 @@ class QTuningSFTTrainer(SFTTrainer):
         else:
             groups = [list(range(len(scored)))]
         selections: list[tuple[int, slice, Selection]] = []
-        for group in groups:
+        for index, group in enumerate(groups):
             width = max(scored[i].token_logps.shape[1] for i in group)
             ppl = torch.cat([scored[i].ppl for i in group])
             entropy = torch.cat([scored[i].entropy for i in group])
-            selection = select_qtuning(
+            response = torch.cat([_pad_columns(scored[i].response, width, False) for i in group])
+            reference = None
+            if self._reference_model is not None:
+                reference = torch.cat([_pad_columns(scored[i].reference_logps, width) for i in group])
+            decision = None
+            if self.args.triage_scope == "global":
+                decision = self._global_sample_decision(ppl, entropy, response.sum(dim=-1))
+            selection = self._policy.select(
                 ppl,
                 entropy,
                 torch.cat([_pad_columns(scored[i].token_logps, width) for i in group]),
-                torch.cat([_pad_columns(scored[i].response, width, False) for i in group]),
-                self._selection_params,
-                triage=self._global_triage(ppl, entropy) if self.args.triage_scope == "global" else None,
+                response,
+                generator=self._policy_generator(index, per_rank=self.args.triage_scope != "global"),
+                reference_logps=reference,
+                decision=decision,
             )
             offset = 0
             for i in group:
@@ -317,7 +386,8 @@ class QTuningSFTTrainer(SFTTrainer):
             width = scored[i].token_logps.shape[1]
             keep_rows = selection.keep[rows]
             label_keep = selection.label_keep[rows, :width]
-            pruned[i] = self._apply(batch_samples[i], scored[i], keep_rows, label_keep)
+            weight = None if selection.loss_weight is None else selection.loss_weight[rows]
+            pruned[i] = self._apply(batch_samples[i], scored[i], keep_rows, label_keep, weight)
         self._record(scored, selections, scoring_seconds)
         if self.args.pack_kept_rows and self.accelerator.num_processes == 1 and len(pruned) > 1:
             if _is_padding_free(pruned[0]):
@@ -331,34 +401,42 @@ class QTuningSFTTrainer(SFTTrainer):
         pad = getattr(collator, "pad_token_id", None)
         return int(pad) if pad is not None else 0
 
-    def _global_triage(self, ppl: torch.Tensor, entropy: torch.Tensor) -> TriageResult:
-        """Triage the step's samples of every rank together; return this rank's share of the decisions.
+    def _policy_generator(self, group: int, *, per_rank: bool) -> torch.Generator:
+        """Randomness of baseline policies: a function of (seed, step, group[, rank]), so runs and resumes repeat."""
+        rank = self.args.process_index if per_rank else 0
+        seed = (int(self.args.seed) * 1_000_003 + (self.state.global_step + 1) * 10_007 + group * 101 + rank) % 2**63
+        return torch.Generator().manual_seed(seed)
 
-        Costs one gather of two floats per sample (plus one of the per-rank counts). Every rank computes the same
-        thresholds and decisions from the same gathered statistics, in rank order.
+    def _global_sample_decision(
+        self, ppl: torch.Tensor, entropy: torch.Tensor, response_tokens: torch.Tensor
+    ) -> SampleDecision:
+        """Decide over the step's samples of every rank together; return this rank's share of the decisions.
+
+        Costs one gather of three floats per sample (plus one of the per-rank counts). Every rank computes the same
+        decisions from the same gathered statistics, in rank order, with the same random stream.
         """
         device = self.accelerator.device
-        local = torch.stack([ppl, entropy], dim=1).to(device=device, dtype=torch.float64)
+        local = torch.stack([ppl.double(), entropy.double(), response_tokens.double()], dim=1).to(device)
         counts = self.accelerator.gather(torch.tensor([local.shape[0]], device=device)).tolist()
-        padded = torch.full((max(counts), 2), float("nan"), dtype=torch.float64, device=device)
+        padded = torch.full((max(counts), 3), float("nan"), dtype=torch.float64, device=device)
         padded[: local.shape[0]] = local
-        gathered = self.accelerator.gather(padded).view(len(counts), max(counts), 2)
+        gathered = self.accelerator.gather(padded).view(len(counts), max(counts), 3)
         everyone = torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
-        triage = triage_samples(
-            everyone[:, 0],
-            everyone[:, 1],
-            self._selection_params.sample_keep_ratio,
-            enforce_budget=self._selection_params.enforce_sample_budget,
-            max_iter=self._selection_params.triage_max_iter,
-            tol=self._selection_params.triage_tol,
+        decision = self._policy.decide_samples(
+            everyone[:, 0], everyone[:, 1], everyone[:, 2].long(), self._policy_generator(0, per_rank=False)
         )
         offset = sum(counts[: self.accelerator.process_index])
-        return triage.rows(slice(offset, offset + local.shape[0]))
+        return decision.rows(slice(offset, offset + local.shape[0]))
 
     def _apply(
-        self, batch: dict[str, Any], scored: _ScoredMicroBatch, keep_rows: torch.Tensor, label_keep: torch.Tensor
+        self,
+        batch: dict[str, Any],
+        scored: _ScoredMicroBatch,
+        keep_rows: torch.Tensor,
+        label_keep: torch.Tensor,
+        loss_weight: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """Mask pruned labels and physically drop the rows (or segments) of dropped samples."""
+        """Mask pruned labels, attach loss weights, and physically drop the rows (segments) of dropped samples."""
         device = batch["labels"].device
         keep_rows, label_keep = keep_rows.to(device), label_keep.to(device)
         masked = scored.response.to(device) & ~label_keep
@@ -368,6 +446,13 @@ class QTuningSFTTrainer(SFTTrainer):
             keep_rows[0] = True
             labels[:] = -100
         out = {**batch, "labels": labels}  # labels are masked in place below
+        if loss_weight is not None:
+            weight = loss_weight.to(device=device, dtype=torch.float32)
+            if scored.flat_segments is not None:
+                token_segment = segment_ids_from_position_ids(batch["position_ids"], scored.num_samples)[0]
+                out[LOSS_WEIGHT_COLUMN] = weight[token_segment.clamp(min=0)][None]
+            else:
+                out[LOSS_WEIGHT_COLUMN] = weight[:, None].expand_as(labels).contiguous()
         if scored.flat_segments is not None:
             flat_masked = padded_to_flat(masked, scored.flat_segments, scored.flat_columns, fill=False)
             labels[0, 1:][flat_masked] = -100
@@ -444,6 +529,10 @@ class QTuningSFTTrainer(SFTTrainer):
             "kept_tokens": per_sample(lambda i, rows, sel: sel.label_keep[rows, : scored[i].token_logps.shape[1]].sum(1)).tolist(),
             "pruned_positions": pruned_positions,
         }
+        if self._policy.samples.reweights:
+            columns["loss_weight"] = per_sample(
+                lambda i, rows, sel: sel.loss_weight[rows] if sel.loss_weight is not None else torch.ones(rows.stop - rows.start)
+            ).double().tolist()
         distinct = {id(sel): sel for _, _, sel in selections}.values()
         thresholds = [{"q": sel.triage.q, **sel.triage.thresholds} for sel in distinct]
         if self.accelerator.num_processes > 1:
@@ -485,9 +574,13 @@ class QTuningSFTTrainer(SFTTrainer):
             return float(numerator / denominator) if denominator else empty
 
         metrics = self._metrics["train"]
-        for q in range(5):
-            name = f"qtuning/q{q}_share" if q else "qtuning/mid_band_share"
-            metrics[name].append(float(((quadrant == q) & ~invalid).sum()) / total)
+        if self._policy.samples.uses_eu_plane:
+            for q in range(5):
+                name = f"qtuning/q{q}_share" if q else "qtuning/mid_band_share"
+                metrics[name].append(float(((quadrant == q) & ~invalid).sum()) / total)
+        if "loss_weight" in columns:
+            weights = np.asarray(columns["loss_weight"], dtype=np.float64)
+            metrics["qtuning/loss_weight_mean"].append(float(weights[keep].mean()) if keep.any() else 1.0)
         metrics["qtuning/sample_keep_ratio"].append(float(keep.sum()) / total)
         metrics["qtuning/token_keep_ratio"].append(ratio(kept_tokens[pruned].sum(), response[pruned].sum(), 1.0))
         metrics["qtuning/kept_sample_token_share"].append(ratio(kept_tokens[keep].sum(), response[keep].sum(), 0.0))
@@ -499,7 +592,7 @@ class QTuningSFTTrainer(SFTTrainer):
         metrics["qtuning/ppl_mean"].append(float(ppl[valid].mean()) if valid.any() else float("nan"))
         metrics["qtuning/entropy_mean"].append(float(entropy[valid].mean()) if valid.any() else float("nan"))
         metrics["qtuning/scoring_seconds"].append(seconds)
-        for name in ("q", "ppl_lo", "ppl_hi", "ent_lo", "ent_hi"):
+        for name in ("q", "ppl_lo", "ppl_hi", "ent_lo", "ent_hi") if self._policy.samples.uses_eu_plane else ():
             values = [t[name] for t in thresholds if np.isfinite(t[name])]
             metrics[f"qtuning/{name}"].append(float(np.mean(values)) if values else float("nan"))
         step = self.state.global_step + 1

@@ -7,14 +7,14 @@ a whole optimizer step, all go through the same rules.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
 from .tokens import prune_tokens
 from .triage import TriageResult, triage_samples
 
-__all__ = ["SelectionParams", "Selection", "select_qtuning"]
+__all__ = ["SelectionParams", "Selection", "assemble_selection", "qtuning_token_rows", "select_qtuning"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class SelectionParams:
     neighbor_mode: Literal["sum", "mean"] = "sum"
     enforce_sample_budget: bool = True
     prune_filled_q2_like: bool = False
+    token_prune_q4: bool = False
     reverse_token_score: bool = False
     token_budget_scope: Literal["sample", "batch"] = "sample"
     triage_max_iter: int = 10
@@ -44,10 +45,48 @@ class Selection:
     """(B,) kept samples whose tokens were pruned (Q2, and Q2-like fills when asked)."""
     label_keep: torch.Tensor
     """(B, L) True on response positions that keep their label (all False on dropped samples)."""
+    loss_weight: torch.Tensor | None = None
+    """(B,) factor on each kept sample's token losses (InfoBatch's rescaling); None means 1 everywhere."""
 
     @property
     def keep(self) -> torch.Tensor:
         return self.triage.keep
+
+
+def qtuning_token_rows(triage: TriageResult, params: SelectionParams) -> torch.Tensor:
+    """Kept samples whose tokens Q-Tuning prunes: Q2, plus Q2-leaning fills and Q4 when the options ask."""
+    rows = triage.keep & (triage.quadrant == 2)
+    if params.prune_filled_q2_like:
+        rows = rows | (triage.keep & triage.q2_like)
+    if params.token_prune_q4:  # ablation: calibration samples lose tokens too
+        rows = rows | (triage.keep & (triage.quadrant == 4))
+    return rows
+
+
+def assemble_selection(
+    ppl: torch.Tensor,
+    entropy: torch.Tensor,
+    response_mask: torch.Tensor,
+    triage: TriageResult,
+    token_rows: torch.Tensor,
+    keep_tokens: Callable[[torch.Tensor], torch.Tensor] | None,
+    loss_weight: torch.Tensor | None = None,
+) -> Selection:
+    """Labels of kept samples stay, except on ``token_rows`` where ``keep_tokens(row_indices)`` decides.
+
+    ``keep_tokens`` returns the (rows, L) kept-label mask of the given rows; None keeps every token.
+    """
+    if triage.keep.shape != ppl.shape:
+        raise ValueError(f"triage covers {triage.keep.numel()} samples, the group has {ppl.numel()}")
+    mask = response_mask.to(torch.bool)
+    token_rows = token_rows & triage.keep
+    label_keep = mask & triage.keep.unsqueeze(-1)
+    if keep_tokens is not None and bool(token_rows.any()):
+        rows = token_rows.nonzero().squeeze(-1)
+        label_keep[rows] = keep_tokens(rows) & mask[rows]
+    return Selection(
+        ppl=ppl, entropy=entropy, triage=triage, token_pruned=token_rows, label_keep=label_keep, loss_weight=loss_weight
+    )
 
 
 def select_qtuning(
@@ -78,16 +117,10 @@ def select_qtuning(
             max_iter=params.triage_max_iter,
             tol=params.triage_tol,
         )
-    elif triage.keep.shape != ppl.shape:
-        raise ValueError(f"triage covers {triage.keep.numel()} samples, the group has {ppl.numel()}")
     mask = response_mask.to(torch.bool)
-    token_pruned = triage.keep & (triage.quadrant == 2)
-    if params.prune_filled_q2_like:
-        token_pruned = token_pruned | (triage.keep & triage.q2_like)
-    label_keep = mask & triage.keep.unsqueeze(-1)
-    if params.token_keep_ratio < 1.0 and bool(token_pruned.any()):
-        rows = token_pruned.nonzero().squeeze(-1)
-        kept_tokens = prune_tokens(
+
+    def keep_tokens(rows: torch.Tensor) -> torch.Tensor:
+        return prune_tokens(
             torch.exp(-token_logps[rows].double()),
             mask[rows],
             params.token_keep_ratio,
@@ -96,5 +129,8 @@ def select_qtuning(
             keep_highest=params.reverse_token_score,
             budget=params.token_budget_scope,
         )
-        label_keep[rows] = kept_tokens
-    return Selection(ppl=ppl, entropy=entropy, triage=triage, token_pruned=token_pruned, label_keep=label_keep)
+
+    return assemble_selection(
+        ppl, entropy, mask, triage, qtuning_token_rows(triage, params),
+        keep_tokens if params.token_keep_ratio < 1.0 else None,
+    )

@@ -24,7 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TriageResult", "triage_samples", "assign_quadrants", "target_keep_count", "minmax_normalise"]
+__all__ = [
+    "TriageResult",
+    "triage_samples",
+    "assign_quadrants",
+    "target_keep_count",
+    "minmax_normalise",
+    "top_k_mask",
+]
 
 MAX_QUANTILE_LEVEL = 0.49
 
@@ -53,6 +60,17 @@ class TriageResult:
     """``ppl_lo``, ``ppl_hi``, ``ent_lo``, ``ent_hi`` at the final ``q`` (NaN when no sample is valid)."""
     iterations: int
     """Bisection steps taken."""
+
+    @classmethod
+    def without_plane(cls, keep: torch.Tensor, invalid: torch.Tensor, target: int) -> TriageResult:
+        """Decisions of a selection rule that does not use the EU plane (baselines): no quadrant, no threshold."""
+        none = torch.zeros_like(keep)
+        nan = float("nan")
+        return cls(
+            quadrant=torch.zeros(keep.shape, dtype=torch.long, device=keep.device), keep=keep, filled=none,
+            trimmed=none.clone(), invalid=invalid, q2_like=none.clone(), q=nan, target=target,
+            thresholds={"ppl_lo": nan, "ppl_hi": nan, "ent_lo": nan, "ent_hi": nan}, iterations=0,
+        )
 
     def rows(self, index: slice | torch.Tensor) -> TriageResult:
         """The decisions of some samples of the group (e.g. one rank's share of a cross-rank triage)."""
@@ -102,8 +120,8 @@ def assign_quadrants(ppl: torch.Tensor, ent: torch.Tensor, thresholds: dict[str,
     return quadrant
 
 
-def _top_k_mask(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` eligible entries of highest score; ties go to the earlier index."""
+def top_k_mask(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` eligible entries of highest score (fewer if fewer are eligible); ties go to the earlier index."""
     mask = torch.zeros_like(eligible)
     if k <= 0:
         return mask
@@ -175,11 +193,11 @@ def triage_samples(
     keep, filled, trimmed = in_q2_q4.clone(), false.clone(), false.clone()
     n_kept = int(in_q2_q4.sum())
     if n_kept < target:
-        filled = _top_k_mask((norm_p - norm_e).abs(), valid & ~in_q2_q4, target - n_kept)
+        filled = top_k_mask((norm_p - norm_e).abs(), valid & ~in_q2_q4, target - n_kept)
         keep = keep | filled
     elif n_kept > target and enforce_budget:
         rank = torch.where(quadrant == 2, norm_p - norm_e, norm_e - norm_p)
-        keep = _top_k_mask(rank, in_q2_q4, target)
+        keep = top_k_mask(rank, in_q2_q4, target)
         trimmed = in_q2_q4 & ~keep
     return TriageResult(
         quadrant=quadrant,

@@ -33,6 +33,8 @@ TRACKING_DIR = "qtuning_tracking"
 """Folder under ``output_dir`` with figures, the samples page, the run id and the unsent queue."""
 _TRUE = {"1", "TRUE", "YES", "ON"}
 _QTUNING_TAG_FIELDS = (
+    "sample_policy",
+    "token_policy",
     "sample_keep_ratio",
     "token_keep_ratio",
     "neighbor_lambda",
@@ -48,6 +50,12 @@ _QTUNING_TAG_FIELDS = (
 
 def _env_true(name: str) -> bool:
     return os.getenv(name, "FALSE").upper() in _TRUE
+
+
+def _method_name(args) -> str:
+    from trl_qtuning.policies import method_name
+
+    return method_name(getattr(args, "sample_policy", "qtuning"), getattr(args, "token_policy", "qtuning"))
 
 
 def _guarded(method):
@@ -204,7 +212,7 @@ class QTuningMLflowCallback(MLflowCallback):
 
     def _tags(self, args) -> dict[str, str]:
         enabled = bool(getattr(args, "qtuning_enabled", False))
-        tags = {"qtuning.method": "qtuning" if enabled else "sft"}
+        tags = {"qtuning.method": _method_name(args) if enabled else "sft"}
         if enabled:
             for name in _QTUNING_TAG_FIELDS:
                 if hasattr(args, name):
@@ -406,7 +414,7 @@ class QTuningMLflowCallback(MLflowCallback):
 
         trainer = self.trainer
         args = getattr(trainer, "args", None)
-        config = {"method": "qtuning"}
+        config = {"method": _method_name(args) if args is not None else "qtuning"}
         if args is not None:
             for name in ("sample_keep_ratio", "token_keep_ratio", *_QTUNING_TAG_FIELDS, "qtuning_ledger"):
                 if hasattr(args, name):

@@ -43,7 +43,7 @@ def collect_rows(client, experiment_id: str, max_runs: int = 200) -> list[dict[s
         if tags.get(COMPARISON_TAG) == "comparison":
             continue
         method = _method(run)
-        qtuning = method == "qtuning"
+        qtuning = method != "sft"  # Q-Tuning or a baseline pruning policy: both have budgets
         realised_sample = metrics.get("qtuning/final/sample_keep_ratio", metrics.get("qtuning/sample_keep_ratio"))
         realised_token = metrics.get("qtuning/final/token_keep_ratio", metrics.get("qtuning/token_keep_ratio"))
         wall = metrics.get("train_runtime")

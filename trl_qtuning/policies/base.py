@@ -1,0 +1,224 @@
+"""The policy interface: what a selection method sees and what it decides.
+
+A method is a pair: a :class:`SamplePolicy` (which samples of a triage group stay, and which of the kept ones lose
+tokens) and a :class:`TokenPolicy` (which response tokens of those samples keep their label). Both are pure tensor
+code over per-sample and per-token statistics, so each can be tested on hand-made numbers with no model. The trainer
+only ever calls :meth:`Policy.select`. Adding a method is one small class with a ``register_*`` decorator.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
+
+import torch
+
+from ..core.selection import Selection, SelectionParams, assemble_selection
+from ..core.tokens import prune_tokens
+from ..core.triage import TriageResult, target_keep_count, top_k_mask
+
+__all__ = [
+    "SampleBatch",
+    "SampleDecision",
+    "TokenBatch",
+    "SamplePolicy",
+    "TokenPolicy",
+    "Policy",
+    "SAMPLE_POLICIES",
+    "TOKEN_POLICIES",
+    "register_sample_policy",
+    "register_token_policy",
+    "build_policy",
+    "method_name",
+    "keep_top",
+    "keep_tokens_by_score",
+]
+
+
+@dataclass(frozen=True)
+class SampleBatch:
+    """Per-sample statistics of one triage group, each of shape ``(B,)``."""
+
+    ppl: torch.Tensor
+    entropy: torch.Tensor
+    response_tokens: torch.Tensor
+    """Trainable (response) tokens of each sample."""
+
+    @property
+    def size(self) -> int:
+        return self.ppl.numel()
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """Samples with finite statistics; a policy never keeps the others."""
+        return torch.isfinite(self.ppl) & torch.isfinite(self.entropy)
+
+
+@dataclass(frozen=True)
+class SampleDecision:
+    """A sample policy's answer for a group of B samples."""
+
+    triage: TriageResult
+    """``keep`` and, for EU-plane policies, quadrants/thresholds; other policies leave quadrant 0 and NaN thresholds."""
+    token_rows: torch.Tensor
+    """(B,) kept samples handed to the token policy."""
+    loss_weight: torch.Tensor | None = None
+    """(B,) factor on each kept sample's token losses, or None (1 everywhere)."""
+
+    @property
+    def keep(self) -> torch.Tensor:
+        return self.triage.keep
+
+    def rows(self, index: slice | torch.Tensor) -> SampleDecision:
+        """The decisions of some samples of the group (one rank's share of a cross-rank decision)."""
+        weight = None if self.loss_weight is None else self.loss_weight[index]
+        return SampleDecision(self.triage.rows(index), self.token_rows[index], weight)
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Per-token statistics of the rows a token policy prunes, each of shape ``(n, L)``."""
+
+    token_logps: torch.Tensor
+    """log p(label) under the current model."""
+    response_mask: torch.Tensor
+    reference_logps: torch.Tensor | None = None
+    """log p(label) under the reference model (only for policies with ``needs_reference``)."""
+
+
+class SamplePolicy(ABC):
+    """Decides which samples of a triage group are trained on."""
+
+    name: ClassVar[str]
+    uses_eu_plane: ClassVar[bool] = False
+    """True when the decision comes with Q-Tuning's quadrants and thresholds (metrics and figures use them)."""
+    reweights: ClassVar[bool] = False
+    """True when the policy rescales the losses of the samples it keeps."""
+
+    def __init__(self, params: SelectionParams):
+        self.params = params
+
+    def target(self, batch: SampleBatch) -> int:
+        """K samples for the budget, never more than the valid ones."""
+        return min(target_keep_count(batch.size, self.params.sample_keep_ratio), int(batch.valid.sum()))
+
+    @abstractmethod
+    def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
+        """Which samples stay (and which of them lose tokens). ``generator`` drives any randomness (CPU)."""
+
+
+class TokenPolicy(ABC):
+    """Decides which response tokens of the rows handed to it keep their label."""
+
+    name: ClassVar[str]
+    needs_reference: ClassVar[bool] = False
+    """True when the policy scores tokens against a reference model's log-probs (Rho-1)."""
+    prunes: ClassVar[bool] = True
+
+    def __init__(self, params: SelectionParams):
+        self.params = params
+
+    @abstractmethod
+    def keep_tokens(self, batch: TokenBatch, generator: torch.Generator) -> torch.Tensor:
+        """(n, L) BoolTensor of the response positions that keep their label."""
+
+
+_S = TypeVar("_S", bound=type[SamplePolicy])
+_T = TypeVar("_T", bound=type[TokenPolicy])
+
+SAMPLE_POLICIES: dict[str, type[SamplePolicy]] = {}
+TOKEN_POLICIES: dict[str, type[TokenPolicy]] = {}
+
+
+def register_sample_policy(cls: _S) -> _S:
+    """Class decorator: make a sample policy selectable as ``QTuningConfig(sample_policy=cls.name)``."""
+    SAMPLE_POLICIES[cls.name] = cls
+    return cls
+
+
+def register_token_policy(cls: _T) -> _T:
+    """Class decorator: make a token policy selectable as ``QTuningConfig(token_policy=cls.name)``."""
+    TOKEN_POLICIES[cls.name] = cls
+    return cls
+
+
+def method_name(sample_policy: str, token_policy: str) -> str:
+    """``"qtuning"`` for the paper's method, else ``"<sample>-<token>"`` (e.g. ``"random-random"``)."""
+    return sample_policy if sample_policy == token_policy else f"{sample_policy}-{token_policy}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A sample policy and a token policy, applied one after the other."""
+
+    samples: SamplePolicy
+    tokens: TokenPolicy
+
+    @property
+    def name(self) -> str:
+        return method_name(self.samples.name, self.tokens.name)
+
+    def decide_samples(
+        self, ppl: torch.Tensor, entropy: torch.Tensor, response_tokens: torch.Tensor, generator: torch.Generator
+    ) -> SampleDecision:
+        return self.samples.select_samples(SampleBatch(ppl, entropy, response_tokens), generator)
+
+    def select(
+        self,
+        ppl: torch.Tensor,
+        entropy: torch.Tensor,
+        token_logps: torch.Tensor,
+        response_mask: torch.Tensor,
+        *,
+        generator: torch.Generator,
+        reference_logps: torch.Tensor | None = None,
+        decision: SampleDecision | None = None,
+    ) -> Selection:
+        """Decide the samples (unless ``decision`` was already taken over a larger group), then their tokens."""
+        mask = response_mask.to(torch.bool)
+        if decision is None:
+            decision = self.decide_samples(ppl, entropy, mask.sum(dim=-1), generator)
+        if self.tokens.needs_reference and reference_logps is None:
+            raise ValueError(f"token policy {self.tokens.name!r} needs the reference model's log-probs")
+
+        def keep_tokens(rows: torch.Tensor) -> torch.Tensor:
+            reference = None if reference_logps is None else reference_logps[rows]
+            return self.tokens.keep_tokens(TokenBatch(token_logps[rows], mask[rows], reference), generator)
+
+        prunes = self.tokens.prunes and self.samples.params.token_keep_ratio < 1.0
+        token_rows = decision.token_rows if self.tokens.prunes else torch.zeros_like(decision.token_rows)
+        return assemble_selection(
+            ppl, entropy, mask, decision.triage, token_rows, keep_tokens if prunes else None, decision.loss_weight
+        )
+
+
+def build_policy(sample_policy: str, token_policy: str, params: SelectionParams) -> Policy:
+    """The registered policies by name (``QTuningConfig.sample_policy`` / ``token_policy``)."""
+    if sample_policy not in SAMPLE_POLICIES:
+        raise ValueError(f"`sample_policy` must be one of {', '.join(map(repr, SAMPLE_POLICIES))}; got {sample_policy!r}.")
+    if token_policy not in TOKEN_POLICIES:
+        raise ValueError(f"`token_policy` must be one of {', '.join(map(repr, TOKEN_POLICIES))}; got {token_policy!r}.")
+    return Policy(SAMPLE_POLICIES[sample_policy](params), TOKEN_POLICIES[token_policy](params))
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+def keep_top(scores: torch.Tensor, eligible: torch.Tensor, k: int, *, highest: bool = True) -> torch.Tensor:
+    """The ``k`` eligible samples of highest (or lowest) score; ties go to the earlier index."""
+    finite = torch.nan_to_num(scores.double(), nan=-math.inf if highest else math.inf)
+    return top_k_mask(finite if highest else -finite, eligible, min(k, int(eligible.sum())))
+
+
+def keep_tokens_by_score(
+    scores: torch.Tensor, response_mask: torch.Tensor, params: SelectionParams, *, keep_highest: bool
+) -> torch.Tensor:
+    """Each row keeps ``max(1, floor(r * |T|))`` response tokens (or one batch budget) ranked by ``scores`` alone."""
+    return prune_tokens(
+        scores,
+        response_mask,
+        params.token_keep_ratio,
+        neighbor_lambda=0.0,
+        keep_highest=keep_highest,
+        budget=params.token_budget_scope,
+    )

@@ -1,0 +1,144 @@
+"""Sample policies: Q-Tuning's EU-plane triage and the baselines it is compared with at equal budget.
+
+Every policy keeps ``K = max(1, round_half_up(r * B))`` samples of a group of B (fewer when fewer have finite
+statistics; those are never kept), so methods train on the same number of samples per optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.selection import qtuning_token_rows
+from ..core.triage import TriageResult, triage_samples
+from .base import SampleBatch, SampleDecision, SamplePolicy, keep_top, register_sample_policy
+
+__all__ = [
+    "QTuningSamples",
+    "AllSamples",
+    "RandomSamples",
+    "ShortestSamples",
+    "InfoBatchSamples",
+    "EntropySamples",
+    "HighPPLSamples",
+    "LowPPLSamples",
+]
+
+
+def _baseline_decision(batch: SampleBatch, keep: torch.Tensor, target: int, weight: torch.Tensor | None = None):
+    """Every kept sample goes on to the token policy (baselines prune tokens of all kept samples)."""
+    return SampleDecision(TriageResult.without_plane(keep, ~batch.valid, target), keep.clone(), weight)
+
+
+@register_sample_policy
+class QTuningSamples(SamplePolicy):
+    """The paper's triage: keep Q2 (high PPL, low entropy) and Q4 (low PPL, high entropy); token-prune Q2."""
+
+    name = "qtuning"
+    uses_eu_plane = True
+
+    def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
+        p = self.params
+        triage = triage_samples(
+            batch.ppl, batch.entropy, p.sample_keep_ratio, enforce_budget=p.enforce_sample_budget,
+            max_iter=p.triage_max_iter, tol=p.triage_tol,
+        )
+        return SampleDecision(triage, qtuning_token_rows(triage, p))
+
+
+@register_sample_policy
+class AllSamples(SamplePolicy):
+    """Keep every sample (token-pruning-only baselines; ``sample_keep_ratio`` is ignored)."""
+
+    name = "all"
+
+    def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
+        return _baseline_decision(batch, batch.valid.clone(), int(batch.valid.sum()))
+
+
+@register_sample_policy
+class RandomSamples(SamplePolicy):
+    """K samples uniformly at random."""
+
+    name = "random"
+
+    def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
+        k = self.target(batch)
+        draw = torch.rand(batch.size, generator=generator, dtype=torch.float64).to(batch.ppl.device)
+        return _baseline_decision(batch, keep_top(draw, batch.valid, k), k)
+
+
+@register_sample_policy
+class ShortestSamples(SamplePolicy):
+    """Drop the longest samples first: keep the K with the fewest response tokens (ties: earlier sample)."""
+
+    name = "longest"
+
+    def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
+        k = self.target(batch)
+        return _baseline_decision(batch, keep_top(batch.response_tokens, batch.valid, k, highest=False), k)
+
+
+@register_sample_policy
+class InfoBatchSamples(SamplePolicy):
+    """InfoBatch (Qin et al., ICLR 2024) at a fixed budget: drop well-learned samples at random, rescale the rest.
+
+    Samples whose loss (mean token NLL, ``log PPL``) is below the group mean are dropped at random until the budget
+    is met; the below-mean samples that stay get loss weight ``n_below / n_below_kept`` so the expected gradient of
+    that group is unchanged. When the budget asks for more drops than there are below-mean samples, all of them go
+    and the rest are drawn at random from the above-mean ones (not rescaled, as InfoBatch never prunes those).
+    """
+
+    name = "infobatch"
+    reweights = True
+
+    def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
+        valid = batch.valid
+        k = self.target(batch)
+        loss = torch.log(batch.ppl.double())
+        mean = loss[valid].mean() if bool(valid.any()) else torch.zeros((), dtype=torch.float64)
+        below = valid & (loss < mean)
+        n_below, to_drop = int(below.sum()), int(valid.sum()) - k
+        draw = torch.rand(batch.size, generator=generator, dtype=torch.float64).to(batch.ppl.device)
+        if to_drop <= n_below:
+            dropped = keep_top(draw, below, to_drop)
+        else:
+            dropped = below | keep_top(draw, valid & ~below, to_drop - n_below)
+        keep = valid & ~dropped
+        weight = torch.ones(batch.size, dtype=torch.float64, device=batch.ppl.device)
+        kept_below = int((below & keep).sum())
+        if kept_below and kept_below < n_below:
+            weight[below & keep] = n_below / kept_below
+        return _baseline_decision(batch, keep, k, weight)
+
+
+@register_sample_policy
+class EntropySamples(SamplePolicy):
+    """Keep the K samples of highest mean predictive entropy (most uncertain)."""
+
+    name = "entropy"
+
+    def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
+        k = self.target(batch)
+        return _baseline_decision(batch, keep_top(batch.entropy, batch.valid, k), k)
+
+
+@register_sample_policy
+class HighPPLSamples(SamplePolicy):
+    """Keep the K samples of highest perplexity (hardest)."""
+
+    name = "ppl_high"
+
+    def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
+        k = self.target(batch)
+        return _baseline_decision(batch, keep_top(batch.ppl, batch.valid, k), k)
+
+
+@register_sample_policy
+class LowPPLSamples(SamplePolicy):
+    """Keep the K samples of lowest perplexity (easiest)."""
+
+    name = "ppl_low"
+
+    def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
+        k = self.target(batch)
+        return _baseline_decision(batch, keep_top(batch.ppl, batch.valid, k, highest=False), k)
