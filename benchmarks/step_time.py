@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--regimes", default="lora,full")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--output", default=None, help="Also write the table as Markdown to this file.")
+    parser.add_argument(
+        "--scaling", action="store_true",
+        help="Instead of the A/B table: time the scoring forward and a training forward over a sweep of sequence "
+        "lengths (--scaling-seq) and vocabulary sizes (--scaling-vocab).",
+    )
+    parser.add_argument("--scaling-seq", default="128,256,512,1024")
+    parser.add_argument("--scaling-vocab", default="8192,32768,65536")
     return parser
 
 
@@ -203,6 +210,27 @@ def precision_agreement(args, tokenizer, dataset, batches: int = 6) -> tuple[flo
     return keep_same / total, quadrant_same / total
 
 
+def scaling_table(args, tokenizer) -> list[str]:
+    """Scoring vs training forward time over sequence length (at the default vocabulary) and vocabulary size (at the
+    default sequence length): how the scoring pass grows, and whether it stays below a training forward."""
+    lines = ["| sweep | seq len | vocab | tokens/micro-batch | scoring fwd ms | training fwd ms | ratio | scoring us/token |",
+             "|---|---|---|---|---|---|---|---|"]
+    base_seq, base_vocab = args.seq_len, args.vocab
+    points = [("seq", int(n), base_vocab) for n in args.scaling_seq.split(",")]
+    points += [("vocab", base_seq, int(v)) for v in args.scaling_vocab.split(",") if int(v) != base_vocab]
+    for sweep, seq_len, vocab in points:
+        args.seq_len, args.vocab = seq_len, vocab
+        dataset = make_dataset(args, vocab, args.batch * 2)
+        tokens = sum(len(r) for r in dataset.select(range(args.batch))["input_ids"])
+        score, train = scoring_vs_training_forward(args, tokenizer, dataset)
+        line = (f"| {sweep} | {seq_len} | {vocab} | {tokens} | {score * 1000:.1f} | {train * 1000:.1f} | "
+                f"{score / train:.2f} | {score * 1e6 / tokens:.1f} |")
+        lines.append(line)
+        print(line, flush=True)
+    args.seq_len, args.vocab = base_seq, base_vocab
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -220,9 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tokenizer = make_tiny_tokenizer()  # only its pad/eos ids are used: the data is pre-tokenized
         vocab = args.vocab
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    if args.scaling:
+        print(f"device: {device}; random Llama h{args.hidden} L{args.layers}; micro-batch {args.batch}", flush=True)
+        lines = scaling_table(args, tokenizer)
+        if args.output:
+            Path(args.output).write_text("\n".join([f"device: {device}", "", *lines]) + "\n")
+        return 0
     step_rows = (args.steps + 1) * args.batch * args.grad_acc
     dataset = make_dataset(args, vocab, step_rows)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     model_name = args.model or f"random Llama h{args.hidden} L{args.layers} V{args.vocab}"
     print(f"device: {device}; model: {model_name}; micro-batch {args.batch} x grad-acc {args.grad_acc}; "
           f"seq <= {args.seq_len}; {args.steps} measured steps x {args.repeats} A/B pairs per setting", flush=True)

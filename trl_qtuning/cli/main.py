@@ -45,7 +45,7 @@ COMMANDS: tuple[Command, ...] = (
         "Compare the runs of an MLflow experiment (Q-Tuning and plain SFT): table and figure.",
         "trl_qtuning.tracking.compare:main",
     ),
-    # Reserved: Command("bench", ...).
+    Command("bench", "Run a benchmark matrix (methods x budgets x seeds) and tabulate it.", "trl_qtuning.bench:main"),
 )
 
 
