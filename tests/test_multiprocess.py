@@ -36,14 +36,15 @@ _RANK_SCRIPT = textwrap.dedent(
         triage_scope="global",
     )
     decided = []
-    original = trainer._global_triage
+    original = trainer._global_sample_decision
 
-    def recording(ppl, entropy):
-        result = original(ppl, entropy)
-        decided.append({{"thresholds": result.thresholds, "q": result.q, "kept": int(result.keep.sum())}})
+    def recording(ppl, entropy, response_tokens):
+        result = original(ppl, entropy, response_tokens)
+        triage = result.triage
+        decided.append({{"thresholds": triage.thresholds, "q": triage.q, "kept": int(triage.keep.sum())}})
         return result
 
-    trainer._global_triage = recording
+    trainer._global_sample_decision = recording
     trainer.train()
     rank = trainer.args.process_index
     (out / f"rank{{rank}}.json").write_text(json.dumps(decided))

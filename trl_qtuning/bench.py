@@ -552,14 +552,15 @@ def _eval_enabled(spec: dict[str, Any]) -> bool:
 
 
 def plan_cells(matrix: Matrix, only: list[str] | None = None) -> list[Cell]:
-    """Every cell in table order: ``base`` (if ``eval.base`` and an evaluation is enabled), then each method's
-    budgets x seeds. ``only``: method names (``base`` included) to keep."""
+    """Every cell in run order: ``base`` (if ``eval.base`` and an evaluation is enabled), then seed by seed, each
+    method's budgets, so a bench stopped early still has every method at the first seeds. ``only``: method names
+    (``base`` included) to keep."""
     cells: list[Cell] = []
     if matrix.eval["base"] and _eval_enabled(matrix.eval):
         cells.append(Cell(BASE_METHOD, None, None))
-    for method in matrix.methods:
-        for budget in method.budgets:
-            cells.extend(Cell(method.name, budget, seed) for seed in matrix.seeds)
+    for seed in matrix.seeds:
+        for method in matrix.methods:
+            cells.extend(Cell(method.name, budget, seed) for budget in method.budgets)
     if only:
         names = {BASE_METHOD} | {m.name for m in matrix.methods}
         unknown = [name for name in only if name not in names]
