@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli.sft import CliError, _debug, _one_line
+from .cli.sft import CliError, _debug, _one_line, run_reporting_errors
 
 __all__ = [
     "BenchConfigError",
@@ -1364,7 +1364,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``trl-qtuning bench --config MATRIX.yaml [--table-only] [--only METHOD ...]``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> int:
         args = build_parser().parse_args(argv)
         command = " ".join([PROG, *argv])
         try:
@@ -1380,13 +1381,8 @@ def main(argv: list[str] | None = None) -> int:
             if str(exc).startswith(("matrix file not found", "--only")):
                 raise
             raise BenchConfigError(f"{args.config}: {exc}") from exc
-    except CliError as exc:
-        if _debug() and exc.__cause__ is not None:
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.code
-    except SystemExit as exc:  # --help
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+    return run_reporting_errors(PROG, body)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["CliError", "load_datasets", "load_local_dataset", "main", "make_parser", "run"]
 
@@ -46,6 +46,20 @@ def _one_line(exc: BaseException | str) -> str:
 
 def _debug() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def run_reporting_errors(prog: str, body: Callable[[], int]) -> int:
+    """Run a subcommand: a :class:`CliError` becomes one ``prog: error: ...`` line and its exit code (a traceback
+    only with ``TRL_QTUNING_DEBUG=1``); argparse's ``--help`` / usage exits become return codes."""
+    try:
+        return body()
+    except CliError as exc:
+        if _debug() and exc.__cause__ is not None:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -428,22 +442,17 @@ def accelerate_command(argv: list[str]) -> list[str] | None:
 def main(argv: list[str] | None = None) -> int:
     """``trl-qtuning sft [--config RECIPE.yaml] [--field value ...]``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> int:
         command = accelerate_command(argv)
         if command is not None:
             import subprocess
 
             print("launching: " + " ".join(command[1:]), flush=True)
             return subprocess.call(command)
-        parsed = parse_args(argv)
-        return run(*parsed)
-    except CliError as exc:
-        if _debug() and exc.__cause__ is not None:
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.code
-    except SystemExit as exc:  # --help
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return run(*parse_args(argv))
+
+    return run_reporting_errors(PROG, body)
 
 
 if __name__ == "__main__":

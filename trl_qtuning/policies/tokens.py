@@ -24,26 +24,25 @@ class QTuningTokens(TokenPolicy):
 
     name = "qtuning"
 
+    def _keep_highest(self) -> bool:
+        return self.params.reverse_token_score
+
     def keep_tokens(self, batch: TokenBatch, generator: torch.Generator) -> torch.Tensor:
         p = self.params
         return prune_tokens(
             _token_ppl(batch), batch.response_mask, p.token_keep_ratio, neighbor_lambda=p.neighbor_lambda,
-            neighbor=p.neighbor_mode, keep_highest=p.reverse_token_score, budget=p.token_budget_scope,
+            neighbor=p.neighbor_mode, keep_highest=self._keep_highest(), budget=p.token_budget_scope,
         )
 
 
 @register_token_policy
-class ReversedQTuningTokens(TokenPolicy):
+class ReversedQTuningTokens(QTuningTokens):
     """Ablation: the same neighbour-aware score, but the highest-scoring tokens stay."""
 
     name = "reversed"
 
-    def keep_tokens(self, batch: TokenBatch, generator: torch.Generator) -> torch.Tensor:
-        p = self.params
-        return prune_tokens(
-            _token_ppl(batch), batch.response_mask, p.token_keep_ratio, neighbor_lambda=p.neighbor_lambda,
-            neighbor=p.neighbor_mode, keep_highest=True, budget=p.token_budget_scope,
-        )
+    def _keep_highest(self) -> bool:
+        return True
 
 
 @register_token_policy
