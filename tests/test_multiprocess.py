@@ -33,7 +33,7 @@ _RANK_SCRIPT = textwrap.dedent(
     trainer = build_trainer(
         out, dataset=make_arithmetic_dataset(8, seed=1), callbacks=[capture], per_device_train_batch_size=2,
         gradient_accumulation_steps=2, max_steps=1, sample_keep_ratio={ratio}, token_keep_ratio=0.5,
-        triage_scope="global",
+        triage_scope="global", {extra}
     )
     decided = []
     original = trainer._global_sample_decision
@@ -45,9 +45,19 @@ _RANK_SCRIPT = textwrap.dedent(
         return result
 
     trainer._global_sample_decision = recording
+    global_keeps = []
+    policy_select = trainer._policy.samples.select_samples
+
+    def recording_policy(batch, generator):
+        decision = policy_select(batch, generator)
+        global_keeps.append(decision.keep.tolist())
+        return decision
+
+    trainer._policy.samples.select_samples = recording_policy
     trainer.train()
     rank = trainer.args.process_index
     (out / f"rank{{rank}}.json").write_text(json.dumps(decided))
+    (out / f"rank{{rank}}_global.json").write_text(json.dumps(global_keeps))
     torch.save({{"grads": capture.grads[0], "params": trainer.model.state_dict()}}, out / f"rank{{rank}}.pt")
     """
 )
@@ -59,13 +69,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("ratio", [0.125, 0.5], ids=["one-rank-keeps-nothing", "both-ranks-keep"])
-def test_global_triage_over_two_processes_equals_one_process(tmp_path, ratio):
-    out = tmp_path / "ddp"
-    out.mkdir()
+def _launch_two_ranks(tmp_path: Path, out: Path, ratio: float, extra: str = "") -> None:
     script = tmp_path / "rank.py"
-    script.write_text(_RANK_SCRIPT.format(repo=str(REPO), ratio=ratio))
+    script.write_text(_RANK_SCRIPT.format(repo=str(REPO), ratio=ratio, extra=extra))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -74,6 +80,35 @@ def test_global_triage_over_two_processes_equals_one_process(tmp_path, ratio):
     ]
     result = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_global_baseline_policy_decides_once_for_both_ranks(tmp_path):
+    """A random policy over the gathered statistics: both ranks draw the same decisions, the budget is global."""
+    out = tmp_path / "ddp"
+    out.mkdir()
+    _launch_two_ranks(tmp_path, out, 0.5, extra='sample_policy="random", token_policy="random",')
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    draws = [json.loads((out / f"rank{r}_global.json").read_text()) for r in (0, 1)]
+    assert draws[0] == draws[1] and len(draws[0][0]) == 8, "both ranks draw the same decision over all 8 samples"
+    ledger = read_ledger(out / "qtuning_ledger").to_pandas()
+    assert sorted(ledger["rank"].unique()) == [0, 1] and len(ledger) == 8
+    kept_per_rank = ledger.groupby("rank").decision.apply(lambda d: int(d.isin(KEPT_DECISIONS).sum())).to_dict()
+    assert [kept_per_rank[r] for r in (0, 1)] == [ranks[r][0]["kept"] for r in (0, 1)]
+    # Each rank keeps its slice of one global draw: the slices add up to the global budget, K = 4 of 8.
+    assert sum(kept_per_rank.values()) == 4
+    assert (ledger[ledger.decision.isin(KEPT_DECISIONS)].decision == "token_pruned").all()
+    state = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    for name, value in state[0]["params"].items():
+        assert torch.equal(value, state[1]["params"][name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio", [0.125, 0.5], ids=["one-rank-keeps-nothing", "both-ranks-keep"])
+def test_global_triage_over_two_processes_equals_one_process(tmp_path, ratio):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    _launch_two_ranks(tmp_path, out, ratio)
 
     # Every rank computed the same thresholds and quantile level from the gathered statistics.
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
