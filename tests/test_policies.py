@@ -220,3 +220,11 @@ def test_unknown_policy_names_are_refused():
         build_policy("nope", "qtuning", SelectionParams())
     with pytest.raises(ValueError, match="token_policy"):
         build_policy("qtuning", "nope", SelectionParams())
+
+
+def test_reweighting_policy_refuses_non_nll_losses():
+    from trl_qtuning import QTuningConfig
+
+    with pytest.raises(ValueError, match="loss_type"):
+        QTuningConfig(output_dir="unused", sample_policy="infobatch", loss_type="dft", use_cpu=True)
+    QTuningConfig(output_dir="unused", sample_policy="random", loss_type="dft", use_cpu=True)

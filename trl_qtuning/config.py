@@ -176,6 +176,11 @@ class QTuningConfig(SFTConfig):
                 f"`token_policy={self.token_policy!r}` scores tokens against a reference model: set "
                 "`reference_model_path` to its folder (same tokenizer as the trained model)."
             )
+        if SAMPLE_POLICIES[self.sample_policy].reweights and getattr(self, "loss_type", "nll") != "nll":
+            raise ValueError(
+                f"`sample_policy={self.sample_policy!r}` rescales sample losses, which is defined for "
+                f"`loss_type='nll'` only (got loss_type={self.loss_type!r}): use loss_type='nll' or another policy."
+            )
         if self.reference_model_path and not TOKEN_POLICIES[self.token_policy].needs_reference:
             raise ValueError(
                 f"`reference_model_path` is only used by `token_policy='rho1'` (got token_policy="
