@@ -874,22 +874,23 @@ def evaluate(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf16: bo
     return metrics
 
 
+def _apply_environ(values: dict[str, str | None]) -> None:
+    """Set each variable, or unset it where the value is None."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @contextlib.contextmanager
 def _environ(updates: dict[str, str | None]):
     saved = {name: os.environ.get(name) for name in updates}
     try:
-        for name, value in updates.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _apply_environ(updates)
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _apply_environ(saved)
 
 
 def _tracking_env(matrix: Matrix, tags: dict[str, str]) -> dict[str, str | None]:

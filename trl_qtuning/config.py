@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from .core.selection import SelectionParams
-from .policies import SAMPLE_POLICIES, TOKEN_POLICIES, Policy, build_policy
+from .policies import Policy, build_policy
 
 __all__ = ["QTuningConfig"]
 
@@ -166,32 +166,28 @@ class QTuningConfig(SFTConfig):
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {getattr(self, name)!r}.")
-        for name, registry in (("sample_policy", SAMPLE_POLICIES), ("token_policy", TOKEN_POLICIES)):
-            if getattr(self, name) not in registry:
-                raise ValueError(
-                    f"`{name}` must be one of {', '.join(map(repr, registry))}; got {getattr(self, name)!r}."
-                )
-        if TOKEN_POLICIES[self.token_policy].needs_reference and not self.reference_model_path:
-            raise ValueError(
-                f"`token_policy={self.token_policy!r}` scores tokens against a reference model: set "
-                "`reference_model_path` to its folder (same tokenizer as the trained model)."
-            )
-        if SAMPLE_POLICIES[self.sample_policy].reweights and getattr(self, "loss_type", "nll") != "nll":
-            raise ValueError(
-                f"`sample_policy={self.sample_policy!r}` rescales sample losses, which is defined for "
-                f"`loss_type='nll'` only (got loss_type={self.loss_type!r}): use loss_type='nll' or another policy."
-            )
-        if self.reference_model_path and not TOKEN_POLICIES[self.token_policy].needs_reference:
-            raise ValueError(
-                f"`reference_model_path` is only used by `token_policy='rho1'` (got token_policy="
-                f"{self.token_policy!r}): remove it, or choose the rho1 token policy."
-            )
         if int(self.triage_max_iter) < 1:
             raise ValueError(f"`triage_max_iter` must be >= 1, got {self.triage_max_iter!r}.")
         if not 0.0 < float(self.triage_tol) < 1.0:
             raise ValueError(f"`triage_tol` must be in (0, 1), got {self.triage_tol!r}.")
         if int(self.qtuning_ledger_rows_per_shard) < 1:
             raise ValueError(f"`qtuning_ledger_rows_per_shard` must be >= 1, got {self.qtuning_ledger_rows_per_shard!r}.")
+        policy = self.build_policy()  # unknown policy names fail here, with the allowed names
+        if policy.tokens.needs_reference and not self.reference_model_path:
+            raise ValueError(
+                f"`token_policy={self.token_policy!r}` scores tokens against a reference model: set "
+                "`reference_model_path` to its folder (same tokenizer as the trained model)."
+            )
+        if policy.samples.reweights and getattr(self, "loss_type", "nll") != "nll":
+            raise ValueError(
+                f"`sample_policy={self.sample_policy!r}` rescales sample losses, which is defined for "
+                f"`loss_type='nll'` only (got loss_type={self.loss_type!r}): use loss_type='nll' or another policy."
+            )
+        if self.reference_model_path and not policy.tokens.needs_reference:
+            raise ValueError(
+                f"`reference_model_path` is only used by `token_policy='rho1'` (got token_policy="
+                f"{self.token_policy!r}): remove it, or choose the rho1 token policy."
+            )
         if self.qtuning_enabled and self.packing:
             raise ValueError(
                 "`packing=True` is not supported with Q-Tuning: packed rows mix samples, so samples cannot be "
