@@ -54,8 +54,19 @@ _RANK_SCRIPT = textwrap.dedent(
         return decision
 
     trainer._policy.samples.select_samples = recording_policy
+    forwards = []
+    compute_loss = trainer.compute_loss
+
+    def counting(model, inputs, *args, **kwargs):
+        flat = "attention_mask" not in inputs and "position_ids" in inputs
+        rows = int((inputs["position_ids"] == 0).sum()) if flat else len(inputs["input_ids"])
+        forwards.append({{"rows": rows, "labels": int((inputs["labels"] != -100).sum())}})
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counting
     trainer.train()
     rank = trainer.args.process_index
+    (out / f"rank{{rank}}_forwards.json").write_text(json.dumps(forwards))
     (out / f"rank{{rank}}.json").write_text(json.dumps(decided))
     (out / f"rank{{rank}}_global.json").write_text(json.dumps(global_keeps))
     torch.save({{"grads": capture.grads[0], "params": trainer.model.state_dict()}}, out / f"rank{{rank}}.pt")
@@ -104,11 +115,16 @@ def test_global_baseline_policy_decides_once_for_both_ranks(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ratio", [0.125, 0.5], ids=["one-rank-keeps-nothing", "both-ranks-keep"])
-def test_global_triage_over_two_processes_equals_one_process(tmp_path, ratio):
+@pytest.mark.parametrize(
+    ("ratio", "padding_free"),
+    [(0.125, False), (0.5, False), (0.125, True)],
+    ids=["one-rank-keeps-nothing", "both-ranks-keep", "padding-free"],
+)
+def test_global_triage_over_two_processes_equals_one_process(tmp_path, ratio, padding_free):
     out = tmp_path / "ddp"
     out.mkdir()
-    _launch_two_ranks(tmp_path, out, ratio)
+    layout = {"padding_free": True, "max_length": None} if padding_free else {}
+    _launch_two_ranks(tmp_path, out, ratio, extra="".join(f"{k}={v!r}, " for k, v in layout.items()))
 
     # Every rank computed the same thresholds and quantile level from the gathered statistics.
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -122,6 +138,17 @@ def test_global_triage_over_two_processes_equals_one_process(tmp_path, ratio):
         assert sorted(kept_per_rank.values()) == [0, 1]
     else:
         assert min(kept_per_rank.values()) >= 1 and sum(kept_per_rank.values()) == 4
+    # Kept rows are packed into full micro-batches of 2 on each rank; both ranks run as many forwards as the rank
+    # that needs the most (a fully masked one-row placeholder on the other) and skip the freed ones together.
+    forwards = [json.loads((out / f"rank{r}_forwards.json").read_text()) for r in (0, 1)]
+    needed = max(1, -(-max(kept_per_rank.values()) // 2))
+    assert [len(f) for f in forwards] == [needed, needed]
+    if ratio == 0.125:
+        assert needed == 1, "one of the two fetched micro-batches runs on each rank"
+    for rank in (0, 1):
+        assert sum(f["rows"] for f in forwards[rank]) >= kept_per_rank[rank]
+        if kept_per_rank[rank] == 0:
+            assert forwards[rank] == [{"rows": 1, "labels": 0}] * needed
     state = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     for name, value in state[0]["params"].items():
         assert torch.equal(value, state[1]["params"][name]), name
@@ -131,7 +158,7 @@ def test_global_triage_over_two_processes_equals_one_process(tmp_path, ratio):
     single = build_trainer(
         tmp_path / "single", dataset=make_arithmetic_dataset(8, seed=1), per_device_train_batch_size=2,
         gradient_accumulation_steps=4, max_steps=1, sample_keep_ratio=ratio, token_keep_ratio=0.5,
-        triage_scope="step", callbacks=[capture],
+        triage_scope="step", callbacks=[capture], **layout,
     )
     single.train()
     reference = read_ledger(tmp_path / "single" / "qtuning_ledger").to_pandas()

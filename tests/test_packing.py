@@ -79,3 +79,62 @@ def test_packing_runs_fewer_forwards_with_the_same_gradient(tmp_path, padding_fr
     assert forwards[1] >= 2
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.fixture
+def keep_first_samples():
+    """A sample policy that keeps the first samples of the step: all kept rows sit in the first micro-batch."""
+    from trl_qtuning.core.triage import TriageResult
+    from trl_qtuning.policies import SAMPLE_POLICIES, SampleDecision, SamplePolicy, register_sample_policy
+
+    @register_sample_policy
+    class KeepFirst(SamplePolicy):
+        name = "keep_first_test"
+
+        def select_samples(self, batch, generator):
+            keep = torch.zeros(batch.size, dtype=torch.bool)
+            keep[: self.target(batch)] = True
+            return SampleDecision(TriageResult.without_plane(keep, ~batch.valid, int(keep.sum())), keep)
+
+    yield KeepFirst.name
+    SAMPLE_POLICIES.pop(KeepFirst.name)
+
+
+def _record_micro_batches(trainer) -> list[dict]:
+    seen = []
+    original = trainer.training_step
+
+    def recording(model, inputs, *args, **kwargs):
+        seen.append({"rows": int(inputs["input_ids"].shape[0]), "labels": int((inputs["labels"] != -100).sum())})
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.training_step = recording
+    return seen
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_the_last_micro_batch_runs_when_the_backend_steps_there(tmp_path, keep_first_samples, pack):
+    """DeepSpeed steps its optimizer in the last micro-batch's backward, so that one is never an empty skip."""
+    grads, runs = [], []
+    for deepspeed_like in (False, True):
+        capture = GradCapture()
+        trainer = build_trainer(
+            tmp_path / f"{pack}{deepspeed_like}", callbacks=[capture], per_device_train_batch_size=4,
+            gradient_accumulation_steps=4, sample_keep_ratio=0.25, token_keep_ratio=0.5, pack_kept_rows=pack,
+            sample_policy=keep_first_samples, token_policy="random",
+        )
+        if deepspeed_like:
+            trainer._must_run_last_micro_batch = lambda: True
+        runs.append(_record_micro_batches(trainer))
+        trainer.train()
+        grads.append(capture.grads[0])
+    plain, deepspeed_like = runs
+    assert len(plain) == len(deepspeed_like) == 4
+    if pack:
+        # The packed micro-batch goes last either way; the freed slots come first.
+        assert [mb["rows"] for mb in plain] == [0, 0, 0, 4] and deepspeed_like == plain
+    else:
+        assert [mb["rows"] for mb in plain] == [4, 0, 0, 0]
+        assert [mb["rows"] for mb in deepspeed_like] == [4, 0, 0, 1] and deepspeed_like[-1]["labels"] == 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-8)

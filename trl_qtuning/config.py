@@ -136,8 +136,8 @@ class QTuningConfig(SFTConfig):
         default=True,
         metadata={
             "help": "Move the rows kept in an optimizer step into as few micro-batches as possible (a few full "
-            "forwards instead of many small ones); the freed micro-batches are skipped. The loss is unchanged. "
-            "Applies with one process."
+            "forwards instead of many small ones), placed last; the freed micro-batches are skipped. The loss is "
+            "unchanged. With several processes every rank runs as many micro-batches as the rank that needs the most."
         },
     )
     qtuning_ledger: str = field(

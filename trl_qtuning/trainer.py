@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
@@ -30,7 +31,7 @@ from .core.selection import Selection
 from .core.stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
 from .events import DecisionListener, StepDecisions
 from .ledger import DecisionLedger
-from .packing import pack_padded, pack_padding_free, refresh_flat_metadata
+from .packing import empty_like, pack_padded, pack_padding_free, refresh_flat_metadata
 from .policies import SampleDecision
 
 try:  # Internal TRL API (1.15+): checked here so a TRL change fails at import with a clear message.
@@ -99,6 +100,10 @@ def _sized_length(dataset: Any) -> int | None:
 
 def _is_padding_free(batch: dict[str, Any]) -> bool:
     return "position_ids" in batch and "attention_mask" not in batch
+
+
+def _has_rows(batch: dict[str, Any]) -> bool:
+    return batch["input_ids"].numel() > 0
 
 
 def _pad_columns(tensor: torch.Tensor, width: int, value: float | bool = 0) -> torch.Tensor:
@@ -389,12 +394,58 @@ class QTuningSFTTrainer(SFTTrainer):
             weight = None if selection.loss_weight is None else selection.loss_weight[rows]
             pruned[i] = self._apply(batch_samples[i], scored[i], keep_rows, label_keep, weight)
         self._record(scored, selections, scoring_seconds)
-        if self.args.pack_kept_rows and self.accelerator.num_processes == 1 and len(pruned) > 1:
-            if _is_padding_free(pruned[0]):
-                pruned = pack_padding_free(pruned, self.args.per_device_train_batch_size)
-            else:
-                pruned = pack_padded(pruned, self.args.per_device_train_batch_size, self._pad_token_id())
+        if self.args.pack_kept_rows:
+            return self._pack_kept_rows(pruned, batch_samples[0], scored[0])
+        if self._must_run_every_micro_batch():
+            # Every rank must join the same forwards/backwards (DDP's all-reduce, FSDP's gathers): an emptied
+            # micro-batch runs one fully label-masked row, an exact zero, instead of being skipped.
+            pruned = [
+                mb if _has_rows(mb) else self._placeholder(original, score)
+                for mb, original, score in zip(pruned, batch_samples, scored, strict=True)
+            ]
+        elif self._must_run_last_micro_batch() and not _has_rows(pruned[-1]):
+            pruned[-1] = self._placeholder(batch_samples[-1], scored[-1])
         return pruned
+
+    def _pack_kept_rows(
+        self, pruned: list[dict[str, Any]], source: dict[str, Any], source_scored: _ScoredMicroBatch
+    ) -> list[dict[str, Any]]:
+        """The kept rows in as few full micro-batches as possible, placed last; the freed slots first, empty.
+
+        Packed micro-batches go last because the last micro-batch of a step is the one that synchronises: DDP
+        all-reduces in its backward and DeepSpeed steps its optimizer there, so it must always run. With several
+        processes every rank runs as many micro-batches as the rank that needs the most (one-row, fully masked
+        placeholders fill the gap) and all ranks skip the same freed slots, so collectives stay matched.
+        """
+        size = self.args.per_device_train_batch_size
+        if _is_padding_free(pruned[0]):
+            packed = pack_padding_free(pruned, size)
+        else:
+            packed = pack_padded(pruned, size, self._pad_token_id())
+        filled = [mb for mb in packed if _has_rows(mb)]
+        needed = len(filled)
+        if self._must_run_last_micro_batch():
+            needed = max(needed, 1)
+        if self._must_run_every_micro_batch():
+            needed = int(self.accelerator.gather(torch.tensor([needed], device=self.args.device)).max())
+        filled = [self._placeholder(source, source_scored) for _ in range(needed - len(filled))] + filled
+        return [empty_like(pruned[0]) for _ in range(len(pruned) - len(filled))] + filled
+
+    def _must_run_every_micro_batch(self) -> bool:
+        """Several processes: skipping a micro-batch on one rank only would leave the others waiting in a collective."""
+        return self.accelerator.num_processes > 1
+
+    def _must_run_last_micro_batch(self) -> bool:
+        """DeepSpeed steps its optimizer in the last micro-batch's backward; DDP all-reduces there."""
+        return self._must_run_every_micro_batch() or self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def _placeholder(self, batch: dict[str, Any], scored: _ScoredMicroBatch) -> dict[str, Any]:
+        """One row (segment) of ``batch`` with every label masked: a forward and backward that add exactly zero."""
+        first = torch.zeros(scored.num_samples, dtype=torch.bool)
+        first[0] = True
+        out = self._apply(batch, scored, first, torch.zeros_like(scored.response))
+        out["labels"] = torch.full_like(out["labels"], -100)
+        return out
 
     def _pad_token_id(self) -> int:
         collator = getattr(self.data_collator, "collator", self.data_collator)
@@ -441,10 +492,6 @@ class QTuningSFTTrainer(SFTTrainer):
         keep_rows, label_keep = keep_rows.to(device), label_keep.to(device)
         masked = scored.response.to(device) & ~label_keep
         labels = batch["labels"].clone()
-        if self._needs_placeholder(keep_rows):
-            keep_rows = torch.zeros_like(keep_rows)
-            keep_rows[0] = True
-            labels[:] = -100
         out = {**batch, "labels": labels}  # labels are masked in place below
         if loss_weight is not None:
             weight = loss_weight.to(device=device, dtype=torch.float32)
@@ -478,14 +525,6 @@ class QTuningSFTTrainer(SFTTrainer):
                     value = value[:, :width]
                 out[key] = value
         return out
-
-    def _needs_placeholder(self, keep_rows: torch.Tensor) -> bool:
-        """With several processes, an emptied micro-batch still runs one fully label-masked row.
-
-        Every rank must join the same forwards/backwards (DDP's gradient all-reduce, FSDP's gathers), so a rank whose
-        samples were all dropped contributes an exact zero instead of skipping the step. One process skips it.
-        """
-        return self.accelerator.num_processes > 1 and not bool(keep_rows.any()) and keep_rows.numel() > 0
 
     # ------------------------------------------------------------------ metrics and ledger
     def _record(
