@@ -6,7 +6,8 @@
 For each regime (LoRA without gradient checkpointing; full fine-tuning) and each setting (pruning off; scoring on
 but keeping everything; sample keep ratio 0.5 / 0.25 / 0.125 with token ratio 0.5), short runs of SFTTrainer and
 QTuningSFTTrainer alternate (A B A B ...) on the same model, data and seed. It prints the median step-time ratio,
-the scoring pass's share of a Q-Tuning step, the peak-memory ratio (CUDA only), and the floor of the regime:
+the scoring pass's share of a Q-Tuning step, the peak-memory ratio of one step (CUDA: max_memory_allocated; CPU:
+the profiler's allocation events over one extra, untimed step), and the floor of the regime:
 (1 + 2r) / 2 for LoRA (backward ~ one forward), (1 + 3r) / 3 for full fine-tuning (backward ~ two forwards).
 It then compares one scoring forward with one training forward of the same rows, and the triage decisions of fp32
 and bf16 scoring.
@@ -15,6 +16,7 @@ and bf16 scoring.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import statistics
@@ -59,6 +61,48 @@ class StepClock(TrainerCallback):
     def _sync():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+
+class CpuStepMemory(TrainerCallback):
+    """Peak memory of one optimizer step on CPU, from the profiler's allocation events.
+
+    CPU has no ``max_memory_allocated``; the profiler reports every tensor allocation and free of the step, so the
+    step's peak is what was resident when it began (parameters, buffers, optimizer state, leftover gradients) plus
+    the highest running sum of its allocations. The profiled step is the last one and is left out of the timing.
+    """
+
+    def __init__(self, profiled_step: int):
+        self.profiled_step = profiled_step
+        self.peak_bytes = float("nan")
+        self._profiler = None
+        self._resident = 0
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from torch.profiler import ProfilerActivity, profile
+
+        if state.global_step == self.profiled_step - 1:
+            self._resident = _resident_bytes(model, optimizer)
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.__enter__()
+        elif state.global_step == self.profiled_step and self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            events = [e for e in self._profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+            running = highest = 0
+            for event in sorted(events, key=lambda e: e.start_ns()):
+                if event.device_type().name == "CPU":
+                    running += event.nbytes()
+                    highest = max(highest, running)
+            self.peak_bytes = self._resident + highest
+            self._profiler = None
+
+
+def _resident_bytes(model: torch.nn.Module, optimizer) -> int:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    tensors.update({id(p.grad): p.grad for p in model.parameters() if p.grad is not None})
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            tensors.update({id(v): v for v in state.values() if torch.is_tensor(v)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,11 +153,16 @@ def make_dataset(args, vocab: int, n: int) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def run_once(args, tokenizer, dataset, regime: str, ratio: float | None, seed: int) -> dict[str, float]:
+def run_once(
+    args, tokenizer, dataset, regime: str, ratio: float | None, seed: int, measure_memory: bool
+) -> dict[str, float]:
     cuda = torch.cuda.is_available()
+    gc.collect()  # the previous run's trainer and model, freed now rather than during this run's steps
+    if cuda:
+        torch.cuda.empty_cache()
     common = dict(
         output_dir=str(Path(args.workdir) / f"{regime}-{ratio}"), per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=args.grad_acc, max_steps=args.steps + 1, learning_rate=1e-4, report_to="none",
+        gradient_accumulation_steps=args.grad_acc, max_steps=args.steps + 2, learning_rate=1e-4, report_to="none",
         save_strategy="no", logging_steps=1, gradient_checkpointing=False, bf16=cuda, use_cpu=not cuda, seed=seed,
         disable_tqdm=True, dataloader_num_workers=0, max_length=None,
     )
@@ -124,25 +173,33 @@ def run_once(args, tokenizer, dataset, regime: str, ratio: float | None, seed: i
         peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     model = make_model(args, len(tokenizer) if args.model else args.vocab)
     clock = StepClock()
+    memory = CpuStepMemory(profiled_step=args.steps + 2)
+    callbacks = [clock, memory] if measure_memory and not cuda else [clock]
     if ratio is None and args._variant == "sft":
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config, callbacks=[clock])
+                             peft_config=peft_config, callbacks=callbacks)
     else:
         config = QTuningConfig(**common, qtuning_enabled=ratio is not None, sample_keep_ratio=ratio or 1.0,
                                token_keep_ratio=1.0 if ratio in (None, 1.0) else 0.5, qtuning_ledger="none")
         trainer = QTuningSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                                    peft_config=peft_config, callbacks=[clock])
+                                    peft_config=peft_config, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # keep the output to the table
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     scoring = [h["qtuning/scoring_seconds"] for h in trainer.state.log_history if "qtuning/scoring_seconds" in h]
-    measured = clock.times[1:]
+    measured = clock.times[1:-1]  # not the warm-up step, not the step profiled for memory
     return {
         "step": statistics.median(measured),
-        "scoring": statistics.median(scoring[1:]) if len(scoring) > 1 else 0.0,
-        "peak": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "scoring": statistics.median(scoring[1:-1]) if len(scoring) > 2 else 0.0,
+        "peak": torch.cuda.max_memory_allocated() / 2**30 if cuda else memory.peak_bytes / 2**30,  # nan: not measured
     }
+
+
+def _highest(values: list[float]) -> float:
+    """The largest measured value (runs that did not measure give NaN)."""
+    measured = [v for v in values if v == v]
+    return max(measured) if measured else float("nan")
 
 
 def floor(regime: str, ratio: float | None) -> float:
@@ -255,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             Path(args.output).write_text("\n".join([f"device: {device}", "", *lines]) + "\n")
         return 0
-    step_rows = (args.steps + 1) * args.batch * args.grad_acc
+    step_rows = (args.steps + 2) * args.batch * args.grad_acc
     dataset = make_dataset(args, vocab, step_rows)
     model_name = args.model or f"random Llama h{args.hidden} L{args.layers} V{args.vocab}"
     print(f"device: {device}; model: {model_name}; micro-batch {args.batch} x grad-acc {args.grad_acc}; "
@@ -267,13 +324,16 @@ def main(argv: list[str] | None = None) -> int:
             ratio = SETTINGS[name]
             sft_times, q_times, q_scoring, sft_peak, q_peak = [], [], [], [], []
             for repeat in range(args.repeats):
-                args._variant = "sft"
-                base = run_once(args, tokenizer, dataset, regime, None, seed=repeat)
-                args._variant = "qtuning"
-                if name == "off":
-                    result = run_once(args, tokenizer, dataset, regime, None, seed=repeat)
-                else:
-                    result = run_once(args, tokenizer, dataset, regime, ratio, seed=repeat)
+                # A B, then B A: a drift in machine speed over the pair does not favour either side. The profiler
+                # (CPU memory) runs in the last pair only; its step is left out of the timing anyway.
+                memory = repeat == args.repeats - 1
+                order = ("sft", "qtuning") if repeat % 2 == 0 else ("qtuning", "sft")
+                results = {}
+                for variant in order:
+                    args._variant = variant
+                    setting = None if variant == "sft" or name == "off" else ratio
+                    results[variant] = run_once(args, tokenizer, dataset, regime, setting, repeat, memory)
+                base, result = results["sft"], results["qtuning"]
                 sft_times.append(base["step"])
                 q_times.append(result["step"])
                 q_scoring.append(result["scoring"])
@@ -281,12 +341,13 @@ def main(argv: list[str] | None = None) -> int:
                 q_peak.append(result["peak"])
             step_ratio = statistics.median(q_times) / statistics.median(sft_times)
             share = statistics.median(q_scoring) / statistics.median(q_times)
-            peak_ratio = max(q_peak) / max(sft_peak) if torch.cuda.is_available() else float("nan")
+            sft_peak, q_peak = _highest(sft_peak), _highest(q_peak)
+            peak_ratio = q_peak / sft_peak
             line = (f"| {regime} | {name} | {step_ratio:.3f} | {floor(regime, ratio):.3f} | {share:.2f} | "
-                    f"{'n/a (CPU)' if peak_ratio != peak_ratio else f'{peak_ratio:.3f}'} |")
+                    f"{peak_ratio:.3f} |")
             lines.append(line)
-            print(line, f"(SFT step {statistics.median(sft_times):.3f} s, Q-Tuning {statistics.median(q_times):.3f} s)",
-                  flush=True)
+            print(line, f"(SFT step {statistics.median(sft_times):.3f} s, Q-Tuning {statistics.median(q_times):.3f} s; "
+                  f"peak {sft_peak:.3f} vs {q_peak:.3f} GiB)", flush=True)
     score, train = scoring_vs_training_forward(args, tokenizer, dataset)
     keep_agree, quadrant_agree = precision_agreement(args, tokenizer, dataset)
     extra = [

@@ -115,6 +115,15 @@ def test_unknown_recipe_key_and_option(tmp_path, capsys):
     assert "--not_an_option" in _error_line(capsys)
 
 
+def test_unknown_flag_is_named_before_config_checks_run(capsys):
+    # A config check (here a ratio out of range; on a CPU without bf16, SFTConfig's bf16 default) would otherwise
+    # speak first and hide the typo.
+    assert main(["sft", "--token_keep_ratio", "1.5", "--sample_keep_ratoi", "0.3"]) != 0
+    assert "unknown argument(s): --sample_keep_ratoi" in _error_line(capsys)
+    assert main(["sft", "--sample_keep_ratoi=0.3", "--learning_rate=1e-4"]) != 0
+    assert "unknown argument(s): --sample_keep_ratoi (" in _error_line(capsys)
+
+
 def test_missing_recipe(tmp_path, capsys):
     assert main(["sft", "--config", str(tmp_path / "nope.yaml")]) != 0
     assert "recipe not found" in _error_line(capsys)

@@ -123,6 +123,75 @@ def test_model_without_the_fused_head_fails_with_a_clear_message(tmp_path):
         trainer.train()
 
 
+@pytest.mark.parametrize("inference_mode", [True, False])
+def test_scoring_runs_without_autograd(tmp_path, inference_mode):
+    trainer = build_trainer(tmp_path, sample_keep_ratio=0.5, scoring_inference_mode=inference_mode)
+    seen = []
+    plain = trainer.model.forward
+
+    def recording(*args, **kwargs):
+        seen.append((trainer.model.training, torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        return plain(*args, **kwargs)
+
+    trainer.model.forward = recording
+    trainer.train()
+    scoring = [modes for training, *modes in seen if not training]
+    training = [modes for is_training, *modes in seen if is_training]
+    assert len(scoring) == 1 and scoring[0] == [inference_mode, False], "eval mode, no autograd"
+    assert training == [[False, True]]
+
+
+def test_sharded_parameters_score_under_no_grad(tmp_path, monkeypatch):
+    """FSDP's and ZeRO-3's gathered parameter buffers must not be created in inference mode."""
+    from types import SimpleNamespace
+
+    trainer = build_trainer(tmp_path)
+    assert trainer._scores_in_inference_mode()
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch.pop("qtuning_sample_id")
+    modes = []
+    plain = trainer.model.forward
+
+    def recording(*args, **kwargs):
+        modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.model, "forward", recording)
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    trainer._score(dict(batch), None)
+    assert modes == [(False, False)]
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", False)
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
+    for stage, inference in ((2, True), (3, False)):
+        plugin = SimpleNamespace(zero_stage=stage)
+        monkeypatch.setattr(trainer, "accelerator", SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))
+        assert trainer._scores_in_inference_mode() is inference
+
+
+def _cache_a_scale_on_first_forward(trainer) -> None:
+    """A model that creates a tensor in its first forward (the scoring pass) and multiplies by it in training."""
+    embed = trainer.model.get_input_embeddings()
+    cache = {}
+
+    def scale(module, inputs, output):
+        if "scale" not in cache:
+            cache["scale"] = torch.ones(output.shape[-1])
+        return output * cache["scale"]
+
+    embed.register_forward_hook(scale)
+
+
+def test_a_model_caching_tensors_in_the_scoring_forward_gets_a_clear_error_and_a_way_out(tmp_path):
+    trainer = build_trainer(tmp_path / "inference", sample_keep_ratio=0.5)
+    _cache_a_scale_on_first_forward(trainer)
+    with pytest.raises(RuntimeError, match="scoring_inference_mode=False"):
+        trainer.train()
+    trainer = build_trainer(tmp_path / "no_grad", sample_keep_ratio=0.5, scoring_inference_mode=False)
+    _cache_a_scale_on_first_forward(trainer)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
 _KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from trl import SFTConfig, SFTTrainer
@@ -101,6 +103,38 @@ def test_decisions_match_full_logits_statistics(tmp_path):
     assert selection.keep.tolist() == rows.decision.isin(KEPT_DECISIONS).tolist()
     assert selection.triage.quadrant.tolist() == rows.quadrant.tolist()
     assert selection.label_keep.sum(1).tolist() == rows.kept_tokens.tolist()
+
+
+@pytest.mark.parametrize("entropy_positions", ["response", "all"])
+def test_scoring_projects_only_the_positions_it_reads(tmp_path, monkeypatch, entropy_positions):
+    """On CPU, TRL's fused head projects every position; scoring asks it for the labelled ones only, same numbers."""
+    import trl.trainer.utils as trl_utils
+
+    import trl_qtuning.trainer as trainer_module
+
+    trainer = build_trainer(tmp_path, per_device_train_batch_size=8, entropy_positions=entropy_positions)
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch.pop("qtuning_sample_id")
+    projected = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def counting(hidden, *args):
+        projected.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting)
+    compact = trainer._score(dict(batch), None)
+    assert trl_utils._use_triton(torch.device("cpu")) is False, "TRL's switch is restored after scoring"
+    monkeypatch.setattr(trainer_module, "_project_labelled_positions_only", contextlib.nullcontext)
+    every_position = trainer._score(dict(batch), None)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    if entropy_positions == "all":
+        labelled = int(batch["attention_mask"][:, 1:].sum())
+    assert projected == [labelled, batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)]
+    assert projected[0] < projected[1]
+    torch.testing.assert_close(compact.ppl, every_position.ppl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compact.entropy, every_position.entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compact.token_logps, every_position.token_logps, rtol=1e-5, atol=1e-6)
 
 
 def test_all_samples_of_a_micro_batch_dropped(tmp_path):

@@ -132,6 +132,15 @@ class QTuningConfig(SFTConfig):
     triage_tol: float = field(
         default=0.01, metadata={"help": "Bisection stops once |kept share - sample_keep_ratio| < triage_tol."}
     )
+    scoring_inference_mode: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the scoring forward under `torch.inference_mode()` (no autograd bookkeeping at all) rather "
+            "than `torch.no_grad()`. Turn it off only for a model that caches tensors during its forward and reuses "
+            "them in training (training then fails with an error that names this field). FSDP and DeepSpeed ZeRO-3 "
+            "always score under `torch.no_grad()`: they gather parameters into buffers that training reuses."
+        },
+    )
     pack_kept_rows: bool = field(
         default=True,
         metadata={

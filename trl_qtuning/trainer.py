@@ -11,10 +11,12 @@ under gradient accumulation. It returns as many micro-batches as it fetched (an 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,31 @@ except ImportError as exc:  # pragma: no cover - depends on the installed TRL
     ) from exc
 
 __all__ = ["QTuningSFTTrainer"]
+
+_EAGER_DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+@contextlib.contextmanager
+def _project_labelled_positions_only() -> Iterator[None]:
+    """Make TRL's fused head project only the positions whose label is set, on eager devices too.
+
+    TRL compacts the hidden states to the labelled positions on Triton devices only; elsewhere it projects every
+    position (fixed tile shapes for compiled backends such as Neuron). On an eager CPU that spends the LM head and
+    entropy on prompt and padding positions, often most of an SFT batch, for numbers the scoring pass never reads.
+    Only the scoring forward runs under this: the training forward stays exactly SFTTrainer's. A TRL without the
+    switch leaves the scoring as it is (slower on CPU, same result).
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type in _EAGER_DEVICE_TYPES or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +305,17 @@ class QTuningSFTTrainer(SFTTrainer):
         if self.args.qtuning_enabled and inputs["input_ids"].numel() == 0:
             # Every sample of this micro-batch was dropped: nothing to compute, nothing to add to the loss.
             return torch.zeros((), device=self.args.device)
-        return super().training_step(model, inputs, num_items_in_batch)
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        except RuntimeError as error:
+            scored_in_inference_mode = self.args.qtuning_enabled and self._scores_in_inference_mode()
+            if scored_in_inference_mode and "inference tensor" in str(error).lower():
+                raise RuntimeError(
+                    "Training used a tensor the model created during Q-Tuning's scoring forward, which runs under "
+                    "torch.inference_mode(): the model caches tensors in its forward. Set "
+                    "`scoring_inference_mode=False` (scoring then runs under torch.no_grad())."
+                ) from error
+            raise
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs.pop(SAMPLE_ID_COLUMN, None)
@@ -288,8 +325,23 @@ class QTuningSFTTrainer(SFTTrainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     # ------------------------------------------------------------------ scoring
-    @torch.no_grad()
     def _score(self, batch: dict[str, Any], sample_ids: torch.Tensor | None) -> _ScoredMicroBatch:
+        """One gradient-free forward in eval mode (no dropout, no gradient checkpointing) -> the EU-plane statistics."""
+        no_autograd = torch.inference_mode if self._scores_in_inference_mode() else torch.no_grad
+        with no_autograd():
+            return self._score_without_autograd(batch, sample_ids)
+
+    def _scores_in_inference_mode(self) -> bool:
+        """Inference mode unless turned off or the parameters are sharded.
+
+        FSDP and DeepSpeed ZeRO-3 gather parameters into buffers during the forward and reuse them (FSDP's unsharded
+        storage, ZeRO-3's persistent small parameters); created in inference mode, training could not use them.
+        """
+        if not self.args.scoring_inference_mode or self.is_fsdp_enabled:
+            return False
+        return not (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+    def _score_without_autograd(self, batch: dict[str, Any], sample_ids: torch.Tensor | None) -> _ScoredMicroBatch:
         labels = batch["labels"]
         model_inputs = {k: v for k, v in batch.items() if k != "labels"}
         padding_free = _is_padding_free(batch)
@@ -304,7 +356,7 @@ class QTuningSFTTrainer(SFTTrainer):
         was_training = model.training
         model.eval()
         try:
-            with self.compute_loss_context_manager():
+            with self.compute_loss_context_manager(), _project_labelled_positions_only():
                 out = model(**model_inputs, labels=score_labels, fused_lm_head=True, use_cache=False)
         finally:
             model.train(was_training)
@@ -317,7 +369,7 @@ class QTuningSFTTrainer(SFTTrainer):
         token_logps, token_entropy = out.log_probs.float(), out.entropy.float()
         reference_logps = None
         if self._reference_model is not None:
-            with self.compute_loss_context_manager():
+            with self.compute_loss_context_manager(), _project_labelled_positions_only():
                 reference_logps = self._reference_model(
                     **model_inputs, labels=labels, fused_lm_head=True, use_cache=False
                 ).log_probs.float()

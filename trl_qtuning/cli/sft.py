@@ -138,11 +138,21 @@ def _read_recipe(argv: list[str]) -> None:
         os.environ[str(key)] = str(value)
 
 
+def _unknown_flags(parser, argv: list[str]) -> list[str]:
+    """Flags no option starts with, found before the configs are built (whose checks would otherwise speak first)."""
+    known = [option for option in parser._option_string_actions if option.startswith("--")]
+    names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--") and arg != "--"]
+    return [name for name in names if name != "--config" and not any(option.startswith(name) for option in known)]
+
+
 def parse_args(argv: list[str]):
     """(script_args, training_args, model_args, dataset_args) from a recipe and command-line flags."""
     argv = _normalise_argv(argv)
     _read_recipe(argv)
     parser = make_parser()
+    unknown = _unknown_flags(parser, argv)
+    if unknown:
+        raise CliError(f"unknown argument(s): {' '.join(unknown)} (see `{PROG} --help`)")
     try:
         *parsed, recipe_rest, cli_rest = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
