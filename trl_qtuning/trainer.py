@@ -46,6 +46,11 @@ except ImportError as exc:  # pragma: no cover - depends on the installed TRL
 
 __all__ = ["QTuningSFTTrainer"]
 
+logger = logging.getLogger(__name__)
+
+LOSS_WEIGHT_COLUMN = "qtuning_loss_weight"
+"""Per-token loss factor added to micro-batches by reweighting policies (InfoBatch); read by ``compute_loss``."""
+
 _EAGER_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
@@ -71,10 +76,7 @@ def _project_labelled_positions_only() -> Iterator[None]:
     finally:
         trl_utils._use_triton = original
 
-logger = logging.getLogger(__name__)
 
-LOSS_WEIGHT_COLUMN = "qtuning_loss_weight"
-"""Per-token loss factor added to micro-batches by reweighting policies (InfoBatch); read by ``compute_loss``."""
 _PER_TOKEN_FLAT_KEYS = ("input_ids", "labels", "position_ids", "shift_labels", LOSS_WEIGHT_COLUMN)
 
 
