@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -235,6 +238,33 @@ def test_accelerate_config_spells_the_accelerate_launch_command(tmp_path, capsys
     assert "need --accelerate_config" in _error_line(capsys)
     assert main(["sft", "--accelerate_config", str(tmp_path / "missing.yaml")]) == 1
     assert "accelerate config not found" in _error_line(capsys)
+
+
+def test_launcher_exit_code_is_returned():
+    assert sft_cli._run_launcher([sys.executable, "-c", "raise SystemExit(3)"]) == 3
+
+
+@pytest.mark.parametrize("child_ignores_sigterm", [False, True])
+def test_interrupted_launch_stops_the_launcher(monkeypatch, child_ignores_sigterm):
+    """An interrupted `trl-qtuning sft --accelerate_config` never leaves the launch (and its workers) running."""
+    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if child_ignores_sigterm else ""
+    child = [sys.executable, "-c", f"import signal, time; {ignore}time.sleep(60)"]
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda command: started.append(real_popen(command)) or started[-1])
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sft_cli._run_launcher(child, grace_seconds=1.0)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    # Stopped by SIGTERM, or killed after the grace period when it ignores SIGTERM.
+    assert started[0].returncode == -(signal.SIGKILL if child_ignores_sigterm else signal.SIGTERM)
 
 
 @pytest.mark.slow

@@ -70,6 +70,7 @@ _RANK_SCRIPT = textwrap.dedent(
     (out / f"rank{{rank}}.json").write_text(json.dumps(decided))
     (out / f"rank{{rank}}_global.json").write_text(json.dumps(global_keeps))
     torch.save({{"grads": capture.grads[0], "params": trainer.model.state_dict()}}, out / f"rank{{rank}}.pt")
+    trainer.end()  # the teardown a script should end with (it must not hang: see QTuningSFTTrainer.end)
     """
 )
 

@@ -192,6 +192,25 @@ def test_a_model_caching_tensors_in_the_scoring_forward_gets_a_clear_error_and_a
     assert trainer.state.global_step == 1
 
 
+def test_end_frees_the_distributed_wrapper_before_destroying_the_process_group(tmp_path, monkeypatch):
+    """The DDP wrapper must be gone when the group is destroyed, or the gloo teardown can hang the process at exit."""
+    import weakref
+
+    trainer = build_trainer(tmp_path, max_steps=1)
+    trainer.train()
+    wrapper = torch.nn.ModuleList([trainer.model])  # stands in for DistributedDataParallel(trainer.model)
+    trainer.model_wrapped = wrapper
+    trainer.accelerator._models.append(wrapper)
+    wrapper_alive = weakref.ref(wrapper)
+    del wrapper
+    alive_at_destroy: list[bool] = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda group=None: alive_at_destroy.append(wrapper_alive() is not None))
+    trainer.end()
+    assert alive_at_destroy == [False]
+    assert trainer.model_wrapped is trainer.model
+
+
 _KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys

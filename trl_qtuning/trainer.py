@@ -738,3 +738,17 @@ class QTuningSFTTrainer(SFTTrainer):
         finally:
             if self.args.qtuning_enabled and self._ledger is not None:
                 self._ledger.flush()
+
+    def end(self) -> None:
+        """Finish the trackers and destroy the process group, letting go of the distributed wrapper first.
+
+        DDP's reducer holds the gloo process group. Were it the group's last holder when the model is freed, the
+        group would be destroyed with the GIL held while a gloo worker may still need the GIL to free a gathered
+        tensor: the process then hangs at exit (pytorch/pytorch#56297; seen with 2 CPU processes). Freed first, the
+        wrapper leaves `torch.distributed`'s registry as the last holder, whose destruction releases the GIL.
+        """
+        if self.model_wrapped is not self.model:
+            self.model_wrapped = self.model
+            # accelerate keeps the prepared (wrapped) model, optimizer, scheduler and loaders; training is over.
+            self.accelerator.free_memory()
+        super().end()

@@ -449,6 +449,28 @@ def accelerate_command(argv: list[str]) -> list[str] | None:
     return [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "trl_qtuning.cli.main", "sft", *rest]
 
 
+def _run_launcher(command: list[str], grace_seconds: float = 30.0) -> int:
+    """Run ``accelerate launch`` and return its exit code; if this process is interrupted, stop the launch too.
+
+    Without this, an interrupted ``trl-qtuning sft`` (Ctrl-C from another process group, a supervisor's timeout) would
+    leave the launcher and its training processes running, holding the devices. The launcher passes SIGTERM on to its
+    workers; one that does not stop within ``grace_seconds`` is killed.
+    """
+    import subprocess
+
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except BaseException:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     """``trl-qtuning sft [--config RECIPE.yaml] [--field value ...]``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -456,10 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         command = accelerate_command(argv)
         if command is not None:
-            import subprocess
-
             print("launching: " + " ".join(command[1:]), flush=True)
-            return subprocess.call(command)
+            return _run_launcher(command)
         return run(*parse_args(argv))
 
     return run_reporting_errors(PROG, body)
