@@ -452,9 +452,9 @@ def accelerate_command(argv: list[str]) -> list[str] | None:
 def _run_launcher(command: list[str], grace_seconds: float = 30.0) -> int:
     """Run ``accelerate launch`` and return its exit code; if this process is interrupted, stop the launch too.
 
-    Without this, an interrupted ``trl-qtuning sft`` (Ctrl-C from another process group, a supervisor's timeout) would
-    leave the launcher and its training processes running, holding the devices. The launcher passes SIGTERM on to its
-    workers; one that does not stop within ``grace_seconds`` is killed.
+    ``subprocess.call`` would SIGKILL the launcher on an interruption (a supervisor's timeout, a signal to this process
+    alone), leaving its training processes orphaned and holding the devices. SIGTERM is passed on to the workers by
+    the launcher; a launcher still running after ``grace_seconds`` is killed.
     """
     import subprocess
 
