@@ -257,11 +257,13 @@ def test_interrupted_launch_stops_the_launcher(monkeypatch, child_ignores_sigter
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGUSR1, interrupt)
-    threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGUSR1))
+    timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             sft_cli._run_launcher(child, grace_seconds=1.0)
     finally:
+        timer.cancel()  # never let SIGUSR1 arrive after its handler is gone (its default action ends the process)
         signal.signal(signal.SIGUSR1, previous)
     # Stopped by SIGTERM, or killed after the grace period when it ignores SIGTERM.
     assert started[0].returncode == -(signal.SIGKILL if child_ignores_sigterm else signal.SIGTERM)
