@@ -304,7 +304,7 @@ class QTuningSFTTrainer(SFTTrainer):
         return count
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.args.qtuning_enabled and inputs["input_ids"].numel() == 0:
+        if self.args.qtuning_enabled and not _has_rows(inputs):
             # Every sample of this micro-batch was dropped: nothing to compute, nothing to add to the loss.
             return torch.zeros((), device=self.args.device)
         try:
