@@ -154,8 +154,10 @@ def make_dataset(args, vocab: int, n: int) -> Dataset:
 
 
 def run_once(
-    args, tokenizer, dataset, regime: str, ratio: float | None, seed: int, measure_memory: bool
+    args, tokenizer, dataset, variant: str, regime: str, ratio: float | None, seed: int, measure_memory: bool
 ) -> dict[str, float]:
+    """One short training run of ``variant`` ("sft": plain SFTTrainer; "qtuning": QTuningSFTTrainer, pruning off
+    when ``ratio`` is None)."""
     cuda = torch.cuda.is_available()
     gc.collect()  # the previous run's trainer and model, freed now rather than during this run's steps
     if cuda:
@@ -175,7 +177,7 @@ def run_once(
     clock = StepClock()
     memory = CpuStepMemory(profiled_step=args.steps + 2)
     callbacks = [clock, memory] if measure_memory and not cuda else [clock]
-    if ratio is None and args._variant == "sft":
+    if variant == "sft":
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config, callbacks=callbacks)
     else:
@@ -289,7 +291,13 @@ def scaling_table(args, tokenizer) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.settings.split(",") if name not in SETTINGS]
+    unknown += [name for name in args.regimes.split(",") if name not in ("lora", "full")]
+    if unknown:
+        parser.error(f"unknown --settings/--regimes value(s) {', '.join(unknown)}; settings: {', '.join(SETTINGS)}; "
+                     "regimes: lora, full")
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     import datasets
@@ -330,9 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                 order = ("sft", "qtuning") if repeat % 2 == 0 else ("qtuning", "sft")
                 results = {}
                 for variant in order:
-                    args._variant = variant
                     setting = None if variant == "sft" or name == "off" else ratio
-                    results[variant] = run_once(args, tokenizer, dataset, regime, setting, repeat, memory)
+                    results[variant] = run_once(args, tokenizer, dataset, variant, regime, setting, repeat, memory)
                 base, result = results["sft"], results["qtuning"]
                 sft_times.append(base["step"])
                 q_times.append(result["step"])
