@@ -39,12 +39,12 @@ class CliError(Exception):
         self.code = code
 
 
-def _one_line(exc: BaseException | str) -> str:
+def one_line(exc: BaseException | str) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
 
 
-def _debug() -> bool:
+def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -54,7 +54,7 @@ def run_reporting_errors(prog: str, body: Callable[[], int]) -> int:
     try:
         return body()
     except CliError as exc:
-        if _debug() and exc.__cause__ is not None:
+        if debug_enabled() and exc.__cause__ is not None:
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.code
@@ -128,7 +128,7 @@ def _read_recipe(argv: list[str]) -> None:
     try:
         recipe = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise CliError(f"cannot parse recipe {path}: {_one_line(exc)}") from exc
+        raise CliError(f"cannot parse recipe {path}: {one_line(exc)}") from exc
     if not isinstance(recipe, dict):
         raise CliError(f"recipe {path} must be a YAML mapping of option names to values")
     env = recipe.get("env") or {}
@@ -158,7 +158,7 @@ def parse_args(argv: list[str]):
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
     except (ValueError, TypeError) as exc:  # dataclass validation (QTuningConfig, SFTConfig, ModelConfig...)
-        raise CliError(_one_line(exc)) from exc
+        raise CliError(one_line(exc)) from exc
     if recipe_rest:  # TrlParser gives them back as ["--key", "value", ...]
         keys = ", ".join(key.removeprefix("--") for key in recipe_rest[::2])
         raise CliError(f"unknown key(s) in the recipe: {keys} (see `{PROG} --help` for the valid names)")
@@ -246,15 +246,15 @@ def load_datasets(script_args, dataset_args):
     except CliError:
         raise
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:
-        if _debug():
+        if debug_enabled():
             raise
         hint = ""
         if not (script_args.dataset_name and Path(script_args.dataset_name).expanduser().exists()):
             if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
                 hint = " (HF_HUB_OFFLINE is set: only local or cached datasets can load)"
-        detail = _one_line(exc)
+        detail = one_line(exc)
         if exc.__cause__ is not None:  # e.g. DatasetGenerationError wraps the parse error
-            detail = f"{detail}: {_one_line(exc.__cause__)}"
+            detail = f"{detail}: {one_line(exc.__cause__)}"
         raise CliError(f"cannot load dataset {source}{hint}: {detail}", code=1) from exc
 
 
@@ -355,7 +355,7 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
         # opt-in plain-LoRA fallback (which merges its tag into MLFLOW_TAGS before the trainer reads it).
         quantization = plan_quantization(model_args, training_args)
     except QuantizationError as exc:
-        raise CliError(_one_line(exc), code=exc.code) from exc
+        raise CliError(one_line(exc), code=exc.code) from exc
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -388,18 +388,18 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
             peft_config=peft_config,
         )
     except (OSError, ImportError) as exc:  # model not found / not downloadable, missing optional package
-        if _debug():
+        if debug_enabled():
             raise
         hint = ""
         if isinstance(exc, ImportError) and (model_args.load_in_4bit or model_args.load_in_8bit):
             hint = " (quantisation needs `pip install 'trl-qtuning[quantization]'`)"
         model = model_args.model_name_or_path
-        raise CliError(f"cannot set up training for model {model!r}{hint}: {_one_line(exc)}", code=1) from exc
+        raise CliError(f"cannot set up training for model {model!r}{hint}: {one_line(exc)}", code=1) from exc
     try:
         # Really quantised as asked (never full precision in silence); 4-bit layers kept trainable on CPU.
         prepare_quantized_model(trainer.model, quantization)
     except QuantizationError as exc:
-        raise CliError(_one_line(exc), code=exc.code) from exc
+        raise CliError(one_line(exc), code=exc.code) from exc
 
     train_output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)

@@ -1,0 +1,186 @@
+"""The bench's data: the training subset (optionally with label noise), held-out rows and evaluation subsets.
+
+Every selection ranks rows by ``sha256(seed:salt:uid)``, so every cell of a matrix sees the same rows on any machine
+and library version. Label noise swaps the answers of a seeded share of the *training* rows among themselves; the
+held-out, transfer and evaluation rows are never corrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from .matrix import Matrix, TrainData, field_error
+
+__all__ = ["corrupt_answers", "describe", "load_pool", "prepare_data"]
+
+
+def _ranked(dataset, seed: int, salt: str):
+    """The rows ranked by ``sha256(seed:salt:uid)`` (row index without a uid column): same for every cell and
+    library version."""
+    return dataset.select(_rank_order(dataset, seed, salt))
+
+
+def _rank_order(dataset, seed: int, salt: str) -> list[int]:
+    keys = list(dataset["uid"]) if "uid" in dataset.column_names else [str(i) for i in range(len(dataset))]
+    return sorted(range(len(dataset)), key=lambda i: hashlib.sha256(f"{seed}:{salt}:{keys[i]}".encode()).digest())
+
+
+def _first(dataset, size: int | None, seed: int, salt: str):
+    if size is None or size >= len(dataset):
+        return dataset
+    return _ranked(dataset, seed, salt).select(range(size))
+
+
+def _arithmetic_rows(n: int, seed: int, noisy_share: float):
+    """Tiny synthetic conversational prompt/completion rows with a uid and the final number as ``answer``."""
+    from ..testing import make_arithmetic_dataset
+
+    dataset = make_arithmetic_dataset(n, seed=seed, conversational=True, noisy_share=noisy_share)
+
+    def add(row, i):
+        return {"uid": f"arithmetic/{seed}/{i}", "answer": row["completion"][0]["content"].split()[-2]}
+
+    return dataset.map(add, with_indices=True)
+
+
+def _arithmetic_choices(n: int, seed: int):
+    """A multiple-choice twin of the arithmetic data (question, 4 choices, label_index) for tests."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        wrong = rng.sample([v for v in range(99) if v != a + b], 3)
+        choices = [str(v) for v in [a + b, *wrong]]
+        rng.shuffle(choices)
+        rows.append({"question": f"what is {a} plus {b} ?", "choices": choices, "label_index": choices.index(str(a + b)),
+                     "uid": f"arithmetic_mc/{seed}/{i}"})  # fmt: skip
+    return Dataset.from_list(rows)
+
+
+def _as_prompt_completion(dataset, where: str):
+    columns = set(dataset.column_names)
+    if {"prompt", "completion"} <= columns:
+        return dataset
+    if {"question", "answer"} <= columns:
+        return dataset.map(
+            lambda row: {
+                "prompt": [{"role": "user", "content": row["question"]}],
+                "completion": [{"role": "assistant", "content": row["answer"]}],
+            },
+            remove_columns=sorted(columns),
+        )
+    raise field_error(where, f"needs 'prompt'/'completion' (or 'question'/'answer') columns, found {sorted(columns)}",
+               "convert the file to prompt/completion rows", )
+
+
+def load_pool(source: str, options: dict[str, Any], *, path: str | None, size: int, seed: int, where: str):
+    """A pool of prompt-completion rows from one of the bench's sources (``size``/``seed`` feed the synthetic one)."""
+    if source == "gsm8k_jsonl":
+        from ..demo.assets import load_local_gsm8k_jsonl
+
+        return load_local_gsm8k_jsonl(path, strip_calculator=bool(options.get("strip_calculator", False)))
+    if source == "demo_math":
+        from ..demo.assets import load_math_pool
+
+        return load_math_pool(options.get("subjects"), options.get("max_level"), options.get("max_chars"))
+    if source == "arithmetic":
+        return _arithmetic_rows(size, seed, float(options.get("noisy_share", 0.2)))
+    from ..cli.sft import load_local_dataset
+
+    loaded = load_local_dataset(Path(path))
+    dataset = loaded["train"] if hasattr(loaded, "keys") else loaded
+    return _as_prompt_completion(dataset, where)
+
+
+def load_train_pool(matrix: Matrix):
+    """The training pool of ``data.train`` before the held-out split."""
+    spec: TrainData = matrix.train
+    return load_pool(spec.source, spec.options, path=spec.path, size=(spec.size or 64) + matrix.heldout_size,
+                     seed=spec.seed, where="data.train.path")  # fmt: skip
+
+
+def corrupt_answers(train, share: float, seed: int) -> tuple[Any, list[int]]:
+    """Swap the completions of ``round(share * n)`` seeded rows among themselves (a cyclic shift in ranked order, so
+    every chosen row gets another chosen row's answer). Returns the new dataset and the corrupted row indices."""
+    n = len(train)
+    count = int(share * n + 0.5)
+    if count == 0:
+        return train, []
+    if count < 2:
+        raise field_error("data.train.label_noise", f"{share} of {n} rows is {count} row: answers are swapped among the "
+                   "corrupted rows, so at least 2 are needed", "raise label_noise or data.train.size")
+    chosen = _rank_order(train, seed, "label_noise")[:count]
+    completions = train["completion"]
+    donor = {row: chosen[(i + 1) % count] for i, row in enumerate(chosen)}
+
+    def swap(row, index):
+        return {"completion": completions[donor[index]]} if index in donor else {"completion": row["completion"]}
+
+    return train.map(swap, with_indices=True), sorted(chosen)
+
+
+def prepare_data(matrix: Matrix) -> dict[str, Any]:
+    """Train subset, held-out rows and evaluation subsets: the same for every cell."""
+    from ..demo.assets import split_pool
+
+    pool = load_train_pool(matrix)
+    spec = matrix.train
+    if matrix.heldout_size >= len(pool):
+        raise field_error("data.heldout_size", f"{matrix.heldout_size} >= the {len(pool)} rows of the training pool",
+                   "use a smaller held-out size")
+    train, heldout = split_pool(pool, matrix.heldout_size, spec.seed)
+    if spec.size is not None and spec.size > len(train):
+        raise field_error("data.train.size", f"{spec.size} > the {len(train)} rows left after the held-out split",
+                   f"use at most {len(train)}, or null for all")
+    train = _first(train, spec.size, spec.seed, "train")
+    corrupted: list[int] = []
+    if spec.label_noise:
+        train, corrupted = corrupt_answers(train, spec.label_noise, spec.seed)
+    keep = [c for c in ("prompt", "completion") if c in train.column_names]
+    train = train.select_columns(keep) if len(keep) == 2 else train
+    data: dict[str, Any] = {"train": train, "heldout": heldout, "corrupted_ids": corrupted}
+    ev, seed = matrix.eval, matrix.eval.seed
+    if ev.gsm8k:
+        g = ev.gsm8k
+        if g["source"] == "arithmetic":
+            pool_g = _arithmetic_rows(g["size"], 10_000 + seed, 0.0)
+        elif g["source"] == "gsm8k_jsonl":
+            from ..demo.assets import load_local_gsm8k_jsonl
+
+            pool_g = load_local_gsm8k_jsonl(g["path"])
+        else:
+            from ..demo.assets import load_gsm8k_test
+
+            pool_g = load_gsm8k_test()
+        data["gsm8k"] = _first(pool_g, g["size"], seed, "gsm8k")
+    for name in ("arc_easy", "arc_challenge"):
+        a = getattr(ev, name)
+        if a:
+            if a["source"] == "arithmetic":
+                pool_a = _arithmetic_choices(a["size"], 20_000 + seed + (name == "arc_challenge"))
+            else:
+                from ..demo.assets import load_arc
+
+                pool_a = load_arc(name.removeprefix("arc_"), a["subset"])  # type: ignore[arg-type]
+            data[name] = _first(pool_a, a["size"], seed, name)
+    if ev.transfer:
+        t = ev.transfer
+        pool_t = load_pool(t["source"], t, path=t.get("path"), size=t["size"], seed=30_000 + t["seed"],
+                           where="eval.transfer.path")  # fmt: skip
+        data["transfer"] = _first(pool_t, t["size"], t["seed"], "transfer")
+    return data
+
+
+def describe(data: dict[str, Any]) -> str:
+    parts = [f"{len(data['train'])} training rows", f"{len(data['heldout'])} held-out rows"]
+    parts += [f"{len(data[k])} {k}" for k in ("transfer", "gsm8k", "arc_easy", "arc_challenge") if k in data]
+    if data.get("corrupted_ids"):
+        parts.append(f"{len(data['corrupted_ids'])} training rows with swapped answers")
+    return ", ".join(parts)
+

@@ -1,0 +1,147 @@
+"""The bench's MLflow side: the environment the tracking callback reads, cell tags, and fault-tolerant sends.
+
+Tracking never stops the bench: an outage keeps metrics in the run's ``pending.jsonl`` and says so on stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..cli.sft import one_line
+from .matrix import PROG, Cell, Matrix, budget_tag
+
+__all__ = ["cell_tags", "environ", "log_summary", "retire_old_run", "run_id_from_disk", "send", "tracking_env", "warn"]
+
+
+def apply_environ(values: dict[str, str | None]) -> None:
+    """Set each variable, or unset it where the value is None."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@contextlib.contextmanager
+def environ(updates: dict[str, str | None]):
+    saved = {name: os.environ.get(name) for name in updates}
+    try:
+        apply_environ(updates)
+        yield
+    finally:
+        apply_environ(saved)
+
+
+def tracking_env(matrix: Matrix, tags: dict[str, str]) -> dict[str, str | None]:
+    """What the tracking callback reads: the experiment, the store, extra tags; never an inherited run id."""
+    if matrix.report_to != "mlflow":
+        return {}
+    extra: dict[str, Any] = {}
+    with contextlib.suppress(ValueError, TypeError):
+        extra = json.loads(os.environ.get("MLFLOW_TAGS") or "{}")
+    env: dict[str, str | None] = {
+        "MLFLOW_EXPERIMENT_NAME": matrix.experiment,
+        "MLFLOW_RUN_ID": None,
+        "MLFLOW_NESTED_RUN": None,
+        "MLFLOW_TAGS": json.dumps({**extra, **tags}),
+    }
+    if matrix.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = matrix.tracking_uri
+    return env
+
+
+def cell_tags(matrix: Matrix, cell: Cell) -> dict[str, str]:
+    tags = {"bench.cell": cell.id, "bench.method": cell.method, "bench.experiment": matrix.experiment,
+            "bench.matrix": str(matrix.path)}  # fmt: skip
+    if cell.budget:
+        tags["bench.budget"] = budget_tag(cell.budget)
+    if cell.seed is not None:
+        tags["bench.seed"] = str(cell.seed)
+    return tags
+
+
+def warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def send(sink, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None) -> str | None:
+    """Queue eval metrics in the run's fault-tolerant writer and send; an outage keeps them in pending.jsonl."""
+    try:
+        if tags:
+            sink.set_tags(tags)
+        sink.log_metrics(metrics, step=step)
+        if not sink.flush(force=True):
+            path = sink.persist()
+            warn(f"MLflow is unreachable; the evaluation metrics are kept in {path} (send them later with "
+                  f"`python -m trl_qtuning.tracking sync {sink.spool_dir.parent}`)")  # fmt: skip
+        return sink.run_id
+    except Exception as exc:  # tracking never stops the bench
+        warn(f"logging to MLflow failed ({type(exc).__name__}: {one_line(exc)}); the result is on disk only")
+        return getattr(sink, "run_id", None)
+
+
+def run_id_from_disk(cell_dir: Path) -> str | None:
+    from ..tracking.callback import TRACKING_DIR
+    from ..tracking.sink import RUN_FILE
+
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((cell_dir / TRACKING_DIR / RUN_FILE).read_text()).get("run_id")
+    return None
+
+
+def retire_old_run(matrix: Matrix, cell_dir: Path) -> None:
+    """An interrupted cell's MLflow run is marked FAILED before the cell is run again (best effort)."""
+    if matrix.report_to != "mlflow":
+        return
+    try:
+        from ..tracking.callback import TRACKING_DIR
+        from ..tracking.sink import RUN_FILE
+
+        info = json.loads((cell_dir / TRACKING_DIR / RUN_FILE).read_text())
+    except (OSError, ValueError, ImportError):
+        return
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=info.get("tracking_uri") or matrix.tracking_uri)
+        client.set_tag(info["run_id"], "bench.superseded", "true")
+        client.set_terminated(info["run_id"], "FAILED")
+    except Exception as exc:  # best effort: the store may be down or the run gone
+        warn(f"could not mark the interrupted cell's MLflow run {info.get('run_id')} as FAILED ({type(exc).__name__})")
+
+
+
+SUMMARY_RUN = "bench-summary"
+
+
+def log_summary(matrix: Matrix, files: list[Path]) -> str | None:
+    """The results page and figures as artifacts of one run named ``bench-summary`` in the matrix's experiment
+    (tagged ``bench.summary=true``; reused when it exists). Best effort: an outage only warns."""
+    if matrix.report_to != "mlflow" or not files:
+        return None
+    try:
+        from mlflow import MlflowClient
+
+        with environ(tracking_env(matrix, {})):
+            client = MlflowClient(tracking_uri=matrix.tracking_uri)
+            experiment = client.get_experiment_by_name(matrix.experiment)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(matrix.experiment)
+            found = client.search_runs([experiment_id], filter_string="tags.`bench.summary` = 'true'", max_results=1)
+            if found:
+                run_id = found[0].info.run_id
+            else:
+                run = client.create_run(experiment_id, run_name=SUMMARY_RUN,
+                                        tags={"bench.summary": "true", "bench.matrix": str(matrix.path)})  # fmt: skip
+                run_id = run.info.run_id
+                client.set_terminated(run_id, "FINISHED")
+            for path in files:
+                client.log_artifact(run_id, str(path))
+            return run_id
+    except Exception as exc:  # tracking never stops the bench
+        warn(f"logging the results page to MLflow failed ({type(exc).__name__}: {one_line(exc)})")
+        return None

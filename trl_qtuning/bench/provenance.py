@@ -1,0 +1,77 @@
+"""Where a result came from: the commit, the library versions, the machine, and a hash of the cell's settings."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .matrix import Cell, Matrix
+
+__all__ = ["fingerprint", "git_state", "library_versions", "machine_summary"]
+
+
+def fingerprint(matrix: Matrix, cell: Cell) -> str:
+    """A hash of every setting the cell's result depends on (to flag results made with other settings)."""
+    method = None if cell.is_base else matrix.method(cell.method)
+    payload: dict[str, Any] = {
+        "model": matrix.model, "eval": matrix.eval.as_dict(), "heldout_size": matrix.heldout_size,
+        "train": matrix.train.as_dict(), "lora": None if cell.is_base else matrix.lora,
+        "training": None if cell.is_base else matrix.training, "overrides": method.overrides if method else None,
+        "budget": cell.budget, "seed": cell.seed,
+    }  # fmt: skip
+    if method is not None and method.match_label_tokens:
+        payload["match_label_tokens"] = method.match_label_tokens
+    if not cell.is_base and matrix.equal_compute is not None:
+        payload["equal_compute"] = [matrix.equal_compute.reference, matrix.equal_compute.max_steps]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_state() -> dict[str, Any]:
+    """Commit and dirty flag of the git working tree holding this package (else of the current directory)."""
+    for where in (Path(__file__).resolve().parent, Path.cwd()):
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True,
+                timeout=20, check=True,
+            ).stdout
+            return {"commit": commit, "dirty": bool(status.strip())}
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return {"commit": None, "dirty": None}
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("trl-qtuning", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "mlflow"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def machine_summary() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    summary: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    with contextlib.suppress(Exception):  # a machine summary never fails the table
+        import torch
+
+        summary["torch_threads"] = torch.get_num_threads()
+        summary["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return summary

@@ -1,0 +1,56 @@
+"""A cell's result on disk: ``<output_dir>/<cell folder>/result.json``, written atomically, read back for resuming."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .matrix import Cell, Matrix
+from .provenance import fingerprint, git_state, library_versions
+
+__all__ = ["RESULT_FILE", "RESULT_FORMAT", "cell_record", "read_result", "write_json"]
+
+RESULT_FILE = "result.json"
+RESULT_FORMAT = 2
+"""2: adds the learning curve, compute and (with label noise) the noise audit; format 1 results still read."""
+
+
+def read_result(cell_dir: Path, cell: Cell | None = None) -> dict[str, Any] | None:
+    """The cell's result if its ``result.json`` is complete (else None)."""
+    path = cell_dir / RESULT_FILE
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(result, dict) or result.get("status") != "complete" or not isinstance(result.get("metrics"), dict):
+        return None
+    if cell is not None and result.get("cell_id") != cell.id:
+        return None
+    return result
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Atomically (a killed process never leaves a half-written result that looks complete)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def cell_record(matrix: Matrix, cell: Cell, **fields: Any) -> dict[str, Any]:
+    return {
+        "format": RESULT_FORMAT,
+        "status": "complete",
+        "cell_id": cell.id,
+        "cell_dir": cell.dirname,
+        "method": cell.method,
+        "budget": None if cell.budget is None else {"sample_keep_ratio": cell.budget[0], "token_keep_ratio": cell.budget[1]},
+        "seed": cell.seed,
+        "fingerprint": fingerprint(matrix, cell),
+        **fields,
+        "git": git_state(),
+        "versions": library_versions(),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,314 @@
+"""Running the cells: resume, train with compute accounting and a learning curve, evaluate, record.
+
+A cell whose ``result.json`` is complete is skipped; a cell folder without one (an interrupted cell) is cleaned and
+run again. Within a seed, the equal-compute reference runs first (its final compute is every other cell's target)
+and a ``match_label_tokens`` method runs after the method it matches (whose realised label-token share it trains at).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ..cli.sft import debug_enabled, one_line
+from .data import describe, prepare_data
+from .evaluate import CurveRecorder, curve_metrics, evaluate
+from .matrix import PROG, BenchConfigError, Cell, Matrix, build_config, cell_config_kwargs, plan_cells, with_defaults
+from .mlflow_env import cell_tags, environ, retire_old_run, run_id_from_disk, send, tracking_env, warn
+from .models import load_model_and_tokenizer, peft_config
+from .provenance import fingerprint
+from .results import RESULT_FILE, cell_record, read_result, write_json
+
+__all__ = ["CellTargets", "cell_targets", "run_base_cell", "run_bench", "run_train_cell"]
+
+SUMMARY_METRICS = (("eval/nll", "NLL"), ("eval/nll_transfer", "transfer NLL"), ("eval/gsm8k_em", "GSM8K EM"),
+                   ("eval/arc_easy_acc", "ARC-E acc"), ("eval/arc_challenge_acc", "ARC-C acc"))  # fmt: skip
+
+
+class CellTargets(dict):
+    """What a cell takes from cells run before it: ``compute`` (the equal-compute target) and ``label_share``."""
+
+
+def _realised(history: list[dict[str, Any]], qtuning_enabled: bool, max_step: int | None) -> dict[str, float | None]:
+    """Mean logged sample keep ratio and label-token share over the steps up to ``max_step`` (the equal-steps
+    point; all steps if None). Plain fine-tuning trains every sample and every answer token."""
+    if not qtuning_enabled:
+        return {"sample_keep_ratio": 1.0, "label_token_share": 1.0}
+    within = [e for e in history if max_step is None or int(e.get("step", 0)) <= max_step]
+
+    def mean(key: str) -> float | None:
+        values = [float(e[key]) for e in within if key in e and math.isfinite(float(e[key]))]
+        return sum(values) / len(values) if values else None
+
+    return {"sample_keep_ratio": mean("qtuning/sample_keep_ratio"), "label_token_share": mean("qtuning/label_token_share")}
+
+
+def cell_targets(matrix: Matrix, cell: Cell) -> CellTargets:
+    """The targets a cell needs from finished cells of the same seed; a missing one is a clear error."""
+    targets = CellTargets()
+    if cell.is_base:
+        return targets
+    method = matrix.method(cell.method)
+    ec = matrix.equal_compute
+    if ec is not None and cell.method != ec.reference:
+        reference = matrix.method(ec.reference)
+        ref_cell = Cell(reference.name, reference.budgets[0], cell.seed)
+        done = read_result(matrix.output_dir / ref_cell.dirname, ref_cell)
+        if done is None or not (done.get("compute") or {}).get("final"):
+            raise RuntimeError(f"equal compute needs the reference cell {ref_cell.id} first (run it, e.g. without "
+                               f"--only, or with --only {reference.name})")  # fmt: skip
+        targets["compute"] = int(done["compute"]["final"])
+    if method.match_label_tokens is not None:
+        source = Cell(method.match_label_tokens, cell.budget, cell.seed)
+        done = read_result(matrix.output_dir / source.dirname, source)
+        share = None if done is None else (done.get("realised") or {}).get("label_token_share")
+        if share is None:
+            raise RuntimeError(f"match_label_tokens needs the cell {source.id} first (run it, e.g. with --only "
+                               f"{method.match_label_tokens})")  # fmt: skip
+        targets["label_share"] = float(share)
+    return targets
+
+
+def run_base_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
+    """Evaluate the untrained model once (its own MLflow run, named ``base``)."""
+    import torch
+    from transformers import set_seed
+
+    set_seed(0)
+    settings = with_defaults(matrix.training)
+    bf16 = bool(settings.get("bf16"))
+    model, tokenizer = load_model_and_tokenizer(matrix)
+    if torch.cuda.is_available() and not settings.get("use_cpu"):
+        model = model.to("cuda")
+    started = time.perf_counter()
+    metrics = evaluate(model, tokenizer, matrix, data, bf16=bf16, cell_dir=cell_dir)
+    eval_seconds = time.perf_counter() - started
+    del model
+    gc.collect()
+    run_id = None
+    if matrix.report_to == "mlflow":
+        try:
+            import mlflow
+
+            from ..tracking.callback import TRACKING_DIR
+            from ..tracking.sink import MLflowSink
+
+            with environ(tracking_env(matrix, {})):
+                sink = MLflowSink(
+                    cell_dir / TRACKING_DIR, tracking_uri=os.getenv("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri(),
+                    experiment_name=matrix.experiment, run_name=cell.id,
+                    tags={"qtuning.method": "base", **cell_tags(matrix, cell)},
+                )  # fmt: skip
+                sink.log_params({"model": matrix.model, "trained": "false"})
+                sink.end("FINISHED")
+                run_id = send(sink, {**metrics, "eval_seconds": eval_seconds}, step=0)
+        except Exception as exc:
+            warn(f"logging the base cell to MLflow failed ({type(exc).__name__}: {one_line(exc)})")
+    return cell_record(
+        matrix, cell, metrics=metrics, train_seconds=None, eval_seconds=eval_seconds, global_step=0,
+        realised={"sample_keep_ratio": None, "label_token_share": None},
+        mlflow={"run_id": run_id, "experiment": matrix.experiment} if matrix.report_to == "mlflow" else None,
+    )  # fmt: skip
+
+
+def _tracking_sink(trainer):
+    callback = next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "QTuningMLflowCallback"), None)
+    return getattr(callback, "sink", None)
+
+
+def _noise_audit(matrix: Matrix, data: dict[str, Any], cell_dir: Path, qtuning_enabled: bool) -> dict[str, Any] | None:
+    from .audit import audit_ledger, full_data_audit
+
+    corrupted = data.get("corrupted_ids") or []
+    if not corrupted:
+        return None
+    if not qtuning_enabled:
+        return full_data_audit(len(data["train"]), corrupted)
+    return audit_ledger(cell_dir / "qtuning_ledger", corrupted, max_step=matrix.max_steps)
+
+
+def run_train_cell(
+    matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Path, targets: CellTargets | None = None
+) -> dict[str, Any]:
+    """Seed, load a fresh model, train with ``QTuningSFTTrainer`` (counting compute, recording the curve, stopping
+    at the equal-compute target), evaluate, log to the training's MLflow run."""
+    from transformers import PrinterCallback, set_seed
+
+    from ..compute import ComputeMeter
+    from ..trainer import QTuningSFTTrainer
+
+    targets = targets if targets is not None else CellTargets()
+    method = matrix.method(cell.method)
+    kwargs = cell_config_kwargs(matrix, cell, method, matched_label_share=targets.get("label_share"))
+    with environ(tracking_env(matrix, cell_tags(matrix, cell))):
+        set_seed(int(cell.seed or 0))
+        config = build_config(kwargs, f"methods.{cell.method}")
+        model, tokenizer = load_model_and_tokenizer(matrix)
+        trainer = QTuningSFTTrainer(
+            model=model, args=config, train_dataset=data["train"], processing_class=tokenizer,
+            peft_config=peft_config(matrix),
+        )  # fmt: skip
+        trainer.remove_callback(PrinterCallback)
+        meter = ComputeMeter(trainer, target=targets.get("compute"), min_steps=matrix.max_steps or 0)
+        bf16 = bool(config.bf16)
+
+        def log_point(metrics: dict[str, float], step: int) -> None:
+            sink = _tracking_sink(trainer)
+            if sink is not None:
+                with contextlib.suppress(Exception):  # tracking never stops training
+                    sink.log_metrics(metrics, step=step)
+
+        curve = CurveRecorder(
+            measure=lambda m: curve_metrics(m, trainer.processing_class, matrix, data, bf16=bf16), meter=meter,
+            every_steps=matrix.eval.every_steps, equal_steps=matrix.max_steps,
+            log=log_point if matrix.report_to == "mlflow" else None,
+        )  # fmt: skip
+        if matrix.eval.nll is None or (matrix.eval.every_steps is None and matrix.equal_compute is None):
+            curve = None  # with equal compute the curve still records the equal-steps and equal-compute points
+        # First in line, so compute/* reach the reporters' on_log and the curve sees this step's compute.
+        trainer.callback_handler.callbacks.insert(0, meter)
+        if curve is not None:
+            trainer.callback_handler.callbacks.insert(1, curve)
+        started = time.perf_counter()
+        train_output = trainer.train()
+        train_seconds = time.perf_counter() - started
+    history = trainer.state.log_history
+    realised = _realised(history, bool(config.qtuning_enabled), matrix.max_steps)
+    realised_all = _realised(history, bool(config.qtuning_enabled), None)
+    started = time.perf_counter()
+    metrics = evaluate(trainer.model, trainer.processing_class, matrix, data, bf16=bf16, cell_dir=cell_dir)
+    eval_seconds = time.perf_counter() - started
+    final_step = trainer.state.global_step
+    at_equal_steps = next((c.cumulative for c in meter.history if c.step == matrix.max_steps), None)
+    compute = {
+        "final": meter.cumulative, "at_equal_steps": at_equal_steps, "per_trained_token": meter.per_token,
+        "target": targets.get("compute"), "reached_target": meter.reached_target if "compute" in targets else None,
+        "equal_compute_step": (curve.equal_compute_step if curve else None) or (final_step if meter.reached_target else None),
+        "steps": [vars(c) for c in meter.history],
+    }  # fmt: skip
+    audit = _noise_audit(matrix, data, cell_dir, bool(config.qtuning_enabled))
+
+    mlflow_info = None
+    if matrix.report_to == "mlflow":
+        sink = _tracking_sink(trainer)
+        run_id = None
+        if sink is not None:
+            extra = {"train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                     "compute/forward_token_equivalents": float(meter.cumulative)}  # fmt: skip
+            extra.update({f"bench/realised_{k}": v for k, v in realised.items() if v is not None})
+            if audit and audit.get("trained_share_corrupted") is not None:
+                extra["bench/noise_trained_share_corrupted"] = audit["trained_share_corrupted"]
+            run_id = send(sink, {**metrics, **extra}, step=final_step)
+        mlflow_info = {"run_id": run_id or run_id_from_disk(cell_dir), "experiment": matrix.experiment}
+    record = cell_record(
+        matrix, cell, metrics=metrics, train_seconds=train_seconds, eval_seconds=eval_seconds,
+        global_step=final_step, train_loss=getattr(train_output, "training_loss", None),
+        qtuning_enabled=bool(config.qtuning_enabled), overrides=method.overrides, realised=realised,
+        realised_all_steps=realised_all, train_rows=len(data["train"]), mlflow=mlflow_info,
+        token_keep_ratio=float(config.token_keep_ratio) if config.qtuning_enabled else None,
+        matched_label_share=targets.get("label_share"), compute=compute,
+        curve=curve.points if curve else None, noise_audit=audit,
+        corrupted_ids=data.get("corrupted_ids") or None,
+    )  # fmt: skip
+    del trainer, model
+    return record
+
+
+def _free_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore", module=r"(transformers|trl|peft|torch|datasets|mlflow)")
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _metric_summary(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{label} {metrics[key]:.4g}" for key, label in SUMMARY_METRICS if key in metrics)
+
+
+def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | None = None) -> int:
+    """Run every cell not yet finished, then write and print the table. Returns the exit code (1 if a cell failed)."""
+    from . import runner  # cells are looked up on the module, so tests can replace them
+    from .tables import render_results
+
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cells = plan_cells(matrix, only)
+    matrix.output_dir.mkdir(parents=True, exist_ok=True)
+    (matrix.output_dir / "matrix.yaml").write_text(matrix.text, encoding="utf-8")
+    _quiet_libraries()
+    print(f"== {PROG}: {len(cells)} cell(s), experiment {matrix.experiment!r}, output {matrix.output_dir} ==", flush=True)
+    data = None
+    failed: list[str] = []
+    for i, cell in enumerate(cells, 1):
+        cell_dir = matrix.output_dir / cell.dirname
+        prefix = f"[{i}/{len(cells)}] {cell.id}"
+        done = read_result(cell_dir, cell)
+        if done is not None:
+            stale = "" if done.get("fingerprint") == fingerprint(matrix, cell) else (
+                " -- made with other settings than the matrix's now; delete the folder to rerun"
+            )
+            print(f"{prefix}: skipped (done){stale}", flush=True)
+            continue
+        try:
+            targets = cell_targets(matrix, cell)
+        except RuntimeError as exc:
+            failed.append(cell.id)
+            warn(f"cell {cell.id} cannot run yet: {exc}")
+            continue
+        if cell_dir.exists():
+            print(f"{prefix}: unfinished folder from an earlier run: cleaning it and running again", flush=True)
+            retire_old_run(matrix, cell_dir)
+            shutil.rmtree(cell_dir)
+        if data is None:
+            print("Preparing data ...", flush=True)
+            data = prepare_data(matrix)
+            print(f"  {describe(data)}", flush=True)
+        cell_dir.mkdir(parents=True)
+        print(f"{prefix}: {'evaluating the untrained model' if cell.is_base else 'training'} ...", flush=True)
+        try:
+            if cell.is_base:
+                record = runner.run_base_cell(matrix, cell, data, cell_dir)
+            else:
+                record = runner.run_train_cell(matrix, cell, data, cell_dir, targets)
+        except BenchConfigError:
+            raise
+        except Exception as exc:
+            if debug_enabled():
+                raise
+            failed.append(cell.id)
+            warn(f"cell {cell.id} failed ({type(exc).__name__}: {one_line(exc)}); it will run again next time")
+            _free_memory()
+            continue
+        write_json(cell_dir / RESULT_FILE, record)
+        _free_memory()
+        timing = "" if record["train_seconds"] is None else f"trained {record['train_seconds']:.0f} s, "
+        steps = "" if cell.is_base else f"{record['global_step']} steps, "
+        run = (record.get("mlflow") or {}).get("run_id")
+        print(f"{prefix}: done ({steps}{timing}evaluated {record['eval_seconds']:.0f} s) "
+              f"{_metric_summary(record['metrics'])}" + (f" [MLflow run {run}]" if run else ""), flush=True)  # fmt: skip
+    print()
+    render_results(matrix, command=command)
+    if failed:
+        warn(f"{len(failed)} cell(s) failed: {', '.join(failed)}; run the same command again to retry them")
+        return 1
+    return 0

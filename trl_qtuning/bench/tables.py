@@ -1,0 +1,386 @@
+"""The results page: rows per (method, budget) from the cells' ``result.json``, at equal steps and at equal compute,
+paired differences against the baselines, the label-noise audit, figures; ``results.md`` and ``results.json``.
+
+Everything here reads finished results only, so ``--table-only`` re-renders the page from committed cell results.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import statistics
+import sys
+from typing import Any
+
+from .matrix import PROG, Cell, Matrix, budget_label, plan_cells
+from .paired import paired_difference
+from .provenance import git_state, library_versions, machine_summary
+from .results import read_result, write_json
+
+__all__ = ["collect_rows", "format_table", "reading", "render_results"]
+
+RESULTS_MD = "results.md"
+RESULTS_JSON = "results.json"
+METRIC_COLUMNS = (  # result key, table header, kind
+    ("eval/nll", "held-out NLL", "nll"),
+    ("eval/nll_transfer", "transfer NLL", "nll"),
+    ("eval/gsm8k_em", "GSM8K EM %", "pct"),
+    ("eval/arc_easy_acc", "ARC-E acc %", "pct"),
+    ("eval/arc_challenge_acc", "ARC-C acc %", "pct"),
+)
+CURVE_KEYS = ("eval/nll", "eval/nll_transfer")
+"""Metrics the learning curve measures (readable at any recorded step; the others only at the end)."""
+PAIRED_KEYS = ("eval/nll", "eval/nll_transfer")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Readings
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def reading(result: dict[str, Any], kind: str, equal_steps: int | None) -> dict[str, Any]:
+    """A cell's metrics at equal steps (``training.max_steps``) or at equal compute (where its counted compute
+    reached the reference's, else its last step), with the step and compute they were read at."""
+    compute = result.get("compute") or {}
+    last = result.get("global_step")
+    final = {"step": last, "compute": compute.get("final"), **(result.get("metrics") or {})}
+    if kind == "equal_steps":
+        step = equal_steps if equal_steps is not None else last
+    else:
+        step = compute.get("equal_compute_step") or last
+    if step == last or not result.get("curve"):  # no curve (older results, no held-out NLL): the final reading
+        return final
+    point = next((p for p in result.get("curve") or [] if p["step"] == step), None)
+    return dict(point) if point is not None else {"step": step}
+
+
+def _fmt(value: float | None, kind: str) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    if kind == "pct":
+        return f"{value * 100:.1f}"
+    if kind == "share":
+        return f"{value:.0%}"
+    if kind == "seconds":
+        return f"{value:.0f}"
+    if kind == "count":
+        return f"{value:,.0f}"
+    if kind == "delta":
+        return f"{value:+.4f}"
+    return f"{value:.4f}"
+
+
+def _mean_std(values: list[float], kind: str) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return f"{_fmt(mean, kind)} ± {_fmt(std, kind) if std is not None else '-'}"
+
+
+def _stats(values: list[float]) -> dict[str, Any] | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "values": values}  # fmt: skip
+
+
+def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
+    """One row per (method, budget) in matrix order from the cells' result.json files; the missing cell ids; the
+    cell results. Each row carries its readings at equal steps and (with ``equal_compute``) at equal compute."""
+    missing: list[str] = []
+    results: list[dict[str, Any]] = []
+    by_row: dict[tuple, list[dict[str, Any]]] = {}
+    first_cell: dict[tuple, Cell] = {}
+    for cell in plan_cells(matrix):
+        result = read_result(matrix.output_dir / cell.dirname, cell)
+        by_row.setdefault(cell.row_key, [])
+        first_cell.setdefault(cell.row_key, cell)
+        if result is None:
+            missing.append(cell.id)
+            continue
+        results.append(result)
+        by_row[cell.row_key].append(result)
+    order = [k for k in first_cell if first_cell[k].is_base]
+    order += [(m.name, b) for m in matrix.methods for b in m.budgets]
+    kinds = ["equal_steps"] + (["equal_compute"] if matrix.equal_compute else [])
+    rows = []
+    for key in order:
+        found, first = by_row.get(key, []), first_cell[key]
+        row: dict[str, Any] = {
+            "method": first.method,
+            "budget": None if first.budget is None else list(first.budget),
+            "budget_label": "(untrained)" if first.is_base else budget_label(first.budget),
+            "n": len(found),
+            "seeds": [r.get("seed") for r in found],
+            "metrics": {},
+            "train_seconds": _stats([r.get("train_seconds") for r in found]),
+            "eval_seconds": _stats([r.get("eval_seconds") for r in found]),
+        }
+        for name in ("sample_keep_ratio", "label_token_share"):
+            row[f"realised_{name}"] = _stats([(r.get("realised") or {}).get(name) for r in found])
+        row["token_keep_ratio"] = _stats([r.get("token_keep_ratio") for r in found])
+        for kind in kinds:
+            readings = [reading(r, kind, matrix.max_steps) for r in found]
+            row[kind] = {
+                "metrics": {k: s for k, _, _ in METRIC_COLUMNS if (s := _stats([p.get(k) for p in readings]))},
+                "step": _stats([p.get("step") for p in readings]),
+                "compute": _stats([p.get("compute") for p in readings]),
+                "per_seed": {r.get("seed"): {k: p.get(k) for k, _, _ in METRIC_COLUMNS if p.get(k) is not None}
+                             for r, p in zip(found, readings)},  # fmt: skip
+            }
+        row["metrics"] = row["equal_compute" if matrix.equal_compute else "equal_steps"]["metrics"]
+        if first.is_base:  # the untrained model reads the same everywhere
+            row["metrics"] = {k: s for k, _, _ in METRIC_COLUMNS
+                              if (s := _stats([(r.get("metrics") or {}).get(k) for r in found]))}  # fmt: skip
+            for kind in kinds:
+                row[kind]["metrics"] = row["metrics"]
+        audits = [r["noise_audit"] for r in found if r.get("noise_audit")]
+        if audits:
+            row["noise_audit"] = _pool_audits(audits)
+        rows.append(row)
+    _add_paired(matrix, rows, kinds)
+    return rows, missing, results
+
+
+def _pool_audits(audits: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of the trained shares; counts summed over seeds."""
+    pooled: dict[str, Any] = {
+        "seeds": len(audits),
+        "trained_share_corrupted": _stats([a.get("trained_share_corrupted") for a in audits]),
+        "trained_share_clean": _stats([a.get("trained_share_clean") for a in audits]),
+    }
+    for group in ("by_quadrant", "by_decision"):
+        counts: dict[str, dict[str, int]] = {}
+        for audit in audits:
+            for name, entry in (audit.get(group) or {}).items():
+                slot = counts.setdefault(name, {"corrupted": 0, "clean": 0})
+                slot["corrupted"] += entry["corrupted"]
+                slot["clean"] += entry["clean"]
+        pooled[group] = counts
+    return pooled
+
+
+def _baseline_row(rows: list[dict[str, Any]], baseline: str, budget: list[float] | None) -> dict[str, Any] | None:
+    candidates = [r for r in rows if r["method"] == baseline]
+    same = next((r for r in candidates if r["budget"] == budget), None)
+    if same is not None:
+        return same
+    return candidates[0] if len(candidates) == 1 and candidates[0]["budget"] is None else None
+
+
+def _add_paired(matrix: Matrix, rows: list[dict[str, Any]], kinds: list[str]) -> None:
+    for row in rows:
+        if row["budget_label"] == "(untrained)":
+            continue
+        for kind in kinds:
+            paired: dict[str, Any] = {}
+            for baseline in matrix.baselines:
+                base = _baseline_row(rows, baseline, row["budget"])
+                if base is None or base is row:
+                    continue
+                for key in PAIRED_KEYS:
+                    mine = {s: v[key] for s, v in row[kind]["per_seed"].items() if key in v}
+                    theirs = {s: v[key] for s, v in base[kind]["per_seed"].items() if key in v}
+                    diff = paired_difference(mine, theirs)
+                    if diff is not None:
+                        paired.setdefault(baseline, {})[key] = diff
+            row[kind]["paired"] = paired
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _markdown(headers: list[str], body: list[list[str]], right_from: int = 2) -> str:
+    """A Markdown table with padded columns (so it reads as plain text too)."""
+    widths = [max(len(str(r[i])) for r in [headers, *body]) for i in range(len(headers))]
+    right = set(range(right_from, len(headers)))
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in body)])
+
+
+def format_table(rows: list[dict[str, Any]], kind: str = "equal_steps", *, final_metrics: bool = True) -> str:
+    """The results table at one reading. ``final_metrics``: include the end-of-training evaluations (GSM8K, ARC),
+    which exist only where the reading is the cell's last step."""
+    keys = [c for c in METRIC_COLUMNS if final_metrics or c[0] in CURVE_KEYS]
+    metric_cols = [c for c in keys if any(c[0] in (r.get(kind) or {}).get("metrics", {}) for r in rows)]
+    with_compute = any((r.get(kind) or {}).get("compute") for r in rows)
+    headers = ["method", "budget (samples x tokens)", "seeds", *[h for _, h, _ in metric_cols], "kept samples",
+               "label tokens"] + (["step", "compute (fwd-token eq.)"] if with_compute else []) + ["train s"]  # fmt: skip
+    body = []
+    for row in rows:
+        read = row.get(kind) or {}
+        values = [row["method"], row["budget_label"], str(row["n"])]
+        for key, _, fmt in metric_cols:
+            stats = read.get("metrics", {}).get(key)
+            values.append(_mean_std(stats["values"], fmt) if stats else "-")
+        for key in ("realised_sample_keep_ratio", "realised_label_token_share"):
+            values.append(_fmt(row[key]["mean"], "share") if row.get(key) else "-")
+        if with_compute:
+            values.append(_fmt(read["step"]["mean"], "count") if read.get("step") else "-")
+            values.append(_fmt(read["compute"]["mean"], "count") if read.get("compute") else "-")
+        values.append(_fmt(row["train_seconds"]["mean"], "seconds") if row.get("train_seconds") else "-")
+        body.append(values)
+    return _markdown(headers, body)
+
+
+def format_paired(rows: list[dict[str, Any]], kind: str, baselines: list[str]) -> str | None:
+    """Per method, the mean per-seed difference to each baseline with its 95% t interval and verdict."""
+    cols = [(b, k) for b in baselines for k in PAIRED_KEYS
+            if any(k in (r.get(kind, {}).get("paired", {}).get(b) or {}) for r in rows)]  # fmt: skip
+    if not cols:
+        return None
+    label = {"eval/nll": "NLL", "eval/nll_transfer": "transfer NLL"}
+    headers = ["method", "budget (samples x tokens)", *[f"Δ {label[k]} vs {b} [95% CI]" for b, k in cols]]
+    body = []
+    for row in rows:
+        paired = row.get(kind, {}).get("paired")
+        if not paired:
+            continue
+        values = [row["method"], row["budget_label"]]
+        for baseline, key in cols:
+            d = (paired.get(baseline) or {}).get(key)
+            if d is None:
+                values.append("-")
+            elif d["low"] is None:
+                values.append(f"{_fmt(d['mean'], 'delta')} (n={len(d['seeds'])})")
+            else:
+                values.append(f"{_fmt(d['mean'], 'delta')} [{_fmt(d['low'], 'delta')}, {_fmt(d['high'], 'delta')}] "
+                              f"{d['verdict']}")  # fmt: skip
+        body.append(values)
+    return _markdown(headers, body) if body else None
+
+
+def format_audit(rows: list[dict[str, Any]]) -> str | None:
+    """Per method: share of corrupted / clean sample-steps trained on, and the corrupted share of each quadrant and
+    decision (pooled over seeds)."""
+    audited = [r for r in rows if r.get("noise_audit")]
+    if not audited:
+        return None
+    quadrants = sorted({q for r in audited for q in r["noise_audit"]["by_quadrant"]})
+    decisions = sorted({d for r in audited for d in r["noise_audit"]["by_decision"]})
+
+    def share(entry: dict[str, int] | None) -> str:
+        if not entry or not entry["corrupted"] + entry["clean"]:
+            return "-"
+        total = entry["corrupted"] + entry["clean"]
+        return f"{entry['corrupted'] / total:.0%} of {total}"
+
+    headers = ["method", "budget (samples x tokens)", "seeds", "corrupted trained", "clean trained",
+               *[f"corrupted in {q}" for q in quadrants], *[f"corrupted in {d}" for d in decisions]]  # fmt: skip
+    body = []
+    for row in audited:
+        audit = row["noise_audit"]
+        values = [row["method"], row["budget_label"], str(audit["seeds"])]
+        for key in ("trained_share_corrupted", "trained_share_clean"):
+            values.append(_fmt(audit[key]["mean"], "share") if audit.get(key) else "-")
+        values += [share(audit["by_quadrant"].get(q)) for q in quadrants]
+        values += [share(audit["by_decision"].get(d)) for d in decisions]
+        body.append(values)
+    return _markdown(headers, body, right_from=2)
+
+
+TABLE_NOTE = (
+    "Each metric is `mean ± std` over the seeds of the row: std is the sample standard deviation (n - 1), shown as "
+    "`± -` when a row has one seed. Held-out NLL: mean answer-token negative log-likelihood on rows split off the "
+    "training pool (lower is better); transfer NLL: the same on rows of another distribution. GSM8K EM and ARC "
+    "accuracy in %. Kept samples / label tokens: realised share of the step's samples trained on, and of all answer "
+    "tokens that kept their label (means over the logged steps up to the equal-steps point; 100% for plain "
+    "fine-tuning by definition). Compute: counted forward-token equivalents (scoring 1 per token, training 3 per "
+    "token for full fine-tuning, 2 for LoRA; `trl_qtuning.compute`). Train s: mean wall-clock training seconds per "
+    "cell (evaluation excluded; machine-dependent, compare compute instead)."
+)
+PAIRED_NOTE = (
+    "Paired differences: per seed, the method's metric minus the baseline's (same data order and initialisation), "
+    "then the mean over seeds with a 95% Student t interval. Negative is better for NLL; `better` / `worse` only "
+    "where the interval excludes 0."
+)
+AUDIT_NOTE = (
+    "Label noise audit (from each cell's ledger, steps up to the equal-steps point): the share of corrupted and of "
+    "clean sample-steps the method trained on (kept, filled or token-pruned), and the corrupted share of the "
+    "sample-steps in each quadrant and decision, pooled over seeds (`x% of n`: n sample-steps there)."
+)
+
+
+def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> str:
+    """Collect the cells' results, print the tables, write ``results.md``, ``results.json`` and the curve figures;
+    returns the equal-steps table."""
+    from .figures import draw_curves
+    from .mlflow_env import log_summary
+
+    out = out or sys.stdout
+    rows, missing, results = collect_rows(matrix)
+    ec = matrix.equal_compute
+    steps_table = format_table(rows, "equal_steps", final_metrics=ec is None)
+    git, machine, versions = git_state(), machine_summary(), library_versions()
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    command = command or f"{PROG} --config {matrix.path}"
+    commits = sorted({f"{r['git']['commit'][:12]}{' (dirty)' if r['git'].get('dirty') else ''}"
+                      for r in results if (r.get("git") or {}).get("commit")})  # fmt: skip
+    commit = git.get("commit")
+    commit_text = f"{commit}{' (dirty working tree)' if git.get('dirty') else ''}" if commit else "unknown (not a git checkout)"
+    total = len(plan_cells(matrix))
+    status = f"{total - len(missing)} of {total} cells finished"
+    if missing:
+        status += f"; missing: {', '.join(missing)}"
+    gpu = machine.get("gpu") or "none"
+    sections: list[tuple[str, str | None, str | None]] = [
+        (f"Equal steps ({matrix.max_steps} optimizer steps)" if matrix.max_steps else "Equal steps", steps_table,
+         format_paired(rows, "equal_steps", matrix.baselines)),
+    ]  # fmt: skip
+    if ec is not None:
+        sections.append((
+            f"Equal compute (the compute of `{ec.reference}`; at most {ec.max_steps} steps)",
+            format_table(rows, "equal_compute"), format_paired(rows, "equal_compute", matrix.baselines),
+        ))  # fmt: skip
+    audit = format_audit(rows)
+    print(f"Results ({status}):", file=out)
+    for title, table, paired in sections:
+        print(f"\n## {title}\n{table}", file=out)
+        if paired:
+            print(f"\n{paired}", file=out)
+    if audit:
+        print(f"\n## Label noise audit\n{audit}", file=out)
+    print("\n" + TABLE_NOTE, file=out)
+
+    matrix.output_dir.mkdir(parents=True, exist_ok=True)
+    figures = draw_curves(matrix, results, matrix.output_dir)
+    lines = [
+        f"# Benchmark: {matrix.experiment}",
+        "",
+        f"- command: `{command}`",
+        f"- commit: {commit_text}" + (f"; cells ran at {', '.join(commits)}" if commits else ""),
+        f"- date: {now}",
+        (f"- machine: {machine.get('cpu')}, {machine.get('cpu_count')} CPU cores, torch threads "
+         f"{machine.get('torch_threads', '?')}, GPU {gpu}; {machine.get('platform')}"),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
+        f"- cells: {status}",
+        "",
+        TABLE_NOTE,
+        "",
+    ]  # fmt: skip
+    for title, table, paired in sections:
+        lines += [f"## {title}", "", table, ""]
+        if paired:
+            lines += [PAIRED_NOTE, "", paired, ""]
+    if audit:
+        lines += ["## Label noise audit", "", AUDIT_NOTE, "", audit, ""]
+    if figures:
+        lines += ["## Curves", ""] + [f"![{name}]({name})" for name in figures] + [""]
+    lines += [f"## Matrix (`{matrix.path}`)", "", "```yaml", matrix.text.rstrip(), "```", ""]
+    (matrix.output_dir / RESULTS_MD).write_text("\n".join(lines), encoding="utf-8")
+    write_json(matrix.output_dir / RESULTS_JSON, {
+        "experiment": matrix.experiment, "generated": now, "command": command, "git": git, "machine": machine,
+        "versions": versions, "matrix_file": str(matrix.path), "matrix": matrix.text, "note": TABLE_NOTE,
+        "rows": rows, "missing": missing, "cells": results, "figures": figures,
+    })  # fmt: skip
+    log_summary(matrix, [matrix.output_dir / name for name in (RESULTS_MD, RESULTS_JSON, *figures)])
+    print(f"\nWritten: {matrix.output_dir / RESULTS_MD} and {matrix.output_dir / RESULTS_JSON}", file=out)
+    return steps_table
