@@ -271,6 +271,185 @@ def test_mlflow_outage_does_not_stop_the_bench(tmp_path, model_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# A study: learning curves, equal compute, matched token budgets, label noise with its audit, paired intervals
+# ----------------------------------------------------------------------------------------------------------------------
+
+STUDY_METHODS = {
+    "full": {"qtuning_enabled": False},
+    "qtuning": {"eu_plane": "decorrelated"},
+    "random-matched": {"sample_policy": "random", "token_policy": "random", "match_label_tokens": "qtuning"},
+}
+
+
+def _study_matrix(root: Path, model_dir: Path, **changes) -> dict:
+    matrix = _tiny_matrix(
+        root, model_dir, experiment="bench-study",
+        data={"train": {"source": "arithmetic", "size": 32, "seed": 0, "label_noise": 0.5}, "heldout_size": 8},
+        training={"max_steps": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                  "learning_rate": 1.0e-3, "lr_scheduler_type": "constant", "max_length": 64, "bf16": False,
+                  "qtuning_ledger": "summary"},
+        eval={"nll": {"batch_size": 8, "max_length": 64}, "every_steps": 2,
+              "transfer": {"source": "arithmetic", "size": 8, "noisy_share": 0.0, "max_length": 64}},
+        methods=STUDY_METHODS, budgets=[[0.25, 0.5]], seeds=[0, 1],
+        equal_compute={"reference": "full", "max_steps": 40},
+    )  # fmt: skip
+    matrix.update(changes)
+    return matrix
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory, model_dir):
+    root = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    config = _write_matrix(root / "study.yaml", _study_matrix(root, model_dir, tracking_uri=uri))
+    code, out, err = _run(["bench", "--config", str(config)])
+    assert code == 0, f"bench failed:\n{out}\n{err}"
+    return {"root": root, "config": config, "out_dir": root / "out", "uri": uri, "stdout": out}
+
+
+def test_study_page_has_the_three_sections_and_paired_intervals(study_run):
+    page = (study_run["out_dir"] / "results.md").read_text()
+    for section in ("## Equal steps (4 optimizer steps)", "## Equal compute (the compute of `full`", "## Label noise audit"):
+        assert section in page
+    assert page.count("Δ NLL vs full [95% CI]") == 2  # equal steps and equal compute
+    assert "curves_nll_by_step.png" in page and (study_run["out_dir"] / "curves_nll_by_compute.png").is_file()
+    summary = json.loads((study_run["out_dir"] / "results.json").read_text())
+    qtuning = next(r for r in summary["rows"] if r["method"] == "qtuning")
+    paired = qtuning["equal_steps"]["paired"]["full"]["eval/nll"]
+    assert paired["seeds"] == [0, 1] and paired["low"] <= paired["mean"] <= paired["high"]
+    assert paired["verdict"] in ("better", "worse", "no difference")
+
+
+def test_study_curves_have_a_point_every_two_steps_and_compute_grows(study_run):
+    results = _cell_results(study_run["out_dir"])
+    for cell_id, result in results.items():
+        if cell_id == "base":
+            continue
+        steps = [p["step"] for p in result["curve"]]
+        last = result["global_step"]
+        assert set(range(0, last + 1, 2)) <= set(steps) and steps[-1] == last, cell_id
+        assert all(p["eval/nll"] > 0 and p["eval/nll_transfer"] > 0 for p in result["curve"])
+        cumulative = [s["cumulative"] for s in result["compute"]["steps"]]
+        assert len(cumulative) == last and all(b > a for a, b in zip(cumulative, cumulative[1:])), cell_id
+        assert [p["compute"] for p in result["curve"]] == sorted(p["compute"] for p in result["curve"])
+
+
+def test_study_equal_compute_stops_within_one_step_of_the_reference(study_run):
+    results = _cell_results(study_run["out_dir"])
+    for seed in (0, 1):
+        reference = results[f"full/seed{seed}"]["compute"]["final"]
+        for method in ("qtuning", "random-matched"):
+            result = results[f"{method}@25x50/seed{seed}"]
+            compute = result["compute"]
+            last_step = compute["steps"][-1]["compute"]
+            assert compute["target"] == reference and compute["reached_target"]
+            assert reference <= compute["final"] < reference + last_step, (method, seed)
+            assert result["global_step"] > 4  # cheaper per step than full data: trained on past the equal steps
+            assert compute["at_equal_steps"] == compute["steps"][3]["cumulative"]
+    # random samples pay no scoring pass: at equal compute they get more steps than Q-Tuning
+    assert results["random-matched@25x50/seed0"]["global_step"] > results["qtuning@25x50/seed0"]["global_step"]
+
+
+def test_study_matched_baseline_trains_at_qtunings_label_token_share(study_run):
+    results = _cell_results(study_run["out_dir"])
+    for seed in (0, 1):
+        qtuning = results[f"qtuning@25x50/seed{seed}"]
+        matched = results[f"random-matched@25x50/seed{seed}"]
+        share = qtuning["realised"]["label_token_share"]
+        assert matched["matched_label_share"] == pytest.approx(share)
+        assert matched["token_keep_ratio"] == pytest.approx(share)
+        assert abs(matched["realised"]["label_token_share"] - share) <= 0.02, (seed, matched["realised"], share)
+        assert matched["realised"]["sample_keep_ratio"] == pytest.approx(0.25)
+
+
+def test_study_noise_audit_counts_match_the_ledger(study_run):
+    from trl_qtuning import read_ledger
+
+    results = _cell_results(study_run["out_dir"])
+    for seed in (0, 1):
+        result = results[f"qtuning@25x50/seed{seed}"]
+        corrupted = set(result["corrupted_ids"])
+        assert len(corrupted) == 16  # 50% of 32 rows
+        ledger = read_ledger(study_run["out_dir"] / f"qtuning_r25x50_seed{seed}" / "qtuning_ledger").to_pandas()
+        ledger = ledger[ledger.step <= 4]
+        audit = result["noise_audit"]
+        is_corrupted = ledger.sample_id.isin(corrupted)
+        assert audit["sample_steps"] == {"corrupted": int(is_corrupted.sum()), "clean": int((~is_corrupted).sum())}
+        for decision, entry in audit["by_decision"].items():
+            rows = ledger[ledger.decision == decision]
+            assert entry["corrupted"] == int(rows.sample_id.isin(corrupted).sum()), decision
+            assert entry["clean"] == int((~rows.sample_id.isin(corrupted)).sum()), decision
+        trained = ledger.decision.isin(["kept", "filled", "token_pruned"])
+        assert audit["trained_share_corrupted"] == pytest.approx((trained & is_corrupted).sum() / is_corrupted.sum())
+        quadrants = {name: entry["corrupted"] + entry["clean"] for name, entry in audit["by_quadrant"].items()}
+        assert sum(quadrants.values()) == len(ledger)
+        assert results[f"full/seed{seed}"]["noise_audit"]["trained_share_corrupted"] == 1.0
+    page = (study_run["out_dir"] / "results.md").read_text()
+    assert "corrupted trained" in page and "100%" in page
+
+
+@pytest.mark.skipif(not HAS_MLFLOW, reason="mlflow is not installed")
+def test_study_curve_lands_in_each_cells_mlflow_run(study_run):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=study_run["uri"])
+    experiment = client.get_experiment_by_name("bench-study")
+    results = _cell_results(study_run["out_dir"])
+    for cell_id in ("full/seed0", "qtuning@25x50/seed1"):
+        run_id = results[cell_id]["mlflow"]["run_id"]
+        history = client.get_metric_history(run_id, "eval/nll")
+        assert sorted({m.step for m in history}) == [p["step"] for p in results[cell_id]["curve"]]
+        compute = client.get_metric_history(run_id, "compute/forward_token_equivalents")
+        assert max(m.value for m in compute) == results[cell_id]["compute"]["final"]
+    summary = client.search_runs([experiment.experiment_id], filter_string="tags.`bench.summary` = 'true'")
+    assert len(summary) == 1
+    artifacts = {a.path for a in client.list_artifacts(summary[0].info.run_id)}
+    assert {"results.md", "results.json", "curves_nll_by_step.png"} <= artifacts
+
+
+def test_study_table_only_reproduces_the_page(study_run, monkeypatch):
+    before = (study_run["out_dir"] / "results.md").read_text()
+    calls = _forbid_running(monkeypatch)
+    code, out, err = _run(["bench", "--config", str(study_run["config"]), "--table-only"])
+    assert code == 0 and calls == [], err
+    after = (study_run["out_dir"] / "results.md").read_text()
+
+    def tables(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("|")]
+
+    assert tables(after) == tables(before)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"data": {"train": {"source": "arithmetic", "size": 32, "label_noise": -0.1}, "heldout_size": 8}},
+         "data.train.label_noise: must be a share in [0, 1]"),
+        ({"equal_compute": {"reference": "nosuch", "max_steps": 40}}, "equal_compute.reference: 'nosuch' is not a method"),
+        ({"eval": {"nll": True, "every_steps": 0}}, "eval.every_steps: must be >= 1"),
+        ({"equal_compute": {"reference": "full", "max_steps": 2}}, "equal_compute.max_steps: 2 < training.max_steps 4"),
+        ({"training": {"max_steps": 4, "lr_scheduler_type": "linear"}}, "training.lr_scheduler_type: 'linear' decays"),
+        ({"methods": {"full": {"qtuning_enabled": False}, "m": {"sample_policy": "random", "match_label_tokens": "x"}}},
+         "methods.m.match_label_tokens: no other method named 'x'"),
+        ({"methods": {"full": {"qtuning_enabled": False},
+                      "m": {"sample_policy": "random", "match_label_tokens": "full"}}},
+         "methods.m.match_label_tokens: method 'full' has no realised label-token share"),
+        ({"baselines": ["nosuch"]}, "baselines[0]: 'nosuch' is not a method"),
+        ({"training": {"max_steps": 4, "lr_scheduler_type": "constant", "qtuning_ledger": "none"}},
+         "training.qtuning_ledger: label noise is audited from the ledger"),
+    ],
+)
+def test_bad_study_values_name_the_field(tmp_path, model_dir, monkeypatch, change, expected):
+    calls = _forbid_running(monkeypatch)
+    config = _write_matrix(tmp_path / "bad.yaml", _study_matrix(tmp_path, model_dir, report_to="none", **change))
+    code, _out, err = _run(["bench", "--config", str(config)])
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert calls == [] and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Bad matrices: one line naming the field, exit code 2, nothing trained
 # ----------------------------------------------------------------------------------------------------------------------
 

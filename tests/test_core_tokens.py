@@ -291,6 +291,52 @@ def test_batch_budget_ratio_one_keeps_all():
     assert keep.tolist() == BATCH_MASK
 
 
+def test_batch_keep_sets_the_number_of_tokens_kept_over_all_rows():
+    # keep 5 of the 7: each row's best first (row 0 pos0 1.5, row 1 pos0 1), then the lowest remaining:
+    # row 1 pos2 (1), row 1 pos1 (1.5), row 0 pos1 (3)
+    keep = prune_tokens(_t(BATCH_PPL), _b(BATCH_MASK), 0.25, budget="batch", batch_keep=5)
+    assert [_kept(r) for r in keep] == [[0, 1], [0, 1, 2]]
+    # below the rows' count every row still keeps its best token; above what they hold, all of it
+    assert [_kept(r) for r in prune_tokens(_t(BATCH_PPL), _b(BATCH_MASK), 0.25, budget="batch", batch_keep=0)] == [[0], [0]]
+    assert int(prune_tokens(_t(BATCH_PPL), _b(BATCH_MASK), 0.9, budget="batch", batch_keep=100).sum()) == 7
+
+
+def test_share_of_tokens_rounds_half_up():
+    from trl_qtuning.core.selection import share_of_tokens
+
+    assert [share_of_tokens(r, 10) for r in (0.2, 0.25, 0.3, 0.34)] == [2, 3, 3, 3]
+    assert share_of_tokens(0.5, 0) == 0 and share_of_tokens(0.29, 100) == 29
+
+
+def test_run_scope_keeps_a_share_of_every_answer_token_of_the_group():
+    from trl_qtuning.core.selection import SelectionParams, token_budget
+    from trl_qtuning.policies import build_policy
+
+    assert token_budget(SelectionParams(token_budget_scope="run"), 12) == {"budget": "batch", "batch_keep": 12}
+    assert token_budget(SelectionParams(token_budget_scope="sample"), 12) == {"budget": "sample"}
+    # 4 samples of 5 answer tokens; random samples keep 2; without a caller's budget the group's own share:
+    # round(0.3 * 20) = 6 of their 10 tokens; with a caller's budget (a run's running share) exactly that many
+    params = SelectionParams(sample_keep_ratio=0.5, token_keep_ratio=0.3, token_budget_scope="run")
+    policy = build_policy("random", "random", params)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    ppl = torch.ones(4, dtype=torch.float64)
+
+    def select(**kwargs):
+        return policy.select(ppl, ppl, torch.zeros(4, 5), mask, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    selection = select()
+    assert int(selection.keep.sum()) == 2 and int(selection.label_keep.sum()) == 6
+    assert not bool(selection.label_keep[~selection.keep].any())
+    assert int(select(token_budget_tokens=9).label_keep.sum()) == 9
+    assert int(select(token_budget_tokens=0).label_keep.sum()) == 2  # each kept sample keeps its best token
+    # samples kept whole (not handed to the token policy) count towards the share: Q-Tuning hands over Q2 only
+    qtuning = build_policy("qtuning", "qtuning", params)
+    chosen = qtuning.select(torch.tensor([9.0, 1.0, 5.0, 2.0]), torch.tensor([1.0, 9.0, 5.0, 2.0]),
+                            torch.zeros(4, 5), mask, generator=torch.Generator(), token_budget_tokens=8)  # fmt: skip
+    whole = int((chosen.keep & ~chosen.token_pruned).sum()) * 5
+    assert int(chosen.label_keep.sum()) == max(8, whole + int(chosen.token_pruned.sum()))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Argument checks
 # ---------------------------------------------------------------------------------------------------------------------

@@ -455,3 +455,33 @@ def test_gsm8k_exact_match_runs_real_generation_batch_independently():
     assert 0.0 <= batched["exact_match"] <= 1.0
     assert batched == single  # left padding must not change greedy outputs
     assert model.training
+
+
+def test_trainer_eval_loss_is_not_the_token_weighted_answer_nll(tmp_path):
+    """Why the bench's learning curve calls ``answer_nll`` instead of the Trainer's ``eval_loss``: on the same rows
+    the Trainer's evaluation loop averages the batch means (weighted by rows, not answer tokens), so its number moves
+    with the eval batch size once rows differ in length; and TRL scores the EOS token it appends to completions."""
+    from trl_qtuning.testing import make_arithmetic_dataset
+    from trl_qtuning.testing import make_tiny_model as make_model
+    from trl_qtuning.testing import make_tiny_tokenizer as make_tokenizer
+
+    from .trainer_helpers import tiny_config
+
+    tokenizer = make_tokenizer()
+    rows = make_arithmetic_dataset(5, seed=3)
+    rows = rows.map(lambda row, i: {"completion": row["completion"] + " ." * i}, with_indices=True)  # uneven lengths
+    model = make_model(tokenizer, seed=0)
+    reference = answer_nll(model, tokenizer, rows, batch_size=8)
+
+    def eval_loss(batch_size: int) -> float:
+        from trl import SFTTrainer
+
+        args = tiny_config(tmp_path / f"b{batch_size}", qtuning_enabled=False, per_device_eval_batch_size=batch_size)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows, processing_class=tokenizer)
+        return trainer.evaluate()["eval_loss"]
+
+    one_batch, per_row = eval_loss(len(rows)), eval_loss(1)
+    # the batch weighting alone moves the Trainer's number ...
+    assert abs(one_batch - per_row) > 1e-3
+    # ... and even in one batch TRL scores the EOS token it appends to each completion, which answer_nll does not
+    assert one_batch != pytest.approx(reference["nll"], abs=1e-4) and abs(one_batch - reference["nll"]) < 0.05

@@ -169,8 +169,11 @@ def test_global_triage_over_two_processes_equals_one_process(tmp_path, ratio, pa
     # Same gradient (DDP-averaged, normalised by the kept tokens of both ranks) and so the same parameters.
     for name, grad in capture.grads[0].items():
         torch.testing.assert_close(state[0]["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    # Adam's first step is g / (|g| + eps): for a near-zero gradient, DDP's different summation order (equal to
+    # rtol 1e-4 above) moves the update by a few 1e-6 (seen: 6e-6 on one lm_head entry of 4576 at lr 1e-3), so the
+    # parameters are compared at 1e-5; the gradients above are the claim.
     for name, value in single.model.state_dict().items():
-        torch.testing.assert_close(state[0]["params"][name], value, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(state[0]["params"][name], value, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_global_scope_with_one_process_is_the_step_scope(tmp_path):

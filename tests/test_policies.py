@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from trl_qtuning.core import SelectionParams, select_qtuning
-from trl_qtuning.core.triage import TriageResult
+from trl_qtuning.core import SelectionParams, decorrelated_entropy, select_qtuning
+from trl_qtuning.core.triage import TriageResult, triage_samples
 from trl_qtuning.policies import (
     SAMPLE_POLICIES,
     SampleBatch,
@@ -106,6 +106,61 @@ def test_infobatch_never_keeps_invalid_samples():
     assert decision.keep.tolist() == [False] + [True] * 7
 
 
+def _tailsft(log_ppl, log_reference, *, r: float) -> SampleDecision:
+    ppl = torch.exp(torch.tensor(log_ppl, dtype=torch.float64))
+    reference = torch.exp(torch.tensor(log_reference, dtype=torch.float64))
+    policy = build_policy("tailsft", "none", SelectionParams(sample_keep_ratio=r))
+    return policy.decide_samples(ppl, torch.ones_like(ppl), torch.full(ppl.shape, 4), _gen(), reference_ppl=reference)
+
+
+# TailSFT margins log PPL - log PPL_ref: 1, -2, 0, 0.5; sample 4 has no reference PPL, sample 5 no PPL.
+TAILSFT_LOG_PPL = [2.0, 1.0, 3.0, 1.0, 2.0, NAN]
+TAILSFT_LOG_REF = [1.0, 3.0, 3.0, 0.5, NAN, 1.0]
+
+
+def test_tailsft_drops_the_samples_whose_loss_fell_furthest_below_the_initial_one():
+    decision = _tailsft(TAILSFT_LOG_PPL, TAILSFT_LOG_REF, r=0.5)  # K = 3 of 4 valid: drop the margin -2 one
+    assert decision.keep.tolist() == [True, False, True, True, False, False]
+    assert decision.triage.invalid.tolist() == [False, False, False, False, True, True]
+    assert torch.equal(decision.token_rows, decision.keep) and decision.loss_weight is None
+    assert _tailsft(TAILSFT_LOG_PPL, TAILSFT_LOG_REF, r=0.25).keep.tolist() == [True, False, False, True, False, False]
+    assert _tailsft(TAILSFT_LOG_PPL, TAILSFT_LOG_REF, r=1 / 6).keep.tolist() == [True] + [False] * 5
+
+
+def test_tailsft_never_keeps_samples_without_finite_statistics_and_caps_the_budget():
+    decision = _tailsft(TAILSFT_LOG_PPL, TAILSFT_LOG_REF, r=1.0)  # K = 6 asked, 4 valid
+    assert decision.keep.tolist() == [True, True, True, True, False, False] and decision.triage.target == 4
+    inf = _tailsft([1.0, 1.0], [math.inf, 0.0], r=1.0)
+    assert inf.keep.tolist() == [False, True]
+
+
+def test_tailsft_ties_go_to_the_earlier_sample():
+    # Before the first step the model is the initial model: every margin is 0, the first K samples stay.
+    decision = _tailsft([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], r=0.5)
+    assert decision.keep.tolist() == [True, True, False, False]
+
+
+def test_tailsft_reads_the_reference_ppl_from_the_reference_log_probs():
+    policy = build_policy("tailsft", "none", SelectionParams(sample_keep_ratio=0.5))
+    assert policy.needs_reference and policy.samples.needs_reference and not policy.tokens.needs_reference
+    assert not build_policy("random", "none", SelectionParams()).needs_reference
+    assert build_policy("random", "rho1", SelectionParams()).needs_reference
+    logps = torch.tensor([[-1.0, -1.0, 0.0], [-2.0, -2.0, -2.0]])  # PPL e^1, e^2 (sample 0 has two answer tokens)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    reference = torch.tensor([[-3.0, -3.0, -9.0], [-1.0, -1.0, -1.0]])  # PPL_ref e^3, e^1: margins -2, +1
+    ppl = torch.exp(torch.tensor([1.0, 2.0]))
+    sel = policy.select(ppl, torch.ones(2), logps, mask, generator=_gen(), reference_logps=reference)
+    assert sel.keep.tolist() == [False, True]
+    precomputed = torch.exp(torch.tensor([0.0, 5.0]))  # given (the global path): it wins over the log-probs
+    sel = policy.select(ppl, torch.ones(2), logps, mask, generator=_gen(), reference_logps=reference,
+                        reference_ppl=precomputed)
+    assert sel.keep.tolist() == [True, False]
+    with pytest.raises(ValueError, match="reference"):
+        policy.select(ppl, torch.ones(2), logps, mask, generator=_gen())
+    with pytest.raises(ValueError, match="initial model"):
+        policy.samples.select_samples(SampleBatch(ppl, torch.ones(2), mask.sum(-1)), _gen())
+
+
 def test_qtuning_sample_policy_is_the_core_triage():
     gen = torch.Generator().manual_seed(0)
     ppl, entropy = torch.rand(16, generator=gen) * 10 + 1, torch.rand(16, generator=gen)
@@ -118,6 +173,32 @@ def test_qtuning_sample_policy_is_the_core_triage():
     for name in ("keep", "token_pruned", "label_keep"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
     assert torch.equal(got.triage.quadrant, expected.triage.quadrant)
+
+
+def test_qtuning_sample_policy_on_the_decorrelated_plane_triages_the_entropy_residual():
+    gen = torch.Generator().manual_seed(1)
+    log_ppl = torch.randn(24, generator=gen, dtype=torch.float64)
+    ppl = torch.exp(log_ppl)
+    entropy = 0.8 * log_ppl + 0.3 * torch.randn(24, generator=gen, dtype=torch.float64)
+    ppl[5], entropy[11] = NAN, math.inf  # invalid samples stay invalid
+    params = SelectionParams(sample_keep_ratio=0.25, eu_plane="decorrelated")
+    decision = build_policy("qtuning", "qtuning", params).samples.select_samples(
+        SampleBatch(ppl, entropy, torch.full((24,), 4)), _gen()
+    )
+    expected = triage_samples(ppl, decorrelated_entropy(ppl, entropy), 0.25)
+    for name in ("keep", "quadrant", "filled", "trimmed", "invalid", "q2_like"):
+        assert torch.equal(getattr(decision.triage, name), getattr(expected, name)), name
+    assert decision.triage.thresholds == expected.thresholds and decision.triage.q == expected.q
+    assert decision.triage.invalid[5] and decision.triage.invalid[11] and int(decision.keep.sum()) == 6
+    paper = build_policy("qtuning", "qtuning", SelectionParams(sample_keep_ratio=0.25)).samples.select_samples(
+        SampleBatch(ppl, entropy, torch.full((24,), 4)), _gen()
+    )
+    assert not torch.equal(paper.triage.quadrant, decision.triage.quadrant), "the planes must differ on this batch"
+    # The selection (and so the ledger) keeps the raw entropy, not the residual.
+    logps, mask = -torch.rand(24, 5, generator=gen, dtype=torch.float64), torch.ones(24, 5, dtype=torch.bool)
+    sel = build_policy("qtuning", "qtuning", params).select(ppl, entropy, logps, mask, generator=_gen())
+    assert sel.entropy is entropy and torch.equal(sel.keep, expected.keep)
+    assert torch.equal(select_qtuning(ppl, entropy, logps, mask, params).keep, expected.keep)
 
 
 def test_token_prune_q4_ablation_hands_q4_samples_to_the_token_policy():

@@ -88,6 +88,27 @@ def test_random_policy_repeats_with_the_seed_and_changes_with_it(tmp_path):
     assert first != decisions(1, "c")
 
 
+def test_decorrelated_plane_logs_both_correlations_and_keeps_the_raw_entropy(tmp_path):
+    import numpy as np
+
+    runs = {}
+    for plane in ("paper", "decorrelated"):
+        trainer = build_trainer(
+            tmp_path / plane, max_steps=1, per_device_train_batch_size=8, sample_keep_ratio=0.5, eu_plane=plane
+        )
+        trainer.train()
+        runs[plane] = (trainer.state.log_history[0], _ledger(trainer))
+    (paper_log, paper_rows), (log, rows) = runs["paper"], runs["decorrelated"]
+    # Same model, same data: the ledger reports the same raw statistics whichever plane was triaged.
+    np.testing.assert_allclose(rows.entropy.to_numpy(), paper_rows.entropy.to_numpy(), rtol=1e-6)
+    assert log["qtuning/entropy_mean"] == pytest.approx(paper_log["qtuning/entropy_mean"], rel=1e-6)
+    raw = float(np.corrcoef(np.log(rows.ppl.to_numpy()), rows.entropy.to_numpy())[0, 1])
+    assert log["qtuning/eu_correlation"] == pytest.approx(raw, abs=1e-6)
+    assert abs(log["qtuning/plane_correlation"]) < 1e-6, "the triaged residual is orthogonal to log PPL"
+    assert paper_log["qtuning/plane_correlation"] == pytest.approx(paper_log["qtuning/eu_correlation"], abs=1e-12)
+    assert "qtuning/filled_share" in log and rows.decision.isin(KEPT_DECISIONS).sum() == 4
+
+
 def test_rho1_scores_against_the_reference_model(tmp_path):
     from trl_qtuning.testing import save_tiny_model
 
@@ -124,3 +145,89 @@ def test_rho1_scores_against_the_reference_model(tmp_path):
 def test_rho1_reference_path_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="reference_model_path"):
         build_trainer(tmp_path, token_policy="rho1", reference_model_path=str(tmp_path / "missing"))
+
+
+def _record_tailsft_margins(monkeypatch) -> list[torch.Tensor]:
+    """Every TailSFT decision's margins log PPL - log PPL_ref, in step order."""
+    from trl_qtuning.policies.samples import TailSFTSamples
+
+    margins: list[torch.Tensor] = []
+    original = TailSFTSamples.select_samples
+
+    def recording(self, batch, generator):
+        margins.append((torch.log(batch.ppl.double()) - torch.log(batch.reference_ppl.double())).cpu())
+        return original(self, batch, generator)
+
+    monkeypatch.setattr(TailSFTSamples, "select_samples", recording)
+    return margins
+
+
+def _record_kept(trainer) -> list[torch.Tensor]:
+    """Each step's kept samples, in the order the policy saw them (the ledger sorts by sample id)."""
+    kept: list[torch.Tensor] = []
+    trainer.add_decision_listener(
+        lambda event: kept.append(torch.tensor([d in KEPT_DECISIONS for d in event.columns["decision"]]))
+    )
+    return kept
+
+
+def _assert_tailsft_kept_the_highest_margins(kept, margins):
+    assert len(kept) == len(margins)
+    for keep, margin in zip(kept, margins, strict=True):
+        assert int(keep.sum()) == 4
+        assert margin[keep].min() >= margin[~keep].max()
+
+
+def test_tailsft_with_lora_scores_the_initial_model_with_adapters_disabled(tmp_path, monkeypatch):
+    margins = _record_tailsft_margins(monkeypatch)
+    trainer = build_trainer(
+        tmp_path, lora=True, max_steps=3, per_device_train_batch_size=8, sample_keep_ratio=0.5,
+        sample_policy="tailsft", token_policy="none",
+    )
+    assert trainer._reference_model is None and trainer._reference_without_adapters  # no extra model in memory
+    kept = _record_kept(trainer)
+    trainer.train()
+    assert len(margins) == 3
+    # Step 1: LoRA is still the identity, so the reference PPL is the current PPL and every margin is 0 (ties: the
+    # first four samples stay).
+    torch.testing.assert_close(margins[0], torch.zeros(8, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert kept[0].tolist() == [True] * 4 + [False] * 4
+    # Later steps: the adapters are back on for the trained model, which has moved away from its base.
+    assert margins[2].abs().max() > 1e-4
+    _assert_tailsft_kept_the_highest_margins(kept, margins)
+    assert all(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)
+
+
+def test_tailsft_full_finetuning_keeps_a_frozen_copy_of_the_initial_model(tmp_path, monkeypatch):
+    margins = _record_tailsft_margins(monkeypatch)
+    trainer = build_trainer(
+        tmp_path, max_steps=2, per_device_train_batch_size=8, sample_keep_ratio=0.5,
+        sample_policy="tailsft", token_policy="none", triage_scope="global",
+    )
+    initial = _initial_state(trainer)
+    reference = trainer._reference_model
+    assert reference is not None and reference is not trainer.model and not trainer._reference_without_adapters
+    kept = _record_kept(trainer)
+    trainer.train()
+    assert not any(p.requires_grad for p in reference.parameters())
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(value, initial[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    trained = trainer.model.state_dict()
+    assert any(not torch.equal(trained[name], value) for name, value in initial.items()), "the model must train"
+    torch.testing.assert_close(margins[0], torch.zeros(8, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert margins[1].abs().max() > 1e-4
+    _assert_tailsft_kept_the_highest_margins(kept, margins)
+
+
+def test_tailsft_uses_reference_model_path_when_given(tmp_path, monkeypatch):
+    from trl_qtuning.testing import save_tiny_model
+
+    margins = _record_tailsft_margins(monkeypatch)
+    other = save_tiny_model(tmp_path / "other", seed=7)
+    trainer = build_trainer(
+        tmp_path / "run", lora=True, per_device_train_batch_size=8, sample_keep_ratio=0.5,
+        sample_policy="tailsft", token_policy="none", reference_model_path=str(other),
+    )
+    assert trainer._reference_model is not None and not trainer._reference_without_adapters
+    trainer.train()
+    assert margins[0].abs().max() > 1e-3, "another model's PPL differs from the trained model's from the start"

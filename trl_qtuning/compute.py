@@ -100,9 +100,15 @@ class ComputeMeter(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.history and "loss" in logs:
-            last = self.history[-1]
-            logs["compute/forward_token_equivalents"] = float(last.cumulative)
-            logs["compute/step_forward_token_equivalents"] = float(last.compute)
-            logs["compute/trained_tokens"] = float(state.num_input_tokens_seen)
-            logs["compute/scored_tokens"] = float(self._seen_scored)
+        if logs is None or not self.history or "loss" not in logs:
+            return
+        last = self.history[-1]
+        counts = {
+            "compute/forward_token_equivalents": float(last.cumulative),
+            "compute/step_forward_token_equivalents": float(last.compute),
+            "compute/trained_tokens": float(state.num_input_tokens_seen),
+            "compute/scored_tokens": float(self._seen_scored),
+        }
+        logs.update(counts)  # reporters (MLflow) read these logs after this callback
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(counts)  # the Trainer stored its copy before calling back

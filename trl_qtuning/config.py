@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
@@ -14,9 +15,10 @@ __all__ = ["QTuningConfig"]
 _CHOICES: dict[str, tuple[str, ...]] = {
     "triage_scope": ("micro_batch", "step", "global"),
     "neighbor_mode": ("sum", "mean"),
-    "token_budget_scope": ("sample", "batch"),
+    "token_budget_scope": ("sample", "batch", "run"),
     "entropy_positions": ("response", "all"),
     "qtuning_ledger": ("none", "summary", "full"),
+    "eu_plane": ("paper", "decorrelated"),
 }
 
 
@@ -49,7 +51,10 @@ class QTuningConfig(SFTConfig):
             "help": "Which samples of a triage group stay: 'qtuning' (EU-plane triage, the paper's method) or a "
             "baseline at the same budget: 'random', 'longest' (drop the longest responses first), 'infobatch' (drop "
             "below-mean-loss samples at random, rescale the rest), 'entropy' (keep the highest entropy), 'ppl_high' / "
-            "'ppl_low' (keep the highest / lowest perplexity), 'all' (keep every sample: token pruning only)."
+            "'ppl_low' (keep the highest / lowest perplexity), 'tailsft' (TRL's TailSFT: drop the samples whose loss "
+            "fell furthest below the initial model's; the initial model is the LoRA base with adapters disabled, a "
+            "frozen copy of the model for full fine-tuning, or `reference_model_path`), 'all' (keep every sample: "
+            "token pruning only)."
         },
     )
     token_policy: str = field(
@@ -66,8 +71,9 @@ class QTuningConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Local folder (or hub id, when online) of the reference model the 'rho1' token policy scores "
-            "excess loss against; it must share the trained model's tokenizer. Loaded frozen, in the training "
-            "model's dtype, on the training device."
+            "excess loss against (required there), or the 'tailsft' sample policy's initial model (optional there: by "
+            "default the model being trained, before its first step); it must share the trained model's tokenizer. "
+            "Loaded frozen, in the training model's dtype, on the training device."
         },
     )
     token_prune_q4: bool = field(
@@ -116,7 +122,10 @@ class QTuningConfig(SFTConfig):
         default="sample",
         metadata={
             "help": "'sample': each Q2 sample keeps floor(token_keep_ratio * its response tokens); 'batch': one "
-            "budget over all Q2 tokens of the triage group (each sample still keeps its best token)."
+            "budget over all Q2 tokens of the triage group (each sample still keeps its best token); 'run': "
+            "one budget over the samples handed to the token policy, sized so that the run keeps token_keep_ratio "
+            "of every answer token it has seen, dropped samples included (a step whose kept samples are short "
+            "carries its shortfall to the next); the bench's matched-token baselines use it."
         },
     )
     entropy_positions: str = field(
@@ -124,6 +133,16 @@ class QTuningConfig(SFTConfig):
         metadata={
             "help": "Positions the sample entropy averages over: 'response' (trainable tokens, the paper's "
             "definition) or 'all' (every attended position, as one early implementation did)."
+        },
+    )
+    eu_plane: str = field(
+        default="paper",
+        metadata={
+            "help": "Axes of the Error-Uncertainty plane the triage runs on: 'paper' (PPL, mean token entropy) or "
+            "'decorrelated' (beyond the paper: entropy is replaced, within each triage group, by its residual after "
+            "a least-squares fit on log PPL over the group's valid samples, so Q2/Q4 are not thinned by the "
+            "correlation of the two statistics; thresholds, fill and trim are unchanged). Only affects "
+            "`sample_policy='qtuning'`; the ledger and metrics still report the raw entropy."
         },
     )
     triage_max_iter: int = field(
@@ -192,10 +211,18 @@ class QTuningConfig(SFTConfig):
                 f"`sample_policy={self.sample_policy!r}` rescales sample losses, which is defined for "
                 f"`loss_type='nll'` only (got loss_type={self.loss_type!r}): use loss_type='nll' or another policy."
             )
-        if self.reference_model_path and not policy.tokens.needs_reference:
+        if self.eu_plane != "paper" and not policy.samples.uses_eu_plane:
+            warnings.warn(
+                f"`eu_plane={self.eu_plane!r}` has no effect with `sample_policy={self.sample_policy!r}`: only the "
+                "'qtuning' sample policy triages on the EU plane.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.reference_model_path and not policy.needs_reference:
             raise ValueError(
-                f"`reference_model_path` is only used by `token_policy='rho1'` (got token_policy="
-                f"{self.token_policy!r}): remove it, or choose the rho1 token policy."
+                f"`reference_model_path` is only used by `token_policy='rho1'` and `sample_policy='tailsft'` (got "
+                f"sample_policy={self.sample_policy!r}, token_policy={self.token_policy!r}): remove it, or choose "
+                "one of those policies."
             )
         if self.qtuning_enabled and self.packing:
             raise ValueError(
@@ -222,4 +249,5 @@ class QTuningConfig(SFTConfig):
             token_budget_scope=self.token_budget_scope,  # type: ignore[arg-type]
             triage_max_iter=int(self.triage_max_iter),
             triage_tol=float(self.triage_tol),
+            eu_plane=self.eu_plane,  # type: ignore[arg-type]
         )

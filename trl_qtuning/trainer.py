@@ -12,6 +12,7 @@ under gradient accumulation. It returns as many micro-batches as it fetched (an 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import logging
@@ -29,12 +30,14 @@ from trl import SFTTrainer
 
 from .collator import SAMPLE_ID_COLUMN, QTuningDataCollator
 from .config import QTuningConfig
-from .core.selection import Selection
+from .core.plane import decorrelated_entropy, plane_correlation
+from .core.selection import Selection, share_of_tokens
 from .core.stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
 from .events import DecisionListener, StepDecisions
 from .ledger import DecisionLedger
 from .packing import empty_like, pack_padded, pack_padding_free, refresh_flat_metadata
 from .policies import SampleDecision
+from .policies.base import reference_sample_ppl
 
 try:  # Internal TRL API (1.15+): checked here so a TRL change fails at import with a clear message.
     from trl.trainer.utils import FusedCausalLMOutput
@@ -96,6 +99,8 @@ class _ScoredMicroBatch:
     flat_segments: torch.Tensor | None = None
     """Padding-free only: sample index and column of every shifted position of the flat row."""
     flat_columns: torch.Tensor | None = None
+    measured: bool = True
+    """False when no scoring forward ran (the policy reads no statistics): ``ppl``/``entropy`` are placeholders."""
 
     @property
     def num_samples(self) -> int:
@@ -131,12 +136,36 @@ def _is_padding_free(batch: dict[str, Any]) -> bool:
     return "position_ids" in batch and "attention_mask" not in batch
 
 
+def _non_padding_tokens(batch: dict[str, Any]) -> int:
+    """Tokens a forward over ``batch`` processes, padding excluded (what the compute accounting counts)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    """A PEFT (LoRA) model, whose ``disable_adapter()`` gives back the base model."""
+    from transformers.utils import is_peft_available
+
+    if not is_peft_available():
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
 def _has_rows(batch: dict[str, Any]) -> bool:
     return batch["input_ids"].numel() > 0
 
 
 def _pad_columns(tensor: torch.Tensor, width: int, value: float | bool = 0) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+def _measured(values: torch.Tensor, scored: _ScoredMicroBatch) -> torch.Tensor:
+    """A statistic for the ledger and metrics: NaN where no scoring forward measured it."""
+    values = values.detach().cpu().double()
+    return values if scored.measured else torch.full_like(values, float("nan"))
 
 
 class _LedgerFlush(TrainerCallback):
@@ -202,7 +231,16 @@ class QTuningSFTTrainer(SFTTrainer):
         # The normaliser is counted after pruning and passed to every micro-batch's loss, which divides by it.
         self.loss_is_scaled_for_ga = True
         self._policy = config.build_policy()
-        self._reference_model = self._load_reference_model(config) if self._policy.tokens.needs_reference else None
+        self.qtuning_scored_tokens = 0
+        """Tokens processed by scoring forwards so far (reference-model forwards included), on this process."""
+        self._run_tokens_seen = self._run_tokens_kept = 0
+        # TailSFT's reference is the initial model: with LoRA (which starts as the identity) that is the trained model
+        # with its adapters disabled, at no memory cost; otherwise a model of its own (loaded, or a frozen copy).
+        self._reference_without_adapters = (
+            self._policy.needs_reference and config.reference_model_path is None and _is_peft(self.model)
+        )
+        wants_reference_model = self._policy.needs_reference and not self._reference_without_adapters
+        self._reference_model = self._load_reference_model(config) if wants_reference_model else None
         self._decision_listeners: list[DecisionListener] = []
         self._ledger: DecisionLedger | None = None
         if config.qtuning_ledger != "none" and self.is_world_process_zero():
@@ -218,9 +256,24 @@ class QTuningSFTTrainer(SFTTrainer):
             self.callback_handler.callbacks.insert(0, _LedgerFlush(self._ledger))
 
     def _load_reference_model(self, config: QTuningConfig) -> torch.nn.Module:
-        """The frozen reference model of Rho-1-style token policies, with TRL's fused head, on the training device."""
+        """The frozen reference model of Rho-1-style token policies, with TRL's fused head, on the training device.
+
+        Without ``reference_model_path`` (TailSFT, full fine-tuning): a frozen copy of the model before any step.
+        """
         from transformers import AutoModelForCausalLM
         from trl.trainer.utils import add_fused_lm_head
+
+        if config.reference_model_path is None:
+            logger.info(
+                "Q-Tuning: sample_policy=%r compares each sample with the initial model; a frozen copy of the model "
+                "is kept for it (one extra model in memory; with LoRA the adapters are disabled instead).",
+                config.sample_policy,
+            )
+            reference = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+            reference.__dict__.pop("forward", None)  # the copied fused forward: re-added below on the copy itself
+            add_fused_lm_head(reference, outputs=("log_probs",))
+            reference.requires_grad_(False)
+            return reference.to(self.args.device).eval()
 
         floating = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
         dtype = floating[0] if floating else torch.float32
@@ -328,10 +381,41 @@ class QTuningSFTTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ scoring
     def _score(self, batch: dict[str, Any], sample_ids: torch.Tensor | None) -> _ScoredMicroBatch:
-        """One gradient-free forward in eval mode (no dropout, no gradient checkpointing) -> the EU-plane statistics."""
+        """One gradient-free forward in eval mode (no dropout, no gradient checkpointing) -> the EU-plane statistics.
+
+        A policy that reads no statistics gets the batch's layout alone, with no forward (and no compute charged).
+        """
+        if not self._policy.needs_scoring:
+            return self._layout_only(batch, sample_ids)
+        forwards = 2 if self._policy.needs_reference else 1
+        self.qtuning_scored_tokens += forwards * _non_padding_tokens(batch)
         no_autograd = torch.inference_mode if self._scores_in_inference_mode() else torch.no_grad
         with no_autograd():
             return self._score_without_autograd(batch, sample_ids)
+
+    def _layout_only(self, batch: dict[str, Any], sample_ids: torch.Tensor | None) -> _ScoredMicroBatch:
+        """The padded row layout of ``batch`` without a forward: response masks and positions from the labels,
+        zero log-probs, and a placeholder statistic (0, NaN for a sample without answer tokens) that only marks which
+        samples can be kept. The ledger shows NaN statistics for such steps (``measured=False``)."""
+        labels = batch["labels"]
+        response = labels[:, 1:] != -100
+        segments = columns = None
+        if _is_padding_free(batch):
+            position_ids = batch["position_ids"]
+            n = sample_ids.numel() if sample_ids is not None else int((position_ids == 0).sum())
+            segments = segment_ids_from_position_ids(position_ids, n)[0, 1:]
+            columns = position_ids[0, 1:] - 1
+            response = flat_to_padded(response[0], segments, columns, n, fill=False)
+            positions = flat_to_padded(position_ids[0, 1:], segments, columns, n, fill=0)
+        else:
+            n = labels.shape[0]
+            positions = torch.arange(1, labels.shape[1], device=labels.device).expand(n, -1)
+        placeholder = torch.where(response.any(dim=1), 0.0, float("nan")).float()
+        ids = sample_ids.cpu() if sample_ids is not None else torch.full((n,), -1, dtype=torch.long)
+        return _ScoredMicroBatch(
+            torch.zeros(response.shape), response, positions, placeholder, placeholder.clone(), ids,
+            flat_segments=segments, flat_columns=columns, measured=False,
+        )  # fmt: skip
 
     def _scores_in_inference_mode(self) -> bool:
         """Inference mode unless turned off or the parameters are sharded.
@@ -360,6 +444,7 @@ class QTuningSFTTrainer(SFTTrainer):
         try:
             with self.compute_loss_context_manager(), _project_labelled_positions_only():
                 out = model(**model_inputs, labels=score_labels, fused_lm_head=True, use_cache=False)
+                reference_logps = self._reference_log_probs(model, model_inputs, labels)
         finally:
             model.train(was_training)
         if not isinstance(out, FusedCausalLMOutput) or out.entropy is None:
@@ -369,12 +454,6 @@ class QTuningSFTTrainer(SFTTrainer):
                 "replaced by another library (e.g. Liger's fused cross-entropy)?"
             )
         token_logps, token_entropy = out.log_probs.float(), out.entropy.float()
-        reference_logps = None
-        if self._reference_model is not None:
-            with self.compute_loss_context_manager(), _project_labelled_positions_only():
-                reference_logps = self._reference_model(
-                    **model_inputs, labels=labels, fused_lm_head=True, use_cache=False
-                ).log_probs.float()
         response = labels[:, 1:] != -100
         entropy_mask = score_labels[:, 1:] != -100
         if padding_free:
@@ -404,6 +483,20 @@ class QTuningSFTTrainer(SFTTrainer):
             token_logps, response, positions, ppl, entropy, sample_ids.cpu(), reference_logps, segments, columns
         )
 
+    def _reference_log_probs(
+        self, model: torch.nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor
+    ) -> torch.Tensor | None:
+        """log p(label) under the reference (None when the policy needs none): the reference model, or, for TailSFT
+        with LoRA and no ``reference_model_path``, the trained model with its adapters disabled (the initial model)."""
+        if self._reference_without_adapters:
+            with self.accelerator.unwrap_model(self.model).disable_adapter():
+                out = model(**model_inputs, labels=labels, fused_lm_head=True, use_cache=False)
+        elif self._reference_model is not None:
+            out = self._reference_model(**model_inputs, labels=labels, fused_lm_head=True, use_cache=False)
+        else:
+            return None
+        return out.log_probs.float()
+
     # ------------------------------------------------------------------ one optimizer step
     def _prune_step(self, batch_samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         start = time.perf_counter()
@@ -421,11 +514,15 @@ class QTuningSFTTrainer(SFTTrainer):
             entropy = torch.cat([scored[i].entropy for i in group])
             response = torch.cat([_pad_columns(scored[i].response, width, False) for i in group])
             reference = None
-            if self._reference_model is not None:
+            if self._policy.needs_reference:
                 reference = torch.cat([_pad_columns(scored[i].reference_logps, width) for i in group])
             decision = None
             if self.args.triage_scope == "global":
-                decision = self._global_sample_decision(ppl, entropy, response.sum(dim=-1))
+                extra = {}
+                if self._policy.samples.needs_reference:
+                    extra["reference_ppl"] = reference_sample_ppl(reference, response)
+                decision = self._global_sample_decision(ppl, entropy, response.sum(dim=-1), **extra)
+            budget_tokens = self._run_token_budget(int(response.sum()))
             selection = self._policy.select(
                 ppl,
                 entropy,
@@ -434,7 +531,10 @@ class QTuningSFTTrainer(SFTTrainer):
                 generator=self._policy_generator(index, per_rank=self.args.triage_scope != "global"),
                 reference_logps=reference,
                 decision=decision,
+                token_budget_tokens=budget_tokens,
             )
+            if budget_tokens is not None:
+                self._run_tokens_kept += int(selection.label_keep.sum())
             offset = 0
             for i in group:
                 rows = slice(offset, offset + scored[i].num_samples)
@@ -460,6 +560,16 @@ class QTuningSFTTrainer(SFTTrainer):
         elif self._must_run_last_micro_batch() and not _has_rows(pruned[-1]):
             pruned[-1] = self._placeholder(batch_samples[-1], scored[-1])
         return pruned
+
+    def _run_token_budget(self, group_tokens: int) -> int | None:
+        """``token_budget_scope="run"``: the tokens this group keeps so that the run's kept share of every answer
+        token seen so far returns to ``token_keep_ratio`` (a short step's shortfall is carried to the next). The
+        running totals are this process's own and start again on resume."""
+        if self.args.token_budget_scope != "run":
+            return None
+        self._run_tokens_seen += group_tokens
+        target = share_of_tokens(self.args.token_keep_ratio, self._run_tokens_seen)
+        return max(0, target - self._run_tokens_kept)
 
     def _pack_kept_rows(
         self, pruned: list[dict[str, Any]], source: dict[str, Any], source_scored: _ScoredMicroBatch
@@ -513,22 +623,32 @@ class QTuningSFTTrainer(SFTTrainer):
         return torch.Generator().manual_seed(seed)
 
     def _global_sample_decision(
-        self, ppl: torch.Tensor, entropy: torch.Tensor, response_tokens: torch.Tensor
+        self,
+        ppl: torch.Tensor,
+        entropy: torch.Tensor,
+        response_tokens: torch.Tensor,
+        reference_ppl: torch.Tensor | None = None,
     ) -> SampleDecision:
         """Decide over the step's samples of every rank together; return this rank's share of the decisions.
 
-        Costs one gather of three floats per sample (plus one of the per-rank counts). Every rank computes the same
-        decisions from the same gathered statistics, in rank order, with the same random stream.
+        Costs one gather of three floats per sample (four with the reference perplexity of TailSFT-like policies,
+        plus one of the per-rank counts). Every rank computes the same decisions from the same gathered statistics, in
+        rank order, with the same random stream.
         """
         device = self.accelerator.device
-        local = torch.stack([ppl.double(), entropy.double(), response_tokens.double()], dim=1).to(device)
+        stats = [ppl.double(), entropy.double(), response_tokens.double()]
+        if reference_ppl is not None:
+            stats.append(reference_ppl.double().to(ppl.device))
+        local = torch.stack(stats, dim=1).to(device)
+        width = local.shape[1]
         counts = self.accelerator.gather(torch.tensor([local.shape[0]], device=device)).tolist()
-        padded = torch.full((max(counts), 3), float("nan"), dtype=torch.float64, device=device)
+        padded = torch.full((max(counts), width), float("nan"), dtype=torch.float64, device=device)
         padded[: local.shape[0]] = local
-        gathered = self.accelerator.gather(padded).view(len(counts), max(counts), 3)
+        gathered = self.accelerator.gather(padded).view(len(counts), max(counts), width)
         everyone = torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
         decision = self._policy.decide_samples(
-            everyone[:, 0], everyone[:, 1], everyone[:, 2].long(), self._policy_generator(0, per_rank=False)
+            everyone[:, 0], everyone[:, 1], everyone[:, 2].long(), self._policy_generator(0, per_rank=False),
+            reference_ppl=everyone[:, 3] if width == 4 else None,
         )
         offset = sum(counts[: self.accelerator.process_index])
         return decision.rows(slice(offset, offset + local.shape[0]))
@@ -615,8 +735,8 @@ class QTuningSFTTrainer(SFTTrainer):
             ).tolist(),
             "sample_id": torch.cat([s.sample_ids for s in scored]).tolist(),
             "quadrant": per_sample(lambda i, rows, sel: sel.triage.quadrant[rows]).tolist(),
-            "ppl": torch.cat([s.ppl.cpu() for s in scored]).double().tolist(),
-            "entropy": torch.cat([s.entropy.cpu() for s in scored]).double().tolist(),
+            "ppl": torch.cat([_measured(s.ppl, s) for s in scored]).tolist(),
+            "entropy": torch.cat([_measured(s.entropy, s) for s in scored]).tolist(),
             "decision": decision.tolist(),
             "response_tokens": torch.cat([s.response.sum(dim=1).cpu() for s in scored]).tolist(),
             "kept_tokens": per_sample(lambda i, rows, sel: sel.label_keep[rows, : scored[i].token_logps.shape[1]].sum(1)).tolist(),
@@ -682,12 +802,22 @@ class QTuningSFTTrainer(SFTTrainer):
         metrics["qtuning/trimmed_share"].append(float((decision == "trimmed").sum()) / total)
         metrics["qtuning/invalid_samples"].append(float(invalid.sum()))
         valid = ~invalid
-        metrics["qtuning/ppl_mean"].append(float(ppl[valid].mean()) if valid.any() else float("nan"))
-        metrics["qtuning/entropy_mean"].append(float(entropy[valid].mean()) if valid.any() else float("nan"))
+        measured = valid & np.isfinite(ppl)  # NaN where the policy skipped the scoring forward
+        if measured.any():
+            metrics["qtuning/ppl_mean"].append(float(ppl[measured].mean()))
+            metrics["qtuning/entropy_mean"].append(float(entropy[measured].mean()))
         metrics["qtuning/scoring_seconds"].append(seconds)
         for name in ("q", "ppl_lo", "ppl_hi", "ent_lo", "ent_hi") if self._policy.samples.uses_eu_plane else ():
             values = [t[name] for t in thresholds if np.isfinite(t[name])]
             metrics[f"qtuning/{name}"].append(float(np.mean(values)) if values else float("nan"))
+        if self._policy.samples.uses_eu_plane:  # corr(log PPL, entropy axis) over the step's valid samples
+            p = torch.as_tensor(np.where(valid, ppl, np.nan), dtype=torch.float64)
+            e = torch.as_tensor(entropy, dtype=torch.float64)
+            axis = decorrelated_entropy(p, e) if self._policy.samples.params.eu_plane == "decorrelated" else e
+            for name, values in (("eu_correlation", e), ("plane_correlation", axis)):
+                value = plane_correlation(p, values)
+                if np.isfinite(value):  # NaN (degenerate step) would poison the logged average
+                    metrics[f"qtuning/{name}"].append(value)
         step = self.state.global_step + 1
         if decision.size and not keep.any():
             logger.warning(

@@ -2,8 +2,9 @@
 
 The curve is the held-out answer NLL of :func:`trl_qtuning.evaluation.answer_nll` (a token-weighted mean over all
 answer tokens), measured by a callback at the steps it is due. The Trainer's own ``eval_loss`` is not used for it:
-transformers' evaluation loop averages per-batch means weighted by batch size, not by answer tokens, so it differs
-from the final table's number whenever rows differ in length (tested).
+transformers' evaluation loop averages per-batch means weighted by rows, not by answer tokens, so its number moves with
+the eval batch size when rows differ in length, and TRL also scores the EOS token it appends (both tested in
+tests/test_evaluation.py). One function for the curve and the table keeps every reading comparable.
 """
 
 from __future__ import annotations

@@ -376,14 +376,14 @@ def cell_config_kwargs(
     """The keyword arguments of the cell's ``QTuningConfig``.
 
     ``matched_label_share``: for a ``match_label_tokens`` method, the label-token share to train at; the token
-    budget then covers the whole triage group (``token_budget_scope="group"``), so every step keeps that share of
-    all its answer tokens, whichever samples were drawn.
+    budget is then the run's (``token_budget_scope="run"``), so the run keeps that share of all the answer tokens it
+    sees, whichever samples were drawn.
     """
     kwargs = with_defaults(matrix.training, method.overrides)
     if cell.budget is not None:
         kwargs["sample_keep_ratio"], kwargs["token_keep_ratio"] = cell.budget
     if method.match_label_tokens is not None:
-        kwargs["token_budget_scope"] = "group"
+        kwargs["token_budget_scope"] = "run"
         if matched_label_share is not None:
             kwargs["token_keep_ratio"] = min(1.0, max(matched_label_share, 1e-6))
     if matrix.equal_compute is not None and cell.method != matrix.equal_compute.reference:

@@ -31,8 +31,8 @@ SUMMARY_METRICS = (("eval/nll", "NLL"), ("eval/nll_transfer", "transfer NLL"), (
                    ("eval/arc_easy_acc", "ARC-E acc"), ("eval/arc_challenge_acc", "ARC-C acc"))  # fmt: skip
 
 
-class CellTargets(dict):
-    """What a cell takes from cells run before it: ``compute`` (the equal-compute target) and ``label_share``."""
+CellTargets = dict
+"""What a cell takes from cells run before it: ``compute`` (the equal-compute target) and ``label_share``."""
 
 
 def _realised(history: list[dict[str, Any]], qtuning_enabled: bool, max_step: int | None) -> dict[str, float | None]:
@@ -158,11 +158,19 @@ def run_train_cell(
         meter = ComputeMeter(trainer, target=targets.get("compute"), min_steps=matrix.max_steps or 0)
         bf16 = bool(config.bf16)
 
+        pending: list[tuple[dict[str, float], int]] = []
+
         def log_point(metrics: dict[str, float], step: int) -> None:
+            """To the cell's MLflow run; the step-0 point comes before the run exists and waits for it."""
+            pending.append((metrics, step))
             sink = _tracking_sink(trainer)
-            if sink is not None:
-                with contextlib.suppress(Exception):  # tracking never stops training
-                    sink.log_metrics(metrics, step=step)
+            if sink is None:
+                return
+            with contextlib.suppress(Exception):  # tracking never stops training
+                while pending:
+                    values, at = pending[0]
+                    sink.log_metrics(values, step=at)
+                    pending.pop(0)
 
         curve = CurveRecorder(
             measure=lambda m: curve_metrics(m, trainer.processing_class, matrix, data, bf16=bf16), meter=meter,

@@ -1,5 +1,6 @@
 """Pure tensor core of Q-Tuning: statistics -> quadrants -> masks. No Trainer, no I/O."""
 
+from .plane import decorrelated_entropy, plane_correlation
 from .selection import Selection, SelectionParams, select_qtuning
 from .stats import (
     eu_plane_stats,
@@ -16,9 +17,11 @@ __all__ = [
     "SelectionParams",
     "TriageResult",
     "assign_quadrants",
+    "decorrelated_entropy",
     "eu_plane_stats",
     "flat_to_padded",
     "padded_to_flat",
+    "plane_correlation",
     "prune_tokens",
     "segment_ids_from_boundaries",
     "segment_ids_from_position_ids",

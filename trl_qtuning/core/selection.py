@@ -6,15 +6,25 @@ a whole optimizer step, all go through the same rules.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
 
+from .plane import decorrelated_entropy
 from .tokens import prune_tokens
 from .triage import TriageResult, triage_samples
 
-__all__ = ["SelectionParams", "Selection", "assemble_selection", "qtuning_token_rows", "select_qtuning"]
+__all__ = [
+    "SelectionParams",
+    "Selection",
+    "assemble_selection",
+    "qtuning_token_rows",
+    "select_qtuning",
+    "token_budget",
+    "triage_axes",
+]
 
 
 @dataclass(frozen=True)
@@ -29,9 +39,17 @@ class SelectionParams:
     prune_filled_q2_like: bool = False
     token_prune_q4: bool = False
     reverse_token_score: bool = False
-    token_budget_scope: Literal["sample", "batch"] = "sample"
+    token_budget_scope: Literal["sample", "batch", "run"] = "sample"
     triage_max_iter: int = 10
     triage_tol: float = 0.01
+    eu_plane: Literal["paper", "decorrelated"] = "paper"
+
+
+def triage_axes(ppl: torch.Tensor, entropy: torch.Tensor, params: SelectionParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two axes the triage runs on: ``(ppl, entropy)``, or ``(ppl, residual entropy)`` for ``"decorrelated"``."""
+    if params.eu_plane == "decorrelated":
+        return ppl, decorrelated_entropy(ppl, entropy)
+    return ppl, entropy
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,24 @@ class Selection:
     @property
     def keep(self) -> torch.Tensor:
         return self.triage.keep
+
+
+def share_of_tokens(ratio: float, tokens: int) -> int:
+    """``round(ratio * tokens)``, halves up: the token count of a share, unbiased (``floor`` would lose a token a step)."""
+    return math.floor(ratio * tokens + 0.5 + 1e-9) if tokens > 0 else 0
+
+
+def token_budget(params: SelectionParams, budget_tokens: int | None) -> dict:
+    """``prune_tokens``' budget arguments for ``params.token_budget_scope``.
+
+    ``"run"`` is one budget of ``budget_tokens`` over the rows handed to the token policy: the trainer sizes it so
+    that the run, step after step, keeps ``token_keep_ratio`` of every answer token it has seen (dropped samples
+    included), as far as the kept samples allow. That is how the bench trains a baseline at another method's
+    realised label-token share, whichever samples the baseline draws.
+    """
+    if params.token_budget_scope == "run":
+        return {"budget": "batch", "batch_keep": budget_tokens}
+    return {"budget": params.token_budget_scope}
 
 
 def qtuning_token_rows(triage: TriageResult, params: SelectionParams) -> torch.Tensor:
@@ -110,8 +146,7 @@ def select_qtuning(
     """
     if triage is None:
         triage = triage_samples(
-            ppl,
-            entropy,
+            *triage_axes(ppl, entropy, params),
             params.sample_keep_ratio,
             enforce_budget=params.enforce_sample_budget,
             max_iter=params.triage_max_iter,
@@ -127,7 +162,7 @@ def select_qtuning(
             neighbor_lambda=params.neighbor_lambda,
             neighbor=params.neighbor_mode,
             keep_highest=params.reverse_token_score,
-            budget=params.token_budget_scope,
+            **token_budget(params, share_of_tokens(params.token_keep_ratio, int(mask.sum()))),
         )
 
     return assemble_selection(

@@ -71,6 +71,7 @@ def prune_tokens(
     neighbor: NeighborMode = "sum",
     keep_highest: bool = False,
     budget: Literal["sample", "batch"] = "sample",
+    batch_keep: int | None = None,
 ) -> torch.Tensor:
     """Response tokens to keep, as a BoolTensor of shape ``(B, L)`` (False outside the response).
 
@@ -83,6 +84,9 @@ def prune_tokens(
         keep_highest: keep the highest-scoring tokens instead (the paper's "reversed" ablation).
         budget: ``"sample"`` applies the budget to each row; ``"batch"`` keeps the ``floor(r * total)`` lowest-scored
             tokens of all rows together, while still keeping each row's best token.
+        batch_keep: with ``budget="batch"``, the number of tokens to keep over all rows instead of
+            ``floor(r * total)`` (a budget sized elsewhere, e.g. a share of a whole run's answer tokens); each row
+            still keeps its best token, and the rows never keep more than they hold.
     """
     if token_ppl.dim() != 2 or token_ppl.shape != response_mask.shape:
         raise ValueError(
@@ -106,7 +110,10 @@ def prune_tokens(
     if budget != "batch":
         raise ValueError(f"budget must be 'sample' or 'batch', got {budget!r}")
     best_of_row = mask & (rank == 0)
-    total = int(token_keep_counts(counts.sum().view(1), keep_ratio).item())
+    if batch_keep is None:
+        total = int(token_keep_counts(counts.sum().view(1), keep_ratio).item())
+    else:
+        total = int(batch_keep)
     extra = max(0, total - int(best_of_row.sum()))
     flat_scores = torch.where(best_of_row, torch.full_like(scores, math.inf), scores).reshape(-1)
     flat_order = torch.sort(flat_scores, stable=True).indices[:extra]

@@ -15,7 +15,8 @@ from typing import ClassVar, TypeVar
 
 import torch
 
-from ..core.selection import Selection, SelectionParams, assemble_selection
+from ..core.selection import Selection, SelectionParams, assemble_selection, share_of_tokens, token_budget
+from ..core.stats import eu_plane_stats
 from ..core.tokens import prune_tokens
 from ..core.triage import TriageResult, target_keep_count, top_k_mask
 
@@ -34,6 +35,7 @@ __all__ = [
     "method_name",
     "keep_top",
     "keep_tokens_by_score",
+    "reference_sample_ppl",
 ]
 
 
@@ -45,6 +47,8 @@ class SampleBatch:
     entropy: torch.Tensor
     response_tokens: torch.Tensor
     """Trainable (response) tokens of each sample."""
+    reference_ppl: torch.Tensor | None = None
+    """Perplexity of each sample under the reference model (only for sample policies with ``needs_reference``)."""
 
     @property
     def size(self) -> int:
@@ -86,6 +90,8 @@ class TokenBatch:
     response_mask: torch.Tensor
     reference_logps: torch.Tensor | None = None
     """log p(label) under the reference model (only for policies with ``needs_reference``)."""
+    budget_tokens: int | None = None
+    """With ``token_budget_scope="run"``: how many tokens these rows keep in all (sized by the caller)."""
 
 
 class SamplePolicy(ABC):
@@ -96,6 +102,10 @@ class SamplePolicy(ABC):
     """True when the decision comes with Q-Tuning's quadrants and thresholds (metrics and figures use them)."""
     reweights: ClassVar[bool] = False
     """True when the policy rescales the losses of the samples it keeps."""
+    reads_statistics: ClassVar[bool] = True
+    """False when the decision needs no model statistics (only answer-token counts): the scoring forward is skipped."""
+    needs_reference: ClassVar[bool] = False
+    """True when the policy compares each sample with its perplexity under a reference model (TailSFT)."""
 
     def __init__(self, params: SelectionParams):
         self.params = params
@@ -116,6 +126,8 @@ class TokenPolicy(ABC):
     needs_reference: ClassVar[bool] = False
     """True when the policy scores tokens against a reference model's log-probs (Rho-1)."""
     prunes: ClassVar[bool] = True
+    reads_statistics: ClassVar[bool] = True
+    """False when the decision needs no per-token log-probs (random, none)."""
 
     def __init__(self, params: SelectionParams):
         self.params = params
@@ -160,10 +172,29 @@ class Policy:
     def name(self) -> str:
         return method_name(self.samples.name, self.tokens.name)
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the sample or the token policy reads the reference model (the trainer then scores it too)."""
+        return self.samples.needs_reference or self.tokens.needs_reference
+
+    @property
+    def needs_scoring(self) -> bool:
+        """Whether a step needs the scoring forward at all (random or shortest samples with random or no token
+        pruning decide from answer-token counts alone, so they pay no scoring pass)."""
+        return self.samples.reads_statistics or self.tokens.reads_statistics or self.needs_reference
+
     def decide_samples(
-        self, ppl: torch.Tensor, entropy: torch.Tensor, response_tokens: torch.Tensor, generator: torch.Generator
+        self,
+        ppl: torch.Tensor,
+        entropy: torch.Tensor,
+        response_tokens: torch.Tensor,
+        generator: torch.Generator,
+        *,
+        reference_ppl: torch.Tensor | None = None,
     ) -> SampleDecision:
-        return self.samples.select_samples(SampleBatch(ppl, entropy, response_tokens), generator)
+        if self.samples.needs_reference and reference_ppl is None:
+            raise ValueError(f"sample policy {self.samples.name!r} needs each sample's perplexity under the reference")
+        return self.samples.select_samples(SampleBatch(ppl, entropy, response_tokens, reference_ppl), generator)
 
     def select(
         self,
@@ -175,20 +206,37 @@ class Policy:
         generator: torch.Generator,
         reference_logps: torch.Tensor | None = None,
         decision: SampleDecision | None = None,
+        reference_ppl: torch.Tensor | None = None,
+        token_budget_tokens: int | None = None,
     ) -> Selection:
-        """Decide the samples (unless ``decision`` was already taken over a larger group), then their tokens."""
+        """Decide the samples (unless ``decision`` was already taken over a larger group), then their tokens.
+
+        A sample policy with ``needs_reference`` reads ``reference_ppl``, or, when it is not given, the per-sample
+        perplexity of ``reference_logps`` over the response tokens. ``token_budget_tokens``: with
+        ``token_budget_scope="run"``, the tokens the kept rows keep in all (default: ``token_keep_ratio`` of this
+        group's answer tokens).
+        """
         mask = response_mask.to(torch.bool)
+        budget_tokens = token_budget_tokens
+        if budget_tokens is None and self.samples.params.token_budget_scope == "run":
+            budget_tokens = share_of_tokens(self.samples.params.token_keep_ratio, int(mask.sum()))
         if decision is None:
-            decision = self.decide_samples(ppl, entropy, mask.sum(dim=-1), generator)
+            if self.samples.needs_reference and reference_ppl is None and reference_logps is not None:
+                reference_ppl = reference_sample_ppl(reference_logps, mask)
+            decision = self.decide_samples(ppl, entropy, mask.sum(dim=-1), generator, reference_ppl=reference_ppl)
         if self.tokens.needs_reference and reference_logps is None:
             raise ValueError(f"token policy {self.tokens.name!r} needs the reference model's log-probs")
 
         def keep_tokens(rows: torch.Tensor) -> torch.Tensor:
             reference = None if reference_logps is None else reference_logps[rows]
-            return self.tokens.keep_tokens(TokenBatch(token_logps[rows], mask[rows], reference), generator)
+            batch = TokenBatch(token_logps[rows], mask[rows], reference, budget_tokens=budget_tokens)
+            return self.tokens.keep_tokens(batch, generator)
 
         prunes = self.tokens.prunes and self.samples.params.token_keep_ratio < 1.0
         token_rows = decision.token_rows if self.tokens.prunes else torch.zeros_like(decision.token_rows)
+        if budget_tokens is not None:  # kept samples trained whole (Q4) count towards the run's share too
+            whole = int(mask[decision.keep.to(mask.device) & ~token_rows.to(mask.device)].sum())
+            budget_tokens = max(0, budget_tokens - whole)
         return assemble_selection(
             ppl, entropy, mask, decision.triage, token_rows, keep_tokens if prunes else None, decision.loss_weight
         )
@@ -204,6 +252,11 @@ def build_policy(sample_policy: str, token_policy: str, params: SelectionParams)
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
+def reference_sample_ppl(reference_logps: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) perplexity of each sample's response tokens under the reference model (NaN without response tokens)."""
+    return eu_plane_stats(reference_logps, torch.zeros_like(reference_logps), response_mask)[0]
+
+
 def keep_top(scores: torch.Tensor, eligible: torch.Tensor, k: int, *, highest: bool = True) -> torch.Tensor:
     """The ``k`` eligible samples of highest (or lowest) score; ties go to the earlier index."""
     finite = torch.nan_to_num(scores.double(), nan=-math.inf if highest else math.inf)
@@ -211,14 +264,19 @@ def keep_top(scores: torch.Tensor, eligible: torch.Tensor, k: int, *, highest: b
 
 
 def keep_tokens_by_score(
-    scores: torch.Tensor, response_mask: torch.Tensor, params: SelectionParams, *, keep_highest: bool
+    scores: torch.Tensor,
+    response_mask: torch.Tensor,
+    params: SelectionParams,
+    *,
+    keep_highest: bool,
+    budget_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Each row keeps ``max(1, floor(r * |T|))`` response tokens (or one batch budget) ranked by ``scores`` alone."""
+    """Each row keeps ``max(1, floor(r * |T|))`` response tokens (or one batch/run budget) ranked by ``scores``."""
     return prune_tokens(
         scores,
         response_mask,
         params.token_keep_ratio,
         neighbor_lambda=0.0,
         keep_highest=keep_highest,
-        budget=params.token_budget_scope,
+        **token_budget(params, budget_tokens),
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.selection import qtuning_token_rows
+from ..core.selection import qtuning_token_rows, triage_axes
 from ..core.triage import TriageResult, triage_samples
 from .base import SampleBatch, SampleDecision, SamplePolicy, keep_top, register_sample_policy
 
@@ -21,6 +21,7 @@ __all__ = [
     "EntropySamples",
     "HighPPLSamples",
     "LowPPLSamples",
+    "TailSFTSamples",
 ]
 
 
@@ -38,8 +39,9 @@ class QTuningSamples(SamplePolicy):
 
     def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
         p = self.params
+        # eu_plane="decorrelated" triages on (ppl, entropy residual); the Selection keeps the raw entropy.
         triage = triage_samples(
-            batch.ppl, batch.entropy, p.sample_keep_ratio, enforce_budget=p.enforce_sample_budget,
+            *triage_axes(batch.ppl, batch.entropy, p), p.sample_keep_ratio, enforce_budget=p.enforce_sample_budget,
             max_iter=p.triage_max_iter, tol=p.triage_tol,
         )
         return SampleDecision(triage, qtuning_token_rows(triage, p))
@@ -50,6 +52,7 @@ class AllSamples(SamplePolicy):
     """Keep every sample (token-pruning-only baselines; ``sample_keep_ratio`` is ignored)."""
 
     name = "all"
+    reads_statistics = False
 
     def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
         return _baseline_decision(batch, batch.valid.clone(), int(batch.valid.sum()))
@@ -60,6 +63,7 @@ class RandomSamples(SamplePolicy):
     """K samples uniformly at random."""
 
     name = "random"
+    reads_statistics = False
 
     def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
         k = self.target(batch)
@@ -72,6 +76,7 @@ class ShortestSamples(SamplePolicy):
     """Drop the longest samples first: keep the K with the fewest response tokens (ties: earlier sample)."""
 
     name = "longest"
+    reads_statistics = False
 
     def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
         k = self.target(batch)
@@ -142,3 +147,36 @@ class LowPPLSamples(SamplePolicy):
     def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
         k = self.target(batch)
         return _baseline_decision(batch, keep_top(batch.ppl, batch.valid, k, highest=False), k)
+
+
+@register_sample_policy
+class TailSFTSamples(SamplePolicy):
+    """TailSFT's filter: drop the samples whose loss fell furthest below the initial model's loss on them.
+
+    Source: TRL's TailSFT example (huggingface/trl pull request #7212, ``examples/tail_sft_gsm8k/tail_sft.py``,
+    after https://huggingface.co/papers/2608.25756, Algorithm 1 line 6). Its score, the "margin", is the sample's
+    length-normalised loss under the current model minus the same loss under the initial policy:
+    ``mean answer-token NLL_now - mean answer-token NLL_init = log PPL - log PPL_reference``. Over each selection
+    batch it drops the ``round(f * B)`` samples of lowest margin (those the model has moved furthest from where the
+    initial policy left them), always keeping one. Here the budget is this package's, as for every other policy: the
+    ``K = target(batch)`` samples of highest margin stay (ties to the earlier sample), so ``sample_keep_ratio`` plays
+    ``1 - filter_fraction`` (the example's optional linear ramp of the fraction is not reproduced). Both losses are
+    length-normalised, so the rule favours neither long nor short answers.
+
+    The reference is the initial model: the trainer scores it with the LoRA adapters disabled, or a frozen copy of the
+    model taken before the first step (full fine-tuning), or ``reference_model_path`` when given. A sample without a
+    finite perplexity, or without a finite reference perplexity, is never kept.
+    """
+
+    name = "tailsft"
+    needs_reference = True
+
+    def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
+        if batch.reference_ppl is None:
+            raise ValueError("the tailsft sample policy needs each sample's perplexity under the initial model")
+        reference = batch.reference_ppl.to(device=batch.ppl.device, dtype=torch.float64)
+        eligible = batch.valid & torch.isfinite(reference)
+        k = min(self.target(batch), int(eligible.sum()))
+        margin = torch.log(batch.ppl.double()) - torch.log(reference)
+        keep = keep_top(margin, eligible, k)
+        return SampleDecision(TriageResult.without_plane(keep, ~eligible, k), keep.clone())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.selection import token_budget
 from ..core.tokens import prune_tokens
 from .base import TokenBatch, TokenPolicy, keep_tokens_by_score, register_token_policy
 
@@ -31,7 +32,8 @@ class QTuningTokens(TokenPolicy):
         p = self.params
         return prune_tokens(
             _token_ppl(batch), batch.response_mask, p.token_keep_ratio, neighbor_lambda=p.neighbor_lambda,
-            neighbor=p.neighbor_mode, keep_highest=self._keep_highest(), budget=p.token_budget_scope,
+            neighbor=p.neighbor_mode, keep_highest=self._keep_highest(),
+            **token_budget(p, batch.budget_tokens),
         )
 
 
@@ -50,10 +52,12 @@ class RandomTokens(TokenPolicy):
     """Tokens kept uniformly at random."""
 
     name = "random"
+    reads_statistics = False
 
     def keep_tokens(self, batch: TokenBatch, generator: torch.Generator) -> torch.Tensor:
         draw = torch.rand(batch.token_logps.shape, generator=generator, dtype=torch.float64)
-        return keep_tokens_by_score(draw.to(batch.token_logps.device), batch.response_mask, self.params, keep_highest=False)
+        return keep_tokens_by_score(draw.to(batch.token_logps.device), batch.response_mask, self.params, keep_highest=False,
+                                    budget_tokens=batch.budget_tokens)
 
 
 @register_token_policy
@@ -63,7 +67,8 @@ class PPLTokens(TokenPolicy):
     name = "ppl"
 
     def keep_tokens(self, batch: TokenBatch, generator: torch.Generator) -> torch.Tensor:
-        return keep_tokens_by_score(_token_ppl(batch), batch.response_mask, self.params, keep_highest=False)
+        return keep_tokens_by_score(_token_ppl(batch), batch.response_mask, self.params, keep_highest=False,
+                                    budget_tokens=batch.budget_tokens)
 
 
 @register_token_policy
@@ -80,7 +85,8 @@ class Rho1Tokens(TokenPolicy):
         if batch.reference_logps is None:
             raise ValueError("the rho1 token policy needs the reference model's log-probs")
         excess = batch.reference_logps.double() - batch.token_logps.double()
-        return keep_tokens_by_score(excess, batch.response_mask, self.params, keep_highest=True)
+        return keep_tokens_by_score(excess, batch.response_mask, self.params, keep_highest=True,
+                                    budget_tokens=batch.budget_tokens)
 
 
 @register_token_policy
@@ -89,6 +95,7 @@ class AllTokens(TokenPolicy):
 
     name = "none"
     prunes = False
+    reads_statistics = False
 
     def keep_tokens(self, batch: TokenBatch, generator: torch.Generator) -> torch.Tensor:
         return batch.response_mask.to(torch.bool).clone()
