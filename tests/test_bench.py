@@ -355,10 +355,12 @@ def test_study_matched_baseline_trains_at_qtunings_label_token_share(study_run):
     for seed in (0, 1):
         qtuning = results[f"qtuning@25x50/seed{seed}"]
         matched = results[f"random-matched@25x50/seed{seed}"]
-        share = qtuning["realised"]["label_token_share"]
+        share = qtuning["realised"]["label_token_share_pooled"]  # kept / all answer tokens of steps 1-4, from the ledger
         assert matched["matched_label_share"] == pytest.approx(share)
         assert matched["token_keep_ratio"] == pytest.approx(share)
-        assert abs(matched["realised"]["label_token_share"] - share) <= 0.02, (seed, matched["realised"], share)
+        assert abs(matched["realised"]["label_token_share_pooled"] - share) <= 0.02, (seed, matched["realised"], share)
+        mean_share = qtuning["realised"]["label_token_share"]  # the table's column: mean of per-step shares
+        assert abs(matched["realised"]["label_token_share"] - mean_share) <= 0.02, (seed, matched["realised"], mean_share)
         assert matched["realised"]["sample_keep_ratio"] == pytest.approx(0.25)
 
 
@@ -420,6 +422,42 @@ def test_study_table_only_reproduces_the_page(study_run, monkeypatch):
     assert tables(after) == tables(before)
 
 
+def test_study_stale_results_are_listed_not_tabulated(study_run, tmp_path, monkeypatch):
+    """A finished cell made with other settings, or trained against a target its source no longer gives, is left
+    out of the tables and named as stale (it used to be averaged in silently)."""
+    import shutil
+
+    out_dir = tmp_path / "out"
+    shutil.copytree(study_run["out_dir"], out_dir)
+    matrix = yaml.safe_load(study_run["config"].read_text())
+    config = _write_matrix(tmp_path / "study.yaml", {**matrix, "output_dir": str(out_dir)})
+    reference = out_dir / "full_seed1" / "result.json"
+    record = json.loads(reference.read_text())
+    record["compute"]["final"] += 1  # as if the reference cell had been rerun since
+    reference.write_text(json.dumps(record))
+    _forbid_running(monkeypatch)
+    code, out, err = _run(["bench", "--config", str(config), "--table-only"])
+    assert code == 0, err
+    assert "qtuning@25x50/seed1 (stale: trained to a compute target that is not full's final compute now)" in out
+    assert "random-matched@25x50/seed1 (stale: " in out and "qtuning@25x50/seed0 (stale" not in out
+    rows = {line.split("|")[1].strip(): line for line in _first_table(out)}
+    assert rows["qtuning"].split("|")[3].strip() == "1"  # one seed left in the row
+    changed = {**matrix, "output_dir": str(out_dir), "training": {**matrix["training"], "learning_rate": 5.0e-4}}
+    code, out, err = _run(["bench", "--config", str(_write_matrix(tmp_path / "b.yaml", changed)), "--table-only"])
+    assert code == 0, err  # every trained cell is stale (the untrained base row does not depend on training)
+    assert out.count("(stale: made with other settings than the matrix's now)") == 6
+
+
+def test_reading_without_a_curve_never_passes_off_final_metrics_as_equal_steps():
+    from trl_qtuning.bench.tables import reading
+
+    result = {"global_step": 9, "metrics": {"eval/nll": 1.0, "eval/gsm8k_em": 0.5},
+              "compute": {"final": 90, "equal_compute_step": 6, "steps": [{"step": s, "cumulative": 10 * s} for s in range(1, 10)]}}  # fmt: skip
+    assert reading(result, "equal_steps", 4) == {"step": 4, "compute": 40}
+    assert reading(result, "equal_compute", 4) == {"step": 6, "compute": 60}
+    assert reading({**result, "global_step": 4}, "equal_steps", 4)["eval/gsm8k_em"] == 0.5
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -435,6 +473,11 @@ def test_study_table_only_reproduces_the_page(study_run, monkeypatch):
                       "m": {"sample_policy": "random", "match_label_tokens": "full"}}},
          "methods.m.match_label_tokens: method 'full' has no realised label-token share"),
         ({"baselines": ["nosuch"]}, "baselines[0]: 'nosuch' is not a method"),
+        ({"methods": {**STUDY_METHODS, "qtuning": {"lr_scheduler_type": "cosine"}}},
+         "methods.qtuning.lr_scheduler_type: 'cosine' decays"),
+        ({"methods": {**STUDY_METHODS, "qtuning": {"max_steps": 8}}}, "methods.qtuning.max_steps: every method trains"),
+        ({"equal_compute": {"reference": "random-matched", "max_steps": 40}},
+         "equal_compute.reference: method 'random-matched' trains at another method's token share"),
         ({"training": {"max_steps": 4, "lr_scheduler_type": "constant", "qtuning_ledger": "none"}},
          "training.qtuning_ledger: label noise is audited from the ledger"),
     ],
@@ -505,3 +548,28 @@ def test_recipes_are_valid_matrices():
     assert real.method("entropy-ppl").overrides == {"sample_policy": "entropy", "token_policy": "ppl"}
     tiny = bench.load_matrix(RECIPES / "tiny.yaml", check_inputs=False)
     assert [c.id for c in bench.plan_cells(tiny)] == CELL_IDS
+
+
+def test_paired_t_interval_and_its_table_without_scipy(monkeypatch):
+    import builtins
+
+    from trl_qtuning.bench import paired
+
+    diff = paired.paired_difference({0: 1.0, 1: 2.0, 2: 4.0}, {0: 1.5, 1: 1.5, 2: 1.5})
+    # differences -0.5, 0.5, 2.5: mean 0.8333, sd 1.5275, t(0.975, 2) = 4.303 -> half width 3.7947
+    assert diff["mean"] == pytest.approx(0.8333, abs=1e-4) and diff["verdict"] == "no difference"
+    assert diff["high"] - diff["mean"] == pytest.approx(4.303 * 1.527525 / 3**0.5, rel=1e-3)
+    scipy_values = [paired.t_quantile(0.975, df) for df in range(1, 40)]
+    real_import = builtins.__import__
+
+    def no_scipy(name, *args, **kwargs):
+        if name.startswith("scipy"):
+            raise ImportError("no scipy")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    table = [paired.t_quantile(0.975, df) for df in range(1, 40)]
+    assert table == pytest.approx(scipy_values, abs=6e-4)
+    with pytest.raises(ImportError, match="need scipy"):
+        paired.t_quantile(0.95, 3)
+    assert paired.paired_difference({0: 1.0}, {0: 2.0})["verdict"] == "n < 2"

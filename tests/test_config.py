@@ -17,7 +17,12 @@ BASE = dict(output_dir="unused", bf16=False, use_cpu=True, report_to="none")
         ("sample_keep_ratio", -0.1, "sample_keep_ratio"),
         ("token_keep_ratio", 0.0, r"`token_keep_ratio` must be a number in \(0, 1\]"),
         ("token_keep_ratio", 2, "token_keep_ratio"),
-        ("neighbor_lambda", 1.5, r"`neighbor_lambda` must be in \[0, 1\]"),
+        ("neighbor_lambda", 1.5, r"`neighbor_lambda` must be a number in \[0, 1\]"),
+        ("neighbor_lambda", None, r"`neighbor_lambda` must be a number in \[0, 1\], got None"),
+        ("neighbor_lambda", "x", r"`neighbor_lambda` must be a number in \[0, 1\], got 'x' \(a str\)"),
+        ("neighbor_lambda", "0.3", r"`neighbor_lambda` must be a number in \[0, 1\], got '0.3' \(a str\)"),
+        ("sample_keep_ratio", float("nan"), "`sample_keep_ratio` must be a number"),
+        ("triage_max_iter", 2.5, "`triage_max_iter` must be an integer >= 1"),
         ("neighbor_lambda", -0.5, "neighbor_lambda"),
         ("neighbor_mode", "max", "`neighbor_mode` must be one of 'sum', 'mean'"),
         ("triage_scope", "epoch", "`triage_scope` must be one of"),
@@ -75,3 +80,66 @@ def test_reference_model_path_rules_for_rho1_and_tailsft():
         QTuningConfig(**BASE, sample_policy="tailsft", token_policy="rho1")  # rho1 still needs its path
     with pytest.raises(ValueError, match="`reference_model_path` is only used by.*tailsft"):
         QTuningConfig(**BASE, sample_policy="random", reference_model_path="ref")
+
+
+@pytest.mark.parametrize(
+    ("settings", "realised"),
+    [
+        (dict(per_device_train_batch_size=3, gradient_accumulation_steps=1, sample_keep_ratio=0.1), "0.333"),
+        (dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, triage_scope="micro_batch"), "0.5"),
+    ],
+)
+def test_a_budget_the_group_cannot_realise_is_said_with_the_knob(settings, realised):
+    config = QTuningConfig(**BASE, **settings)
+    with pytest.warns(UserWarning, match=rf"realised as {realised}: .*Fix: "):
+        config.check_sample_budget()
+
+
+def test_a_group_of_one_sample_is_refused():
+    config = QTuningConfig(**BASE, per_device_train_batch_size=1, gradient_accumulation_steps=1)
+    with pytest.raises(ValueError, match=r"cannot be met: each triage group holds 1 sample.*gradient_accumulation"):
+        config.check_sample_budget()
+    QTuningConfig(**BASE, per_device_train_batch_size=1, gradient_accumulation_steps=1, qtuning_enabled=False
+                  ).check_sample_budget()  # fmt: skip
+    QTuningConfig(**BASE, per_device_train_batch_size=1, gradient_accumulation_steps=8).check_sample_budget()
+    assert QTuningConfig(**BASE, per_device_train_batch_size=2, triage_scope="global").triage_group_size(4) == 8
+
+
+def test_the_trainer_refuses_a_group_of_one_at_construction(tmp_path):
+    from .trainer_helpers import build_trainer
+
+    with pytest.raises(ValueError, match="cannot be met"):
+        build_trainer(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        (dict(sample_policy="random", token_prune_q4=True), r"`token_prune_q4=True` has no effect"),
+        (dict(sample_policy="random", prune_filled_q2_like=True), r"`prune_filled_q2_like=True` has no effect"),
+        (dict(token_policy="random", reverse_token_score=True), r"`reverse_token_score=True` has no effect"),
+        (dict(token_policy="none", token_keep_ratio=0.5), r"`token_keep_ratio=0.5` has no effect with token_policy='none'"),
+    ],
+)
+def test_settings_without_effect_are_said(settings, match):
+    with pytest.warns(UserWarning, match=match):
+        QTuningConfig(**BASE, **settings)
+
+
+def test_padding_free_with_max_length_names_max_length_none():
+    with pytest.raises(ValueError, match=r"`padding_free=True` needs `max_length=None`"):
+        QTuningConfig(**BASE, padding_free=True, max_length=64)
+    QTuningConfig(**BASE, padding_free=True, max_length=None)
+
+
+def test_trainer_names_the_class_it_got_instead_of_qtuning_config(tmp_path):
+    from transformers import TrainingArguments
+
+    from trl_qtuning import QTuningSFTTrainer
+    from trl_qtuning.testing import make_arithmetic_dataset, make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(TypeError, match=r"got TrainingArguments\. Replace TrainingArguments\(\.\.\.\) with QTuningConfig"):
+        QTuningSFTTrainer(model=make_tiny_model(tokenizer), args=args, train_dataset=make_arithmetic_dataset(4),
+                          processing_class=tokenizer)  # fmt: skip

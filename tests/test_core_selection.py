@@ -167,6 +167,7 @@ def test_property_selection(group):
     lk, pruned = sel.label_keep.numpy(), sel.token_pruned.numpy()
     assert not (lk & ~mask).any()
     expected_pruned = keep & ((quad == 2) | (params.prune_filled_q2_like & q2_like))
+    expected_pruned &= params.token_keep_ratio < 1.0  # at ratio 1 nothing is token-pruned: Q2 is simply kept
     assert pruned.tolist() == expected_pruned.tolist()
     for row in range(mask.shape[0]):
         n = int(mask[row].sum())
@@ -186,3 +187,13 @@ def test_property_selection(group):
     sel2 = select_qtuning(torch.tensor(ppl), torch.tensor(ent), torch.tensor(logps2), torch.tensor(mask), params)
     assert torch.equal(sel2.label_keep, sel.label_keep)
     assert torch.equal(sel2.keep, sel.keep)
+
+
+def test_q2_at_token_ratio_one_is_kept_not_token_pruned():
+    """At ``token_keep_ratio=1.0`` no token loses its label, so no sample is reported as token-pruned (the ledger
+    used to say ``token_pruned`` for Q2 rows that kept every token)."""
+    ppl, ent = torch.tensor([9.0, 1.0, 5.0, 2.0]), torch.tensor([1.0, 9.0, 5.0, 2.0])
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    sel = select_qtuning(ppl, ent, torch.zeros(4, 3), mask, SelectionParams(sample_keep_ratio=0.5, token_keep_ratio=1.0))
+    assert sel.triage.quadrant[0] == 2 and bool(sel.keep[0])
+    assert not bool(sel.token_pruned.any()) and bool(sel.label_keep[sel.keep].all())

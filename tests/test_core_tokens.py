@@ -243,9 +243,7 @@ def test_nan_outside_response_does_not_change_pruning():
 def test_infinite_token_ppl_with_extreme_lambda(lam, expected):
     # A response token with log p = -inf has tppl = +inf. With lam = 0 (the paper's "lam = 0" ablation) the score of
     # a token is its own tppl, so its finite-tppl neighbours must not be affected; with lam = 1 the token's own
-    # tppl has weight 0.
-    # (BUG: the code computes 0 * inf = NaN, maps NaN to +inf ("hardest") and +inf to the largest finite float, so
-    #  for lam = 0 it keeps [1, 3]: the infinite-ppl token itself is kept and the two easiest tokens are pruned.)
+    # tppl has weight 0 (a zero-weight term is left out, so 0 * inf never turns into NaN).
     ppl = _t([[1.0, INF, 2.0, 3.0]])
     keep = prune_tokens(ppl, torch.ones(1, 4, dtype=torch.bool), 0.5, neighbor_lambda=lam)
     assert _kept(keep[0]) == expected
@@ -289,6 +287,18 @@ def test_batch_budget_every_row_keeps_its_best_even_over_budget():
 def test_batch_budget_ratio_one_keeps_all():
     keep = prune_tokens(_t(BATCH_PPL), _b(BATCH_MASK), 1.0, budget="batch")
     assert keep.tolist() == BATCH_MASK
+
+
+@pytest.mark.parametrize("budget", ["sample", "batch"])
+def test_an_infinite_response_score_never_loses_its_slot_to_a_prompt_position(budget):
+    # ppl [5, inf, 2] with position 0 outside the response: both response tokens score +inf (lambda 0.5), as does the
+    # prompt position; r = 0.5 keeps max(1, floor(0.5 * 2)) = 1 response token (it kept none when the prompt
+    # position, earlier, won the first rank slot)
+    keep = prune_tokens(_t([[5.0, INF, 2.0]]), _b([[F, T, T]]), 0.5, budget=budget)
+    assert _kept(keep[0]) == [1]
+    keep = prune_tokens(_t([[5.0, INF, 2.0], [1.0, 1.0, 1.0]]), _b([[F, T, T], [T, T, F]]), 0.5, budget="batch",
+                        batch_keep=3)  # fmt: skip
+    assert int(keep.sum()) == 3 and not bool((keep & ~_b([[F, T, T], [T, T, F]])).any())
 
 
 def test_batch_keep_sets_the_number_of_tokens_kept_over_all_rows():

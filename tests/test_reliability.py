@@ -51,10 +51,15 @@ def test_empty_completions_train_on_their_single_eos_token(tmp_path):
 
 
 def test_batch_of_one_sample(tmp_path):
-    trainer = build_trainer(tmp_path, per_device_train_batch_size=1, max_steps=3, sample_keep_ratio=0.125)
+    # a triage group of one sample can prune nothing (one is always kept) yet pays the scoring pass: refused
+    with pytest.raises(ValueError, match="cannot be met: each triage group holds 1 sample"):
+        build_trainer(tmp_path, per_device_train_batch_size=1, max_steps=3, sample_keep_ratio=0.125)
+    # micro-batches of one, triaged together over 8 accumulation steps: trains, 1 of 8 kept per step
+    trainer = build_trainer(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=8, max_steps=2,
+                            sample_keep_ratio=0.125)  # fmt: skip
     trainer.train()
     ledger = _ledger(tmp_path)
-    assert len(ledger) == 3 and ledger.decision.isin(KEPT_DECISIONS).all()
+    assert len(ledger) == 16 and (ledger.groupby("step").decision.apply(lambda d: d.isin(KEPT_DECISIONS).sum()) == 1).all()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
 
 

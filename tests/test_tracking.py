@@ -110,10 +110,14 @@ def test_metrics_params_tags_and_dataset_in_one_run(qtuning_run):
     assert len(qtuning_metrics) >= 15
     loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert loss_steps == list(range(1, STEPS + 1))
+    ledger = read_ledger(Path(trainer.args.output_dir) / "qtuning_ledger").to_pandas()
     for key in qtuning_metrics:
         history = client.get_metric_history(run.info.run_id, key)
+        if key == "qtuning/token_keep_ratio":  # logged only for steps with a token-pruned sample
+            pruned_steps = sorted(set(ledger.step[ledger.decision == "token_pruned"]))
+            assert [m.step for m in history] == pruned_steps, key
+            continue
         assert [m.step for m in history] == loss_steps, key  # same run, same steps as TRL's loss
-    ledger = read_ledger(Path(trainer.args.output_dir) / "qtuning_ledger").to_pandas()
     for m in client.get_metric_history(run.info.run_id, "qtuning/sample_keep_ratio"):
         rows = ledger[ledger.step == m.step]
         assert m.value == pytest.approx(rows.decision.isin(["kept", "token_pruned", "filled"]).mean())
@@ -272,3 +276,96 @@ def test_default_run_name_is_readable_and_not_seeded():
     assert _default_run_name(qtuning).startswith("my-run-qtuning-0.25x0.5-")
     plain = SimpleNamespace(output_dir="/x/base", qtuning_enabled=False)
     assert _default_run_name(plain).startswith("base-sft-")
+
+
+def test_dataset_digest_is_the_users_data_not_the_added_id_column(tmp_path):
+    """A Q-Tuning run and an SFT run of the same data log the same MLflow dataset digest (the sample-id column
+    Q-Tuning adds is left out), so MLflow shows them as trained on one dataset."""
+    from trl import SFTTrainer
+
+    from trl_qtuning.tracking.callback import QTuningMLflowCallback
+
+    data = make_arithmetic_dataset(16, seed=1)
+    qtuning = build_trainer(tmp_path / "q", dataset=data)
+    tokenizer = make_tiny_tokenizer()
+    sft = SFTTrainer(model=make_tiny_model(tokenizer), args=tiny_config(tmp_path / "s", qtuning_enabled=False),
+                     train_dataset=data, processing_class=tokenizer)  # fmt: skip
+    assert "qtuning_sample_id" in qtuning.train_dataset.column_names
+    digests = [QTuningMLflowCallback(trainer=t)._dataset_input()["digest"] for t in (qtuning, sft)]
+    assert digests[0] == digests[1]
+
+
+def test_eu_plane_figure_of_a_baseline_step_warns_nothing():
+    """Baseline policies have no quantile level (NaN thresholds): the figure says nothing of q, and numpy's
+    'Mean of empty slice' RuntimeWarning no longer leaks."""
+    import warnings
+
+    from trl_qtuning.tracking.figures import eu_plane_figure
+
+    nan = float("nan")
+    columns = {"ppl": [2.0, 3.0, 4.0], "entropy": [1.0, 2.0, 1.5], "quadrant": [0, 0, 0],
+               "decision": ["kept", "dropped", "dropped"]}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fig = eu_plane_figure(3, columns, [{"q": nan, "ppl_lo": nan, "ppl_hi": nan, "ent_lo": nan, "ent_hi": nan}])
+    assert "q =" not in fig.axes[0].get_title()
+
+
+def _fake_run(name: str, start: int, metrics: dict, tags: dict | None = None):
+    from types import SimpleNamespace
+
+    info = SimpleNamespace(run_id=f"id-{name}", run_name=name, status="FINISHED", start_time=start, end_time=start + 1)
+    return SimpleNamespace(info=info, data=SimpleNamespace(tags=tags or {}, params={}, metrics=metrics))
+
+
+def test_compare_picks_eval_columns_by_meaning_and_the_newest_runs():
+    from trl_qtuning.tracking.compare import collect_rows, eval_columns
+
+    runs = [_fake_run(f"r{i}", i, {"eval_num_tokens": 5.0, "eval_accuracy": 0.5, "eval_loss": 1.0 + i,
+                                   "eval_runtime": 3.0, "eval/nll": 2.0, "eval_samples_per_second": 9.0})
+            for i in range(5)]  # fmt: skip
+
+    class Client:
+        def search_runs(self, ids, max_results, order_by):
+            newest = sorted(runs, key=lambda r: r.info.start_time, reverse="DESC" in order_by[0])
+            return newest[:max_results]
+
+    rows = collect_rows(Client(), "0", max_runs=2)
+    assert [r["run_name"] for r in rows] == ["r3", "r4"]  # the two newest, oldest first
+    assert eval_columns(rows) == ["eval_loss", "eval/nll", "eval_accuracy"]  # loss first; counters and timings out
+
+
+def test_compare_figure_plots_held_out_loss_when_runs_have_it(tmp_path):
+    pytest.importorskip("matplotlib")
+    from trl_qtuning.tracking.compare import comparison_figure
+
+    class Client:
+        def get_metric_history(self, run_id, key):
+            return []
+
+    base = {"run_id": "a", "run_name": "a", "method": "sft", "realised_sample_keep": 1.0, "train_loss": 0.5}
+    with_eval = [{**base, "eval": {"eval_loss": 1.25}}, {**base, "run_id": "b", "realised_sample_keep": 0.25,
+                                                          "train_loss": 0.2, "eval": {"eval_loss": 1.5}}]  # fmt: skip
+    axis = comparison_figure(Client(), with_eval, "x").axes[1]
+    assert "held-out" in axis.get_ylabel() and sorted(axis.collections[1].get_offsets()[:, 1]) == [1.5]
+    without = [{**row, "eval": {}} for row in with_eval]
+    assert "TRAIN loss" in comparison_figure(Client(), without, "x").axes[1].get_title()
+
+
+@pytest.mark.parametrize(
+    ("settings", "label"),
+    [
+        ({}, "qtuning"),
+        ({"sample_policy": "random", "token_policy": "random"}, "random-random"),
+        ({"token_prune_q4": True}, "qtuning+q4-tokens"),
+        ({"eu_plane": "decorrelated", "neighbor_mode": "mean"}, "qtuning+decorrelated+neighbor-mean"),
+        ({"token_policy": "random", "sample_policy": "infobatch"}, "infobatch-random"),
+    ],
+)
+def test_method_labels_show_the_pair_and_every_ablation(tmp_path, settings, label):
+    from trl_qtuning.tracking.callback import QTuningMLflowCallback, _method_name
+
+    args = tiny_config(tmp_path, **settings)
+    assert _method_name(args) == label
+    tags = QTuningMLflowCallback()._tags(args)
+    assert tags["qtuning.method"] == label and "qtuning.eu_plane" in tags and "qtuning.token_prune_q4" in tags

@@ -231,3 +231,75 @@ def test_tailsft_uses_reference_model_path_when_given(tmp_path, monkeypatch):
     assert trainer._reference_model is not None and not trainer._reference_without_adapters
     trainer.train()
     assert margins[0].abs().max() > 1e-3, "another model's PPL differs from the trained model's from the start"
+
+
+def test_prepruning_metrics_equal_trls_own_when_nothing_is_pruned(tmp_path):
+    """TRL's mean_token_accuracy / entropy / num_tokens see the kept tokens only; the qtuning/prepruning_* twins
+    describe the step as fetched, so with nothing pruned they must equal TRL's. (One micro-batch a step: TRL averages
+    per-micro-batch ratios, the twins weigh the step's tokens.)"""
+    trainer = build_trainer(tmp_path, max_steps=2, sample_keep_ratio=1.0, token_keep_ratio=1.0)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for entry in logs:
+        assert entry["qtuning/prepruning_mean_token_accuracy"] == pytest.approx(entry["mean_token_accuracy"], abs=1e-6)
+        assert entry["qtuning/prepruning_entropy"] == pytest.approx(entry["entropy"], rel=1e-4)
+        assert entry["qtuning/prepruning_num_tokens"] == entry["num_tokens"]
+
+
+def test_token_keep_ratio_is_pooled_over_the_logging_window(tmp_path):
+    from trl_qtuning import read_ledger
+
+    trainer = build_trainer(tmp_path, max_steps=4, logging_steps=2, sample_keep_ratio=0.5, token_keep_ratio=0.5,
+                            gradient_accumulation_steps=2)  # fmt: skip
+    trainer.train()
+    ledger = read_ledger(tmp_path / "qtuning_ledger").to_pandas()
+    logged = {h["step"]: h.get("qtuning/token_keep_ratio") for h in trainer.state.log_history if "loss" in h}
+    for step in (2, 4):
+        window = ledger[ledger.step.isin([step - 1, step]) & (ledger.decision == "token_pruned")]
+        if window.response_tokens.sum():
+            assert logged[step] == pytest.approx(window.kept_tokens.sum() / window.response_tokens.sum())
+        else:
+            assert logged[step] is None  # no token-pruned sample in the window: not logged (it used to log 1.0)
+
+
+def test_global_scope_token_draws_do_not_replay_the_sample_draws(tmp_path, monkeypatch):
+    """With triage_scope='global' the sample decision and the token policy each get their own random stream (they
+    used to get generators of one seed, so the token draws repeated the sample draws)."""
+    trainer = build_trainer(tmp_path, max_steps=2, sample_policy="random", token_policy="random", triage_scope="global",
+                            gradient_accumulation_steps=2)  # fmt: skip
+    seeds: dict[str, list[int]] = {"samples": [], "tokens": []}
+    samples, tokens = trainer._policy.samples, trainer._policy.tokens
+    pick, keep = samples.select_samples, tokens.keep_tokens
+    monkeypatch.setattr(samples, "select_samples", lambda b, g: seeds["samples"].append(g.initial_seed()) or pick(b, g))
+    monkeypatch.setattr(tokens, "keep_tokens", lambda b, g: seeds["tokens"].append(g.initial_seed()) or keep(b, g))
+    trainer.train()
+    assert len(seeds["samples"]) == 2 and len(seeds["tokens"]) == 2
+    assert not set(seeds["samples"]) & set(seeds["tokens"])
+
+
+def test_reweighting_with_label_smoothing_is_refused():
+    from trl_qtuning import QTuningConfig
+
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1.*silently ignored"):
+        QTuningConfig(output_dir="unused", use_cpu=True, bf16=False, report_to="none", sample_policy="infobatch",
+                      token_policy="random", label_smoothing_factor=0.1)  # fmt: skip
+
+
+def test_a_trl_without_the_compaction_switch_warns_once(monkeypatch, caplog):
+    """The scoring forward relies on TRL's private `_use_triton`; a TRL without it scores correctly but slower, and
+    says so once (it passed silently). TRL's own fused head needs the name, so only the switch is exercised here."""
+    import logging
+
+    import trl.trainer.utils as trl_utils
+
+    import trl_qtuning.trainer as trainer_module
+
+    monkeypatch.delattr(trl_utils, "_use_triton")
+    monkeypatch.setattr(trainer_module, "_warned_no_compaction", False)
+    with caplog.at_level(logging.WARNING, logger="trl_qtuning.trainer"):
+        for _ in range(3):
+            with trainer_module._project_labelled_positions_only():
+                pass
+    warnings = [r for r in caplog.records if "_use_triton" in r.getMessage()]
+    assert len(warnings) == 1 and "runs slower" in warnings[0].getMessage()

@@ -9,6 +9,8 @@ The model (one unit = one token through one forward pass of the model):
 
 Tokens are the non-padding tokens of the micro-batches that run (transformers' ``num_input_tokens_seen`` with
 ``include_num_input_tokens_seen="non_padding"`` for training; the trainer's ``qtuning_scored_tokens`` for scoring).
+With ``padding_free=True`` transformers counts ``input_ids != pad_token_id``, so a tokenizer whose pad token is its
+EOS leaves each sample's EOS out of the trained count (one token a sample) while scoring counts it.
 Dropped samples cost nothing to train, but a policy that reads statistics pays the scoring pass for every sample;
 a policy that reads none (random samples with random or no token pruning) pays no scoring pass, as the trainer
 skips it. Attention's quadratic term, the LM head's share and optimizer work are not modelled.
@@ -78,6 +80,19 @@ class ComputeMeter(TrainerCallback):
     def reached_target(self) -> bool:
         return self.target is not None and self.cumulative >= self.target
 
+    @property
+    def first_step_reaching_target(self) -> int | None:
+        """The first step whose cumulative compute reached ``target`` (the equal-compute point), if any."""
+        if self.target is None:
+            return None
+        return next((c.step for c in self.history if c.cumulative >= self.target), None)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run restores num_input_tokens_seen: count from there. The cumulative compute starts again at 0:
+        # it covers this session of training (the bench never resumes a cell halfway).
+        self._seen_trained = int(state.num_input_tokens_seen)
+        self._seen_scored = self._scored_so_far()
+
     def _scored_so_far(self) -> int:
         scored = int(getattr(self.trainer, "qtuning_scored_tokens", 0))
         if self.trainer.args.world_size > 1:
@@ -105,7 +120,7 @@ class ComputeMeter(TrainerCallback):
         last = self.history[-1]
         counts = {
             "compute/forward_token_equivalents": float(last.cumulative),
-            "compute/step_forward_token_equivalents": float(last.compute),
+            "compute/step_forward_token_equivalents": float(last.compute),  # the logged step's own cost
             "compute/trained_tokens": float(state.num_input_tokens_seen),
             "compute/scored_tokens": float(self._seen_scored),
         }

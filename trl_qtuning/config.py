@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
@@ -11,6 +13,16 @@ from .core.selection import SelectionParams
 from .policies import Policy, build_policy
 
 __all__ = ["QTuningConfig"]
+
+_NUMBERS: tuple[tuple[str, str, Callable[[float], bool], bool], ...] = (
+    ("sample_keep_ratio", "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, False),
+    ("token_keep_ratio", "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, False),
+    ("neighbor_lambda", "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0, False),
+    ("triage_max_iter", "an integer >= 1", lambda v: v >= 1, True),
+    ("triage_tol", "a number in (0, 1)", lambda v: 0.0 < v < 1.0, False),
+    ("qtuning_ledger_rows_per_shard", "an integer >= 1", lambda v: v >= 1, True),
+)
+"""Numeric fields: name, rule, check, integer. A string such as '0.3' is refused, not stored."""
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "triage_scope": ("micro_batch", "step", "global"),
@@ -96,8 +108,9 @@ class QTuningConfig(SFTConfig):
         metadata={
             "help": "Which samples are triaged together: 'step' (all micro-batches of one optimizer step; larger "
             "triage batches give better quantile thresholds) or 'micro_batch' (each micro-batch alone, as the "
-            "paper's code did) or 'global' (the step's samples of every rank together: one gather of two floats per "
-            "sample; the same as 'step' with one process)."
+            "paper's code did) or 'global' (the step's samples of every rank together: one gather of three floats per "
+            "sample (PPL, entropy, answer tokens; four with TailSFT's reference PPL); the same as 'step' with one "
+            "process)."
         },
     )
     enforce_sample_budget: bool = field(
@@ -184,27 +197,29 @@ class QTuningConfig(SFTConfig):
         super().__post_init__()
 
     def _validate_qtuning(self) -> None:
-        for name in ("sample_keep_ratio", "token_keep_ratio"):
+        for name, rule, ok, integer in _NUMBERS:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
-                raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}.")
-            setattr(self, name, float(value))
-        if not 0.0 <= float(self.neighbor_lambda) <= 1.0:
-            raise ValueError(f"`neighbor_lambda` must be in [0, 1], got {self.neighbor_lambda!r}.")
+            kinds = (int,) if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or not ok(value):
+                given = f"{value!r} (a {type(value).__name__})" if isinstance(value, (str, type(None))) else repr(value)
+                raise ValueError(f"`{name}` must be {rule}, got {given}.")
+            setattr(self, name, int(value) if integer else float(value))
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {getattr(self, name)!r}.")
-        if int(self.triage_max_iter) < 1:
-            raise ValueError(f"`triage_max_iter` must be >= 1, got {self.triage_max_iter!r}.")
-        if not 0.0 < float(self.triage_tol) < 1.0:
-            raise ValueError(f"`triage_tol` must be in (0, 1), got {self.triage_tol!r}.")
-        if int(self.qtuning_ledger_rows_per_shard) < 1:
-            raise ValueError(f"`qtuning_ledger_rows_per_shard` must be >= 1, got {self.qtuning_ledger_rows_per_shard!r}.")
         policy = self.build_policy()  # unknown policy names fail here, with the allowed names
+        self._warn_on_settings_without_effect(policy)
         if policy.tokens.needs_reference and not self.reference_model_path:
             raise ValueError(
                 f"`token_policy={self.token_policy!r}` scores tokens against a reference model: set "
                 "`reference_model_path` to its folder (same tokenizer as the trained model)."
+            )
+        if policy.samples.reweights and float(self.label_smoothing_factor or 0.0) > 0.0:
+            raise ValueError(
+                f"`sample_policy={self.sample_policy!r}` rescales sample losses through TRL's fused per-token "
+                f"log-probs, but `label_smoothing_factor={self.label_smoothing_factor}` makes transformers compute the "
+                "loss from full logits, where the weights would be silently ignored: set label_smoothing_factor=0, or "
+                "use another sample policy."
             )
         if policy.samples.reweights and getattr(self, "loss_type", "nll") != "nll":
             raise ValueError(
@@ -224,12 +239,72 @@ class QTuningConfig(SFTConfig):
                 f"sample_policy={self.sample_policy!r}, token_policy={self.token_policy!r}): remove it, or choose "
                 "one of those policies."
             )
+        if self.qtuning_enabled and self.padding_free and self.max_length is not None:
+            raise ValueError(
+                f"`padding_free=True` needs `max_length=None` with Q-Tuning (got max_length={self.max_length}): TRL "
+                "does not truncate padding-free batches, and the packing it would suggest instead is not supported "
+                "with Q-Tuning. Set `max_length=None` (truncate the data beforehand if needed), or padding_free=False."
+            )
         if self.qtuning_enabled and self.packing:
             raise ValueError(
                 "`packing=True` is not supported with Q-Tuning: packed rows mix samples, so samples cannot be "
                 "scored and dropped one by one. Use `padding_free=True` for the same padding savings, or set "
                 "`qtuning_enabled=False`."
             )
+
+    def _warn_on_settings_without_effect(self, policy: Policy) -> None:
+        """Settings a chosen policy never reads: accepted, but said, so an ablation that does nothing is not run."""
+        ignored = []
+        if not policy.samples.uses_eu_plane:
+            ignored += [f"`{name}=True`" for name in ("token_prune_q4", "prune_filled_q2_like") if getattr(self, name)]
+        if self.reverse_token_score and self.token_policy != "qtuning":
+            ignored.append("`reverse_token_score=True`")
+        if ignored:
+            warnings.warn(
+                f"{', '.join(ignored)} has no effect with sample_policy={self.sample_policy!r}, token_policy="
+                f"{self.token_policy!r}: token_prune_q4 and prune_filled_q2_like only change the 'qtuning' sample "
+                "policy, reverse_token_score only the 'qtuning' token policy.", UserWarning, stacklevel=4,
+            )  # fmt: skip
+        if not policy.tokens.prunes and self.token_keep_ratio < 1.0:
+            warnings.warn(
+                f"`token_keep_ratio={self.token_keep_ratio}` has no effect with token_policy='none', which keeps "
+                "every answer token of the kept samples (set token_keep_ratio=1.0 to say so).", UserWarning,
+                stacklevel=4,
+            )  # fmt: skip
+
+    def triage_group_size(self, world_size: int = 1) -> int:
+        """How many samples are triaged together: a micro-batch, an optimizer step's micro-batches, or (``global``)
+        the step's samples of every process."""
+        size = int(self.per_device_train_batch_size)
+        if self.triage_scope != "micro_batch":
+            size *= int(self.gradient_accumulation_steps)
+        return size * (int(world_size) if self.triage_scope == "global" else 1)
+
+    def check_sample_budget(self, world_size: int = 1) -> None:
+        """Refuse a sample budget nothing can meet (a group of one sample) and warn when the group is too small to
+        realise ``sample_keep_ratio``: a group of B keeps ``max(1, round(r * B))`` samples, so batch 3 at r = 0.1
+        trains on a third of the data and still pays the scoring pass for all of it."""
+        if not self.qtuning_enabled or self.sample_policy == "all" or self.sample_keep_ratio >= 1.0:
+            return
+        from .core.triage import target_keep_count
+
+        group = self.triage_group_size(world_size)
+        fix = ("raise gradient_accumulation_steps (a step's micro-batches are triaged together)"
+               if self.triage_scope == "step" else "use triage_scope='step' (or 'global') or a larger micro-batch")  # fmt: skip
+        if group <= 1:
+            raise ValueError(
+                f"`sample_keep_ratio={self.sample_keep_ratio}` cannot be met: each triage group holds {group} sample "
+                f"(per_device_train_batch_size={self.per_device_train_batch_size}, gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps}, triage_scope={self.triage_scope!r}), and one sample is always "
+                f"kept, so nothing would be pruned while every sample still pays the scoring pass. Fix: {fix}."
+            )
+        realised = target_keep_count(group, self.sample_keep_ratio) / group
+        if abs(realised - self.sample_keep_ratio) > 0.15 * self.sample_keep_ratio:
+            warnings.warn(
+                f"`sample_keep_ratio={self.sample_keep_ratio}` is realised as {realised:.3g}: a triage group of "
+                f"{group} samples keeps {target_keep_count(group, self.sample_keep_ratio)}. Fix: {fix}.",
+                UserWarning, stacklevel=3,
+            )  # fmt: skip
 
     def build_policy(self) -> Policy:
         """The sample and token policies these settings name."""

@@ -3,11 +3,26 @@
 Bounded in memory (a shard is written every ``rows_per_shard`` rows and at each flush), readable with
 ``pandas.read_parquet(dir)`` or :func:`read_ledger`. Tracking integrations upload the folder; the trainer only
 appends records.
+
+A ledger belongs to one training run. Its folder holds ``_ledger.json`` (``run_id``, a uuid4 hex, and ``created``),
+and the trainer writes the same id into every checkpoint (``qtuning_ledger_id.json``):
+
+- a fresh run (and every ``train()`` call that does not resume) never deletes an earlier ledger: the folder is moved
+  aside whole to ``qtuning_ledger.previous-<its run id[:8]>`` and a new one is started;
+- a resume whose checkpoint carries the ledger's run id drops the rows of the steps after the checkpoint (they are
+  decided again), so every step is accounted for once;
+- a resume whose checkpoint carries another run id is refused (``ValueError``) before anything is touched: the
+  message names the ledger of the checkpoint's run where it was moved aside, and how to put it back.
+
+The identity file starts with an underscore so that Parquet readers of the folder (pandas, pyarrow) skip it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +30,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-__all__ = ["DecisionLedger", "read_ledger", "LEDGER_SCHEMA"]
+__all__ = ["DecisionLedger", "read_ledger", "LEDGER_SCHEMA", "LEDGER_DIRNAME", "LEDGER_INFO_FILE", "TRAINED_DECISIONS"]
+
+TRAINED_DECISIONS = ("kept", "token_pruned", "filled")
+"""Decisions whose sample was trained on (with all or some of its answer tokens)."""
+
+LEDGER_DIRNAME = "qtuning_ledger"
+"""The ledger's folder inside a run's ``output_dir``."""
+LEDGER_INFO_FILE = "_ledger.json"
+"""The ledger's identity inside its folder: ``{"run_id": <uuid4 hex>, "created": <ISO 8601 UTC>}``."""
+_SHARD_GLOB = "ledger-rank*-*.parquet"
 
 LEDGER_SCHEMA = pa.schema(
     [
@@ -40,7 +64,11 @@ masked (only with level ``full``)."""
 
 
 class DecisionLedger:
-    """Append records; shards are named ``ledger-rank{R}-{N:06d}.parquet`` so ranks and restarts never collide."""
+    """Append records; shards are named ``ledger-rank{R}-{N:06d}.parquet`` so ranks and restarts never collide.
+
+    :meth:`start` begins a run's ledger (moving an earlier one aside), :meth:`claim` gives a resumed run's folder its
+    identity where it has none; :attr:`run_id` is the folder's run (see the module docstring).
+    """
 
     def __init__(self, directory: str | os.PathLike, *, level: str = "full", rank: int = 0, rows_per_shard: int = 20_000):
         if level not in ("summary", "full"):
@@ -57,18 +85,67 @@ class DecisionLedger:
         existing = sorted(self.directory.glob(f"ledger-rank{self.rank}-*.parquet")) if self.directory.exists() else []
         return int(existing[-1].stem.rsplit("-", 1)[-1]) + 1 if existing else 0
 
-    def reset(self) -> None:
-        """Start a fresh ledger: remove this rank's shards from an earlier run in the same folder."""
-        for shard in self.directory.glob(f"ledger-rank{self.rank}-*.parquet"):
-            shard.unlink()
+    def info(self) -> dict[str, Any] | None:
+        """The folder's identity (``run_id``, ``created``), or None where it has none (no folder yet, or a ledger
+        written before ledgers had one)."""
+        try:
+            info = json.loads((self.directory / LEDGER_INFO_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) and isinstance(info.get("run_id"), str) else None
+
+    @property
+    def run_id(self) -> str | None:
+        """The id of the run this ledger belongs to (None where the folder has no identity)."""
+        info = self.info()
+        return info["run_id"] if info else None
+
+    def has_rows(self) -> bool:
+        """Whether the folder holds a shard (of any rank)."""
+        return self.directory.is_dir() and any(self.directory.glob(_SHARD_GLOB))
+
+    def start(self, run_id: str) -> Path | None:
+        """Start a fresh ledger for run ``run_id``; returns where an earlier ledger was moved (None if there was none).
+
+        An earlier ledger is never deleted: the whole folder goes to ``<folder>.previous-<its run id[:8]>`` (the time
+        it was last written, for a folder without an identity; ``-2``, ``-3``... if that name is taken).
+        """
+        moved = None
+        if self.directory.is_dir() and any(self.directory.iterdir()):
+            moved = self._aside_path()
+            self.directory.rename(moved)
+        self._clear_buffer()
+        self._next_shard = 0
+        self.claim(run_id)
+        return moved
+
+    def claim(self, run_id: str) -> None:
+        """Write the folder's identity for run ``run_id`` where it has none (a resumed run keeps an existing one)."""
+        if self.info() is not None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        info = {"run_id": run_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        tmp = self.directory / f"{LEDGER_INFO_FILE}.tmp"
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp, self.directory / LEDGER_INFO_FILE)
+
+    def _aside_path(self) -> Path:
+        run_id = self.run_id
+        tag = run_id[:8] if run_id else time.strftime("%Y%m%d-%H%M%S", time.localtime(self.directory.stat().st_mtime))
+        base = self.directory.with_name(f"{self.directory.name}.previous-{tag}")
+        candidate, n = base, 1
+        while candidate.exists():
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+        return candidate
+
+    def _clear_buffer(self) -> None:
         self._buffer = {name: [] for name in LEDGER_SCHEMA.names}
         self._buffered = 0
-        self._next_shard = 0
 
     def truncate_after(self, step: int) -> None:
         """Remove this rank's rows of steps after ``step`` (a run resumed from that checkpoint redoes them)."""
-        self._buffer = {name: [] for name in LEDGER_SCHEMA.names}
-        self._buffered = 0
+        self._clear_buffer()
         for shard in sorted(self.directory.glob(f"ledger-rank{self.rank}-*.parquet")):
             table = pq.read_table(shard, schema=LEDGER_SCHEMA)
             keep = pc.less_equal(table["step"], step)
@@ -113,10 +190,40 @@ class DecisionLedger:
         return path
 
 
-def read_ledger(directory: str | os.PathLike) -> pa.Table:
-    """All shards of a ledger folder as one table, ordered by step, micro-batch and sample id."""
-    files = sorted(Path(directory).glob("ledger-rank*-*.parquet"))
-    if not files:
-        return LEDGER_SCHEMA.empty_table()
+def _is_ledger_folder(folder: Path) -> bool:
+    return folder.is_dir() and (any(folder.glob(_SHARD_GLOB)) or (folder / LEDGER_INFO_FILE).is_file())
+
+
+def read_ledger(path: str | os.PathLike) -> pa.Table:
+    """A ledger as one table, ordered by step, rank, micro-batch and sample id.
+
+    ``path`` is a ledger folder (``output_dir/qtuning_ledger``, or a copy of its shards such as the MLflow artifact),
+    a run's ``output_dir`` (its ``qtuning_ledger/`` is read), or a single shard file. A path holding no ledger raises
+    ``FileNotFoundError``; a ledger its run started but has not written a row into yet reads as an empty table.
+    Ledgers moved aside by later runs (``qtuning_ledger.previous-*``) are read only when named.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no ledger at {path}: the path does not exist")
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise FileNotFoundError(
+                f"{path} is not a ledger shard: give a shard (ledger-rank<R>-<N>.parquet), a ledger folder or a run's "
+                "output_dir"
+            )
+        files = [path]
+    else:
+        inner = path / LEDGER_DIRNAME  # a run's output_dir
+        folder = inner if not _is_ledger_folder(path) and _is_ledger_folder(inner) else path
+        if not _is_ledger_folder(folder):
+            aside = sorted(p.name for p in path.glob(f"{LEDGER_DIRNAME}.previous-*"))
+            raise FileNotFoundError(
+                f"no ledger in {path}: it holds no ledger shard ({_SHARD_GLOB}) and no {LEDGER_DIRNAME}/ folder with "
+                "one. Give a run's output_dir, its qtuning_ledger/ folder or a shard file (was the run started with "
+                "qtuning_ledger='none'?)" + (f"; earlier ledgers moved aside here: {', '.join(aside)}" if aside else "")
+            )
+        files = sorted(folder.glob(_SHARD_GLOB))
+        if not files:
+            return LEDGER_SCHEMA.empty_table()
     table = pa.concat_tables([pq.read_table(f, schema=LEDGER_SCHEMA) for f in files])
     return table.sort_by([("step", "ascending"), ("rank", "ascending"), ("micro_batch", "ascending"), ("sample_id", "ascending")])

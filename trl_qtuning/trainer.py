@@ -16,7 +16,9 @@ import copy
 import inspect
 import json
 import logging
+import math
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +30,13 @@ from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from .collator import SAMPLE_ID_COLUMN, QTuningDataCollator
+from .collator import SAMPLE_ID_COLUMN, QTuningDataCollator, non_integer_sample_ids
 from .config import QTuningConfig
 from .core.plane import decorrelated_entropy, plane_correlation
 from .core.selection import Selection, share_of_tokens
 from .core.stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
 from .events import DecisionListener, StepDecisions
-from .ledger import DecisionLedger
+from .ledger import LEDGER_DIRNAME, TRAINED_DECISIONS, DecisionLedger
 from .packing import empty_like, pack_padded, pack_padding_free, refresh_flat_metadata
 from .policies import SampleDecision
 from .policies.base import reference_sample_ppl
@@ -54,7 +56,11 @@ logger = logging.getLogger(__name__)
 LOSS_WEIGHT_COLUMN = "qtuning_loss_weight"
 """Per-token loss factor added to micro-batches by reweighting policies (InfoBatch); read by ``compute_loss``."""
 
+LEDGER_ID_FILE = "qtuning_ledger_id.json"
+"""Written into every checkpoint: the run id of the ledger it belongs to (see :mod:`trl_qtuning.ledger`)."""
+
 _EAGER_DEVICE_TYPES = ("cpu", "cuda", "mps")
+_warned_no_compaction = False
 
 
 @contextlib.contextmanager
@@ -69,8 +75,17 @@ def _project_labelled_positions_only() -> Iterator[None]:
     """
     import trl.trainer.utils as trl_utils
 
+    global _warned_no_compaction
     original = getattr(trl_utils, "_use_triton", None)
     if original is None:
+        if not _warned_no_compaction:
+            _warned_no_compaction = True
+            logger.warning(
+                "Q-Tuning: this TRL has no `trl.trainer.utils._use_triton` (a private name this package relies on), so "
+                "the scoring forward cannot project only the answer positions through the LM head on %s: scoring "
+                "stays correct but runs slower. Install a TRL version this release is tested with (1.15-1.x).",
+                "eager devices",
+            )
         yield
         return
     trl_utils._use_triton = lambda device: device.type in _EAGER_DEVICE_TYPES or original(device)
@@ -101,6 +116,12 @@ class _ScoredMicroBatch:
     flat_columns: torch.Tensor | None = None
     measured: bool = True
     """False when no scoring forward ran (the policy reads no statistics): ``ppl``/``entropy`` are placeholders."""
+    top1_hits: float = float("nan")
+    """Answer tokens whose label was the model's top-1 prediction, before pruning (NaN when not measured)."""
+    entropy_sum: float = float("nan")
+    """Sum of the answer tokens' predictive entropy, before pruning (NaN when not measured)."""
+    tokens: int = 0
+    """Non-padding tokens of the micro-batch as fetched."""
 
     @property
     def num_samples(self) -> int:
@@ -130,6 +151,36 @@ def _sized_length(dataset: Any) -> int | None:
         return len(dataset) if dataset is not None else None
     except TypeError:  # IterableDataset
         return None
+
+
+def _check_sample_ids(dataset: Any) -> None:
+    """The user's ``qtuning_sample_id`` column: integers (else a clear error now, not a crash in the collator at the
+    first step; a stream of unknown features is checked by the collator), unique in a sized dataset (else a warning
+    with the count and an example)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    features = getattr(dataset, "features", None)
+    feature = features.get(SAMPLE_ID_COLUMN) if features else None
+    if feature is not None:
+        pa_type = getattr(feature, "pa_type", None)
+        if pa_type is None or not pa.types.is_integer(pa_type):
+            raise non_integer_sample_ids(f"has type {feature}")
+    if _sized_length(dataset) is None or not hasattr(dataset, "with_format"):
+        return
+    ids = dataset.with_format("arrow")[SAMPLE_ID_COLUMN]
+    if ids.null_count:
+        raise non_integer_sample_ids(f"has {ids.null_count} missing value(s)")
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        top = repeated[int(pc.index(repeated.field("counts"), pc.max(repeated.field("counts"))).as_py())]
+        logger.warning(
+            "Q-Tuning: %d value(s) of the `%s` column appear on more than one row (%d rows; e.g. id %s on %d rows): "
+            "ledger rows with these ids cannot be traced back to one row. Give each row its own id, or remove the "
+            "column and the trainer numbers the rows itself.",
+            len(repeated), SAMPLE_ID_COLUMN, pc.sum(repeated.field("counts")).as_py(), top["values"], top["counts"],
+        )  # fmt: skip
 
 
 def _is_padding_free(batch: dict[str, Any]) -> bool:
@@ -196,8 +247,9 @@ class QTuningSFTTrainer(SFTTrainer):
             raise ValueError("QTuningSFTTrainer needs `args=QTuningConfig(...)` (the Q-Tuning budgets live there).")
         if not isinstance(config, QTuningConfig):
             raise TypeError(
-                f"`args` must be a trl_qtuning.QTuningConfig, got {type(config).__name__}. Replace SFTConfig(...) "
-                "with QTuningConfig(...): it takes the same arguments plus the Q-Tuning ones."
+                f"`args` must be a trl_qtuning.QTuningConfig, got {type(config).__name__}. Replace "
+                f"{type(config).__name__}(...) with QTuningConfig(...): it takes SFTConfig's arguments (which include "
+                "TrainingArguments') plus the Q-Tuning ones."
             )
         if config.qtuning_enabled and call.get("train_dataset") is not None:
             call["train_dataset"] = self._with_sample_ids(call["train_dataset"])
@@ -221,6 +273,7 @@ class QTuningSFTTrainer(SFTTrainer):
             attach_tracking(self)
 
     def _setup_qtuning(self, config: QTuningConfig, given: int | None) -> None:
+        config.check_sample_budget(self.accelerator.num_processes)
         self._check_prepared_dataset(given)
         if self.compute_loss_func is not None:
             raise ValueError(
@@ -234,6 +287,8 @@ class QTuningSFTTrainer(SFTTrainer):
         self.qtuning_scored_tokens = 0
         """Tokens processed by scoring forwards so far (reference-model forwards included), on this process."""
         self._run_tokens_seen = self._run_tokens_kept = 0
+        self._token_keep_pool = [0.0, 0.0]  # kept / answer tokens of token-pruned samples since the last log
+        self._prepruning_tokens = 0
         # TailSFT's reference is the initial model: with LoRA (which starts as the identity) that is the trained model
         # with its adapters disabled, at no memory cost; otherwise a model of its own (loaded, or a frozen copy).
         self._reference_without_adapters = (
@@ -318,13 +373,30 @@ class QTuningSFTTrainer(SFTTrainer):
 
     @staticmethod
     def _with_sample_ids(dataset: Any) -> Any:
-        """Add the row index as ``qtuning_sample_id`` (kept if the user already supplies one)."""
+        """Add the row index as ``qtuning_sample_id``, or check the ids the user supplies in that column.
+
+        A stream (``IterableDataset``) cannot number its rows: without the user's column its ids are positions in
+        the stream, which a warning says.
+        """
         columns = getattr(dataset, "column_names", None)
         if columns is not None and SAMPLE_ID_COLUMN in columns:
+            _check_sample_ids(dataset)
             return dataset
         if hasattr(dataset, "add_column") and hasattr(dataset, "__len__"):
             return dataset.add_column(SAMPLE_ID_COLUMN, list(range(len(dataset))))
         if hasattr(dataset, "map"):
+            logger.warning(
+                "Q-Tuning: train_dataset is a stream (IterableDataset) %s, so ledger sample ids are stream positions, "
+                "not row ids: they repeat with every pass over the stream and, after shuffle(), name different rows "
+                "in different passes. To trace decisions back to rows, give each row its own integer `%s` before "
+                "shuffling (e.g. `ds.add_column('%s', list(range(len(ds))))` before `to_iterable_dataset()`, or an "
+                "integer id your data carries).",
+                "whose columns are unknown (rows without a `qtuning_sample_id` column)" if columns is None
+                else "without a `qtuning_sample_id` column", SAMPLE_ID_COLUMN, SAMPLE_ID_COLUMN,
+            )  # fmt: skip
+            if columns is None:  # keep the user's ids where the rows carry them
+                keep_or_number = lambda row, idx: {SAMPLE_ID_COLUMN: row.get(SAMPLE_ID_COLUMN, idx)}  # noqa: E731
+                return dataset.map(keep_or_number, with_indices=True)
             return dataset.map(lambda _, idx: {SAMPLE_ID_COLUMN: idx}, with_indices=True)
         return dataset
 
@@ -413,8 +485,8 @@ class QTuningSFTTrainer(SFTTrainer):
         placeholder = torch.where(response.any(dim=1), 0.0, float("nan")).float()
         ids = sample_ids.cpu() if sample_ids is not None else torch.full((n,), -1, dtype=torch.long)
         return _ScoredMicroBatch(
-            torch.zeros(response.shape), response, positions, placeholder, placeholder.clone(), ids,
-            flat_segments=segments, flat_columns=columns, measured=False,
+            torch.zeros(response.shape, device=labels.device), response, positions, placeholder, placeholder.clone(), ids,
+            flat_segments=segments, flat_columns=columns, measured=False, tokens=_non_padding_tokens(batch),
         )  # fmt: skip
 
     def _scores_in_inference_mode(self) -> bool:
@@ -456,6 +528,9 @@ class QTuningSFTTrainer(SFTTrainer):
         token_logps, token_entropy = out.log_probs.float(), out.entropy.float()
         response = labels[:, 1:] != -100
         entropy_mask = score_labels[:, 1:] != -100
+        # What TRL's mean_token_accuracy and entropy would say of the step before pruning (they see kept tokens only).
+        top1_hits = float((out.is_top1.bool() & response).sum()) if out.is_top1 is not None else float("nan")
+        entropy_sum = float(token_entropy[response].sum())
         if padding_free:
             position_ids = batch["position_ids"]
             n = sample_ids.numel() if sample_ids is not None else int((position_ids == 0).sum())
@@ -480,8 +555,9 @@ class QTuningSFTTrainer(SFTTrainer):
         if sample_ids is None:
             sample_ids = torch.full((n,), -1, dtype=torch.long)
         return _ScoredMicroBatch(
-            token_logps, response, positions, ppl, entropy, sample_ids.cpu(), reference_logps, segments, columns
-        )
+            token_logps, response, positions, ppl, entropy, sample_ids.cpu(), reference_logps, segments, columns,
+            top1_hits=top1_hits, entropy_sum=entropy_sum, tokens=_non_padding_tokens(batch),
+        )  # fmt: skip
 
     def _reference_log_probs(
         self, model: torch.nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor
@@ -528,7 +604,9 @@ class QTuningSFTTrainer(SFTTrainer):
                 entropy,
                 torch.cat([_pad_columns(scored[i].token_logps, width) for i in group]),
                 response,
-                generator=self._policy_generator(index, per_rank=self.args.triage_scope != "global"),
+                generator=self._policy_generator(
+                    index, per_rank=self.args.triage_scope != "global", stream=int(self.args.triage_scope == "global")
+                ),
                 reference_logps=reference,
                 decision=decision,
                 token_budget_tokens=budget_tokens,
@@ -616,10 +694,13 @@ class QTuningSFTTrainer(SFTTrainer):
         pad = getattr(collator, "pad_token_id", None)
         return int(pad) if pad is not None else 0
 
-    def _policy_generator(self, group: int, *, per_rank: bool) -> torch.Generator:
-        """Randomness of baseline policies: a function of (seed, step, group[, rank]), so runs and resumes repeat."""
+    def _policy_generator(self, group: int, *, per_rank: bool, stream: int = 0) -> torch.Generator:
+        """Randomness of baseline policies: a function of (seed, step, group[, rank], stream), so runs and resumes
+        repeat. ``stream`` 1 is the token draws of a cross-rank (``global``) decision, whose sample draws used stream
+        0 on a generator of their own: the same seed would replay the sample draws as token draws."""
         rank = self.args.process_index if per_rank else 0
-        seed = (int(self.args.seed) * 1_000_003 + (self.state.global_step + 1) * 10_007 + group * 101 + rank) % 2**63
+        seed = int(self.args.seed) * 1_000_003 + (self.state.global_step + 1) * 10_007 + group * 101 + rank
+        seed = (seed + stream * 998_244_353) % 2**63
         return torch.Generator().manual_seed(seed)
 
     def _global_sample_decision(
@@ -746,6 +827,10 @@ class QTuningSFTTrainer(SFTTrainer):
             columns["loss_weight"] = per_sample(
                 lambda i, rows, sel: sel.loss_weight[rows] if sel.loss_weight is not None else torch.ones(rows.stop - rows.start)
             ).double().tolist()
+        before = {  # the step before pruning, for metrics that compare across methods
+            "top1_hits": sum(s.top1_hits for s in scored), "entropy_sum": sum(s.entropy_sum for s in scored),
+            "response_tokens": sum(int(s.response.sum()) for s in scored), "tokens": sum(s.tokens for s in scored),
+        }  # fmt: skip
         distinct = {id(sel): sel for _, _, sel in selections}.values()
         thresholds = [{"q": sel.triage.q, **sel.triage.thresholds} for sel in distinct]
         if self.accelerator.num_processes > 1:
@@ -753,12 +838,13 @@ class QTuningSFTTrainer(SFTTrainer):
             # the main process writes one ledger for all ranks.
             from accelerate.utils import gather_object
 
-            parts = gather_object([(columns, thresholds, scoring_seconds)])
+            parts = gather_object([(columns, thresholds, scoring_seconds, before)])
             columns = {name: [v for part in parts for v in part[0][name]] for name in columns}
             if self.args.triage_scope != "global":
                 thresholds = [t for part in parts for t in part[1]]
             scoring_seconds = max(part[2] for part in parts)
-        self._log_step_metrics(columns, thresholds, scoring_seconds)
+            before = {key: sum(part[3][key] for part in parts) for key in before}
+        self._log_step_metrics(columns, thresholds, scoring_seconds, before)
         if not self._decision_listeners or not self.is_world_process_zero():
             return
         event = StepDecisions(
@@ -772,13 +858,19 @@ class QTuningSFTTrainer(SFTTrainer):
         for listener in self._decision_listeners:
             listener(event)
 
-    def _log_step_metrics(self, columns: dict[str, list[Any]], thresholds: list[dict[str, float]], seconds: float):
+    def _log_step_metrics(
+        self,
+        columns: dict[str, list[Any]],
+        thresholds: list[dict[str, float]],
+        seconds: float,
+        before: dict[str, float],
+    ) -> None:
         decision = np.asarray(columns["decision"])
         quadrant = np.asarray(columns["quadrant"])
         response = np.asarray(columns["response_tokens"], dtype=np.float64)
         kept_tokens = np.asarray(columns["kept_tokens"], dtype=np.float64)
         ppl, entropy = np.asarray(columns["ppl"]), np.asarray(columns["entropy"])
-        keep = np.isin(decision, ("kept", "filled", "token_pruned"))
+        keep = np.isin(decision, TRAINED_DECISIONS)
         invalid = decision == "invalid"
         pruned = (decision == "token_pruned") | (keep & (kept_tokens < response))
         total = max(1, decision.size)
@@ -795,7 +887,15 @@ class QTuningSFTTrainer(SFTTrainer):
             weights = np.asarray(columns["loss_weight"], dtype=np.float64)
             metrics["qtuning/loss_weight_mean"].append(float(weights[keep].mean()) if keep.any() else 1.0)
         metrics["qtuning/sample_keep_ratio"].append(float(keep.sum()) / total)
-        metrics["qtuning/token_keep_ratio"].append(ratio(kept_tokens[pruned].sum(), response[pruned].sum(), 1.0))
+        # Pooled over the logging window in `log` (a mean of per-step ratios would count steps without token-pruned
+        # samples as 1.0, and weigh a step of 2 pruned tokens like one of 2000).
+        self._token_keep_pool[0] += float(kept_tokens[pruned].sum())
+        self._token_keep_pool[1] += float(response[pruned].sum())
+        if before["response_tokens"] and math.isfinite(before["top1_hits"]):
+            metrics["qtuning/prepruning_mean_token_accuracy"].append(before["top1_hits"] / before["response_tokens"])
+            metrics["qtuning/prepruning_entropy"].append(before["entropy_sum"] / before["response_tokens"])
+        self._prepruning_tokens += int(before["tokens"])
+        metrics["qtuning/prepruning_num_tokens"] = [float(self._prepruning_tokens)]
         metrics["qtuning/kept_sample_token_share"].append(ratio(kept_tokens[keep].sum(), response[keep].sum(), 0.0))
         metrics["qtuning/label_token_share"].append(ratio(kept_tokens.sum(), response.sum(), 0.0))
         metrics["qtuning/filled_share"].append(float((decision == "filled").sum()) / total)
@@ -830,39 +930,110 @@ class QTuningSFTTrainer(SFTTrainer):
                 "log-probs) and were dropped.", int(invalid.sum()), step,
             )
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds ``qtuning/token_keep_ratio`` pooled over the logging window (absent when no sample was token-pruned)."""
+        if self.args.qtuning_enabled and self.model.training and "loss" in logs:
+            kept, total = self._token_keep_pool
+            if total:
+                self._metrics["train"]["qtuning/token_keep_ratio"] = [kept / total]
+            self._token_keep_pool = [0.0, 0.0]
+        super().log(logs, *args, **kwargs)
+
     def add_decision_listener(self, listener: DecisionListener) -> None:
         """Call ``listener(StepDecisions)`` after every optimizer step's decisions (tracking integrations use this)."""
         self._decision_listeners.append(listener)
 
     # ------------------------------------------------------------------ persistence
-    def _checkpoint_step(self, resume_from_checkpoint: str | bool | None) -> int | None:
-        """Global step of the checkpoint a run resumes from (None for a fresh run)."""
-        if not resume_from_checkpoint:
-            return None
-        if resume_from_checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                return None  # transformers raises its own clear error
-        state_file = Path(resume_from_checkpoint) / "trainer_state.json"
-        if not state_file.exists():
-            return None
-        return int(json.loads(state_file.read_text()).get("global_step", 0))
-
     def _save_checkpoint(self, model, trial):
         if self.args.qtuning_enabled and self._ledger is not None:
             self._ledger.flush()
         super()._save_checkpoint(model, trial)
+        run_id = self._ledger.run_id if self.args.qtuning_enabled and self._ledger is not None else None
+        if run_id is not None:
+            # The run this checkpoint belongs to, so a resume can tell its ledger from another run's.
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if folder.is_dir():
+                tmp = folder / f"{LEDGER_ID_FILE}.tmp"
+                tmp.write_text(json.dumps({"run_id": run_id, "step": self.state.global_step}) + "\n")
+                tmp.replace(folder / LEDGER_ID_FILE)
+
+    def _open_ledger(self, resume_from_checkpoint: str | bool | None) -> None:
+        """A fresh ledger for a fresh run (an earlier one is moved aside, never deleted); for a resume, the ledger of
+        the checkpoint's run, without the rows of the steps after the checkpoint (refused if it is another run's)."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                return  # transformers raises its own clear error: leave the ledger as it is
+        state_file = Path(checkpoint) / "trainer_state.json" if checkpoint else None
+        if state_file is None or not state_file.exists():  # a fresh run (transformers starts at step 0)
+            moved = self._ledger.start(uuid.uuid4().hex)
+            if moved is not None:
+                logger.warning(
+                    "Q-Tuning: %s held the ledger of an earlier run; this fresh run starts its own, so the earlier "
+                    "one was moved to %s (nothing is deleted).", self._ledger.directory, moved,
+                )
+            return
+        checkpoint = Path(checkpoint)
+        step = int(json.loads(state_file.read_text()).get("global_step", 0))
+        try:
+            checkpoint_id = json.loads((checkpoint / LEDGER_ID_FILE).read_text())["run_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            checkpoint_id = None
+        ledger_id, ledger_dir = self._ledger.run_id, self._ledger.directory
+        if checkpoint_id is not None and ledger_id is not None and checkpoint_id != ledger_id:
+            raise ValueError(self._mismatched_ledger_message(checkpoint, checkpoint_id, step))
+        if checkpoint_id is None:
+            logger.warning(
+                "Q-Tuning: checkpoint %s carries no ledger run id (saved by an older trl-qtuning, or interrupted "
+                "while saving): cannot check that %s is the ledger of its run. Continuing it; rows of steps after %d "
+                "are dropped.", checkpoint, ledger_dir, step,
+            )  # fmt: skip
+        elif ledger_id is None and self._ledger.has_rows():
+            logger.warning(
+                "Q-Tuning: %s has no run id (written by an older trl-qtuning): cannot check that it is the ledger of "
+                "checkpoint %s's run. Continuing it; rows of steps after %d are dropped.", ledger_dir, checkpoint, step,
+            )  # fmt: skip
+        elif ledger_id is None and step > 0:
+            logger.warning(
+                "Q-Tuning: no ledger in %s: the ledger of this resumed run starts at step %d; the rows of steps 1-%d "
+                "are in the ledger of the run that saved %s.", ledger_dir, step + 1, step, checkpoint,
+            )  # fmt: skip
+        # Steps after the checkpoint will be decided again: drop their old rows so none is counted twice.
+        self._ledger.truncate_after(step)
+        self._ledger.claim(checkpoint_id or ledger_id or uuid.uuid4().hex)
+
+    def _mismatched_ledger_message(self, checkpoint: Path, checkpoint_id: str, step: int) -> str:
+        ledger_dir = self._ledger.directory
+        info = self._ledger.info() or {}
+        other = info.get("run_id", "")
+        places = {ledger_dir.parent, checkpoint.parent}
+        candidates = sorted(p for place in places for p in place.glob(f"{LEDGER_DIRNAME}*") if p.is_dir())
+        own = next((p for p in candidates if DecisionLedger(p).run_id == checkpoint_id), None)
+        aside = ledger_dir.with_name(f"{ledger_dir.name}.previous-{other[:8]}")
+        if own is not None:
+            way_out = (
+                f"The ledger of run {checkpoint_id[:8]} is {own}: to resume it, move {ledger_dir} aside (e.g. to "
+                f"{aside}) and move {own} to {ledger_dir}."
+            )
+        else:
+            way_out = (
+                f"No ledger of run {checkpoint_id[:8]} was found next to it: to resume with a new ledger that starts "
+                f"at step {step + 1}, move {ledger_dir} aside (e.g. to {aside})."
+            )
+        return (
+            f"Q-Tuning: checkpoint {checkpoint} belongs to run {checkpoint_id[:8]}, but {ledger_dir} holds the ledger "
+            f"of run {other[:8]} (created {info.get('created', '?')}), another run into the same output_dir. Resuming "
+            f"would write this run's steps into that run's ledger, so nothing was changed. {way_out}"
+        )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         if self.args.qtuning_enabled and self._ledger is not None:
-            resumed_step = self._checkpoint_step(resume_from_checkpoint)
-            if resumed_step is None:
-                self._ledger.reset()
-            else:
-                # Steps after the checkpoint will be decided again: drop their old rows so none is counted twice.
-                self._ledger.truncate_after(resumed_step)
+            self._open_ledger(resume_from_checkpoint)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:

@@ -12,10 +12,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TRAINED_DECISIONS", "audit_ledger", "audit_rows", "full_data_audit"]
+from ..ledger import TRAINED_DECISIONS
 
-TRAINED_DECISIONS = ("kept", "filled", "token_pruned")
-"""Ledger decisions whose sample was trained on (with all or some of its answer tokens)."""
+__all__ = ["audit_ledger", "audit_rows", "full_data_audit"]
+
 QUADRANT_NAMES = {0: "mid band / none", 1: "Q1 harmful noise", 2: "Q2 misconception", 3: "Q3 redundant",
                   4: "Q4 calibration"}  # fmt: skip
 

@@ -146,7 +146,3 @@ class CurveRecorder(TrainerCallback):
         if due and model is not None:
             self._point(step, model)
         return control
-
-    def at(self, step: int | None) -> dict[str, Any] | None:
-        """The curve's point at ``step`` (None if it was not measured)."""
-        return next((p for p in self.points if p["step"] == step), None)

@@ -49,7 +49,6 @@ SOURCE_KEYS = {
     "arithmetic": ("source", "size", "seed", "noisy_share", "label_noise"),
     "local": ("source", "path", "size", "seed", "label_noise"),
 }
-TRANSFER_SOURCES = ("demo_math", "gsm8k_jsonl", "arithmetic", "local")
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 EVAL_KEYS = ("nll", "gsm8k", "arc_easy", "arc_challenge", "seed", "base", "every_steps", "transfer")
 METHOD_BENCH_KEYS = ("budgets", "match_label_tokens")
@@ -477,7 +476,7 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
                 raise field_error(f"{where}.qtuning_ledger", "label noise is audited from the ledger, which is off",
                                   "use qtuning_ledger: summary (or full)")
     equal_compute = _parse_equal_compute(raw.get("equal_compute"), methods, training)
-    baselines = _parse_baselines(raw.get("baselines"), methods)
+    baselines = _parse_baselines(raw.get("baselines"), methods, training)
 
     matrix = Matrix(
         path=path, text=text, experiment=experiment, output_dir=output_dir, report_to=report_to,
@@ -623,8 +622,8 @@ def _parse_transfer(value: Any, check_inputs: bool) -> dict[str, Any] | None:
             "strip_calculator", "noisy_share")  # fmt: skip
     spec = dict(_mapping(value, "eval.transfer", keys))
     source = spec.get("source", "demo_math")
-    if source not in TRANSFER_SOURCES:
-        raise field_error("eval.transfer.source", f"must be one of {', '.join(TRANSFER_SOURCES)}, got {source!r}")
+    if source not in SOURCES:
+        raise field_error("eval.transfer.source", f"must be one of {', '.join(SOURCES)}, got {source!r}")
     out: dict[str, Any] = {
         "source": source, "size": _int(spec.get("size", 64), "eval.transfer.size", 1),
         "seed": _int(spec.get("seed", 0), "eval.transfer.seed"),
@@ -654,6 +653,9 @@ def _parse_methods(raw: dict[str, Any], training: dict[str, Any], fields: set[st
         if name == BASE_METHOD:
             raise field_error(where, f"{BASE_METHOD!r} is reserved for the untrained model's row", "rename the method")
         overrides = dict(_mapping(overrides, where, null_ok=True))
+        if "max_steps" in overrides:
+            raise field_error(f"{where}.max_steps", "every method trains the same steps (the equal-steps point)",
+                              "set training.max_steps, and equal_compute to train methods on to equal compute")
         pinned = overrides.pop("budgets", None)
         matched = _str(overrides.pop("match_label_tokens", None), f"{where}.match_label_tokens", null_ok=True)
         _check_fields(overrides, where, fields)
@@ -691,8 +693,8 @@ def _parse_methods(raw: dict[str, Any], training: dict[str, Any], fields: set[st
         missing = [b for b in method.budgets if b not in target.budgets]
         if missing:
             raise field_error(where, f"method {target.name!r} has no budget {budget_label(missing[0])}",
-                       f"give both methods the same budgets")
-        if method.overrides.get("token_policy", "qtuning") == "none":
+                       "give both methods the same budgets")
+        if {**training, **method.overrides}.get("token_policy", "qtuning") == "none":
             raise field_error(where, "token_policy none keeps every token, so no label-token share can be matched",
                        "use token_policy random (or another pruning token policy)")
     return methods
@@ -718,24 +720,33 @@ def _parse_equal_compute(value: Any, methods: list[Method], training: dict[str, 
     if max_steps < steps:
         raise field_error("equal_compute.max_steps", f"{max_steps} < training.max_steps {steps}",
                    "allow at least as many steps as the equal-steps point")
-    schedule = training.get("lr_scheduler_type", "linear")
-    if schedule not in CONSTANT_SCHEDULES:
-        raise field_error("training.lr_scheduler_type", f"{schedule!r} decays with the run's length, so a cell trained on to "
-                   "equal compute would follow another schedule", "use constant or constant_with_warmup")
-    warmup = training.get("warmup_steps", 0)
-    if training.get("warmup_ratio") or (isinstance(warmup, float) and 0 < warmup < 1):
-        raise field_error("training.warmup_ratio", "a warmup share depends on the run's length",
-                   "give warmup_steps as a whole number of steps")
+    if next(m for m in methods if m.name == reference).match_label_tokens is not None:
+        raise field_error("equal_compute.reference", f"method {reference!r} trains at another method's token share, "
+                          "which runs after the reference", "use a method with its own budget (e.g. full data)")
+    for method in methods:
+        settings = {**training, **method.overrides}
+        where = "training" if all(k not in method.overrides for k in ("lr_scheduler_type", "warmup_ratio",
+                                                                       "warmup_steps")) else f"methods.{method.name}"  # fmt: skip
+        schedule = settings.get("lr_scheduler_type", "linear")
+        if schedule not in CONSTANT_SCHEDULES:
+            raise field_error(f"{where}.lr_scheduler_type", f"{schedule!r} decays with the run's length, so a cell "
+                              "trained on to equal compute would follow another schedule",
+                              "use constant or constant_with_warmup")  # fmt: skip
+        warmup = settings.get("warmup_steps", 0)
+        if settings.get("warmup_ratio") or (isinstance(warmup, float) and 0 < warmup < 1):
+            raise field_error(f"{where}.warmup_ratio", "a warmup share depends on the run's length",
+                              "give warmup_steps as a whole number of steps")
     return EqualCompute(reference, max_steps)
 
 
-def _parse_baselines(value: Any, methods: list[Method]) -> list[str]:
+def _parse_baselines(value: Any, methods: list[Method], training: dict[str, Any]) -> list[str]:
     names = [m.name for m in methods]
     if value is None:  # full data, and random samples with random tokens at their own budget
         return [m.name for m in methods if not m.qtuning_enabled] + [
             m.name for m in methods
             if m.qtuning_enabled and m.match_label_tokens is None
-            and m.overrides.get("sample_policy") == "random" and m.overrides.get("token_policy") == "random"
+            and {**training, **m.overrides}.get("sample_policy") == "random"
+            and {**training, **m.overrides}.get("token_policy") == "random"
         ]  # fmt: skip
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise field_error("baselines", f"must be a list of method names, got {value!r}", "e.g. [full, random-random]")

@@ -127,7 +127,9 @@ def log_summary(matrix: Matrix, files: list[Path]) -> str | None:
     try:
         from mlflow import MlflowClient
 
-        with environ(tracking_env(matrix, {})):
+        from ..tracking.sink import fast_fail_http
+
+        with environ(tracking_env(matrix, {})), fast_fail_http():  # an outage fails in seconds, not minutes
             client = MlflowClient(tracking_uri=matrix.tracking_uri)
             experiment = client.get_experiment_by_name(matrix.experiment)
             experiment_id = experiment.experiment_id if experiment else client.create_experiment(matrix.experiment)

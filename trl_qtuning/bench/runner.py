@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli.sft import debug_enabled, one_line
+from ..ledger import LEDGER_DIRNAME
 from .data import describe, prepare_data
 from .evaluate import CurveRecorder, curve_metrics, evaluate
 from .matrix import PROG, BenchConfigError, Cell, Matrix, build_config, cell_config_kwargs, plan_cells, with_defaults
@@ -49,6 +50,20 @@ def _realised(history: list[dict[str, Any]], qtuning_enabled: bool, max_step: in
     return {"sample_keep_ratio": mean("qtuning/sample_keep_ratio"), "label_token_share": mean("qtuning/label_token_share")}
 
 
+def _pooled_label_share(ledger_dir: Path, max_step: int | None) -> float | None:
+    """Kept answer tokens over all answer tokens of the steps up to ``max_step``, from the cell's ledger: the share
+    a run-wide token budget (``token_budget_scope="run"``) reproduces, unlike the mean of per-step shares."""
+    from ..ledger import read_ledger
+
+    try:
+        table = read_ledger(ledger_dir).select(["step", "response_tokens", "kept_tokens"]).to_pydict()
+    except (OSError, ValueError):
+        return None
+    rows = [i for i, step in enumerate(table["step"]) if max_step is None or step <= max_step]
+    total = sum(table["response_tokens"][i] for i in rows)
+    return sum(table["kept_tokens"][i] for i in rows) / total if total else None
+
+
 def cell_targets(matrix: Matrix, cell: Cell) -> CellTargets:
     """The targets a cell needs from finished cells of the same seed; a missing one is a clear error."""
     targets = CellTargets()
@@ -67,7 +82,8 @@ def cell_targets(matrix: Matrix, cell: Cell) -> CellTargets:
     if method.match_label_tokens is not None:
         source = Cell(method.match_label_tokens, cell.budget, cell.seed)
         done = read_result(matrix.output_dir / source.dirname, source)
-        share = None if done is None else (done.get("realised") or {}).get("label_token_share")
+        realised = (done or {}).get("realised") or {}
+        share = realised.get("label_token_share_pooled", realised.get("label_token_share"))
         if share is None:
             raise RuntimeError(f"match_label_tokens needs the cell {source.id} first (run it, e.g. with --only "
                                f"{method.match_label_tokens})")  # fmt: skip
@@ -106,8 +122,9 @@ def run_base_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Pa
                     tags={"qtuning.method": "base", **cell_tags(matrix, cell)},
                 )  # fmt: skip
                 sink.log_params({"model": matrix.model, "trained": "false"})
-                sink.end("FINISHED")
                 run_id = send(sink, {**metrics, "eval_seconds": eval_seconds}, step=0)
+                sink.end("FINISHED")
+                sink.flush(force=True)
         except Exception as exc:
             warn(f"logging the base cell to MLflow failed ({type(exc).__name__}: {one_line(exc)})")
     return cell_record(
@@ -118,7 +135,12 @@ def run_base_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Pa
 
 
 def _tracking_sink(trainer):
-    callback = next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "QTuningMLflowCallback"), None)
+    """The MLflow sink of the trainer's tracking callback (None without tracking)."""
+    try:
+        from ..tracking.callback import QTuningMLflowCallback
+    except ImportError:  # mlflow is not installed
+        return None
+    callback = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, QTuningMLflowCallback)), None)
     return getattr(callback, "sink", None)
 
 
@@ -130,7 +152,11 @@ def _noise_audit(matrix: Matrix, data: dict[str, Any], cell_dir: Path, qtuning_e
         return None
     if not qtuning_enabled:
         return full_data_audit(len(data["train"]), corrupted)
-    return audit_ledger(cell_dir / "qtuning_ledger", corrupted, max_step=matrix.max_steps)
+    try:  # a finished cell is never thrown away for its audit
+        return audit_ledger(cell_dir / LEDGER_DIRNAME, corrupted, max_step=matrix.max_steps)
+    except (OSError, ValueError) as exc:
+        warn(f"the label noise audit of {cell_dir.name} failed ({type(exc).__name__}: {one_line(exc)})")
+        return {"error": one_line(exc), "trained_share_corrupted": None, "by_quadrant": {}, "by_decision": {}}
 
 
 def run_train_cell(
@@ -189,6 +215,8 @@ def run_train_cell(
     history = trainer.state.log_history
     realised = _realised(history, bool(config.qtuning_enabled), matrix.max_steps)
     realised_all = _realised(history, bool(config.qtuning_enabled), None)
+    if config.qtuning_enabled:
+        realised["label_token_share_pooled"] = _pooled_label_share(cell_dir / LEDGER_DIRNAME, matrix.max_steps)
     started = time.perf_counter()
     metrics = evaluate(trainer.model, trainer.processing_class, matrix, data, bf16=bf16, cell_dir=cell_dir)
     eval_seconds = time.perf_counter() - started
@@ -197,7 +225,7 @@ def run_train_cell(
     compute = {
         "final": meter.cumulative, "at_equal_steps": at_equal_steps, "per_trained_token": meter.per_token,
         "target": targets.get("compute"), "reached_target": meter.reached_target if "compute" in targets else None,
-        "equal_compute_step": (curve.equal_compute_step if curve else None) or (final_step if meter.reached_target else None),
+        "equal_compute_step": meter.first_step_reaching_target,
         "steps": [vars(c) for c in meter.history],
     }  # fmt: skip
     audit = _noise_audit(matrix, data, cell_dir, bool(config.qtuning_enabled))
@@ -224,7 +252,6 @@ def run_train_cell(
         curve=curve.points if curve else None, noise_audit=audit,
         corrupted_ids=data.get("corrupted_ids") or None,
     )  # fmt: skip
-    del trainer, model
     return record
 
 

@@ -48,10 +48,14 @@ def reading(result: dict[str, Any], kind: str, equal_steps: int | None) -> dict[
         step = equal_steps if equal_steps is not None else last
     else:
         step = compute.get("equal_compute_step") or last
-    if step == last or not result.get("curve"):  # no curve (older results, no held-out NLL): the final reading
+    if step == last or last is None:  # (results without a step count: their only reading)
         return final
     point = next((p for p in result.get("curve") or [] if p["step"] == step), None)
-    return dict(point) if point is not None else {"step": step}
+    if point is not None:
+        return dict(point)
+    # Not measured there (no curve): the step and its compute, no metric (the final ones were read elsewhere).
+    cost = next((c for c in compute.get("steps") or [] if c["step"] == step), None)
+    return {"step": step, "compute": cost["cumulative"] if cost else None}
 
 
 def _fmt(value: float | None, kind: str) -> str:
@@ -93,12 +97,15 @@ def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[
     results: list[dict[str, Any]] = []
     by_row: dict[tuple, list[dict[str, Any]]] = {}
     first_cell: dict[tuple, Cell] = {}
-    for cell in plan_cells(matrix):
-        result = read_result(matrix.output_dir / cell.dirname, cell)
+    cells = plan_cells(matrix)
+    found_results = {cell.id: read_result(matrix.output_dir / cell.dirname, cell) for cell in cells}
+    stale = stale_results(matrix, cells, found_results)
+    for cell in cells:
+        result = found_results[cell.id]
         by_row.setdefault(cell.row_key, [])
         first_cell.setdefault(cell.row_key, cell)
-        if result is None:
-            missing.append(cell.id)
+        if result is None or cell.id in stale:
+            missing.append(cell.id if result is None else f"{cell.id} (stale: {stale[cell.id]})")
             continue
         results.append(result)
         by_row[cell.row_key].append(result)
@@ -123,7 +130,11 @@ def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[
         row["token_keep_ratio"] = _stats([r.get("token_keep_ratio") for r in found])
         for kind in kinds:
             readings = [reading(r, kind, matrix.max_steps) for r in found]
+            realised_key = "realised" if kind == "equal_steps" else "realised_all_steps"
             row[kind] = {
+                **{f"realised_{name}": _stats([(r.get(realised_key) or r.get("realised") or {}).get(name) for r in found])
+                   for name in ("sample_keep_ratio", "label_token_share")},
+                "short_of_target": [r["cell_id"] for r in found if (r.get("compute") or {}).get("reached_target") is False],
                 "metrics": {k: s for k, _, _ in METRIC_COLUMNS if (s := _stats([p.get(k) for p in readings]))},
                 "step": _stats([p.get("step") for p in readings]),
                 "compute": _stats([p.get("compute") for p in readings]),
@@ -142,6 +153,40 @@ def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[
         rows.append(row)
     _add_paired(matrix, rows, kinds)
     return rows, missing, results
+
+
+def stale_results(
+    matrix: Matrix, cells: list[Cell], results: dict[str, dict[str, Any] | None]
+) -> dict[str, str]:
+    """Finished cells that no longer belong to the matrix, with the reason: made with other settings (their
+    fingerprint), or trained against a target (equal-compute reference's compute, matched label-token share) that
+    is not the one the finished source cell now gives."""
+    from .provenance import fingerprint
+
+    stale: dict[str, str] = {}
+    for cell in cells:
+        result = results.get(cell.id)
+        if result is None:
+            continue
+        if result.get("fingerprint") != fingerprint(matrix, cell):
+            stale[cell.id] = "made with other settings than the matrix's now"
+            continue
+        if cell.is_base:
+            continue
+        method = matrix.method(cell.method)
+        ec = matrix.equal_compute
+        target = (result.get("compute") or {}).get("target")
+        if ec is not None and cell.method != ec.reference and target is not None:
+            source = results.get(Cell(ec.reference, matrix.method(ec.reference).budgets[0], cell.seed).id) or {}
+            if (source.get("compute") or {}).get("final") != target:
+                stale[cell.id] = f"trained to a compute target that is not {ec.reference}'s final compute now"
+        share = result.get("matched_label_share")
+        if method.match_label_tokens is not None and share is not None:
+            realised = (results.get(Cell(method.match_label_tokens, cell.budget, cell.seed).id) or {}).get("realised") or {}
+            now = realised.get("label_token_share_pooled", realised.get("label_token_share"))
+            if now is None or abs(now - share) > 1e-12:
+                stale[cell.id] = f"trained at a label-token share that is not {method.match_label_tokens}'s now"
+    return stale
 
 
 def _pool_audits(audits: list[dict[str, Any]]) -> dict[str, Any]:
@@ -220,9 +265,13 @@ def format_table(rows: list[dict[str, Any]], kind: str = "equal_steps", *, final
         values = [row["method"], row["budget_label"], str(row["n"])]
         for key, _, fmt in metric_cols:
             stats = read.get("metrics", {}).get(key)
-            values.append(_mean_std(stats["values"], fmt) if stats else "-")
+            cell = _mean_std(stats["values"], fmt) if stats else "-"
+            if stats and len(stats["values"]) < row["n"]:  # not every seed has it (e.g. read past its last step)
+                cell += f" (n={len(stats['values'])})"
+            values.append(cell)
         for key in ("realised_sample_keep_ratio", "realised_label_token_share"):
-            values.append(_fmt(row[key]["mean"], "share") if row.get(key) else "-")
+            stats = read.get(key) or row.get(key)
+            values.append(_fmt(stats["mean"], "share") if stats else "-")
         if with_compute:
             values.append(_fmt(read["step"]["mean"], "count") if read.get("step") else "-")
             values.append(_fmt(read["compute"]["mean"], "count") if read.get("compute") else "-")
@@ -336,9 +385,14 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
          format_paired(rows, "equal_steps", matrix.baselines)),
     ]  # fmt: skip
     if ec is not None:
+        short = [cell for row in rows for cell in row.get("equal_compute", {}).get("short_of_target", [])]
+        table = format_table(rows, "equal_compute")
+        if short:
+            table += (f"\n\nShort of the target (read at their last step, {ec.max_steps}: raise equal_compute.max_steps): "
+                      + ", ".join(short))  # fmt: skip
         sections.append((
             f"Equal compute (the compute of `{ec.reference}`; at most {ec.max_steps} steps)",
-            format_table(rows, "equal_compute"), format_paired(rows, "equal_compute", matrix.baselines),
+            table, format_paired(rows, "equal_compute", matrix.baselines),
         ))  # fmt: skip
     audit = format_audit(rows)
     print(f"Results ({status}):", file=out)

@@ -21,7 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["CliError", "load_datasets", "load_local_dataset", "main", "make_parser", "run"]
+__all__ = [
+    "CliError", "debug_enabled", "load_datasets", "load_local_dataset", "main", "make_parser", "one_line", "run",
+    "run_reporting_errors",
+]  # fmt: skip
 
 PROG = "trl-qtuning sft"
 DEBUG_ENV = "TRL_QTUNING_DEBUG"

@@ -22,6 +22,7 @@ __all__ = [
     "assemble_selection",
     "qtuning_token_rows",
     "select_qtuning",
+    "share_of_tokens",
     "token_budget",
     "triage_axes",
 ]
@@ -110,12 +111,13 @@ def assemble_selection(
 ) -> Selection:
     """Labels of kept samples stay, except on ``token_rows`` where ``keep_tokens(row_indices)`` decides.
 
-    ``keep_tokens`` returns the (rows, L) kept-label mask of the given rows; None keeps every token.
+    ``keep_tokens`` returns the (rows, L) kept-label mask of the given rows; None keeps every token, and then no
+    sample counts as token-pruned (a Q2 sample at ``token_keep_ratio=1.0`` is simply kept).
     """
     if triage.keep.shape != ppl.shape:
         raise ValueError(f"triage covers {triage.keep.numel()} samples, the group has {ppl.numel()}")
     mask = response_mask.to(torch.bool)
-    token_rows = token_rows & triage.keep
+    token_rows = token_rows & triage.keep if keep_tokens is not None else torch.zeros_like(triage.keep)
     label_keep = mask & triage.keep.unsqueeze(-1)
     if keep_tokens is not None and bool(token_rows.any()):
         rows = token_rows.nonzero().squeeze(-1)
@@ -152,6 +154,11 @@ def select_qtuning(
             max_iter=params.triage_max_iter,
             tol=params.triage_tol,
         )
+    if params.token_budget_scope == "run":
+        raise ValueError(
+            "token_budget_scope='run' sizes the token budget from the whole run's answer tokens, which one group does "
+            "not know: use the trainer (or Policy.select with token_budget_tokens=...), or another scope."
+        )
     mask = response_mask.to(torch.bool)
 
     def keep_tokens(rows: torch.Tensor) -> torch.Tensor:
@@ -162,7 +169,7 @@ def select_qtuning(
             neighbor_lambda=params.neighbor_lambda,
             neighbor=params.neighbor_mode,
             keep_highest=params.reverse_token_score,
-            **token_budget(params, share_of_tokens(params.token_keep_ratio, int(mask.sum()))),
+            **token_budget(params, None),
         )
 
     return assemble_selection(

@@ -62,6 +62,13 @@ def token_scores(
     return torch.where(mask, scores, torch.full_like(scores, math.inf))
 
 
+def _ranked_response_first(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Positions of each row in ascending score, every ``mask`` position before every other; ties keep their order."""
+    order = torch.sort(scores, dim=-1, stable=True).indices
+    outside = (~mask).gather(-1, order).to(torch.int8)
+    return order.gather(-1, torch.sort(outside, dim=-1, stable=True).indices)
+
+
 def prune_tokens(
     token_ppl: torch.Tensor,
     response_mask: torch.Tensor,
@@ -102,8 +109,9 @@ def prune_tokens(
     if keep_highest:
         scores = torch.where(mask, -scores, torch.full_like(scores, math.inf))
     counts = mask.sum(dim=-1)
-    # Rank every position within its row by score (stable: ties go to the earlier position).
-    order = torch.sort(scores, dim=-1, stable=True).indices
+    # Rank every position within its row by score (stable: ties go to the earlier position), response positions
+    # before all others: a +inf response score must not lose its slot to an (also +inf) prompt or padding position.
+    order = _ranked_response_first(scores, mask)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     if budget == "sample":
         return mask & (rank < token_keep_counts(counts, keep_ratio).unsqueeze(-1))
@@ -115,8 +123,9 @@ def prune_tokens(
     else:
         total = int(batch_keep)
     extra = max(0, total - int(best_of_row.sum()))
-    flat_scores = torch.where(best_of_row, torch.full_like(scores, math.inf), scores).reshape(-1)
-    flat_order = torch.sort(flat_scores, stable=True).indices[:extra]
-    chosen = torch.zeros(flat_scores.shape, dtype=torch.bool, device=scores.device)
+    flat_scores = torch.where(best_of_row, torch.full_like(scores, math.inf), scores).reshape(1, -1)
+    eligible = (mask & ~best_of_row).reshape(1, -1)
+    flat_order = _ranked_response_first(flat_scores, eligible)[0, :extra]
+    chosen = torch.zeros(flat_scores.shape[1:], dtype=torch.bool, device=scores.device)
     chosen[flat_order] = True
     return mask & (best_of_row | chosen.view_as(mask))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "bf16_is_fast", "build_parser"]
 
 QUADRANT_NAMES = {
     1: "Q1 harmful noise",

@@ -158,7 +158,7 @@ def register_token_policy(cls: _T) -> _T:
 
 def method_name(sample_policy: str, token_policy: str) -> str:
     """``"qtuning"`` for the paper's method, else ``"<sample>-<token>"`` (e.g. ``"random-random"``)."""
-    return sample_policy if sample_policy == token_policy else f"{sample_policy}-{token_policy}"
+    return "qtuning" if sample_policy == token_policy == "qtuning" else f"{sample_policy}-{token_policy}"
 
 
 @dataclass(frozen=True)
@@ -227,16 +227,16 @@ class Policy:
         if self.tokens.needs_reference and reference_logps is None:
             raise ValueError(f"token policy {self.tokens.name!r} needs the reference model's log-probs")
 
-        def keep_tokens(rows: torch.Tensor) -> torch.Tensor:
-            reference = None if reference_logps is None else reference_logps[rows]
-            batch = TokenBatch(token_logps[rows], mask[rows], reference, budget_tokens=budget_tokens)
-            return self.tokens.keep_tokens(batch, generator)
-
         prunes = self.tokens.prunes and self.samples.params.token_keep_ratio < 1.0
         token_rows = decision.token_rows if self.tokens.prunes else torch.zeros_like(decision.token_rows)
         if budget_tokens is not None:  # kept samples trained whole (Q4) count towards the run's share too
             whole = int(mask[decision.keep.to(mask.device) & ~token_rows.to(mask.device)].sum())
             budget_tokens = max(0, budget_tokens - whole)
+
+        def keep_tokens(rows: torch.Tensor) -> torch.Tensor:
+            reference = None if reference_logps is None else reference_logps[rows]
+            batch = TokenBatch(token_logps[rows], mask[rows], reference, budget_tokens=budget_tokens)
+            return self.tokens.keep_tokens(batch, generator)
         return assemble_selection(
             ppl, entropy, mask, decision.triage, token_rows, keep_tokens if prunes else None, decision.loss_weight
         )

@@ -45,6 +45,18 @@ _QTUNING_TAG_FIELDS = (
     "entropy_positions",
     "reverse_token_score",
     "prune_filled_q2_like",
+    "token_prune_q4",
+    "eu_plane",
+)
+_ABLATIONS = (  # (field, value that is not the default, suffix of the method label)
+    ("token_prune_q4", True, "q4-tokens"),
+    ("reverse_token_score", True, "reversed-score"),
+    ("prune_filled_q2_like", True, "filled-q2"),
+    ("eu_plane", "decorrelated", "decorrelated"),
+    ("neighbor_mode", "mean", "neighbor-mean"),
+    ("token_budget_scope", "batch", "batch-budget"),
+    ("token_budget_scope", "run", "run-budget"),
+    ("entropy_positions", "all", "entropy-all"),
 )
 
 
@@ -53,9 +65,13 @@ def _env_true(name: str) -> bool:
 
 
 def _method_name(args) -> str:
+    """``qtuning`` or ``<sample>-<token>``, plus ``+flag`` for each ablation or non-default variant that is on (e.g.
+    ``qtuning+decorrelated``), so runs that differ in method never share a label."""
     from trl_qtuning.policies import method_name
 
-    return method_name(getattr(args, "sample_policy", "qtuning"), getattr(args, "token_policy", "qtuning"))
+    label = method_name(getattr(args, "sample_policy", "qtuning"), getattr(args, "token_policy", "qtuning"))
+    flags = [suffix for name, value, suffix in _ABLATIONS if getattr(args, name, None) == value]
+    return "+".join([label, *flags])
 
 
 def _guarded(method):
@@ -246,6 +262,11 @@ class QTuningMLflowCallback(MLflowCallback):
         if dataset is None:
             return None
         name = getattr(getattr(trainer, "args", None), "dataset_name", None) or "train_dataset"
+        from ..collator import SAMPLE_ID_COLUMN
+
+        if SAMPLE_ID_COLUMN in (getattr(dataset, "column_names", None) or []):
+            # the user's data as SFTTrainer prepares it: the id column Q-Tuning adds must not change the digest
+            dataset = dataset.remove_columns([SAMPLE_ID_COLUMN])
         try:
             import warnings
 

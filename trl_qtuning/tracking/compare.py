@@ -35,10 +35,38 @@ def _method(run) -> str:
     return "sft"
 
 
+EVAL_COUNTERS = ("runtime", "per_second", "num_tokens", "_tokens", "_samples", "_n")
+"""Endings of eval metrics that count or time rather than measure (``eval_num_tokens`` is a training counter)."""
+
+
+def _eval_rank(key: str) -> tuple[int, str]:
+    """Loss first (``eval_loss``, then NLLs and other losses), then accuracies and the rest, alphabetical within."""
+    name = key.lower()
+    if name in ("eval_loss", "eval/loss"):
+        return (0, name)
+    if name.endswith("loss") or "nll" in name:
+        return (1, name)
+    if "acc" in name or "em" in name.rsplit("/", 1)[-1]:
+        return (2, name)
+    return (3, name)
+
+
+def eval_columns(rows: list[dict[str, Any]], limit: int = 4) -> list[str]:
+    """The eval metrics worth a column, by meaning: measures (loss first), never counters or timings."""
+    keys = {k for row in rows for k in row["eval"] if not any(k.endswith(c) for c in EVAL_COUNTERS)}
+    return sorted(keys, key=_eval_rank)[:limit]
+
+
+def _eval_loss(row: dict[str, Any]) -> float | None:
+    """The held-out loss of a run: ``eval_loss`` (Trainer) or ``eval/nll`` (the bench), when it has one."""
+    return next((row["eval"][k] for k in ("eval_loss", "eval/nll") if row["eval"].get(k) is not None), None)
+
+
 def collect_rows(client, experiment_id: str, max_runs: int = 200) -> list[dict[str, Any]]:
-    runs = client.search_runs([experiment_id], max_results=max_runs, order_by=["attributes.start_time ASC"])
+    """The ``max_runs`` newest runs (comparison runs excluded), oldest first."""
+    runs = client.search_runs([experiment_id], max_results=max_runs, order_by=["attributes.start_time DESC"])
     rows = []
-    for run in runs:
+    for run in reversed(list(runs)):
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         if tags.get(COMPARISON_TAG) == "comparison":
             continue
@@ -80,7 +108,7 @@ def _cell(value: Any, digits: int = 3) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    eval_keys = sorted({k for row in rows for k in row["eval"] if k.endswith("loss") or "runtime" not in k})[:4]
+    eval_keys = eval_columns(rows)
     header = [
         "run", "method", "status", "sample_r", "token_r", "real_sample", "real_token", "train_loss",
         *eval_keys, "wall_s", "tokens", "label_tokens",
@@ -110,18 +138,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def comparison_figure(client, rows: list[dict[str, Any]], experiment_name: str):
-    """Left: training loss per step for every run. Right: final train loss against realised sample keep ratio."""
+    """Left: training loss per step for every run. Right: held-out loss (``eval_loss`` / ``eval/nll``) against the
+    realised sample keep ratio; when no run has one, the final train loss, flagged in the title (a loss over the
+    kept tokens only favours pruning by construction)."""
     from .figures import _figure
 
     fig = _figure(12.0, 4.8)
     ax_loss, ax_scatter = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    held_out = any(_eval_loss(row) is not None for row in rows)
     for row in rows:
         history = sorted(client.get_metric_history(row["run_id"], "loss"), key=lambda m: m.step)
         if history:
             ax_loss.plot([m.step for m in history], [m.value for m in history], marker=".", label=f"{row['run_name']} ({row['method']})")
-        if row["train_loss"] is not None and row["realised_sample_keep"] is not None:
-            ax_scatter.scatter(row["realised_sample_keep"], row["train_loss"], s=40)
-            ax_scatter.annotate(row["run_name"][:20], (row["realised_sample_keep"], row["train_loss"]), fontsize=8)
+        value = _eval_loss(row) if held_out else row["train_loss"]
+        if value is not None and row["realised_sample_keep"] is not None:
+            ax_scatter.scatter(row["realised_sample_keep"], value, s=40)
+            ax_scatter.annotate(row["run_name"][:20], (row["realised_sample_keep"], value), fontsize=8)
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("training loss")
     ax_loss.set_title(f"{experiment_name}: training loss")
@@ -129,8 +161,12 @@ def comparison_figure(client, rows: list[dict[str, Any]], experiment_name: str):
     if rows:
         ax_loss.legend(fontsize=7)
     ax_scatter.set_xlabel("realised sample keep ratio")
-    ax_scatter.set_ylabel("final train loss")
-    ax_scatter.set_title("final train loss vs data kept")
+    if held_out:
+        ax_scatter.set_ylabel("held-out loss (eval_loss / eval/nll)")
+        ax_scatter.set_title("held-out loss vs data kept")
+    else:
+        ax_scatter.set_ylabel("final train loss (kept tokens only)")
+        ax_scatter.set_title("no run has eval_loss: TRAIN loss vs data kept (favours pruning by construction)", fontsize=9)
     ax_scatter.grid(True, alpha=0.3)
     return fig
 
@@ -143,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else MLflow's default")
     parser.add_argument("--output", default=None, help="also save the comparison figure to this PNG path")
     parser.add_argument("--no-log", action="store_true", help="do not log the figure to a comparison run")
-    parser.add_argument("--max-runs", type=int, default=200)
+    parser.add_argument("--max-runs", type=int, default=200, help="compare the newest N runs (default 200)")
     args = parser.parse_args(argv)
     try:
         from . import require_mlflow
@@ -168,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Experiment {args.experiment!r} has no runs.")
         return 0
     print(format_table(rows))
+    if not any(_eval_loss(row) is not None for row in rows):
+        print("(no run has eval_loss or eval/nll: the figure plots the training loss, which is computed on the kept "
+              "tokens only and so favours pruning by construction; give the trainer an eval_dataset to compare)")  # fmt: skip
     try:
         fig = comparison_figure(client, rows, args.experiment)
     except ImportError:

@@ -74,7 +74,8 @@ def eu_plane_figure(step: int, columns: dict[str, Any], thresholds: list[dict[st
         for key in ("ent_lo", "ent_hi"):
             if math.isfinite(group.get(key, math.nan)):
                 ax.axhline(group[key], color="black", ls=":", lw=0.8, alpha=0.7)
-    q = np.nanmean([g.get("q", math.nan) for g in thresholds]) if thresholds else math.nan
+    levels = [g["q"] for g in thresholds if math.isfinite(g.get("q", math.nan))]  # baselines have no q
+    q = float(np.mean(levels)) if levels else math.nan
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("perplexity of the answer (PPL)")
     ax.set_ylabel("mean predictive entropy")

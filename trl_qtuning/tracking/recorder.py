@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 
 from ..events import StepDecisions
+from ..ledger import TRAINED_DECISIONS
 
 __all__ = ["QUADRANT_NAMES", "KEPT_DECISIONS", "StepStats", "DecisionAccumulator", "epoch_index"]
 
 QUADRANT_NAMES = ("mid_band", "q1", "q2", "q3", "q4")
 """Ledger ``quadrant`` codes 0..4 (0: inside the band between the thresholds on at least one axis)."""
-KEPT_DECISIONS = ("kept", "token_pruned", "filled")
+KEPT_DECISIONS = TRAINED_DECISIONS
 DECISIONS = ("kept", "token_pruned", "filled", "dropped", "trimmed", "invalid")
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MLflowSink", "PENDING_FILE", "RUN_FILE"]
+__all__ = ["MLflowSink", "PENDING_FILE", "RUN_FILE", "fast_fail_http"]
 
 logger = logging.getLogger("trl_qtuning.tracking")
 
@@ -42,7 +42,7 @@ _PARAMS_PER_BATCH = 100
 
 
 @contextlib.contextmanager
-def _fast_fail_http():
+def fast_fail_http():
     """Shorten MLflow's HTTP retries for the calls inside (user-set values are left alone)."""
     added = [name for name in _FAST_FAIL_ENV if name not in os.environ]
     for name in added:
@@ -158,7 +158,7 @@ class MLflowSink:
             return False
         sent = 0
         try:
-            with _fast_fail_http():
+            with fast_fail_http():
                 self._ensure_run()
                 while self.pending:
                     self._send(self.pending[0])
