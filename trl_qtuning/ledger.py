@@ -15,6 +15,12 @@ and the trainer writes the same id into every checkpoint (``qtuning_ledger_id.js
   message names the ledger of the checkpoint's run where it was moved aside, and how to put it back.
 
 The identity file starts with an underscore so that Parquet readers of the folder (pandas, pyarrow) skip it.
+
+Columns worth knowing: ``quadrant`` is 1-4 for Q1-Q4 and 0 for the mid band, for an invalid sample and for every
+sample of a baseline policy (baselines place no sample on the EU plane); ``epoch`` is the trainer's fractional epoch
+(``state.epoch``) at the step; ``decision`` is one of ``kept`` / ``token_pruned`` (some answer tokens lost their label;
+never at ``token_keep_ratio=1.0``) / ``filled`` / ``dropped`` / ``trimmed`` / ``invalid``; ``ppl`` and ``entropy`` are
+NaN where the policy skipped the scoring pass.
 """
 
 from __future__ import annotations
