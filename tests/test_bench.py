@@ -191,7 +191,7 @@ def test_unfinished_cell_is_cleaned_and_rerun(first_run, tmp_path, monkeypatch):
 
     ran = []
 
-    def fake_train_cell(matrix, cell, data, cell_dir, targets=None):
+    def fake_train_cell(matrix, cell, data, cell_dir, targets=None, progress=None):
         assert not (cell_dir / "partial.bin").exists() and not any(cell_dir.iterdir())
         ran.append(cell.id)
         return bench.cell_record(matrix, cell, metrics={"eval/nll": 1.0}, train_seconds=1.0, eval_seconds=1.0,
@@ -305,6 +305,15 @@ def study_run(tmp_path_factory, model_dir):
     code, out, err = _run(["bench", "--config", str(config)])
     assert code == 0, f"bench failed:\n{out}\n{err}"
     return {"root": root, "config": config, "out_dir": root / "out", "uri": uri, "stdout": out}
+
+
+def test_study_prints_progress_with_an_eta_while_a_cell_trains(study_run):
+    """Every trained cell says step i/N with its ETA (and the bench's) while it trains, not only when it is done;
+    a cell trained on to equal compute estimates its last step (~)."""
+    lines = [line for line in study_run["stdout"].splitlines() if ": step " in line]
+    assert any(line.startswith("  [2/7] full/seed0: step ") and "/4, " in line and "ETA" in line for line in lines)
+    assert any("qtuning@25x50/seed0: step " in line and "/~" in line for line in lines)
+    assert any("bench ETA ~" in line and "more cell(s)" in line for line in lines)
 
 
 def test_study_page_has_the_three_sections_and_paired_intervals(study_run):

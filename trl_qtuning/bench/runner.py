@@ -23,6 +23,7 @@ from .evaluate import CurveRecorder, curve_metrics, evaluate
 from .matrix import PROG, BenchConfigError, Cell, Matrix, build_config, cell_config_kwargs, plan_cells, with_defaults
 from .mlflow_env import cell_tags, environ, retire_old_run, run_id_from_disk, send, tracking_env, warn
 from .models import load_model_and_tokenizer, peft_config
+from .progress import CellProgress, duration
 from .provenance import fingerprint
 from .results import RESULT_FILE, cell_record, read_result, write_json
 
@@ -160,7 +161,12 @@ def _noise_audit(matrix: Matrix, data: dict[str, Any], cell_dir: Path, qtuning_e
 
 
 def run_train_cell(
-    matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Path, targets: CellTargets | None = None
+    matrix: Matrix,
+    cell: Cell,
+    data: dict[str, Any],
+    cell_dir: Path,
+    targets: CellTargets | None = None,
+    progress: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Seed, load a fresh model, train with ``QTuningSFTTrainer`` (counting compute, recording the curve, stopping
     at the equal-compute target), evaluate, log to the training's MLflow run."""
@@ -209,6 +215,8 @@ def run_train_cell(
         trainer.callback_handler.callbacks.insert(0, meter)
         if curve is not None:
             trainer.callback_handler.callbacks.insert(1, curve)
+        if progress is not None:  # after the meter, so it reads this step's compute
+            trainer.callback_handler.callbacks.insert(1, CellProgress(meter=meter, **progress))
         started = time.perf_counter()
         train_output = trainer.train()
         train_seconds = time.perf_counter() - started
@@ -294,6 +302,7 @@ def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | N
     print(f"== {PROG}: {len(cells)} cell(s), experiment {matrix.experiment!r}, output {matrix.output_dir} ==", flush=True)
     data = None
     failed: list[str] = []
+    durations: list[float] = []  # wall time of the cells this invocation trained, for the overall ETA
     for i, cell in enumerate(cells, 1):
         cell_dir = matrix.output_dir / cell.dirname
         prefix = f"[{i}/{len(cells)}] {cell.id}"
@@ -324,7 +333,11 @@ def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | N
             if cell.is_base:
                 record = runner.run_base_cell(matrix, cell, data, cell_dir)
             else:
-                record = runner.run_train_cell(matrix, cell, data, cell_dir, targets)
+                started = time.monotonic()
+                progress = {"prefix": prefix, "cells_after": sum(not c.is_base for c in cells[i:]),
+                            "seconds_per_cell": sum(durations) / len(durations) if durations else None}  # fmt: skip
+                record = runner.run_train_cell(matrix, cell, data, cell_dir, targets, progress=progress)
+                durations.append(time.monotonic() - started)
         except BenchConfigError:
             raise
         except Exception as exc:
@@ -336,7 +349,7 @@ def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | N
             continue
         write_json(cell_dir / RESULT_FILE, record)
         _free_memory()
-        timing = "" if record["train_seconds"] is None else f"trained {record['train_seconds']:.0f} s, "
+        timing = "" if record["train_seconds"] is None else f"trained {duration(record['train_seconds'])}, "
         steps = "" if cell.is_base else f"{record['global_step']} steps, "
         run = (record.get("mlflow") or {}).get("run_id")
         print(f"{prefix}: done ({steps}{timing}evaluated {record['eval_seconds']:.0f} s) "
