@@ -111,7 +111,6 @@ class CurveRecorder(TrainerCallback):
     equal_steps: int | None
     log: Callable[[dict[str, float], int], None] | None = None
     points: list[dict[str, Any]] = field(default_factory=list)
-    equal_compute_step: int | None = None
 
     def _point(self, step: int, model) -> None:
         if self.points and self.points[-1]["step"] == step:
@@ -133,9 +132,7 @@ class CurveRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
-        crossed = self.meter.reached_target and self.equal_compute_step is None
-        if crossed:
-            self.equal_compute_step = step
+        crossed = self.meter.first_step_reaching_target == step
         due = (
             (self.every_steps is not None and step % self.every_steps == 0)
             or step == self.equal_steps

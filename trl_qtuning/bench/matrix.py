@@ -514,7 +514,7 @@ def _parse_lora(value: Any) -> dict[str, Any] | None:
     return lora
 
 
-def _parse_source_options(spec: dict[str, Any], source: str, where: str, check_inputs: bool) -> dict[str, Any]:
+def _parse_source_options(spec: dict[str, Any], source: str, where: str) -> dict[str, Any]:
     """The source-specific keys of a data mapping (``data.train`` or ``eval.transfer``), checked."""
     options: dict[str, Any] = {}
     if source == "arithmetic" and "noisy_share" in spec:
@@ -554,7 +554,7 @@ def _parse_train(data: dict[str, Any], check_inputs: bool) -> TrainData:
     return TrainData(
         source=source, size=_int(spec.get("size"), "data.train.size", 1, null_ok=True),
         seed=_int(spec.get("seed", 0), "data.train.seed"), path=path, label_noise=noise,
-        options=_parse_source_options(spec, source, "data.train", check_inputs),
+        options=_parse_source_options(spec, source, "data.train"),
     )  # fmt: skip
 
 
@@ -629,7 +629,7 @@ def _parse_transfer(value: Any, check_inputs: bool) -> dict[str, Any] | None:
         "seed": _int(spec.get("seed", 0), "eval.transfer.seed"),
         "batch_size": _int(spec.get("batch_size", 8), "eval.transfer.batch_size", 1),
         "max_length": _int(spec.get("max_length", 1024), "eval.transfer.max_length", 1),
-        **_parse_source_options(spec, source, "eval.transfer", check_inputs),
+        **_parse_source_options(spec, source, "eval.transfer"),
     }  # fmt: skip
     if source in ("gsm8k_jsonl", "local"):
         if spec.get("path") is None:
