@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trl_qtuning.core.selection import SelectionParams, select_qtuning
+from trl_qtuning import select_qtuning
+from trl_qtuning.core.selection import SelectionParams
 from trl_qtuning.core.stats import eu_plane_stats
 
 NAN, INF = float("nan"), float("inf")

@@ -36,7 +36,7 @@ _RANK_SCRIPT = textwrap.dedent(
         triage_scope="global", {extra}
     )
     decided = []
-    original = trainer._global_sample_decision
+    original = trainer._decider.global_decision
 
     def recording(ppl, entropy, response_tokens):
         result = original(ppl, entropy, response_tokens)
@@ -44,7 +44,7 @@ _RANK_SCRIPT = textwrap.dedent(
         decided.append({{"thresholds": triage.thresholds, "q": triage.q, "kept": int(triage.keep.sum())}})
         return result
 
-    trainer._global_sample_decision = recording
+    trainer._decider.global_decision = recording
     global_keeps = []
     policy_select = trainer._policy.samples.select_samples
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from trl_qtuning.core import SelectionParams, decorrelated_entropy, select_qtuning
+from trl_qtuning import select_qtuning
+from trl_qtuning.core import SelectionParams, decorrelated_entropy
 from trl_qtuning.core.triage import TriageResult, triage_samples
 from trl_qtuning.policies import (
     SAMPLE_POLICIES,

@@ -16,7 +16,8 @@ from tests.trainer_helpers import (
     reference_step_loss,
 )
 from trl_qtuning import QTuningConfig, read_ledger
-from trl_qtuning.core import eu_plane_stats, select_qtuning
+from trl_qtuning import select_qtuning
+from trl_qtuning.core import eu_plane_stats
 from trl_qtuning.testing import make_arithmetic_dataset, make_tiny_model, make_tiny_tokenizer
 
 
@@ -110,7 +111,7 @@ def test_scoring_projects_only_the_positions_it_reads(tmp_path, monkeypatch, ent
     """On CPU, TRL's fused head projects every position; scoring asks it for the labelled ones only, same numbers."""
     import trl.trainer.utils as trl_utils
 
-    import trl_qtuning.trainer as trainer_module
+    import trl_qtuning.scoring as scoring
 
     trainer = build_trainer(tmp_path, per_device_train_batch_size=8, entropy_positions=entropy_positions)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -125,7 +126,7 @@ def test_scoring_projects_only_the_positions_it_reads(tmp_path, monkeypatch, ent
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting)
     compact = trainer._score(dict(batch), None)
     assert trl_utils._use_triton(torch.device("cpu")) is False, "TRL's switch is restored after scoring"
-    monkeypatch.setattr(trainer_module, "_project_labelled_positions_only", contextlib.nullcontext)
+    monkeypatch.setattr(scoring, "project_labelled_positions_only", contextlib.nullcontext)
     every_position = trainer._score(dict(batch), None)
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     if entropy_positions == "all":

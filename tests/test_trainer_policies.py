@@ -293,13 +293,13 @@ def test_a_trl_without_the_compaction_switch_warns_once(monkeypatch, caplog):
 
     import trl.trainer.utils as trl_utils
 
-    import trl_qtuning.trainer as trainer_module
+    import trl_qtuning.scoring as scoring
 
     monkeypatch.delattr(trl_utils, "_use_triton")
-    monkeypatch.setattr(trainer_module, "_warned_no_compaction", False)
-    with caplog.at_level(logging.WARNING, logger="trl_qtuning.trainer"):
+    monkeypatch.setattr(scoring, "_warned_no_compaction", False)
+    with caplog.at_level(logging.WARNING, logger="trl_qtuning.scoring"):
         for _ in range(3):
-            with trainer_module._project_labelled_positions_only():
+            with scoring.project_labelled_positions_only():
                 pass
     warnings = [r for r in caplog.records if "_use_triton" in r.getMessage()]
     assert len(warnings) == 1 and "runs slower" in warnings[0].getMessage()

@@ -4,7 +4,8 @@ Change two names in a TRL script: ``SFTConfig`` -> :class:`QTuningConfig`, ``SFT
 The pure tensor core (:func:`eu_plane_stats`, :func:`triage_samples`, :func:`prune_tokens`) is importable on its own.
 """
 
-from .core import SelectionParams, TriageResult, eu_plane_stats, prune_tokens, select_qtuning, triage_samples
+from .core import SelectionParams, TriageResult, eu_plane_stats, prune_tokens, triage_samples
+from .policies import select_qtuning
 
 __version__ = "0.1.0"
 

@@ -26,8 +26,10 @@ NaN where the policy skipped the scoring pass.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-__all__ = ["DecisionLedger", "read_ledger", "LEDGER_SCHEMA", "LEDGER_DIRNAME", "LEDGER_INFO_FILE", "TRAINED_DECISIONS"]
+__all__ = [
+    "DecisionLedger",
+    "read_ledger",
+    "open_for_run",
+    "write_checkpoint_id",
+    "LEDGER_SCHEMA",
+    "LEDGER_DIRNAME",
+    "LEDGER_ID_FILE",
+    "LEDGER_INFO_FILE",
+    "TRAINED_DECISIONS",
+]
+
+logger = logging.getLogger(__name__)
+
+LEDGER_ID_FILE = "qtuning_ledger_id.json"
+"""Written into every checkpoint: the run id of the ledger it belongs to."""
 
 TRAINED_DECISIONS = ("kept", "token_pruned", "filled")
 """Decisions whose sample was trained on (with all or some of its answer tokens)."""
@@ -233,3 +250,84 @@ def read_ledger(path: str | os.PathLike) -> pa.Table:
             return LEDGER_SCHEMA.empty_table()
     table = pa.concat_tables([pq.read_table(f, schema=LEDGER_SCHEMA) for f in files])
     return table.sort_by([("step", "ascending"), ("rank", "ascending"), ("micro_batch", "ascending"), ("sample_id", "ascending")])
+
+
+# ---------------------------------------------------------------------------------------------- runs and checkpoints
+def write_checkpoint_id(folder: Path, run_id: str, step: int) -> None:
+    """Record in a checkpoint folder the run its ledger belongs to, so a resume can tell it from another run's."""
+    tmp = folder / f"{LEDGER_ID_FILE}.tmp"
+    tmp.write_text(json.dumps({"run_id": run_id, "step": step}) + "\n")
+    tmp.replace(folder / LEDGER_ID_FILE)
+
+
+def open_for_run(ledger: DecisionLedger, resume_from_checkpoint: str | bool | None, output_dir: str) -> None:
+    """A fresh ledger for a fresh run (an earlier one is moved aside, never deleted); for a resume, the ledger of
+    the checkpoint's run, without the rows of the steps after the checkpoint (refused if it is another run's)."""
+    checkpoint = resume_from_checkpoint
+    if checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = get_last_checkpoint(output_dir)
+        if checkpoint is None:
+            return  # transformers raises its own clear error: leave the ledger as it is
+    state_file = Path(checkpoint) / "trainer_state.json" if checkpoint else None
+    if state_file is None or not state_file.exists():  # a fresh run (transformers starts at step 0)
+        moved = ledger.start(uuid.uuid4().hex)
+        if moved is not None:
+            logger.warning(
+                "Q-Tuning: %s held the ledger of an earlier run; this fresh run starts its own, so the earlier "
+                "one was moved to %s (nothing is deleted).", ledger.directory, moved,
+            )
+        return
+    checkpoint = Path(checkpoint)
+    step = int(json.loads(state_file.read_text()).get("global_step", 0))
+    try:
+        checkpoint_id = json.loads((checkpoint / LEDGER_ID_FILE).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        checkpoint_id = None
+    ledger_id, ledger_dir = ledger.run_id, ledger.directory
+    if checkpoint_id is not None and ledger_id is not None and checkpoint_id != ledger_id:
+        raise ValueError(_mismatched_ledger_message(ledger, checkpoint, checkpoint_id, step))
+    if checkpoint_id is None:
+        logger.warning(
+            "Q-Tuning: checkpoint %s carries no ledger run id (saved by an older trl-qtuning, or interrupted "
+            "while saving): cannot check that %s is the ledger of its run. Continuing it; rows of steps after %d "
+            "are dropped.", checkpoint, ledger_dir, step,
+        )  # fmt: skip
+    elif ledger_id is None and ledger.has_rows():
+        logger.warning(
+            "Q-Tuning: %s has no run id (written by an older trl-qtuning): cannot check that it is the ledger of "
+            "checkpoint %s's run. Continuing it; rows of steps after %d are dropped.", ledger_dir, checkpoint, step,
+        )  # fmt: skip
+    elif ledger_id is None and step > 0:
+        logger.warning(
+            "Q-Tuning: no ledger in %s: the ledger of this resumed run starts at step %d; the rows of steps 1-%d "
+            "are in the ledger of the run that saved %s.", ledger_dir, step + 1, step, checkpoint,
+        )  # fmt: skip
+    # Steps after the checkpoint will be decided again: drop their old rows so none is counted twice.
+    ledger.truncate_after(step)
+    ledger.claim(checkpoint_id or ledger_id or uuid.uuid4().hex)
+
+def _mismatched_ledger_message(ledger: DecisionLedger, checkpoint: Path, checkpoint_id: str, step: int) -> str:
+    ledger_dir = ledger.directory
+    info = ledger.info() or {}
+    other = info.get("run_id", "")
+    places = {ledger_dir.parent, checkpoint.parent}
+    candidates = sorted(p for place in places for p in place.glob(f"{LEDGER_DIRNAME}*") if p.is_dir())
+    own = next((p for p in candidates if DecisionLedger(p).run_id == checkpoint_id), None)
+    aside = ledger_dir.with_name(f"{ledger_dir.name}.previous-{other[:8]}")
+    if own is not None:
+        way_out = (
+            f"The ledger of run {checkpoint_id[:8]} is {own}: to resume it, move {ledger_dir} aside (e.g. to "
+            f"{aside}) and move {own} to {ledger_dir}."
+        )
+    else:
+        way_out = (
+            f"No ledger of run {checkpoint_id[:8]} was found next to it: to resume with a new ledger that starts "
+            f"at step {step + 1}, move {ledger_dir} aside (e.g. to {aside})."
+        )
+    return (
+        f"Q-Tuning: checkpoint {checkpoint} belongs to run {checkpoint_id[:8]}, but {ledger_dir} holds the ledger "
+        f"of run {other[:8]} (created {info.get('created', '?')}), another run into the same output_dir. Resuming "
+        f"would write this run's steps into that run's ledger, so nothing was changed. {way_out}"
+    )

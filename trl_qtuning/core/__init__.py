@@ -1,7 +1,7 @@
 """Pure tensor core of Q-Tuning: statistics -> quadrants -> masks. No Trainer, no I/O."""
 
 from .plane import decorrelated_entropy, plane_correlation
-from .selection import Selection, SelectionParams, select_qtuning
+from .selection import Selection, SelectionParams
 from .stats import (
     eu_plane_stats,
     flat_to_padded,
@@ -25,7 +25,6 @@ __all__ = [
     "prune_tokens",
     "segment_ids_from_boundaries",
     "segment_ids_from_position_ids",
-    "select_qtuning",
     "target_keep_count",
     "token_keep_counts",
     "token_scores",

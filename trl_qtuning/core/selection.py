@@ -1,6 +1,7 @@
-"""Q-Tuning's whole decision for one triage group: which samples stay and which of their labels are kept.
+"""The pieces of a selection: which samples of a triage group stay and which of their labels are kept.
 
-Pure tensor code over a padded ``(samples, positions)`` layout, so padded and padding-free batches, one micro-batch or
+Policies (:mod:`trl_qtuning.policies`) assemble them; :func:`trl_qtuning.select_qtuning` is Q-Tuning's whole
+decision for one group. Pure tensor code over a padded ``(samples, positions)`` layout, so padded and padding-free batches, one micro-batch or
 a whole optimizer step, all go through the same rules.
 """
 
@@ -13,15 +14,13 @@ from typing import Callable, Literal
 import torch
 
 from .plane import decorrelated_entropy
-from .tokens import prune_tokens
-from .triage import TriageResult, triage_samples
+from .triage import TriageResult
 
 __all__ = [
     "SelectionParams",
     "Selection",
     "assemble_selection",
     "qtuning_token_rows",
-    "select_qtuning",
     "share_of_tokens",
     "token_budget",
     "triage_axes",
@@ -124,55 +123,4 @@ def assemble_selection(
         label_keep[rows] = keep_tokens(rows) & mask[rows]
     return Selection(
         ppl=ppl, entropy=entropy, triage=triage, token_pruned=token_rows, label_keep=label_keep, loss_weight=loss_weight
-    )
-
-
-def select_qtuning(
-    ppl: torch.Tensor,
-    entropy: torch.Tensor,
-    token_logps: torch.Tensor,
-    response_mask: torch.Tensor,
-    params: SelectionParams,
-    *,
-    triage: TriageResult | None = None,
-) -> Selection:
-    """Triage the group on the EU plane, then token-prune its kept Q2 samples.
-
-    Args:
-        ppl, entropy: per-sample statistics, shape ``(B,)`` (from :func:`eu_plane_stats`).
-        token_logps: log-probability of each label, shape ``(B, L)``.
-        response_mask: True on response positions, shape ``(B, L)``.
-        params: the method's settings.
-        triage: decisions already taken for these samples (by a triage over a larger group, e.g. all ranks);
-            only token pruning is left to do.
-    """
-    if triage is None:
-        triage = triage_samples(
-            *triage_axes(ppl, entropy, params),
-            params.sample_keep_ratio,
-            enforce_budget=params.enforce_sample_budget,
-            max_iter=params.triage_max_iter,
-            tol=params.triage_tol,
-        )
-    if params.token_budget_scope == "run":
-        raise ValueError(
-            "token_budget_scope='run' sizes the token budget from the whole run's answer tokens, which one group does "
-            "not know: use the trainer (or Policy.select with token_budget_tokens=...), or another scope."
-        )
-    mask = response_mask.to(torch.bool)
-
-    def keep_tokens(rows: torch.Tensor) -> torch.Tensor:
-        return prune_tokens(
-            torch.exp(-token_logps[rows].double()),
-            mask[rows],
-            params.token_keep_ratio,
-            neighbor_lambda=params.neighbor_lambda,
-            neighbor=params.neighbor_mode,
-            keep_highest=params.reverse_token_score,
-            **token_budget(params, None),
-        )
-
-    return assemble_selection(
-        ppl, entropy, mask, triage, qtuning_token_rows(triage, params),
-        keep_tokens if params.token_keep_ratio < 1.0 else None,
     )

@@ -18,6 +18,7 @@ from .base import (
     method_name,
     register_sample_policy,
     register_token_policy,
+    select_qtuning,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "method_name",
     "register_sample_policy",
     "register_token_policy",
+    "select_qtuning",
 ]

@@ -15,7 +15,14 @@ from typing import ClassVar, TypeVar
 
 import torch
 
-from ..core.selection import Selection, SelectionParams, assemble_selection, share_of_tokens, token_budget
+from ..core.selection import (
+    Selection,
+    SelectionParams,
+    assemble_selection,
+    qtuning_token_rows,
+    share_of_tokens,
+    token_budget,
+)
 from ..core.stats import eu_plane_stats
 from ..core.tokens import prune_tokens
 from ..core.triage import TriageResult, target_keep_count, top_k_mask
@@ -36,6 +43,7 @@ __all__ = [
     "keep_top",
     "keep_tokens_by_score",
     "reference_sample_ppl",
+    "select_qtuning",
 ]
 
 
@@ -70,6 +78,8 @@ class SampleDecision:
     """(B,) kept samples handed to the token policy."""
     loss_weight: torch.Tensor | None = None
     """(B,) factor on each kept sample's token losses, or None (1 everywhere)."""
+    plane_axis: torch.Tensor | None = None
+    """(B,) the entropy axis the triage ran on, where it is not the entropy itself (``eu_plane="decorrelated"``)."""
 
     @property
     def keep(self) -> torch.Tensor:
@@ -78,7 +88,8 @@ class SampleDecision:
     def rows(self, index: slice | torch.Tensor) -> SampleDecision:
         """The decisions of some samples of the group (one rank's share of a cross-rank decision)."""
         weight = None if self.loss_weight is None else self.loss_weight[index]
-        return SampleDecision(self.triage.rows(index), self.token_rows[index], weight)
+        axis = None if self.plane_axis is None else self.plane_axis[index]
+        return SampleDecision(self.triage.rows(index), self.token_rows[index], weight, axis)
 
 
 @dataclass(frozen=True)
@@ -249,6 +260,37 @@ def build_policy(sample_policy: str, token_policy: str, params: SelectionParams)
     if token_policy not in TOKEN_POLICIES:
         raise ValueError(f"`token_policy` must be one of {', '.join(map(repr, TOKEN_POLICIES))}; got {token_policy!r}.")
     return Policy(SAMPLE_POLICIES[sample_policy](params), TOKEN_POLICIES[token_policy](params))
+
+
+def select_qtuning(
+    ppl: torch.Tensor,
+    entropy: torch.Tensor,
+    token_logps: torch.Tensor,
+    response_mask: torch.Tensor,
+    params: SelectionParams,
+    *,
+    triage: TriageResult | None = None,
+) -> Selection:
+    """Q-Tuning's decision for one triage group: triage on the EU plane, then token-prune the kept Q2 samples.
+
+    The trainer's own path (:meth:`Policy.select` with the ``qtuning`` sample and token policies), as one call.
+
+    Args:
+        ppl, entropy: per-sample statistics, shape ``(B,)`` (from :func:`eu_plane_stats`).
+        token_logps: log-probability of each label, shape ``(B, L)``.
+        response_mask: True on response positions, shape ``(B, L)``.
+        params: the method's settings.
+        triage: decisions already taken for these samples (by a triage over a larger group, e.g. all ranks);
+            only token pruning is left to do.
+    """
+    if params.token_budget_scope == "run":
+        raise ValueError(
+            "token_budget_scope='run' sizes the token budget from the whole run's answer tokens, which one group does "
+            "not know: use the trainer (or Policy.select with token_budget_tokens=...), or another scope."
+        )
+    decision = None if triage is None else SampleDecision(triage, qtuning_token_rows(triage, params))
+    policy = build_policy("qtuning", "qtuning", params)
+    return policy.select(ppl, entropy, token_logps, response_mask, generator=torch.Generator(), decision=decision)
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers

@@ -40,11 +40,12 @@ class QTuningSamples(SamplePolicy):
     def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
         p = self.params
         # eu_plane="decorrelated" triages on (ppl, entropy residual); the Selection keeps the raw entropy.
+        ppl, axis = triage_axes(batch.ppl, batch.entropy, p)
         triage = triage_samples(
-            *triage_axes(batch.ppl, batch.entropy, p), p.sample_keep_ratio, enforce_budget=p.enforce_sample_budget,
-            max_iter=p.triage_max_iter, tol=p.triage_tol,
+            ppl, axis, p.sample_keep_ratio, enforce_budget=p.enforce_sample_budget, max_iter=p.triage_max_iter,
+            tol=p.triage_tol,
         )
-        return SampleDecision(triage, qtuning_token_rows(triage, p))
+        return SampleDecision(triage, qtuning_token_rows(triage, p), plane_axis=None if axis is batch.entropy else axis)
 
 
 @register_sample_policy

@@ -1,0 +1,101 @@
+"""Batch surgery: what a step's decisions do to its micro-batches, as plain functions of tensors.
+
+Pruned labels become -100, dropped samples' rows (padded) or segments (padding-free) are physically removed, padding
+columns no kept row needs are trimmed, InfoBatch's loss weights ride along as a column, and a one-row fully masked
+placeholder stands in where a micro-batch must still run. Re-packing the kept rows is in :mod:`trl_qtuning.packing`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .packing import refresh_flat_metadata
+from .scoring import FusedCausalLMOutput, ScoredMicroBatch
+
+__all__ = ["LOSS_WEIGHT_COLUMN", "WeightedLogProbs", "apply_decisions", "has_rows", "placeholder"]
+
+LOSS_WEIGHT_COLUMN = "qtuning_loss_weight"
+"""Per-token loss factor added to micro-batches by reweighting policies (InfoBatch); read by ``compute_loss``."""
+
+_PER_TOKEN_FLAT_KEYS = ("input_ids", "labels", "position_ids", "shift_labels", LOSS_WEIGHT_COLUMN)
+
+
+def has_rows(batch: dict[str, Any]) -> bool:
+    return batch["input_ids"].numel() > 0
+
+
+def apply_decisions(
+    batch: dict[str, Any],
+    scored: ScoredMicroBatch,
+    keep_rows: torch.Tensor,
+    label_keep: torch.Tensor,
+    loss_weight: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Mask pruned labels, attach loss weights, and physically drop the rows (segments) of dropped samples.
+
+    ``keep_rows`` (n,) and ``label_keep`` (n, W) are in ``scored``'s per-sample layout; ``batch`` is not modified.
+    """
+    device = batch["labels"].device
+    layout = scored.layout
+    keep_rows, label_keep = keep_rows.to(device), label_keep.to(device)
+    masked = scored.response.to(device) & ~label_keep
+    labels = batch["labels"].clone()
+    out = {**batch, "labels": labels}  # labels are masked in place below
+    if layout.padding_free:
+        token_segment = layout.token_segments.to(device)
+        if loss_weight is not None:
+            weight = loss_weight.to(device=device, dtype=torch.float32)
+            out[LOSS_WEIGHT_COLUMN] = weight[token_segment.clamp(min=0)][None]
+        labels[0, 1:][layout.to_flat(masked, fill=False)] = -100
+        keep_tokens = (token_segment >= 0) & keep_rows[token_segment.clamp(min=0)]
+        for key in _PER_TOKEN_FLAT_KEYS:
+            if key in out:
+                out[key] = out[key][:, keep_tokens]
+        return refresh_flat_metadata(out)
+    if loss_weight is not None:
+        out[LOSS_WEIGHT_COLUMN] = loss_weight.to(device=device, dtype=torch.float32)[:, None].expand_as(labels).contiguous()
+    labels[:, 1:][masked] = -100
+    rows = keep_rows.nonzero().squeeze(-1)
+    batch_size, seq_len = labels.shape
+    width = seq_len
+    if "attention_mask" in batch:
+        attended = batch["attention_mask"][rows].bool()
+        if attended.numel() and bool(attended.any()):
+            # Right padding (TRL's collator): drop the columns no kept row attends to.
+            width = int(attended.any(dim=0).nonzero().max()) + 1
+    for key, value in out.items():
+        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == batch_size:
+            value = value.index_select(0, rows)
+            if value.dim() >= 2 and value.shape[1] == seq_len:
+                value = value[:, :width]
+            out[key] = value
+    return out
+
+
+def placeholder(batch: dict[str, Any], scored: ScoredMicroBatch) -> dict[str, Any]:
+    """One row (segment) of ``batch`` with every label masked: a forward and backward that add exactly zero."""
+    first = torch.zeros(scored.num_samples, dtype=torch.bool)
+    first[0] = True
+    out = apply_decisions(batch, scored, first, torch.zeros_like(scored.response))
+    out["labels"] = torch.full_like(out["labels"], -100)
+    return out
+
+
+class WeightedLogProbs:
+    """Calls the model and multiplies its fused per-token log-probs by a loss weight, so TRL's own loss (``-sum
+    log_probs / num_items``) becomes the weighted sum. Everything else is the wrapped model's."""
+
+    def __init__(self, model: torch.nn.Module, weights: torch.Tensor):
+        self._model = model
+        self._weights = weights
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._model(*args, **kwargs)
+        if isinstance(out, FusedCausalLMOutput) and out.log_probs is not None:
+            out.log_probs = out.log_probs * self._weights[..., 1:].to(out.log_probs.dtype)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
