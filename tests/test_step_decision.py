@@ -141,3 +141,23 @@ def test_correlation_from_moments_equals_the_plane_correlation():
     assert correlation_from_moments(halves) == pytest.approx(plane_correlation(ppl, axis), abs=1e-12)
     assert math.isnan(correlation_from_moments(plane_moments(ppl, torch.ones(5))))
     assert math.isnan(correlation_from_moments(plane_moments(ppl[:1], axis[:1])))
+
+
+@pytest.mark.parametrize("ledger", ["none", "summary"])
+def test_per_sample_columns_are_built_only_for_a_listener(tmp_path, monkeypatch, ledger):
+    """With no ledger and no tracking a step builds no per-sample lists; with a ledger it does, once per step."""
+    import trl_qtuning.step_metrics as module
+    from tests.trainer_helpers import build_trainer
+
+    calls = []
+    original = module.ledger_columns
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["step"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "ledger_columns", counting)
+    trainer = build_trainer(tmp_path, max_steps=2, qtuning_ledger=ledger)
+    trainer.train()
+    assert calls == ([] if ledger == "none" else [1, 2])
+    assert trainer.state.log_history[0]["qtuning/sample_keep_ratio"] > 0
