@@ -127,6 +127,67 @@ def test_unknown_flag_is_named_before_config_checks_run(capsys):
     assert "unknown argument(s): --sample_keep_ratoi (" in _error_line(capsys)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Precision: TRL's bf16=True default on a machine without bf16
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def recipe_without_precision(tmp_path) -> Path:
+    """The tiny recipe without its `bf16: false` / `use_cpu: true`: TRL's defaults (bf16=True, use_cpu=False) apply."""
+    lines = [line for line in RECIPE.read_text().splitlines() if not line.startswith(("bf16:", "use_cpu:"))]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("\n".join(lines) + "\n")
+    return recipe
+
+
+def test_bf16_default_falls_back_to_fp32_with_one_warning(recipe_without_precision, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sft_cli, "device_supports_bf16", lambda: False)
+    _, training_args, _, _ = sft_cli.parse_args(["--config", str(recipe_without_precision), "--output_dir", str(tmp_path)])
+    assert training_args.bf16 is False and not training_args.use_cpu
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "bf16" in line]
+    assert len(warnings) == 1 and "training in fp32" in warnings[0] and "--bf16 false" in warnings[0]
+
+
+@pytest.mark.parametrize("flag", [["--bf16", "true"], ["--bf16=True"], ["--bf16"], ["recipe"]])
+def test_explicit_bf16_without_support_names_the_fix(recipe_without_precision, flag, monkeypatch, capsys):
+    monkeypatch.setattr(sft_cli, "device_supports_bf16", lambda: False)
+    if flag == ["recipe"]:  # set in the recipe instead of on the command line
+        recipe_without_precision.write_text(recipe_without_precision.read_text() + "bf16: true\n")
+        flag = []
+    assert main(["sft", "--config", str(recipe_without_precision), *flag]) == 2
+    line = _error_line(capsys)
+    assert "--bf16 false" in line and "use_cpu" in line and "Traceback" not in line
+
+
+def test_bf16_choice_left_alone_where_it_runs(recipe_without_precision, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sft_cli, "device_supports_bf16", lambda: False)
+    base = ["--config", str(recipe_without_precision), "--output_dir", str(tmp_path)]
+    # bf16 autocast on the CPU (use_cpu), and an explicit --bf16 false: as asked, no warning.
+    assert sft_cli.parse_args([*base, "--use_cpu", "true"])[1].bf16 is True
+    assert sft_cli.parse_args([*base, "--bf16", "false"])[1].bf16 is False
+    assert main(["sft", "--help"]) == 0
+    assert "bf16" not in capsys.readouterr().err
+
+
+def test_demo_prints_its_expected_duration(capsys):
+    import argparse
+
+    from trl_qtuning.demo.run import build_parser, expected_duration, print_expected_duration
+
+    args = build_parser().parse_args([])  # the defaults: 16 steps of 4 x 4 samples
+    print_expected_duration(args, bf16=True, use_cuda=False)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("Training 16 steps of 16 samples: about 3 min on 2 CPU cores (bf16 autocast")
+    assert "about 6 min on a CPU without them" in line
+    fp32 = expected_duration(16, 16, bf16=False)
+    assert "about 6 min on 2 CPU cores (fp32" in fp32 and "about 3 min on a CPU with AVX512-BF16" in fp32
+    assert "about 11 s" in expected_duration(2, 4, bf16=False)
+    for quiet in (argparse.Namespace(**{**vars(args), "model": "org/model"}), args):
+        print_expected_duration(quiet, bf16=True, use_cuda=quiet is args)  # another model, or a GPU: no estimate
+    assert capsys.readouterr().out == ""
+
+
 def test_missing_recipe(tmp_path, capsys):
     assert main(["sft", "--config", str(tmp_path / "nope.yaml")]) != 0
     assert "recipe not found" in _error_line(capsys)

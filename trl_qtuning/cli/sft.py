@@ -9,6 +9,11 @@ Q-Tuning budgets), ``trl.ModelConfig`` (model, LoRA, quantisation; plus ``quanti
 line override the recipe. ``dataset_name`` is a Hub dataset id or a local path: a folder written by
 ``Dataset.save_to_disk``, a folder of data files, or a ``.json``/``.jsonl``/``.parquet``/``.csv`` file.
 
+``--config`` and ``--accelerate_config`` also find the recipes and accelerate configs shipped in the wheel, by
+their ``recipes/...`` path or by name (``--accelerate_config ddp``): :mod:`trl_qtuning.cli.recipes`. Where no GPU
+runs bf16 (and ``use_cpu`` is not set), TRL's ``bf16=True`` default becomes fp32 with one warning line, and an
+explicit ``--bf16 true`` is an error naming ``--bf16 false``.
+
 Mistakes in the arguments or inputs are reported as one line (exit code 2 for arguments and recipes, 1 for inputs
 that cannot be loaded); set ``TRL_QTUNING_DEBUG=1`` to get the full traceback instead.
 """
@@ -96,6 +101,9 @@ def make_parser(prog: str = PROG):
             "--resume_from_checkpoint true resumes from the last checkpoint in output_dir. "
             "--load_in_4bit true trains QLoRA (with --use_peft true); if bitsandbytes cannot run it, the command "
             "stops with the reason unless --quantization_fallback lora asks for plain LoRA instead. "
+            "Without a GPU that runs bf16 (and without --use_cpu true), TRL's bf16=True default becomes fp32, with a "
+            "warning; --bf16 true there is an error. --config and --accelerate_config also take the name of a recipe "
+            "or config shipped with trl-qtuning (e.g. --accelerate_config ddp). "
             f"Set {DEBUG_ENV}=1 to see tracebacks instead of one-line errors."
         ),
     )
@@ -112,20 +120,28 @@ def _normalise_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def _read_recipe(argv: list[str]) -> None:
+def _read_recipe(argv: list[str]) -> dict[str, Any]:
     """Check the recipe and apply its ``env:`` block now, before transformers/datasets read their environment.
+
+    A ``--config`` value that is not a file but names a recipe shipped with the package (``recipes/<model>/qtuning/
+    config_<name>.yaml``, see :mod:`trl_qtuning.cli.recipes`) is replaced in ``argv`` by that file's path. Returns
+    the recipe's mapping (empty without ``--config``).
 
     ``TrlParser`` applies the block too, but only after TRL is imported, which is too late for settings that the Hub
     libraries read at import (``HF_HUB_OFFLINE``, ``HF_HOME``...) when this runs as a fresh process.
     """
     if "--config" not in argv:
-        return
+        return {}
     index = argv.index("--config")
     if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
         raise CliError("--config needs the path of a YAML recipe")
-    path = Path(argv[index + 1]).expanduser()
-    if not path.is_file():
-        raise CliError(f"recipe not found: {argv[index + 1]}")
+    from .recipes import resolve_recipe
+
+    try:
+        path = resolve_recipe(argv[index + 1])
+    except LookupError as exc:
+        raise CliError(str(exc)) from exc
+    argv[index + 1] = str(path)
     import yaml
 
     try:
@@ -139,6 +155,56 @@ def _read_recipe(argv: list[str]) -> None:
         raise CliError(f"`env` in recipe {path} must be a mapping of variable names to values")
     for key, value in env.items():
         os.environ[str(key)] = str(value)
+    return recipe
+
+
+def device_supports_bf16() -> bool:
+    """Whether transformers accepts ``bf16=True`` without ``use_cpu``: a GPU (or XLA device) with bf16."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return bool(is_torch_bf16_gpu_available() or is_torch_xla_available())
+
+
+def _given(argv: list[str], recipe: dict[str, Any], name: str) -> bool | None:
+    """The boolean field ``name`` as the command line (which wins) or the recipe sets it; None when neither does."""
+    value: Any = None
+    flag = f"--{name}"
+    for i, arg in enumerate(argv):
+        if arg == flag:  # `--bf16` alone means true, as for HfArgumentParser's boolean flags
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            value = True if following is None or following.startswith("--") else following
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    if value is None:
+        value = recipe.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("true", "yes", "y", "t", "1", "on")
+
+
+def _choose_precision(argv: list[str], recipe: dict[str, Any]) -> list[str]:
+    """TRL's ``bf16=True`` default where the device has no bf16: train in fp32, saying so in one line; an explicit
+    ``--bf16 true`` there stops with a message naming ``--bf16 false`` (transformers' own asks to "assign use_cpu").
+
+    On the CPU with ``use_cpu`` set, bf16 autocast runs (transformers allows it), so nothing changes then.
+    """
+    if "-h" in argv or "--help" in argv:
+        return argv
+    bf16 = _given(argv, recipe, "bf16")
+    if bf16 is False or _given(argv, recipe, "fp16") or _given(argv, recipe, "use_cpu") or device_supports_bf16():
+        return argv
+    if bf16:
+        raise CliError(
+            "bf16 is set but this machine has no GPU with bf16 support: pass --bf16 false to train in fp32 "
+            "(or --use_cpu true to train in bf16 autocast on the CPU)"
+        )
+    print(
+        f"{PROG}: warning: no GPU with bf16 support here: training in fp32 instead of TRL's default bf16=True "
+        "(pass --bf16 false to silence this, or --use_cpu true for bf16 autocast on the CPU)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return [*argv, "--bf16", "false"]
 
 
 def _unknown_flags(parser, argv: list[str]) -> list[str]:
@@ -151,11 +217,12 @@ def _unknown_flags(parser, argv: list[str]) -> list[str]:
 def parse_args(argv: list[str]):
     """(script_args, training_args, model_args, dataset_args) from a recipe and command-line flags."""
     argv = _normalise_argv(argv)
-    _read_recipe(argv)
+    recipe = _read_recipe(argv)
     parser = make_parser()
     unknown = _unknown_flags(parser, argv)
     if unknown:
         raise CliError(f"unknown argument(s): {' '.join(unknown)} (see `{PROG} --help`)")
+    argv = _choose_precision(argv, recipe)
     try:
         *parsed, recipe_rest, cli_rest = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
@@ -418,9 +485,11 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
 
 
 def accelerate_command(argv: list[str]) -> list[str] | None:
-    """The ``accelerate launch`` command for ``--accelerate_config FILE [--num_processes N] [--main_process_port P]``.
+    """The ``accelerate launch`` command for ``--accelerate_config NAME|FILE [--num_processes N] [--main_process_port P]``.
 
-    Returns None when no ``--accelerate_config`` is given.
+    ``NAME`` is a config shipped with the package (``ddp``, ``fsdp``, ``zero2``, ``zero3``, ``cpu_2proc``: see
+    :mod:`trl_qtuning.cli.recipes`), the way ``trl sft --accelerate_config zero3`` finds TRL's; an existing file
+    wins. Returns None when no ``--accelerate_config`` is given.
 
     Multi-process training goes through accelerate's own launcher, never one of ours: this only spells the command.
     """
@@ -444,11 +513,15 @@ def accelerate_command(argv: list[str]) -> list[str] | None:
         return None
     if "--config_file" not in launch:
         raise CliError(
-            "--num_processes/--main_process_port need --accelerate_config FILE (e.g. recipes/accelerate_configs/ddp.yaml)"
+            "--num_processes/--main_process_port need --accelerate_config NAME or FILE (e.g. --accelerate_config ddp)"
         )
-    config_file = Path(launch[launch.index("--config_file") + 1])
-    if not config_file.is_file():
-        raise CliError(f"accelerate config not found: {config_file}", code=1)
+    from .recipes import resolve_accelerate_config
+
+    index = launch.index("--config_file") + 1
+    try:
+        launch[index] = str(resolve_accelerate_config(launch[index]))
+    except LookupError as exc:
+        raise CliError(str(exc), code=1) from exc
     return [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "trl_qtuning.cli.main", "sft", *rest]
 
 

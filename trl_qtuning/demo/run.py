@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "bf16_is_fast", "build_parser"]
+__all__ = ["main", "bf16_is_fast", "build_parser", "expected_duration", "print_expected_duration"]
 
 QUADRANT_NAMES = {
     1: "Q1 harmful noise",
@@ -133,6 +133,40 @@ def bf16_is_fast(use_cuda: bool) -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
+# Seconds of training per sample of the embedded default (SmolLM2-135M + LoRA, MATH levels 1-2, --max-chars 400) on
+# the 2-core development CPU: 16 steps of 4 x 4 samples in 163 s with bf16 autocast (AVX512-BF16; docs/demo.md), and
+# about 340 s in fp32 on a 2-core CPU without AVX512-BF16 or AMX (issue 17: whole demo 360 s).
+SECONDS_PER_SAMPLE = {True: 163 / 256, False: 340 / 256}
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def expected_duration(max_steps: int, samples_per_step: int, bf16: bool) -> str:
+    """The line the demo prints before it trains: how long training should take on this CPU, and on the other kind.
+
+    An estimate from the embedded default's measured time per sample on 2 CPU cores (:data:`SECONDS_PER_SAMPLE`).
+    """
+    samples = max_steps * samples_per_step
+    here, other = (SECONDS_PER_SAMPLE[bf16] * samples, SECONDS_PER_SAMPLE[not bf16] * samples)
+    if bf16:
+        kind, other_kind = "bf16 autocast: this CPU has AVX512-BF16 or AMX", "on a CPU without them (fp32)"
+    else:
+        kind, other_kind = "fp32: this CPU has no AVX512-BF16 or AMX", "on a CPU with AVX512-BF16 (bf16 autocast)"
+    return (
+        f"Training {max_steps} steps of {samples_per_step} samples: about {_minutes(here)} on 2 CPU cores ({kind}); "
+        f"about {_minutes(other)} {other_kind}. More cores are faster."
+    )
+
+
+def print_expected_duration(args: argparse.Namespace, bf16: bool, use_cuda: bool) -> None:
+    """Print :func:`expected_duration` for a CPU run of the embedded model (no estimate for a GPU or another model)."""
+    if use_cuda or args.model is not None:
+        return
+    print(expected_duration(args.max_steps, args.batch_size * args.grad_acc, bf16), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     embedded = args.model is None and args.dataset is None
@@ -198,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
         peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     use_cuda = torch.cuda.is_available()
+    bf16 = bf16_is_fast(use_cuda)
     config = QTuningConfig(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -210,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         token_keep_ratio=args.token_keep_ratio,
         max_length=args.max_length,
         # TRL's defaults (bf16 on, gradient checkpointing on) are slow or unsupported on a CPU: set them here.
-        bf16=bf16_is_fast(use_cuda),
+        bf16=bf16,
         use_cpu=not use_cuda,
         gradient_checkpointing=False,
         logging_steps=1,
@@ -228,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer.remove_callback(PrinterCallback)
     print(f"Q-Tuning: keep {args.sample_keep_ratio:.0%} of samples and {args.token_keep_ratio:.0%} of Q2 response "
           f"tokens; {args.batch_size} x {args.grad_acc} samples triaged per step; {args.max_steps} steps", flush=True)
+    print_expected_duration(args, bf16, use_cuda)
 
     print("Evaluating held-out answer loss before training ...", flush=True)
     before = trainer.evaluate()["eval_loss"]
