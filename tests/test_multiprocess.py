@@ -82,8 +82,13 @@ def _free_port() -> int:
 
 
 def _launch_two_ranks(tmp_path: Path, out: Path, ratio: float, extra: str = "") -> None:
+    _launch(tmp_path, out, _RANK_SCRIPT.format(repo=str(REPO), ratio=ratio, extra=extra))
+
+
+def _launch(tmp_path: Path, out: Path, source: str) -> None:
+    """Run ``source`` in 2 CPU processes (gloo) under ``accelerate launch``; it must exit 0 within 300 s."""
     script = tmp_path / "rank.py"
-    script.write_text(_RANK_SCRIPT.format(repo=str(REPO), ratio=ratio, extra=extra))
+    script.write_text(source)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -92,6 +97,47 @@ def _launch_two_ranks(tmp_path: Path, out: Path, ratio: float, extra: str = "") 
     ]
     result = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+# A script written for SFTTrainer: train and save, no `trainer.end()`. Its first exit hook (atexit runs them last in,
+# first out, so this one runs after trl-qtuning's) records whether the process group is still up at exit.
+_NO_END_SCRIPT = textwrap.dedent(
+    """
+    import atexit, json, sys
+    from pathlib import Path
+    sys.path.insert(0, {repo!r})
+    import torch
+
+    out = Path(sys.argv[1])
+
+    def record_group_state():
+        rank = int(__import__("os").environ["RANK"])
+        state = {{"initialized": torch.distributed.is_initialized()}}
+        (out / f"exit{{rank}}.json").write_text(json.dumps(state))
+
+    atexit.register(record_group_state)
+    from tests.trainer_helpers import build_trainer
+    from trl_qtuning.testing import make_arithmetic_dataset
+
+    trainer = build_trainer(
+        out, dataset=make_arithmetic_dataset(8, seed=1), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        max_steps=2, sample_keep_ratio=0.5, token_keep_ratio=0.5, triage_scope="global",
+    )
+    trainer.train()
+    trainer.save_model(str(out / "model"))
+    """
+)
+
+
+@pytest.mark.slow
+def test_script_without_end_exits_and_leaves_no_process_group(tmp_path):
+    """Without `trainer.end()`, both processes still exit (within the launch timeout) with the group destroyed."""
+    out = tmp_path / "ddp"
+    out.mkdir()
+    _launch(tmp_path, out, _NO_END_SCRIPT.format(repo=str(REPO)))
+    for rank in (0, 1):
+        assert json.loads((out / f"exit{rank}.json").read_text()) == {"initialized": False}, rank
+    assert (out / "model").is_dir()
 
 
 @pytest.mark.slow

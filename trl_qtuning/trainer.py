@@ -31,6 +31,7 @@ from .events import DecisionListener, StepDecisions
 from .ledger import DecisionLedger, open_for_run, write_checkpoint_id
 from .packing import empty_like, pack_padded, pack_padding_free
 from .scoring import ReferenceForward, ScoredMicroBatch, Scorer, load_reference_model
+from .teardown import end_at_exit, release_distributed_wrapper, unregister
 
 __all__ = ["QTuningSFTTrainer"]
 
@@ -100,6 +101,7 @@ class QTuningSFTTrainer(SFTTrainer):
             from .tracking import attach_tracking
 
             attach_tracking(self)
+        end_at_exit(self)  # several processes must tear down cleanly even if the script never calls end()
 
     def _setup_qtuning(self, config: QTuningConfig, given: int | None) -> None:
         config.check_sample_budget(self.accelerator.num_processes)
@@ -377,13 +379,9 @@ class QTuningSFTTrainer(SFTTrainer):
     def end(self) -> None:
         """Finish the trackers and destroy the process group, letting go of the distributed wrapper first.
 
-        DDP's reducer holds the gloo process group. Were it the group's last holder when the model is freed, the
-        group would be destroyed with the GIL held while a gloo worker may still need the GIL to free a gathered
-        tensor: the process then hangs at exit (pytorch/pytorch#56297; seen with 2 CPU processes). Freed first, the
-        wrapper leaves `torch.distributed`'s registry as the last holder, whose destruction releases the GIL.
+        Optional: a script that does not call it is ended at exit the same way (:mod:`~trl_qtuning.teardown`, which
+        says why the wrapper must go first).
         """
-        if self.model_wrapped is not self.model:
-            self.model_wrapped = self.model
-            # accelerate keeps the prepared (wrapped) model, optimizer, scheduler and loaders; training is over.
-            self.accelerator.free_memory()
+        release_distributed_wrapper(self)
         super().end()
+        unregister(self)
