@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trl_qtuning.batch import LOSS_WEIGHT_COLUMN, apply_decisions, has_rows, placeholder
+from trl_qtuning.batch import LOSS_WEIGHT_COLUMN, apply_decisions, has_rows, placeholder, runnable_micro_batches
 from trl_qtuning.scoring import RowLayout, Scorer
 
 
@@ -110,3 +110,43 @@ def test_row_layout_of_a_padded_batch_has_no_segments():
     assert not layout.padding_free and layout.num_samples == 3
     values = torch.ones(3, 3)
     assert layout.to_rows(values) is values
+
+
+def _emptied(batch: dict, scored, keep: list[bool]) -> dict:
+    return apply_decisions(batch, scored, torch.tensor(keep), scored.response)
+
+
+def _rows(batches: list[dict]) -> list[int]:
+    return [mb["input_ids"].shape[0] for mb in batches]
+
+
+def test_runnable_one_process_skips_emptied_micro_batches_but_runs_a_synchronising_last():
+    batch = _padded()
+    scored = _layout_only(batch, padding_free=False)
+    pruned = [_emptied(batch, scored, [True, False, True]), _emptied(batch, scored, [False] * 3)]
+    options = {"pack_size": None, "padding_free": False, "pad_token_id": 0, "most_across_ranks": None}
+    skipped = runnable_micro_batches(pruned, [batch] * 2, [scored] * 2, run_last=False, **options)
+    assert _rows(skipped) == [2, 0] and skipped[0] is pruned[0]
+    kept_last = runnable_micro_batches(pruned, [batch] * 2, [scored] * 2, run_last=True, **options)
+    assert _rows(kept_last) == [2, 1] and bool((kept_last[1]["labels"] == -100).all())
+    assert not has_rows(pruned[1]), "the caller's list is not modified"
+
+
+def test_runnable_several_processes_run_every_slot_and_pack_to_the_busiest_rank():
+    batch = _padded()
+    scored = _layout_only(batch, padding_free=False)
+    pruned = [_emptied(batch, scored, [False] * 3), _emptied(batch, scored, [True, False, False])]
+    fetched, scores = [batch] * 2, [scored] * 2
+    unpacked = runnable_micro_batches(
+        pruned, fetched, scores, pack_size=None, padding_free=False, pad_token_id=0, run_last=True,
+        most_across_ranks=lambda n: n,
+    )  # fmt: skip
+    assert _rows(unpacked) == [1, 1] and bool((unpacked[0]["labels"] == -100).all())
+    asked = []
+    packed = runnable_micro_batches(
+        pruned, fetched, scores, pack_size=3, padding_free=False, pad_token_id=0, run_last=True,
+        most_across_ranks=lambda n: asked.append(n) or 2,  # another rank needs two micro-batches
+    )  # fmt: skip
+    assert asked == [1], "this rank's kept row fits one packed micro-batch"
+    assert _rows(packed) == [1, 1], "a masked placeholder first, then the packed row: as many as the busiest rank"
+    assert bool((packed[0]["labels"] == -100).all()) and packed[1]["input_ids"].tolist() == [[5, 6, 7]]

@@ -134,6 +134,39 @@ def test_metrics_from_sums_match_a_count_by_hand():
     assert doubled["qtuning/sample_keep_ratio"] == 0.5 and doubled["qtuning/ppl_mean"] == metrics["qtuning/ppl_mean"]
 
 
+def test_metrics_log_pools_the_token_keep_ratio_over_the_window_and_warns(caplog):
+    import logging
+    from collections import defaultdict
+
+    from trl_qtuning.step_metrics import METRIC_SUMS, StepMetricsLog
+
+    def sums(**values: float) -> dict[str, float]:
+        return {**dict.fromkeys(METRIC_SUMS, 0.0), "samples": 4.0, "kept": 2.0, **values}
+
+    log, metrics = StepMetricsLog(uses_eu_plane=True, reweights=False), defaultdict(list)
+    log.append(metrics, sums(pruned_kept=1.0, pruned_response=2.0, before_tokens=10.0), 0.5, step=1)
+    log.append(metrics, sums(pruned_kept=99.0, pruned_response=198.0, before_tokens=5.0), 0.25, step=2)
+    assert metrics["qtuning/scoring_seconds"] == [0.5, 0.25] and metrics["qtuning/prepruning_num_tokens"] == [15.0]
+    assert log.pop_token_keep_ratio() == pytest.approx(100 / 200), "pooled: the big step weighs 99 times more"
+    assert log.pop_token_keep_ratio() is None, "a new window with no token-pruned sample has no ratio"
+    with caplog.at_level(logging.WARNING, logger="trl_qtuning.trainer"):
+        log.append(metrics, sums(kept=0.0, invalid=1.0), 0.0, step=3)
+        log.append(metrics, sums(invalid=2.0), 0.0, step=4)
+    assert "step 3 kept no sample (1 of 4 had non-finite statistics)" in caplog.text
+    assert "2 sample(s) of step 4 had no finite statistics" in caplog.text
+
+
+def test_one_process_gathers_nothing():
+    from types import SimpleNamespace
+
+    from trl_qtuning.step_metrics import gather_ledger_columns, gather_step_sums
+
+    sums = torch.arange(3.0)
+    assert gather_step_sums(SimpleNamespace(num_processes=1), sums, 1.5, True) == (sums, 1.5, True)
+    columns, thresholds = {"step": [1, 1]}, [{"q": 0.5}]
+    assert gather_ledger_columns(columns, thresholds, several=False, global_scope=False) == (columns, thresholds)
+
+
 def test_correlation_from_moments_equals_the_plane_correlation():
     ppl = torch.tensor([1.5, 9.0, float("nan"), 7.0, 3.0])
     axis = torch.tensor([0.2, 0.3, 2.5, 2.2, 1.0])

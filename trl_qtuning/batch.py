@@ -7,14 +7,17 @@ placeholder stands in where a micro-batch must still run. Re-packing the kept ro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .packing import refresh_flat_metadata
+from .packing import empty_like, pack_padded, pack_padding_free, refresh_flat_metadata
 from .scoring import FusedCausalLMOutput, ScoredMicroBatch
 
-__all__ = ["LOSS_WEIGHT_COLUMN", "WeightedLogProbs", "apply_decisions", "has_rows", "placeholder"]
+__all__ = [
+    "LOSS_WEIGHT_COLUMN", "WeightedLogProbs", "apply_decisions", "has_rows", "placeholder", "runnable_micro_batches",
+]  # fmt: skip
 
 LOSS_WEIGHT_COLUMN = "qtuning_loss_weight"
 """Per-token loss factor added to micro-batches by reweighting policies (InfoBatch); read by ``compute_loss``."""
@@ -81,6 +84,42 @@ def placeholder(batch: dict[str, Any], scored: ScoredMicroBatch) -> dict[str, An
     out = apply_decisions(batch, scored, first, torch.zeros_like(scored.response))
     out["labels"] = torch.full_like(out["labels"], -100)
     return out
+
+
+def runnable_micro_batches(
+    pruned: list[dict[str, Any]],
+    fetched: list[dict[str, Any]],
+    scored: list[ScoredMicroBatch],
+    *,
+    pack_size: int | None,
+    padding_free: bool,
+    pad_token_id: int,
+    run_last: bool,
+    most_across_ranks: Callable[[int], int] | None,
+) -> list[dict[str, Any]]:
+    """The micro-batches to run (as many as were fetched; emptied ones are skipped by the trainer).
+
+    ``pack_size``: re-pack the kept rows into full micro-batches of that many rows (None: keep them in place).
+    ``run_last``: the last micro-batch synchronises (DDP all-reduces in its backward, DeepSpeed steps its optimizer
+    there), so it must run. ``most_across_ranks`` (several processes; None for one): the largest of every rank's
+    value; every rank then runs the same micro-batches, so collectives stay matched, and an emptied one runs one fully
+    label-masked row (:func:`placeholder`, an exact zero) instead of being skipped.
+    """
+    several = most_across_ranks is not None
+    if pack_size is not None:
+        packed = pack_padding_free(pruned, pack_size) if padding_free else pack_padded(pruned, pack_size, pad_token_id)
+        filled = [mb for mb in packed if has_rows(mb)]
+        needed = max(len(filled), 1) if run_last or several else len(filled)
+        if several:  # as many as the rank that needs the most; all ranks skip the same freed slots
+            needed = most_across_ranks(needed)
+        filled = [placeholder(fetched[0], scored[0]) for _ in range(needed - len(filled))] + filled
+        return [empty_like(pruned[0]) for _ in range(len(pruned) - len(filled))] + filled
+    if several:
+        return [mb if has_rows(mb) else placeholder(f, s) for mb, f, s in zip(pruned, fetched, scored, strict=True)]
+    runnable = list(pruned)
+    if run_last and not has_rows(runnable[-1]):
+        runnable[-1] = placeholder(fetched[-1], scored[-1])
+    return runnable
 
 
 class WeightedLogProbs:

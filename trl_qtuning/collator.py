@@ -15,6 +15,7 @@ __all__ = [
     "check_prepared_dataset",
     "check_sample_ids",
     "non_integer_sample_ids",
+    "pad_token_id",
     "sized_length",
     "with_sample_ids",
 ]
@@ -74,6 +75,12 @@ class QTuningDataCollator:
 
 
 # ---------------------------------------------------------------------------------------------- the dataset's ids
+def pad_token_id(collator: Any) -> int:
+    """The padding id of TRL's collator (through :class:`QTuningDataCollator`), 0 when it has none."""
+    pad = getattr(getattr(collator, "collator", collator), "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
 def sized_length(dataset: Any) -> int | None:
     try:
         return len(dataset) if dataset is not None else None

@@ -6,13 +6,14 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import SFTConfig
 
 from .core.selection import SelectionParams
 from .policies import Policy, build_policy
 
-__all__ = ["QTuningConfig"]
+__all__ = ["QTuningConfig", "require_qtuning_config"]
 
 _NUMBERS: tuple[tuple[str, str, Callable[[float], bool], bool], ...] = (
     ("sample_keep_ratio", "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, False),
@@ -326,3 +327,16 @@ class QTuningConfig(SFTConfig):
             triage_tol=float(self.triage_tol),
             eu_plane=self.eu_plane,  # type: ignore[arg-type]
         )
+
+
+def require_qtuning_config(config: Any) -> QTuningConfig:
+    """``args`` of ``QTuningSFTTrainer``, which must be a :class:`QTuningConfig` (the Q-Tuning budgets live there)."""
+    if config is None:
+        raise ValueError("QTuningSFTTrainer needs `args=QTuningConfig(...)` (the Q-Tuning budgets live there).")
+    if not isinstance(config, QTuningConfig):
+        raise TypeError(
+            f"`args` must be a trl_qtuning.QTuningConfig, got {type(config).__name__}. Replace "
+            f"{type(config).__name__}(...) with QTuningConfig(...): it takes SFTConfig's arguments (which include "
+            "TrainingArguments') plus the Q-Tuning ones."
+        )
+    return config

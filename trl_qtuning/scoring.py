@@ -32,7 +32,10 @@ __all__ = [
     "RowLayout",
     "ScoredMicroBatch",
     "Scorer",
+    "inference_tensor_error",
+    "is_inference_tensor_error",
     "load_reference_model",
+    "reference_forward",
     "non_padding_tokens",
     "project_labelled_positions_only",
 ]
@@ -255,6 +258,36 @@ class Scorer:
             layout, token_logps, response, ppl, entropy, ids, reference_logps, top1_hits=top1_hits,
             entropy_sum=entropy_sum, tokens=non_padding_tokens(batch),
         )  # fmt: skip
+
+
+def is_inference_tensor_error(error: BaseException) -> bool:
+    """Training touched a tensor created under ``torch.inference_mode()`` (by our scoring forward)."""
+    return "inference tensor" in str(error).lower()
+
+
+def inference_tensor_error(error: BaseException) -> RuntimeError:
+    """The error to raise instead of torch's: what happened and the setting that fixes it."""
+    return RuntimeError(
+        "Training used a tensor the model created during Q-Tuning's scoring forward, which runs under "
+        "torch.inference_mode(): the model caches tensors in its forward. Set `scoring_inference_mode=False` "
+        f"(scoring then runs under torch.no_grad()). Original error: {error}"
+    )
+
+
+def reference_forward(
+    reference_model: torch.nn.Module | None, adapters_of: Callable[[], torch.nn.Module] | None = None
+) -> ReferenceForward | None:
+    """How the scorer gets the reference's log-probs: from ``reference_model``, or, given ``adapters_of`` (the
+    unwrapped PEFT model; TailSFT with LoRA and no ``reference_model_path``), from the trained model's own forward
+    with its adapters disabled, which is the initial model at no memory cost. None without a reference."""
+    if adapters_of is not None:
+
+        def without_adapters(model: torch.nn.Module, kwargs: dict[str, Any]) -> Any:
+            with adapters_of().disable_adapter():
+                return model(**kwargs)
+
+        return without_adapters
+    return None if reference_model is None else lambda model, kwargs: reference_model(**kwargs)
 
 
 def load_reference_model(

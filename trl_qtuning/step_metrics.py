@@ -8,6 +8,7 @@ when a ledger or a tracking listener wants them.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +21,10 @@ from .scoring import ScoredMicroBatch
 __all__ = [
     "DECISION_NAMES",
     "METRIC_SUMS",
+    "StepMetricsLog",
     "correlation_from_moments",
+    "gather_ledger_columns",
+    "gather_step_sums",
     "decision_codes",
     "ledger_columns",
     "named_sums",
@@ -28,6 +32,8 @@ __all__ = [
     "step_metrics",
     "step_sums",
 ]
+
+logger = logging.getLogger("trl_qtuning.trainer")  # the warnings a user of the trainer filters by its name
 
 DECISION_NAMES = ("invalid", "filled", "token_pruned", "kept", "trimmed", "dropped")
 """Ledger ``decision`` values, indexed by :func:`decision_codes` (the first that applies, in this order)."""
@@ -196,3 +202,70 @@ def ledger_columns(
             lambda s, d: d.loss_weight if d.loss_weight is not None else torch.ones(s.num_samples)
         ).double().tolist()
     return columns
+
+
+def gather_step_sums(
+    accelerator: Any, sums: torch.Tensor, seconds: float, wants_columns: bool
+) -> tuple[torch.Tensor, float, bool]:
+    """Every rank's sums added, the slowest scoring time, and whether the main process wants ledger columns: one
+    gather of a fixed-size vector (with one process, the arguments as given)."""
+    if accelerator.num_processes <= 1:
+        return sums, seconds, wants_columns
+    local = torch.cat([sums, torch.tensor([seconds, float(wants_columns)], dtype=torch.float64)])
+    gathered = accelerator.gather(local[None].to(accelerator.device)).cpu()
+    return gathered[:, :-2].sum(dim=0), float(gathered[:, -2].max()), bool(gathered[:, -1].max())
+
+
+def gather_ledger_columns(
+    columns: dict[str, list[Any]], thresholds: list[dict[str, float]], *, several: bool, global_scope: bool
+) -> tuple[dict[str, list[Any]], list[dict[str, float]]]:
+    """Every rank's ledger rows (and, unless triage was global, its groups' thresholds) on every process, so the main
+    process writes one ledger for all ranks. A collective: all ranks call it, or none."""
+    if not several:
+        return columns, thresholds
+    from accelerate.utils import gather_object
+
+    parts = gather_object([(columns, thresholds)])
+    columns = {name: [v for part in parts for v in part[0][name]] for name in columns}
+    return columns, thresholds if global_scope else [t for part in parts for t in part[1]]
+
+
+class StepMetricsLog:
+    """Appends each step's ``qtuning/*`` metrics to the trainer's metric lists, warns about steps that dropped samples
+    for non-finite statistics, and pools the token keep ratio over a logging window.
+
+    Pooled, because a mean of per-step ratios would count steps without token-pruned samples as 1.0 and weigh a step
+    of 2 pruned tokens like one of 2000.
+    """
+
+    def __init__(self, *, uses_eu_plane: bool, reweights: bool):
+        self.uses_eu_plane, self.reweights = uses_eu_plane, reweights
+        self._pool = [0.0, 0.0]  # kept / answer tokens of token-pruned samples since the last log
+        self._prepruning_tokens = 0
+
+    def append(self, metrics: dict[str, list[float]], sums: dict[str, float], seconds: float, step: int) -> None:
+        """Add step ``step``'s metrics (``sums`` from :func:`named_sums`) to the trainer's ``_metrics["train"]``."""
+        for name, value in step_metrics(sums, uses_eu_plane=self.uses_eu_plane, reweights=self.reweights).items():
+            metrics[name].append(value)
+        metrics["qtuning/scoring_seconds"].append(seconds)
+        self._pool[0] += sums["pruned_kept"]
+        self._pool[1] += sums["pruned_response"]
+        self._prepruning_tokens += int(sums["before_tokens"])
+        metrics["qtuning/prepruning_num_tokens"] = [float(self._prepruning_tokens)]
+        total, invalid = int(sums["samples"]), int(sums["invalid"])
+        if total and not sums["kept"]:
+            logger.warning(
+                "Q-Tuning: step %d kept no sample (%d of %d had non-finite statistics); it trains on nothing and "
+                "the optimizer step changes no weight.", step, invalid, total,
+            )  # fmt: skip
+        elif invalid:
+            logger.warning(
+                "Q-Tuning: %d sample(s) of step %d had no finite statistics (no response token, or NaN/inf "
+                "log-probs) and were dropped.", invalid, step,
+            )  # fmt: skip
+
+    def pop_token_keep_ratio(self) -> float | None:
+        """Kept / answer tokens of the token-pruned samples since the last call (None if none was token-pruned)."""
+        kept, total = self._pool
+        self._pool = [0.0, 0.0]
+        return kept / total if total else None

@@ -23,14 +23,17 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from . import step_metrics
-from .batch import LOSS_WEIGHT_COLUMN, WeightedLogProbs, apply_decisions, has_rows, placeholder
-from .collator import SAMPLE_ID_COLUMN, QTuningDataCollator, check_prepared_dataset, sized_length, with_sample_ids
-from .config import QTuningConfig
+from .batch import LOSS_WEIGHT_COLUMN, WeightedLogProbs, apply_decisions, has_rows, runnable_micro_batches
+from .collator import (
+    SAMPLE_ID_COLUMN, QTuningDataCollator, check_prepared_dataset, pad_token_id, sized_length, with_sample_ids,
+)  # fmt: skip
+from .config import QTuningConfig, require_qtuning_config
 from .decision import StepDecider
 from .events import DecisionListener, StepDecisions
 from .ledger import DecisionLedger, open_for_run, write_checkpoint_id
-from .packing import empty_like, pack_padded, pack_padding_free
-from .scoring import ReferenceForward, ScoredMicroBatch, Scorer, load_reference_model
+from .scoring import (
+    ScoredMicroBatch, Scorer, inference_tensor_error, is_inference_tensor_error, load_reference_model, reference_forward,
+)  # fmt: skip
 from .teardown import end_at_exit, release_distributed_wrapper, unregister
 
 __all__ = ["QTuningSFTTrainer"]
@@ -72,15 +75,7 @@ class QTuningSFTTrainer(SFTTrainer):
         call = dict(bound.arguments)
         call.pop("self")
         extra = call.pop("kwargs", {})
-        config = call.get("args")
-        if config is None:
-            raise ValueError("QTuningSFTTrainer needs `args=QTuningConfig(...)` (the Q-Tuning budgets live there).")
-        if not isinstance(config, QTuningConfig):
-            raise TypeError(
-                f"`args` must be a trl_qtuning.QTuningConfig, got {type(config).__name__}. Replace "
-                f"{type(config).__name__}(...) with QTuningConfig(...): it takes SFTConfig's arguments (which include "
-                "TrainingArguments') plus the Q-Tuning ones."
-            )
+        config = require_qtuning_config(call.get("args"))
         if config.qtuning_enabled and call.get("train_dataset") is not None:
             call["train_dataset"] = with_sample_ids(call["train_dataset"])
         given = sized_length(call.get("train_dataset"))
@@ -126,17 +121,19 @@ class QTuningSFTTrainer(SFTTrainer):
                 self.accelerator.unwrap_model(self.model), config.reference_model_path, self.args.device,
                 sample_policy=config.sample_policy,
             )  # fmt: skip
+        adapters_of = (lambda: self.accelerator.unwrap_model(self.model)) if self._reference_without_adapters else None
         self._scorer = Scorer(
             self.compute_loss_context_manager, padding_free=bool(getattr(self, "padding_free", False)),
-            needs_statistics=self._policy.needs_scoring, reference=self._reference_forward(),
+            needs_statistics=self._policy.needs_scoring, reference=reference_forward(self._reference_model, adapters_of),
             entropy_positions=config.entropy_positions,
         )  # fmt: skip
         self._decider = StepDecider(
             self._policy, triage_scope=config.triage_scope, seed=config.seed, rank=config.process_index,
             accelerator=self.accelerator,
         )  # fmt: skip
-        self._token_keep_pool = [0.0, 0.0]  # kept / answer tokens of token-pruned samples since the last log
-        self._prepruning_tokens = 0
+        self._metrics_log = step_metrics.StepMetricsLog(
+            uses_eu_plane=self._policy.samples.uses_eu_plane, reweights=self._policy.samples.reweights
+        )
         self._decision_listeners: list[DecisionListener] = []
         self._ledger: DecisionLedger | None = None
         if config.qtuning_ledger != "none" and self.is_world_process_zero():
@@ -148,19 +145,6 @@ class QTuningSFTTrainer(SFTTrainer):
             self.add_decision_listener(lambda event: self._ledger.append(event.columns))
             # First in line, so listeners that read the ledger at the end of training see every row.
             self.callback_handler.callbacks.insert(0, _LedgerFlush(self._ledger))
-
-    def _reference_forward(self) -> ReferenceForward | None:
-        """The reference's log-probs for the scorer: the reference model, or, for TailSFT with LoRA and no
-        ``reference_model_path``, the trained model with its adapters disabled (the initial model)."""
-        if self._reference_without_adapters:
-
-            def without_adapters(model: torch.nn.Module, kwargs: dict[str, Any]) -> Any:
-                with self.accelerator.unwrap_model(self.model).disable_adapter():
-                    return model(**kwargs)
-
-            return without_adapters
-        reference = self._reference_model
-        return None if reference is None else lambda model, kwargs: reference(**kwargs)
 
     @property
     def qtuning_scored_tokens(self) -> int:
@@ -216,27 +200,17 @@ class QTuningSFTTrainer(SFTTrainer):
     def _runnable(
         self, pruned: list[dict[str, Any]], fetched: list[dict[str, Any]], scored: list[ScoredMicroBatch]
     ) -> list[dict[str, Any]]:
-        """The micro-batches to run: packed when asked, with fully masked placeholders where one must run.
+        """The micro-batches to run (:func:`~trl_qtuning.batch.runnable_micro_batches`)."""
 
-        The last micro-batch of a step synchronises (DDP all-reduces in its backward, DeepSpeed steps its optimizer
-        there), so it always runs; with several processes every rank runs the same micro-batches (collectives stay
-        matched): an emptied one runs one fully label-masked row, an exact zero, instead of being skipped.
-        """
-        several, run_last = self._must_run_every_micro_batch(), self._must_run_last_micro_batch()
-        if self.args.pack_kept_rows:
-            size = self.args.per_device_train_batch_size
-            packed = pack_padding_free(pruned, size) if self._scorer.padding_free else pack_padded(pruned, size, self._pad_token_id())
-            filled = [mb for mb in packed if has_rows(mb)]
-            needed = max(len(filled), 1) if run_last else len(filled)
-            if several:  # as many as the rank that needs the most; all ranks skip the same freed slots
-                needed = int(self.accelerator.gather(torch.tensor([needed], device=self.args.device)).max())
-            filled = [placeholder(fetched[0], scored[0]) for _ in range(needed - len(filled))] + filled
-            return [empty_like(pruned[0]) for _ in range(len(pruned) - len(filled))] + filled
-        if several:
-            return [mb if has_rows(mb) else placeholder(f, s) for mb, f, s in zip(pruned, fetched, scored, strict=True)]
-        if run_last and not has_rows(pruned[-1]):
-            pruned[-1] = placeholder(fetched[-1], scored[-1])
-        return pruned
+        def most_across_ranks(value: int) -> int:
+            return int(self.accelerator.gather(torch.tensor([value], device=self.args.device)).max())
+
+        return runnable_micro_batches(
+            pruned, fetched, scored, padding_free=self._scorer.padding_free,
+            pack_size=self.args.per_device_train_batch_size if self.args.pack_kept_rows else None,
+            pad_token_id=pad_token_id(self.data_collator), run_last=self._must_run_last_micro_batch(),
+            most_across_ranks=most_across_ranks if self._must_run_every_micro_batch() else None,
+        )  # fmt: skip
 
     def _must_run_every_micro_batch(self) -> bool:
         """Several processes: skipping a micro-batch on one rank only would leave the others waiting in a collective."""
@@ -245,11 +219,6 @@ class QTuningSFTTrainer(SFTTrainer):
     def _must_run_last_micro_batch(self) -> bool:
         """DeepSpeed steps its optimizer in the last micro-batch's backward; DDP all-reduces there."""
         return self._must_run_every_micro_batch() or self.accelerator.distributed_type == DistributedType.DEEPSPEED
-
-    def _pad_token_id(self) -> int:
-        collator = getattr(self.data_collator, "collator", self.data_collator)
-        pad = getattr(collator, "pad_token_id", None)
-        return int(pad) if pad is not None else 0
 
     def _count_label_tokens(self, batch_samples: list[dict[str, Any]], device: torch.device) -> torch.Tensor | None:
         """Trainable tokens of the step (labels shifted by one), summed over ranks like transformers does."""
@@ -267,13 +236,8 @@ class QTuningSFTTrainer(SFTTrainer):
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         except RuntimeError as error:
-            scored_in_inference_mode = self.args.qtuning_enabled and self._scores_in_inference_mode()
-            if scored_in_inference_mode and "inference tensor" in str(error).lower():
-                raise RuntimeError(
-                    "Training used a tensor the model created during Q-Tuning's scoring forward, which runs under "
-                    "torch.inference_mode(): the model caches tensors in its forward. Set "
-                    "`scoring_inference_mode=False` (scoring then runs under torch.no_grad())."
-                ) from error
+            if self.args.qtuning_enabled and self._scores_in_inference_mode() and is_inference_tensor_error(error):
+                raise inference_tensor_error(error) from error
             raise
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -288,65 +252,32 @@ class QTuningSFTTrainer(SFTTrainer):
         """Log the step's metrics over every rank's samples; hand its decisions to the listeners, if any."""
         sums = step_metrics.step_sums(scored, step.micro_batches, step.thresholds)
         wants_columns = bool(self._decision_listeners) and self.is_world_process_zero()
-        several = self.accelerator.num_processes > 1
-        if several:  # one gather of a fixed-size vector: the sums, the slowest scoring, whether rank 0 listens
-            local = torch.cat([sums, torch.tensor([scoring_seconds, float(wants_columns)], dtype=torch.float64)])
-            gathered = self.accelerator.gather(local[None].to(self.args.device)).cpu()
-            sums, scoring_seconds = gathered[:, :-2].sum(dim=0), float(gathered[:, -2].max())
-            wants_columns = bool(gathered[:, -1].max())
-        self._log_step_metrics(step_metrics.named_sums(sums), scoring_seconds)
-        if not wants_columns:
-            return
+        sums, scoring_seconds, wants_columns = step_metrics.gather_step_sums(
+            self.accelerator, sums, scoring_seconds, wants_columns
+        )
         number, epoch = self.state.global_step + 1, float(self.state.epoch or 0.0)
+        self._metrics_log.append(self._metrics["train"], step_metrics.named_sums(sums), scoring_seconds, number)
+        if not wants_columns:  # the same answer on every rank: all or none take part in the gather below
+            return
         columns = step_metrics.ledger_columns(
             scored, step.micro_batches, step=number, epoch=epoch, rank=self.args.process_index,
             reweights=self._policy.samples.reweights,
         )  # fmt: skip
-        thresholds = step.thresholds
-        if several:  # every rank's rows reach the main process, which writes one ledger for all ranks
-            from accelerate.utils import gather_object
-
-            parts = gather_object([(columns, thresholds)])
-            columns = {name: [v for part in parts for v in part[0][name]] for name in columns}
-            if self.args.triage_scope != "global":
-                thresholds = [t for part in parts for t in part[1]]
-        if not self.is_world_process_zero():
-            return
-        event = StepDecisions(number, epoch, self.args.process_index, columns, thresholds, scoring_seconds)
-        for listener in self._decision_listeners:
-            listener(event)
-
-    def _log_step_metrics(self, sums: dict[str, float], seconds: float) -> None:
-        samples = self._policy.samples
-        metrics = self._metrics["train"]
-        for name, value in step_metrics.step_metrics(sums, uses_eu_plane=samples.uses_eu_plane, reweights=samples.reweights).items():
-            metrics[name].append(value)
-        metrics["qtuning/scoring_seconds"].append(seconds)
-        # Pooled over the logging window in `log` (a mean of per-step ratios would count steps without token-pruned
-        # samples as 1.0, and weigh a step of 2 pruned tokens like one of 2000).
-        self._token_keep_pool[0] += sums["pruned_kept"]
-        self._token_keep_pool[1] += sums["pruned_response"]
-        self._prepruning_tokens += int(sums["before_tokens"])
-        metrics["qtuning/prepruning_num_tokens"] = [float(self._prepruning_tokens)]
-        step, total, invalid = self.state.global_step + 1, int(sums["samples"]), int(sums["invalid"])
-        if total and not sums["kept"]:
-            logger.warning(
-                "Q-Tuning: step %d kept no sample (%d of %d had non-finite statistics); it trains on nothing and "
-                "the optimizer step changes no weight.", step, invalid, total,
-            )  # fmt: skip
-        elif invalid:
-            logger.warning(
-                "Q-Tuning: %d sample(s) of step %d had no finite statistics (no response token, or NaN/inf "
-                "log-probs) and were dropped.", invalid, step,
-            )  # fmt: skip
+        columns, thresholds = step_metrics.gather_ledger_columns(
+            columns, step.thresholds, several=self.accelerator.num_processes > 1,
+            global_scope=self.args.triage_scope == "global",
+        )  # fmt: skip
+        if self.is_world_process_zero():
+            event = StepDecisions(number, epoch, self.args.process_index, columns, thresholds, scoring_seconds)
+            for listener in self._decision_listeners:
+                listener(event)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds ``qtuning/token_keep_ratio`` pooled over the logging window (absent when no sample was token-pruned)."""
         if self.args.qtuning_enabled and self.model.training and "loss" in logs:
-            kept, total = self._token_keep_pool
-            if total:
-                self._metrics["train"]["qtuning/token_keep_ratio"] = [kept / total]
-            self._token_keep_pool = [0.0, 0.0]
+            ratio = self._metrics_log.pop_token_keep_ratio()
+            if ratio is not None:
+                self._metrics["train"]["qtuning/token_keep_ratio"] = [ratio]
         super().log(logs, *args, **kwargs)
 
     def add_decision_listener(self, listener: DecisionListener) -> None:
