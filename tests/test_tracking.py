@@ -346,7 +346,11 @@ def test_compare_figure_plots_held_out_loss_when_runs_have_it(tmp_path):
     base = {"run_id": "a", "run_name": "a", "method": "sft", "realised_sample_keep": 1.0, "train_loss": 0.5}
     with_eval = [{**base, "eval": {"eval_loss": 1.25}}, {**base, "run_id": "b", "realised_sample_keep": 0.25,
                                                           "train_loss": 0.2, "eval": {"eval_loss": 1.5}}]  # fmt: skip
-    axis = comparison_figure(Client(), with_eval, "x").axes[1]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no history to plot: no empty legend ("No artists with labels")
+        axis = comparison_figure(Client(), with_eval, "x").axes[1]
     assert "held-out" in axis.get_ylabel() and sorted(axis.collections[1].get_offsets()[:, 1]) == [1.5]
     without = [{**row, "eval": {}} for row in with_eval]
     assert "TRAIN loss" in comparison_figure(Client(), without, "x").axes[1].get_title()

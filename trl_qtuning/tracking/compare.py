@@ -158,7 +158,7 @@ def comparison_figure(client, rows: list[dict[str, Any]], experiment_name: str):
     ax_loss.set_ylabel("training loss")
     ax_loss.set_title(f"{experiment_name}: training loss")
     ax_loss.grid(True, alpha=0.3)
-    if rows:
+    if ax_loss.get_lines():  # runs without a logged training loss draw nothing to label
         ax_loss.legend(fontsize=7)
     ax_scatter.set_xlabel("realised sample keep ratio")
     if held_out:
