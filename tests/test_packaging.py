@@ -63,3 +63,13 @@ def test_floors_leg_pins_exactly_the_declared_floors():
             name, version = line.split("==")
             pins[name.strip().lower()] = Version(version)
     assert pins == _floors()
+
+
+def test_the_version_has_a_dated_changelog_section():
+    version = PYPROJECT["project"]["version"]
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert re.search(rf"^## \[{re.escape(version)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, re.MULTILINE), version
+    assert changelog.index("## [Unreleased]") < changelog.index(f"## [{version}]")
+    import trl_qtuning
+
+    assert trl_qtuning.__version__ == version, "trl_qtuning.__version__ and pyproject.toml disagree"
