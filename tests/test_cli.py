@@ -160,6 +160,22 @@ def test_explicit_bf16_without_support_names_the_fix(recipe_without_precision, f
     assert "--bf16 false" in line and "use_cpu" in line and "Traceback" not in line
 
 
+def test_bf16_accelerate_config_without_bf16_support_names_the_config(recipe_without_precision, monkeypatch, capsys):
+    monkeypatch.setattr(sft_cli, "device_supports_bf16", lambda: False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` with ddp.yaml sets
+    for flags in ([], ["--bf16", "false"]):  # transformers keeps the config's bf16 even with --bf16 false
+        assert main(["sft", "--config", str(recipe_without_precision), *flags]) == 2
+        line = _error_line(capsys)
+        assert "mixed_precision: bf16" in line and "--bf16 false" in line
+
+
+def test_bf16_fallback_warns_once_across_processes(recipe_without_precision, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sft_cli, "device_supports_bf16", lambda: False)
+    monkeypatch.setenv("RANK", "1")  # not the main process: it falls back silently
+    args = sft_cli.parse_args(["--config", str(recipe_without_precision), "--output_dir", str(tmp_path)])[1]
+    assert args.bf16 is False and "bf16" not in capsys.readouterr().err
+
+
 def test_bf16_choice_left_alone_where_it_runs(recipe_without_precision, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sft_cli, "device_supports_bf16", lambda: False)
     base = ["--config", str(recipe_without_precision), "--output_dir", str(tmp_path)]

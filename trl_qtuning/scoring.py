@@ -19,12 +19,12 @@ import torch
 
 from .core.stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
 
-try:  # Internal TRL API (1.15+): checked here so a TRL change fails at import with a clear message.
+try:  # Internal TRL API (1.16+): checked here so a TRL change fails at import with a clear message.
     from trl.trainer.utils import FusedCausalLMOutput
 except ImportError as exc:  # pragma: no cover - depends on the installed TRL
     raise ImportError(
-        "trl_qtuning needs TRL's fused LM head (`trl.trainer.utils.FusedCausalLMOutput`, TRL >= 1.15, < 2). "
-        "Install a supported version: pip install 'trl>=1.15,<2'."
+        "trl_qtuning needs TRL's fused LM head (`trl.trainer.utils.FusedCausalLMOutput`, TRL >= 1.16, < 2). "
+        "Install a supported version: pip install 'trl>=1.16,<2'."
     ) from exc
 
 __all__ = [
@@ -66,7 +66,7 @@ def project_labelled_positions_only() -> Iterator[None]:
             logger.warning(
                 "Q-Tuning: this TRL has no `trl.trainer.utils._use_triton` (a private name this package relies on), so "
                 "the scoring forward cannot project only the answer positions through the LM head on %s: scoring "
-                "stays correct but runs slower. Install a TRL version this release is tested with (1.15-1.x).",
+                "stays correct but runs slower. Install a TRL version this release is tested with (1.16-1.x).",
                 "eager devices",
             )
         yield
@@ -240,7 +240,7 @@ class Scorer:
         if not isinstance(out, FusedCausalLMOutput) or out.entropy is None:
             raise RuntimeError(
                 "The scoring forward did not return TRL's fused LM head output with per-token entropy. Q-Tuning needs "
-                f"`SFTTrainer`'s fused head (TRL >= 1.15, < 2); got {type(out).__name__}. Is the model's forward "
+                f"`SFTTrainer`'s fused head (TRL >= 1.16, < 2); got {type(out).__name__}. Is the model's forward "
                 "replaced by another library (e.g. Liger's fused cross-entropy)?"
             )
         token_logps, token_entropy = out.log_probs.float(), out.entropy.float()

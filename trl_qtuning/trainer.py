@@ -34,7 +34,7 @@ from .ledger import DecisionLedger, open_for_run, write_checkpoint_id
 from .scoring import (
     ScoredMicroBatch, Scorer, inference_tensor_error, is_inference_tensor_error, load_reference_model, reference_forward,
 )  # fmt: skip
-from .teardown import end_at_exit, release_distributed_wrapper, unregister
+from .teardown import end_at_exit, release_before_group_ends, unregister
 
 __all__ = ["QTuningSFTTrainer"]
 
@@ -313,6 +313,6 @@ class QTuningSFTTrainer(SFTTrainer):
         Optional: a script that does not call it is ended at exit the same way (:mod:`~trl_qtuning.teardown`, which
         says why the wrapper must go first).
         """
-        release_distributed_wrapper(self)
+        release_before_group_ends(self)  # and the wrappers of other trainers, which lose the group too
         super().end()
         unregister(self)

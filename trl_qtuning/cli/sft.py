@@ -179,31 +179,41 @@ def _given(argv: list[str], recipe: dict[str, Any], name: str) -> bool | None:
         value = recipe.get(name)
     if value is None or isinstance(value, bool):
         return value
-    return str(value).strip().lower() in ("true", "yes", "y", "t", "1", "on")
+    return str(value).strip().lower() in ("true", "yes", "y", "t", "1")  # HfArgumentParser's true values
 
 
 def _choose_precision(argv: list[str], recipe: dict[str, Any]) -> list[str]:
     """TRL's ``bf16=True`` default where the device has no bf16: train in fp32, saying so in one line; an explicit
     ``--bf16 true`` there stops with a message naming ``--bf16 false`` (transformers' own asks to "assign use_cpu").
 
-    On the CPU with ``use_cpu`` set, bf16 autocast runs (transformers allows it), so nothing changes then.
+    On the CPU with ``use_cpu`` set, bf16 autocast runs (transformers allows it), so nothing changes then. Under an
+    accelerate config asking for bf16 (``ACCELERATE_MIXED_PRECISION=bf16``: the shipped GPU configs), transformers
+    would keep bf16 even with ``--bf16 false``, so that is an error too, naming the config's ``mixed_precision``.
     """
     if "-h" in argv or "--help" in argv:
         return argv
+    if _given(argv, recipe, "use_cpu") or device_supports_bf16():
+        return argv
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower() == "bf16":  # wins over --bf16 false
+        raise CliError(
+            "the accelerate config asks for bf16 (mixed_precision: bf16) but this machine has no GPU with bf16 "
+            "support: use an accelerate config with mixed_precision: 'no' (or fp16), and pass --bf16 false"
+        )
     bf16 = _given(argv, recipe, "bf16")
-    if bf16 is False or _given(argv, recipe, "fp16") or _given(argv, recipe, "use_cpu") or device_supports_bf16():
+    if bf16 is False or _given(argv, recipe, "fp16"):
         return argv
     if bf16:
         raise CliError(
             "bf16 is set but this machine has no GPU with bf16 support: pass --bf16 false to train in fp32 "
             "(or --use_cpu true to train in bf16 autocast on the CPU)"
         )
-    print(
-        f"{PROG}: warning: no GPU with bf16 support here: training in fp32 instead of TRL's default bf16=True "
-        "(pass --bf16 false to silence this, or --use_cpu true for bf16 autocast on the CPU)",
-        file=sys.stderr,
-        flush=True,
-    )
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        print(
+            f"{PROG}: warning: no GPU with bf16 support here: training in fp32 instead of TRL's default bf16=True "
+            "(pass --bf16 false to silence this, or --use_cpu true for bf16 autocast on the CPU)",
+            file=sys.stderr,
+            flush=True,
+        )
     return [*argv, "--bf16", "false"]
 
 
