@@ -140,6 +140,45 @@ def test_script_without_end_exits_and_leaves_no_process_group(tmp_path):
     assert (out / "model").is_dir()
 
 
+# Two runs in one pair of processes: without a ledger (and without tracking) a step must not pickle per-sample rows
+# across ranks; with one, it gathers them once per step.
+_GATHER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    sys.path.insert(0, {repo!r})
+    import accelerate.utils
+    from tests.trainer_helpers import build_trainer
+    from trl_qtuning.testing import make_arithmetic_dataset
+
+    out = Path(sys.argv[1])
+    calls = []
+    original = accelerate.utils.gather_object
+    accelerate.utils.gather_object = lambda obj: calls.append(1) or original(obj)
+    counts = {{}}
+    for ledger in ("none", "summary"):
+        calls.clear()
+        trainer = build_trainer(
+            out / ledger, dataset=make_arithmetic_dataset(8, seed=1), per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, max_steps=2, sample_keep_ratio=0.5, qtuning_ledger=ledger,
+        )
+        trainer.train()
+        counts[ledger] = len(calls)
+    rank = trainer.args.process_index
+    (out / f"gathers{{rank}}.json").write_text(json.dumps(counts))
+    """
+)
+
+
+@pytest.mark.slow
+def test_no_ledger_means_no_per_sample_gather_across_ranks(tmp_path):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    _launch(tmp_path, out, _GATHER_SCRIPT.format(repo=str(REPO)))
+    for rank in (0, 1):
+        counts = json.loads((out / f"gathers{rank}.json").read_text())
+        assert counts == {"none": 0, "summary": 2}, (rank, counts)  # one gather per step with a ledger, none without
+
 @pytest.mark.slow
 def test_global_baseline_policy_decides_once_for_both_ranks(tmp_path):
     """A random policy over the gathered statistics: both ranks draw the same decisions, the budget is global."""
