@@ -97,6 +97,8 @@ def test_tiny_matrix_end_to_end(first_run):
         assert result["metrics"]["eval/gsm8k_n"] == 4 and result["metrics"]["eval/arc_easy_n"] == 6
         assert result["eval_seconds"] > 0
         assert set(result["versions"]) >= {"torch", "transformers", "trl"} and "commit" in result["git"]
+        assert result["machine"]["cpu"] and result["machine"]["cpu_count"] >= 1
+    assert f"- cells ran on: {results['base']['machine']['cpu']} ({len(results)} cells)" in (out_dir / "results.md").read_text()
     assert results["base"]["train_seconds"] is None and results["base"]["global_step"] == 0
     qt, full = results["qtuning@50x70/seed0"], results["full/seed0"]
     assert qt["global_step"] == 2 and full["global_step"] == 2 and qt["train_seconds"] > 0

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .matrix import Cell, Matrix
-from .provenance import fingerprint, git_state, library_versions
+from .provenance import fingerprint, git_state, library_versions, machine_summary
 
 __all__ = ["RESULT_FILE", "RESULT_FORMAT", "cell_record", "read_result", "write_json"]
 
@@ -52,5 +52,6 @@ def cell_record(matrix: Matrix, cell: Cell, **fields: Any) -> dict[str, Any]:
         **fields,
         "git": git_state(),
         "versions": library_versions(),
+        "machine": machine_summary(),  # a study outlives a session, and sessions may land on other machines
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

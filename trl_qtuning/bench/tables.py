@@ -373,6 +373,15 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
     command = command or f"{PROG} --config {matrix.path}"
     commits = sorted({f"{r['git']['commit'][:12]}{' (dirty)' if r['git'].get('dirty') else ''}"
                       for r in results if (r.get("git") or {}).get("commit")})  # fmt: skip
+    ran_on: dict[str, int] = {}
+    for r in results:
+        cpu = (r.get("machine") or {}).get("cpu")
+        if cpu:
+            ran_on[cpu] = ran_on.get(cpu, 0) + 1
+    unrecorded = sum(not (r.get("machine") or {}).get("cpu") for r in results)
+    machines = ", ".join(f"{cpu} ({n} cell{'s' if n > 1 else ''})" for cpu, n in sorted(ran_on.items()))
+    if machines and unrecorded:
+        machines += f"; {unrecorded} cell(s) from before machines were recorded"
     commit = git.get("commit")
     commit_text = f"{commit}{' (dirty working tree)' if git.get('dirty') else ''}" if commit else "unknown (not a git checkout)"
     total = len(plan_cells(matrix))
@@ -414,6 +423,7 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         f"- date: {now}",
         (f"- machine: {machine.get('cpu')}, {machine.get('cpu_count')} CPU cores, torch threads "
          f"{machine.get('torch_threads', '?')}, GPU {gpu}; {machine.get('platform')}"),
+        *([f"- cells ran on: {machines}"] if machines else []),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
         f"- cells: {status}",
         "",
