@@ -341,8 +341,11 @@ def test_property_stats_reference_and_mask_invariance(batch):
         segment_ids=torch.tensor(seg).view(1, -1),
         num_segments=b,
     )
-    torch.testing.assert_close(ppl3, ppl, equal_nan=True, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(h3, h, equal_nan=True, rtol=1e-6, atol=1e-6)
+    # Summed in another order (per segment instead of per row) in float32: the mean NLL (up to 8) may differ by a few
+    # 1e-6 in the worst case, and exp turns that into the same relative difference of the PPL (hypothesis found
+    # 1.02e-6 at PPL ~1081), so 1e-6 is too tight; 1e-5 still catches a wrong segment or a leaked padding value.
+    torch.testing.assert_close(ppl3, ppl, equal_nan=True, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h3, h, equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
 @settings(max_examples=200, deadline=None)
