@@ -459,6 +459,30 @@ def test_study_stale_results_are_listed_not_tabulated(study_run, tmp_path, monke
     assert out.count("(stale: made with other settings than the matrix's now)") == 6
 
 
+def test_fingerprint_does_not_depend_on_where_the_clone_lives(tmp_path, monkeypatch):
+    """The same matrix with the same relative data paths gives the same fingerprints under any root (a clean clone
+    elsewhere found every committed study cell stale while data paths were hashed resolved), and another file does
+    not."""
+    from trl_qtuning.bench.provenance import fingerprint
+
+    def fingerprints(root: Path, data_name: str = "train.jsonl") -> list[str]:
+        (root / "shared").mkdir(parents=True)
+        (root / "shared" / data_name).write_text('{"question": "1+1?", "answer": "2\\n#### 2"}\n')
+        (root / "main").mkdir()
+        spec = yaml.safe_load((RECIPES / "study_gsm8k_clean.yaml").read_text())
+        spec["data"]["train"]["path"] = f"../shared/{data_name}"
+        config = _write_matrix(root / "main" / "study.yaml", spec)
+        monkeypatch.chdir(root / "main")
+        matrix = bench.load_matrix(config)
+        assert matrix.train.path == f"../shared/{data_name}"  # kept as written, read against the directory it ran in
+        return [fingerprint(matrix, cell) for cell in bench.plan_cells(matrix)]
+
+    here = fingerprints(tmp_path / "one")
+    assert here == fingerprints(tmp_path / "elsewhere" / "deeper")
+    other = fingerprints(tmp_path / "other", "other.jsonl")
+    assert all(a != b for a, b in zip(here, other))  # every cell, base included (its held-out rows come from it)
+
+
 def test_reading_without_a_curve_never_passes_off_final_metrics_as_equal_steps():
     from trl_qtuning.bench.tables import reading
 

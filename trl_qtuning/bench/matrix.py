@@ -282,6 +282,9 @@ def _str(value: Any, where: str, *, null_ok: bool = False) -> str | None:
 
 
 def _existing_path(value: Any, where: str, *, check: bool, kind: str = "file") -> str:
+    """The path as written (``~`` expanded), checked to exist against the current directory. It is kept as written,
+    not resolved, so that the cells' fingerprints are the same on every machine that holds the same layout (a
+    clone under another root must not make every committed result stale)."""
     text = _str(value, where)
     path = Path(text).expanduser()
     resolved = (path if path.is_absolute() else Path.cwd() / path).resolve()
@@ -290,7 +293,7 @@ def _existing_path(value: Any, where: str, *, check: bool, kind: str = "file") -
             where, f"{kind} not found: {text}",
             f"relative paths resolve against the current directory {Path.cwd()}; give an existing path",
         )
-    return str(resolved)
+    return str(path)
 
 
 def _budgets(value: Any, where: str) -> list[Budget]:
