@@ -483,6 +483,27 @@ def test_fingerprint_does_not_depend_on_where_the_clone_lives(tmp_path, monkeypa
     assert all(a != b for a, b in zip(here, other))  # every cell, base included (its held-out rows come from it)
 
 
+def test_a_result_records_the_code_its_process_started_with(monkeypatch):
+    """A long bench process runs the code it imported; when the checkout moves on meanwhile (a study commits its
+    results as they land), the result names the commit it started at, and the checkout's commit beside it."""
+    from trl_qtuning.bench import provenance, results
+
+    started, moved = {"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": True}
+    matrix = bench.load_matrix(RECIPES / "tiny.yaml", check_inputs=False)
+    cell = bench.plan_cells(matrix)[1]
+    provenance.code_state.cache_clear()
+    try:
+        monkeypatch.setattr(provenance, "git_state", lambda: started)
+        monkeypatch.setattr(results, "git_state", lambda: started)
+        assert "git_at_finish" not in results.cell_record(matrix, cell) and provenance.code_state() == started
+        monkeypatch.setattr(provenance, "git_state", lambda: moved)
+        monkeypatch.setattr(results, "git_state", lambda: moved)
+        record = results.cell_record(matrix, cell)
+        assert record["git"] == started and record["git_at_finish"] == moved
+    finally:
+        provenance.code_state.cache_clear()
+
+
 def test_reading_without_a_curve_never_passes_off_final_metrics_as_equal_steps():
     from trl_qtuning.bench.tables import reading
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ from typing import Any
 
 from .matrix import Cell, Matrix
 
-__all__ = ["fingerprint", "git_state", "library_versions", "machine_summary"]
+__all__ = ["code_state", "fingerprint", "git_state", "library_versions", "machine_summary"]
 
 
 def fingerprint(matrix: Matrix, cell: Cell) -> str:
@@ -47,6 +48,14 @@ def git_state() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             continue
     return {"commit": None, "dirty": None}
+
+
+@functools.lru_cache(maxsize=1)
+def code_state() -> dict[str, Any]:
+    """:func:`git_state` as this process first saw it. A bench process runs the code it imported when it started;
+    the checkout may move on while it trains (a study's results are committed as they land, an edit is made), so
+    each result records this, not the checkout's state when the cell finished."""
+    return git_state()
 
 
 def library_versions() -> dict[str, str | None]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .matrix import Cell, Matrix
-from .provenance import fingerprint, git_state, library_versions, machine_summary
+from .provenance import code_state, fingerprint, git_state, library_versions, machine_summary
 
 __all__ = ["RESULT_FILE", "RESULT_FORMAT", "cell_record", "read_result", "write_json"]
 
@@ -40,6 +40,9 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 def cell_record(matrix: Matrix, cell: Cell, **fields: Any) -> dict[str, Any]:
+    """The result of a finished cell: ``git`` is the code the process started with; ``git_at_finish`` is added
+    when the checkout has moved since (the cell still ran the code of ``git``)."""
+    code, now = code_state(), git_state()
     return {
         "format": RESULT_FORMAT,
         "status": "complete",
@@ -50,7 +53,8 @@ def cell_record(matrix: Matrix, cell: Cell, **fields: Any) -> dict[str, Any]:
         "seed": cell.seed,
         "fingerprint": fingerprint(matrix, cell),
         **fields,
-        "git": git_state(),
+        "git": code,
+        **({"git_at_finish": now} if now != code else {}),
         "versions": library_versions(),
         "machine": machine_summary(),  # a study outlives a session, and sessions may land on other machines
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -24,7 +24,7 @@ from .matrix import PROG, BenchConfigError, Cell, Matrix, build_config, cell_con
 from .mlflow_env import cell_tags, environ, retire_old_run, run_id_from_disk, send, tracking_env, warn
 from .models import load_model_and_tokenizer, peft_config
 from .progress import CellProgress, duration
-from .provenance import fingerprint
+from .provenance import code_state, fingerprint
 from .results import RESULT_FILE, cell_record, read_result, write_json
 
 __all__ = ["CellTargets", "cell_targets", "run_base_cell", "run_bench", "run_train_cell"]
@@ -296,6 +296,7 @@ def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | N
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cells = plan_cells(matrix, only)
+    code_state()  # the commit of the code this process runs, before any cell trains (results record it)
     matrix.output_dir.mkdir(parents=True, exist_ok=True)
     (matrix.output_dir / "matrix.yaml").write_text(matrix.text, encoding="utf-8")
     _quiet_libraries()
