@@ -504,6 +504,24 @@ def test_a_result_records_the_code_its_process_started_with(monkeypatch):
         provenance.code_state.cache_clear()
 
 
+def test_cells_that_read_the_untrained_model_differently_are_named():
+    """The untrained model's NLL (the base cell, each curve's step 0) is a canary for numerics: cells from machines
+    whose kernels differ read it differently, and the page names the groups (one value: no line)."""
+    from trl_qtuning.bench.tables import _untrained_line, untrained_readings
+
+    def cell(cell_id, nll, method="full"):
+        return {"cell_id": cell_id, "method": method, "curve": [{"step": 0, "eval/nll": nll}, {"step": 6, "eval/nll": 1.0}]}
+
+    results = [{"cell_id": "base", "method": "base", "metrics": {"eval/nll": 1.3495073}},
+               cell("full/seed0", 1.34950731), cell("full/seed1", 1.3473912), cell("qtuning@25x50/seed1", 1.3473912),
+               {"cell_id": "old/seed0", "method": "full", "metrics": {"eval/nll": 0.9}}]  # fmt: skip
+    groups = untrained_readings(results)
+    assert groups == {1.347391: ["full/seed1", "qtuning@25x50/seed1"], 1.349507: ["base", "full/seed0"]}
+    line = _untrained_line(groups)
+    assert "1.347391 (2 cells: full/seed1, qtuning@25x50/seed1); 1.349507 (2 cells: base, full/seed0)" in line
+    assert _untrained_line(untrained_readings(results[:2])) is None
+
+
 def test_reading_without_a_curve_never_passes_off_final_metrics_as_equal_steps():
     from trl_qtuning.bench.tables import reading
 

@@ -12,12 +12,12 @@ import statistics
 import sys
 from typing import Any
 
-from .matrix import PROG, Cell, Matrix, budget_label, plan_cells
+from .matrix import BASE_METHOD, PROG, Cell, Matrix, budget_label, plan_cells
 from .paired import paired_difference
 from .provenance import git_state, library_versions, machine_summary
 from .results import read_result, write_json
 
-__all__ = ["collect_rows", "format_table", "reading", "render_results"]
+__all__ = ["collect_rows", "format_table", "reading", "render_results", "untrained_readings"]
 
 RESULTS_MD = "results.md"
 RESULTS_JSON = "results.json"
@@ -358,6 +358,35 @@ AUDIT_NOTE = (
 )
 
 
+def untrained_readings(results: list[dict[str, Any]]) -> dict[float, list[str]]:
+    """The untrained model's held-out NLL as each cell measured it (the base cell's reading, each curve's step 0),
+    to 6 decimals, with the cells that read it. One value when every cell ran with the same numerics; machines whose
+    CPU kernels differ (seen here: 1.3474 against 1.3495) split the cells, and a paired difference across the
+    groups then includes that machine difference."""
+    groups: dict[float, list[str]] = {}
+    for r in results:
+        curve = r.get("curve") or []
+        if curve and curve[0].get("step") == 0 and "eval/nll" in curve[0]:
+            value = curve[0]["eval/nll"]
+        elif r.get("method") == BASE_METHOD:
+            value = (r.get("metrics") or {}).get("eval/nll")
+        else:
+            continue
+        if value is not None:
+            groups.setdefault(round(float(value), 6), []).append(r["cell_id"])
+    return groups
+
+
+def _untrained_line(groups: dict[float, list[str]]) -> str | None:
+    if len(groups) < 2:
+        return None
+    parts = [f"{value:.6f} ({len(cells)} cell{'s' if len(cells) > 1 else ''}: {', '.join(cells)})"
+             for value, cells in sorted(groups.items())]  # fmt: skip
+    return ("- numerics: the untrained model's held-out NLL differs between cells, " + "; ".join(parts)
+            + ". They ran with different numerics (machines whose kernels differ): a paired difference between cells "
+              "of different groups includes that difference")  # fmt: skip
+
+
 def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> str:
     """Collect the cells' results, print the tables, write ``results.md``, ``results.json`` and the curve figures;
     returns the equal-steps table."""
@@ -389,6 +418,8 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
     if missing:
         status += f"; missing: {', '.join(missing)}"
     gpu = machine.get("gpu") or "none"
+    numerics = untrained_readings(results)
+    untrained = _untrained_line(numerics)
     sections: list[tuple[str, str | None, str | None]] = [
         (f"Equal steps ({matrix.max_steps} optimizer steps)" if matrix.max_steps else "Equal steps", steps_table,
          format_paired(rows, "equal_steps", matrix.baselines)),
@@ -405,6 +436,8 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         ))  # fmt: skip
     audit = format_audit(rows)
     print(f"Results ({status}):", file=out)
+    if untrained:
+        print(untrained[2:], file=out)
     for title, table, paired in sections:
         print(f"\n## {title}\n{table}", file=out)
         if paired:
@@ -424,6 +457,7 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         (f"- machine: {machine.get('cpu')}, {machine.get('cpu_count')} CPU cores, torch threads "
          f"{machine.get('torch_threads', '?')}, GPU {gpu}; {machine.get('platform')}"),
         *([f"- cells ran on: {machines}"] if machines else []),
+        *([untrained] if untrained else []),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
         f"- cells: {status}",
         "",
@@ -442,7 +476,8 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
     (matrix.output_dir / RESULTS_MD).write_text("\n".join(lines), encoding="utf-8")
     write_json(matrix.output_dir / RESULTS_JSON, {
         "experiment": matrix.experiment, "generated": now, "command": command, "git": git, "machine": machine,
-        "versions": versions, "matrix_file": str(matrix.path), "matrix": matrix.text, "note": TABLE_NOTE,
+        "versions": versions, "untrained_nll": {f"{v:.6f}": cells for v, cells in sorted(numerics.items())},
+        "matrix_file": str(matrix.path), "matrix": matrix.text, "note": TABLE_NOTE,
         "rows": rows, "missing": missing, "cells": results, "figures": figures,
     })  # fmt: skip
     log_summary(matrix, [matrix.output_dir / name for name in (RESULTS_MD, RESULTS_JSON, *figures)])
