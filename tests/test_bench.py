@@ -515,10 +515,12 @@ def test_cells_that_read_the_untrained_model_differently_are_named():
     results = [{"cell_id": "base", "method": "base", "metrics": {"eval/nll": 1.3495073}},
                cell("full/seed0", 1.34950731), cell("full/seed1", 1.3473912), cell("qtuning@25x50/seed1", 1.3473912),
                {"cell_id": "old/seed0", "method": "full", "metrics": {"eval/nll": 0.9}}]  # fmt: skip
+    results.append(cell("full/seed2", 1.34739120000001))  # float noise of the same numerics: the same group
+    results.append(cell("full/seed3", float("nan")))  # a broken reading is no group
     groups = untrained_readings(results)
-    assert groups == {1.347391: ["full/seed1", "qtuning@25x50/seed1"], 1.349507: ["base", "full/seed0"]}
+    assert groups == {1.347391: ["full/seed1", "qtuning@25x50/seed1", "full/seed2"], 1.349507: ["base", "full/seed0"]}
     line = _untrained_line(groups)
-    assert "1.347391 (2 cells: full/seed1, qtuning@25x50/seed1); 1.349507 (2 cells: base, full/seed0)" in line
+    assert "1.347391 (3 cells: full/seed1, qtuning@25x50/seed1, full/seed2); 1.349507 (2 cells: base, full/seed0)" in line
     assert _untrained_line(untrained_readings(results[:2])) is None
 
 

@@ -51,11 +51,18 @@ def git_state() -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=1)
-def code_state() -> dict[str, Any]:
-    """:func:`git_state` as this process first saw it. A bench process runs the code it imported when it started;
-    the checkout may move on while it trains (a study's results are committed as they land, an edit is made), so
-    each result records this, not the checkout's state when the cell finished."""
+def _first_git_state() -> dict[str, Any]:
     return git_state()
+
+
+def code_state() -> dict[str, Any]:
+    """:func:`git_state` as this process first saw it (a copy). A bench process runs the code it imported when it
+    started; the checkout may move on while it trains (a study's results are committed as they land, an edit is
+    made), so each result records this, not the checkout's state when the cell finished."""
+    return dict(_first_git_state())
+
+
+code_state.cache_clear = _first_git_state.cache_clear  # type: ignore[attr-defined]  # for tests
 
 
 def library_versions() -> dict[str, str | None]:

@@ -358,12 +358,16 @@ AUDIT_NOTE = (
 )
 
 
+UNTRAINED_TOLERANCE = 1e-5
+"""Readings of the untrained model closer than this are one group (float noise, not other numerics)."""
+
+
 def untrained_readings(results: list[dict[str, Any]]) -> dict[float, list[str]]:
     """The untrained model's held-out NLL as each cell measured it (the base cell's reading, each curve's step 0),
     to 6 decimals, with the cells that read it. One value when every cell ran with the same numerics; machines whose
     CPU kernels differ (seen here: 1.3474 against 1.3495) split the cells, and a paired difference across the
     groups then includes that machine difference."""
-    groups: dict[float, list[str]] = {}
+    readings: list[tuple[float, str]] = []
     for r in results:
         curve = r.get("curve") or []
         if curve and curve[0].get("step") == 0 and "eval/nll" in curve[0]:
@@ -372,9 +376,18 @@ def untrained_readings(results: list[dict[str, Any]]) -> dict[float, list[str]]:
             value = (r.get("metrics") or {}).get("eval/nll")
         else:
             continue
-        if value is not None:
-            groups.setdefault(round(float(value), 6), []).append(r["cell_id"])
-    return groups
+        if value is not None and math.isfinite(float(value)):
+            readings.append((float(value), r["cell_id"]))
+    group_of: dict[str, float] = {}
+    first: float | None = None
+    for value, cell_id in sorted(readings, key=lambda item: item[0]):
+        if first is None or value - first > UNTRAINED_TOLERANCE:  # a new group: not float noise of the last one
+            first = value
+        group_of[cell_id] = round(first, 6)
+    groups: dict[float, list[str]] = {}
+    for _, cell_id in readings:  # each group's cells in the matrix's order
+        groups.setdefault(group_of[cell_id], []).append(cell_id)
+    return dict(sorted(groups.items()))
 
 
 def _untrained_line(groups: dict[float, list[str]]) -> str | None:
@@ -383,8 +396,8 @@ def _untrained_line(groups: dict[float, list[str]]) -> str | None:
     parts = [f"{value:.6f} ({len(cells)} cell{'s' if len(cells) > 1 else ''}: {', '.join(cells)})"
              for value, cells in sorted(groups.items())]  # fmt: skip
     return ("- numerics: the untrained model's held-out NLL differs between cells, " + "; ".join(parts)
-            + ". They ran with different numerics (machines whose kernels differ): a paired difference between cells "
-              "of different groups includes that difference")  # fmt: skip
+            + ". They ran with different numerics (machines whose kernels differ, or another precision): a paired "
+              "difference between cells of different groups includes that difference")  # fmt: skip
 
 
 def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> str:
