@@ -483,6 +483,35 @@ def test_fingerprint_does_not_depend_on_where_the_clone_lives(tmp_path, monkeypa
     assert all(a != b for a, b in zip(here, other))  # every cell, base included (its held-out rows come from it)
 
 
+def test_dirty_means_the_package_code_changed_not_the_pages(tmp_path):
+    """A study renders its pages into the checkout it runs from: that must not mark its results dirty; an edited or
+    new module of the package must."""
+    import subprocess
+
+    from trl_qtuning.bench.provenance import git_state
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("x = 1\n")
+    (tmp_path / "docs" / "results.md").write_text("page\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    (tmp_path / "docs" / "results.md").write_text("re-rendered\n")
+    (tmp_path / "docs" / "new.md").write_text("new\n")
+    state = git_state(tmp_path / "pkg")
+    assert len(state["commit"]) == 40 and state["dirty"] is False
+    (tmp_path / "pkg" / "new.py").write_text("y = 2\n")
+    assert git_state(tmp_path / "pkg")["dirty"] is True
+    (tmp_path / "pkg" / "new.py").unlink()
+    (tmp_path / "pkg" / "mod.py").write_text("x = 2\n")
+    assert git_state(tmp_path / "pkg")["dirty"] is True
+    assert git_state(tmp_path / "nowhere") == {"commit": None, "dirty": None}
+
+
 def test_a_result_records_the_code_its_process_started_with(monkeypatch):
     """A long bench process runs the code it imported; when the checkout moves on meanwhile (a study commits its
     results as they land), the result names the commit it started at, and the checkout's commit beside it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -39,3 +40,63 @@ def test_committed_study_page_is_the_render_of_the_committed_results(matrix_file
         f"{page} is not what the committed results render to: run "
         f"`trl-qtuning bench --config {matrix_file.relative_to(ROOT)} --table-only` and commit the page"
     )
+
+
+QUOTE = re.compile(
+    r"<!-- quoted from (?P<page>\S+): (?P<section>[^,>]+), table (?P<n>\d+) -->\n(?P<body>.*?)<!-- end of quote -->", re.S
+)
+
+
+def _tables_of_section(page_text: str, section: str) -> list[list[str]]:
+    """The tables (runs of consecutive table lines) under the `## <section> ...` heading of a study page."""
+    tables_found: list[list[str]] = []
+    inside, previous_was_table = False, False
+    for line in page_text.splitlines():
+        if line.startswith("## "):
+            heading = line[3:]
+            inside, previous_was_table = heading == section or heading.startswith(f"{section} ("), False
+            continue
+        is_table = line.startswith("|")
+        if inside and is_table:
+            if not previous_was_table:
+                tables_found.append([])
+            tables_found[-1].append(line)
+        previous_was_table = is_table
+    return tables_found
+
+
+def current_quote(page: str, section: str, n: int) -> str:
+    """Table ``n`` (1-based) of ``section`` on the committed ``page``, as docs/results.md must quote it."""
+    found = _tables_of_section((ROOT / page).read_text(), section)
+    if not 1 <= n <= len(found):
+        raise LookupError(f"{page} has {len(found)} table(s) under a '## {section}' heading, not {n}")
+    return "\n".join(found[n - 1])
+
+
+def test_results_page_quotes_the_study_pages_verbatim():
+    """docs/results.md quotes the study's tables between `<!-- quoted from PAGE: SECTION, table N -->` and
+    `<!-- end of quote -->`; each quote is that table of the committed page exactly, and every committed study page
+    is quoted (a cell that lands and changes a number makes this fail until docs/results.md is updated)."""
+    text = (ROOT / "docs" / "results.md").read_text()
+    quotes = list(QUOTE.finditer(text))
+    assert text.count("<!-- quoted from") == text.count("<!-- end of quote -->") == len(quotes), (
+        "docs/results.md has a quote marker this test does not read: write `<!-- quoted from PAGE: SECTION, table N -->`"
+        " on its own line, the table, then `<!-- end of quote -->`"
+    )
+    committed = {path.relative_to(ROOT).as_posix() for path in (ROOT / "docs" / "study").glob("*/results.md")}
+    quoted_pages = {m["page"] for m in quotes}
+    assert committed <= quoted_pages, "docs/results.md quotes no table of " + ", ".join(sorted(committed - quoted_pages))
+    for m in quotes:
+        expected = current_quote(m["page"], m["section"], int(m["n"]))
+        assert "\n".join(line for line in m["body"].splitlines() if line.startswith("|")) == expected, (
+            f"docs/results.md quotes {m['page']} ({m['section']}, table {m['n']}) as it no longer is; "
+            f"the page now has:\n{expected}"
+        )
+
+
+def test_section_tables_are_found_by_heading_and_order():
+    page = "# t\n## Equal steps (24)\n| a |\n|---|\n\ntext\n\n| b |\n## Equal compute\n| c |\n"
+    assert _tables_of_section(page, "Equal steps") == [["| a |", "|---|"], ["| b |"]]
+    assert _tables_of_section(page, "Equal compute") == [["| c |"]]
+    assert _tables_of_section(page, "Curves") == []
+    assert _tables_of_section(page + "## Equal steps, noisy\n| d |\n", "Equal steps") == [["| a |", "|---|"], ["| b |"]]

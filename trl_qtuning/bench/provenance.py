@@ -33,16 +33,21 @@ def fingerprint(matrix: Matrix, cell: Cell) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def git_state() -> dict[str, Any]:
-    """Commit and dirty flag of the git working tree holding this package (else of the current directory)."""
-    for where in (Path(__file__).resolve().parent, Path.cwd()):
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def git_state(where: Path | None = None) -> dict[str, Any]:
+    """Commit and dirty flag of the code: the git checkout holding this package (else the current directory).
+    ``dirty`` means uncommitted changes under the package's folder (new files included), the code a result ran;
+    edits elsewhere in the checkout (the pages a study renders, docs) do not make a result dirty."""
+    for folder in ([where] if where is not None else [PACKAGE_DIR, Path.cwd()]):
         try:
             commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
+                ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=True
             ).stdout.strip()
             status = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True,
-                timeout=20, check=True,
+                ["git", "status", "--porcelain", "--untracked-files=normal", "--", "."], cwd=folder,
+                capture_output=True, text=True, timeout=20, check=True,
             ).stdout
             return {"commit": commit, "dirty": bool(status.strip())}
         except (OSError, subprocess.SubprocessError):

@@ -425,7 +425,7 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
     if machines and unrecorded:
         machines += f"; {unrecorded} cell(s) from before machines were recorded"
     commit = git.get("commit")
-    commit_text = f"{commit}{' (dirty working tree)' if git.get('dirty') else ''}" if commit else "unknown (not a git checkout)"
+    commit_text = f"{commit}{' (uncommitted changes to the package)' if git.get('dirty') else ''}" if commit else "unknown (not a git checkout)"
     total = len(plan_cells(matrix))
     status = f"{total - len(missing)} of {total} cells finished"
     if missing:
