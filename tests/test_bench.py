@@ -520,7 +520,7 @@ def test_a_result_records_the_code_its_process_started_with(monkeypatch):
     started, moved = {"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": True}
     matrix = bench.load_matrix(RECIPES / "tiny.yaml", check_inputs=False)
     cell = bench.plan_cells(matrix)[1]
-    provenance.code_state.cache_clear()
+    provenance._first_git_state.cache_clear()
     try:
         monkeypatch.setattr(provenance, "git_state", lambda: started)
         monkeypatch.setattr(results, "git_state", lambda: started)
@@ -530,7 +530,7 @@ def test_a_result_records_the_code_its_process_started_with(monkeypatch):
         record = results.cell_record(matrix, cell)
         assert record["git"] == started and record["git_at_finish"] == moved
     finally:
-        provenance.code_state.cache_clear()
+        provenance._first_git_state.cache_clear()
 
 
 def test_cells_that_read_the_untrained_model_differently_are_named():

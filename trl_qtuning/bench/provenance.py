@@ -67,9 +67,6 @@ def code_state() -> dict[str, Any]:
     return dict(_first_git_state())
 
 
-code_state.cache_clear = _first_git_state.cache_clear  # type: ignore[attr-defined]  # for tests
-
-
 def library_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 

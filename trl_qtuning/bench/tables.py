@@ -394,7 +394,7 @@ def _untrained_line(groups: dict[float, list[str]]) -> str | None:
     if len(groups) < 2:
         return None
     parts = [f"{value:.6f} ({len(cells)} cell{'s' if len(cells) > 1 else ''}: {', '.join(cells)})"
-             for value, cells in sorted(groups.items())]  # fmt: skip
+             for value, cells in groups.items()]  # fmt: skip
     return ("- numerics: the untrained model's held-out NLL differs between cells, " + "; ".join(parts)
             + ". They ran with different numerics (machines whose kernels differ, or another precision): a paired "
               "difference between cells of different groups includes that difference")  # fmt: skip
