@@ -678,3 +678,36 @@ def test_paired_t_interval_and_its_table_without_scipy(monkeypatch):
     with pytest.raises(ImportError, match="need scipy"):
         paired.t_quantile(0.95, 3)
     assert paired.paired_difference({0: 1.0}, {0: 2.0})["verdict"] == "n < 2"
+
+
+def test_noise_audit_selectivity_is_a_per_seed_difference_with_its_interval():
+    """Per seed, the corrupted rows' trained share minus the clean rows'; mean and 95% t interval over seeds, in
+    percentage points; full data (no ledger) has none, and one seed shows no interval."""
+    from trl_qtuning.bench.audit import full_data_audit
+    from trl_qtuning.bench.tables import SELECTIVITY_HEADER, _pool_audits, format_audit, format_selectivity
+
+    def audit(corrupted_share, clean_share):
+        return {"sample_steps": {"corrupted": 10, "clean": 30}, "by_quadrant": {}, "by_decision": {},
+                "trained_share_corrupted": corrupted_share, "trained_share_clean": clean_share}  # fmt: skip
+
+    # differences -0.10, -0.20, -0.30: mean -0.20, sd 0.10, t(0.975, 2) = 4.303 -> half width 0.2484
+    pooled = _pool_audits([audit(0.15, 0.25), audit(0.05, 0.25), audit(0.0, 0.30)])
+    selectivity = pooled["selectivity"]
+    assert selectivity["differences"] == pytest.approx([-0.10, -0.20, -0.30])
+    assert selectivity["mean"] == pytest.approx(-0.20)
+    assert selectivity["high"] - selectivity["mean"] == pytest.approx(4.303 * 0.10 / 3**0.5, rel=1e-3)
+    assert format_selectivity(selectivity) == "-20.0 [-44.8, +4.8] no difference"
+    # a consistent gap excludes 0
+    clear = _pool_audits([audit(0.10, 0.30), audit(0.11, 0.30), audit(0.12, 0.30)])["selectivity"]
+    assert format_selectivity(clear) == "-19.0 [-21.5, -16.5] fewer corrupted"
+    more = _pool_audits([audit(0.40, 0.20), audit(0.41, 0.20), audit(0.42, 0.20)])["selectivity"]
+    assert format_selectivity(more).endswith("more corrupted")
+    assert format_selectivity(_pool_audits([audit(0.2, 0.3)])["selectivity"]) == "-10.0 (n=1)"
+    full = _pool_audits([full_data_audit(32, [1, 2]), full_data_audit(32, [1, 2])])
+    assert full["selectivity"] is None and format_selectivity(full["selectivity"]) == "-"
+    rows = [{"method": "full", "budget_label": "-", "noise_audit": full},
+            {"method": "qtuning", "budget_label": "25% x 50%", "noise_audit": pooled}]
+    table = format_audit(rows).splitlines()
+    column = table[0].split("|").index(f" {SELECTIVITY_HEADER} ")
+    assert table[2].split("|")[column].strip() == "-"
+    assert table[3].split("|")[column].strip() == "-20.0 [-44.8, +4.8] no difference"

@@ -190,12 +190,21 @@ def stale_results(
 
 
 def _pool_audits(audits: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean over seeds of the trained shares; counts summed over seeds."""
+    """Mean over seeds of the trained shares; counts summed over seeds; and the selectivity: per seed, the share of
+    corrupted sample-steps trained on minus the share of clean ones, with its 95% t interval (below 0: the method
+    keeps corrupted rows out of training more than clean ones; random selection is 0 in expectation). Cells without
+    a ledger (full data trains everything by definition) have no selectivity."""
     pooled: dict[str, Any] = {
         "seeds": len(audits),
         "trained_share_corrupted": _stats([a.get("trained_share_corrupted") for a in audits]),
         "trained_share_clean": _stats([a.get("trained_share_clean") for a in audits]),
     }
+    ledgered = [a for a in audits if a.get("sample_steps") and a.get("trained_share_corrupted") is not None
+                and a.get("trained_share_clean") is not None]  # fmt: skip
+    pooled["selectivity"] = paired_difference(
+        {i: a["trained_share_corrupted"] for i, a in enumerate(ledgered)},
+        {i: a["trained_share_clean"] for i, a in enumerate(ledgered)},
+    )
     for group in ("by_quadrant", "by_decision"):
         counts: dict[str, dict[str, int]] = {}
         for audit in audits:
@@ -307,6 +316,22 @@ def format_paired(rows: list[dict[str, Any]], kind: str, baselines: list[str]) -
     return _markdown(headers, body) if body else None
 
 
+SELECTIVITY_HEADER = "corrupted - clean trained, pp [95% CI]"
+_SELECTIVITY_VERDICT = {"better": "fewer corrupted", "worse": "more corrupted", "no difference": "no difference"}
+
+
+def format_selectivity(selectivity: dict[str, Any] | None) -> str:
+    """Trained share of corrupted minus clean sample-steps, in percentage points: mean over seeds, 95% interval and
+    what it says ("fewer corrupted" only where the whole interval is below 0)."""
+    if not selectivity:
+        return "-"
+    mean = f"{selectivity['mean'] * 100:+.1f}"
+    if selectivity["low"] is None:
+        return f"{mean} (n={len(selectivity['seeds'])})"
+    return (f"{mean} [{selectivity['low'] * 100:+.1f}, {selectivity['high'] * 100:+.1f}] "
+            f"{_SELECTIVITY_VERDICT[selectivity['verdict']]}")  # fmt: skip
+
+
 def format_audit(rows: list[dict[str, Any]]) -> str | None:
     """Per method: share of corrupted / clean sample-steps trained on, and the corrupted share of each quadrant and
     decision (pooled over seeds)."""
@@ -323,13 +348,15 @@ def format_audit(rows: list[dict[str, Any]]) -> str | None:
         return f"{entry['corrupted'] / total:.0%} of {total}"
 
     headers = ["method", "budget (samples x tokens)", "seeds", "corrupted trained", "clean trained",
-               *[f"corrupted in {q}" for q in quadrants], *[f"corrupted in {d}" for d in decisions]]  # fmt: skip
+               SELECTIVITY_HEADER, *[f"corrupted in {q}" for q in quadrants],
+               *[f"corrupted in {d}" for d in decisions]]  # fmt: skip
     body = []
     for row in audited:
         audit = row["noise_audit"]
         values = [row["method"], row["budget_label"], str(audit["seeds"])]
         for key in ("trained_share_corrupted", "trained_share_clean"):
             values.append(_fmt(audit[key]["mean"], "share") if audit.get(key) else "-")
+        values.append(format_selectivity(audit.get("selectivity")))
         values += [share(audit["by_quadrant"].get(q)) for q in quadrants]
         values += [share(audit["by_decision"].get(d)) for d in decisions]
         body.append(values)
@@ -353,8 +380,11 @@ PAIRED_NOTE = (
 )
 AUDIT_NOTE = (
     "Label noise audit (from each cell's ledger, steps up to the equal-steps point): the share of corrupted and of "
-    "clean sample-steps the method trained on (kept, filled or token-pruned), and the corrupted share of the "
-    "sample-steps in each quadrant and decision, pooled over seeds (`x% of n`: n sample-steps there)."
+    "clean sample-steps the method trained on (kept, filled or token-pruned; mean over seeds); their difference per "
+    "seed in percentage points, with its mean and 95% Student t interval (below 0: corrupted rows are kept out of "
+    "training more than clean ones; random selection is 0 in expectation; `fewer corrupted` / `more corrupted` only "
+    "where the interval excludes 0); and the corrupted share of the sample-steps in each quadrant and decision, "
+    "pooled over seeds (`x% of n`: n sample-steps there)."
 )
 
 
