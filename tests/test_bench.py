@@ -711,3 +711,13 @@ def test_noise_audit_selectivity_is_a_per_seed_difference_with_its_interval():
     column = table[0].split("|").index(f" {SELECTIVITY_HEADER} ")
     assert table[2].split("|")[column].strip() == "-"
     assert table[3].split("|")[column].strip() == "-20.0 [-44.8, +4.8] no difference"
+
+
+def test_page_lists_the_versions_the_cells_ran_with_not_only_the_renderers():
+    from trl_qtuning.bench.tables import _cell_versions_line
+
+    results = [{"versions": {"torch": "2.13.0", "accelerate": "1.15.0"}},
+               {"versions": {"torch": "2.13.0", "accelerate": "1.16.0"}},
+               {"versions": {"torch": "2.13.0", "accelerate": "1.16.0", "mlflow": None}}, {}]  # fmt: skip
+    assert _cell_versions_line(results) == "torch 2.13.0, accelerate 1.15.0 (1 cell) / 1.16.0 (2 cells)"
+    assert _cell_versions_line([{}]) is None

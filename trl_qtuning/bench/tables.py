@@ -388,6 +388,24 @@ AUDIT_NOTE = (
 )
 
 
+def _cell_versions_line(results: list[dict[str, Any]]) -> str | None:
+    """The library versions the cells trained with (each cell records its own), a count beside each version where
+    the cells differ: the versions of the process that renders the page say nothing about how the cells ran."""
+    seen: dict[str, dict[str, int]] = {}
+    for result in results:
+        for library, version in (result.get("versions") or {}).items():
+            if version:
+                counts = seen.setdefault(library, {})
+                counts[version] = counts.get(version, 0) + 1
+    parts = []
+    for library, counts in seen.items():
+        if len(counts) == 1:
+            parts.append(f"{library} {next(iter(counts))}")
+        else:
+            parts.append(f"{library} " + " / ".join(f"{v} ({n} cell{'s' if n != 1 else ''})" for v, n in sorted(counts.items())))
+    return ", ".join(parts) or None
+
+
 UNTRAINED_TOLERANCE = 1e-5
 """Readings of the untrained model closer than this are one group (float noise, not other numerics)."""
 
@@ -501,7 +519,8 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
          f"{machine.get('torch_threads', '?')}, GPU {gpu}; {machine.get('platform')}"),
         *([f"- cells ran on: {machines}"] if machines else []),
         *([untrained] if untrained else []),
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
+        *([f"- cells ran with: {cell_versions}"] if (cell_versions := _cell_versions_line(results)) else []),
+        "- rendered with: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
         f"- cells: {status}",
         "",
         TABLE_NOTE,
