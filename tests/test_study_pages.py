@@ -3,15 +3,15 @@ committed cell results: no table on them was edited by hand or left stale after 
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from trl_qtuning.bench import tables
+from trl_qtuning.bench.cli import main as bench_main
 from trl_qtuning.bench.matrix import load_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,19 +24,28 @@ def _table_lines(text: str) -> list[str]:
 
 @pytest.mark.parametrize("matrix_file", STUDY_MATRICES, ids=lambda path: path.stem)
 def test_committed_study_page_is_the_render_of_the_committed_results(matrix_file, tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the matrices name their output folder relative to the repository root
+    """`trl-qtuning bench --config <the committed matrix> --table-only`, pointed at a copy of the committed cell
+    results, writes the committed page's tables line for line."""
+    monkeypatch.chdir(ROOT)  # the matrices name their inputs relative to the repository root
     matrix = load_matrix(matrix_file, check_inputs=False)
     page = matrix.output_dir / tables.RESULTS_MD
     if not page.is_file():
         pytest.skip(f"{matrix.output_dir} has no results page yet (no cell of this matrix has finished)")
     copy = tmp_path / "study"
     shutil.copytree(matrix.output_dir, copy)  # render into a copy: the committed page stays as it is
-    rendered = dataclasses.replace(matrix, output_dir=copy, report_to="none")
+    settings = yaml.safe_load(matrix_file.read_text())
+    settings.update(output_dir=str(copy), report_to="none")  # nothing else changes: the cells' fingerprints hold
+    config = tmp_path / matrix_file.name
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
     from trl_qtuning.bench import figures
 
     monkeypatch.setattr(figures, "draw_curves", lambda *args, **kwargs: [])  # the tables are the claim here
-    tables.render_results(rendered, out=io.StringIO())
-    assert _table_lines((copy / tables.RESULTS_MD).read_text()) == _table_lines(page.read_text()), (
+    assert bench_main(["--config", str(config), "--table-only"]) == 0
+    rendered = (copy / tables.RESULTS_MD).read_text()
+    assert re.search(r"^- cells: (\d+) of \1 cells finished$", rendered, re.M), (
+        "a planned cell has no committed result, or a committed one no longer belongs to its matrix (stale)"
+    )
+    assert _table_lines(rendered) == _table_lines(page.read_text()), (
         f"{page} is not what the committed results render to: run "
         f"`trl-qtuning bench --config {matrix_file.relative_to(ROOT)} --table-only` and commit the page"
     )
