@@ -691,19 +691,21 @@ def test_noise_audit_selectivity_is_a_per_seed_difference_with_its_interval():
                 "trained_share_corrupted": corrupted_share, "trained_share_clean": clean_share}  # fmt: skip
 
     # differences -0.10, -0.20, -0.30: mean -0.20, sd 0.10, t(0.975, 2) = 4.303 -> half width 0.2484
-    pooled = _pool_audits([audit(0.15, 0.25), audit(0.05, 0.25), audit(0.0, 0.30)])
+    pooled = _pool_audits({0: audit(0.15, 0.25), 1: audit(0.05, 0.25), 2: audit(0.0, 0.30)})
     selectivity = pooled["selectivity"]
-    assert selectivity["differences"] == pytest.approx([-0.10, -0.20, -0.30])
+    assert selectivity["differences"] == pytest.approx([-0.10, -0.20, -0.30]) and selectivity["seeds"] == [0, 1, 2]
     assert selectivity["mean"] == pytest.approx(-0.20)
     assert selectivity["high"] - selectivity["mean"] == pytest.approx(4.303 * 0.10 / 3**0.5, rel=1e-3)
     assert format_selectivity(selectivity) == "-20.0 [-44.8, +4.8] no difference"
     # a consistent gap excludes 0
-    clear = _pool_audits([audit(0.10, 0.30), audit(0.11, 0.30), audit(0.12, 0.30)])["selectivity"]
+    clear = _pool_audits({0: audit(0.10, 0.30), 3: audit(0.11, 0.30), 7: audit(0.12, 0.30)})["selectivity"]
+    assert clear["seeds"] == [0, 3, 7]  # the cells' own seeds
     assert format_selectivity(clear) == "-19.0 [-21.5, -16.5] fewer corrupted"
-    more = _pool_audits([audit(0.40, 0.20), audit(0.41, 0.20), audit(0.42, 0.20)])["selectivity"]
+    more = _pool_audits({0: audit(0.40, 0.20), 1: audit(0.41, 0.20), 2: audit(0.42, 0.20)})["selectivity"]
     assert format_selectivity(more).endswith("more corrupted")
-    assert format_selectivity(_pool_audits([audit(0.2, 0.3)])["selectivity"]) == "-10.0 (n=1)"
-    full = _pool_audits([full_data_audit(32, [1, 2]), full_data_audit(32, [1, 2])])
+    assert format_selectivity(_pool_audits({0: audit(0.2, 0.3)})["selectivity"]) == "-10.0 (n=1)"
+    assert format_selectivity(_pool_audits({0: audit(0.2, 0.3), 1: audit(None, 0.3)})["selectivity"]) == "-10.0 (n=1)"
+    full = _pool_audits({0: full_data_audit(32, [1, 2]), 1: full_data_audit(32, [1, 2])})
     assert full["selectivity"] is None and format_selectivity(full["selectivity"]) == "-"
     rows = [{"method": "full", "budget_label": "-", "noise_audit": full},
             {"method": "qtuning", "budget_label": "25% x 50%", "noise_audit": pooled}]
@@ -716,8 +718,10 @@ def test_noise_audit_selectivity_is_a_per_seed_difference_with_its_interval():
 def test_page_lists_the_versions_the_cells_ran_with_not_only_the_renderers():
     from trl_qtuning.bench.tables import _cell_versions_line
 
-    results = [{"versions": {"torch": "2.13.0", "accelerate": "1.15.0"}},
-               {"versions": {"torch": "2.13.0", "accelerate": "1.16.0"}},
-               {"versions": {"torch": "2.13.0", "accelerate": "1.16.0", "mlflow": None}}, {}]  # fmt: skip
-    assert _cell_versions_line(results) == "torch 2.13.0, accelerate 1.15.0 (1 cell) / 1.16.0 (2 cells)"
+    results = [{"versions": {"torch": "2.13.0", "accelerate": "1.10.0"}},
+               {"versions": {"torch": "2.13.0", "accelerate": "1.9.0", "mlflow": "3.1"}},
+               {"versions": {"torch": "2.13.0", "accelerate": "1.10.0", "mlflow": None}}, {}]  # fmt: skip
+    assert _cell_versions_line(results) == (
+        "torch 2.13.0, accelerate 1.9.0 (1 cell) / 1.10.0 (2 cells), mlflow 3.1 (1 cell)"  # versions in version order;
+    )  # a library only some cells recorded says how many
     assert _cell_versions_line([{}]) is None

@@ -147,7 +147,7 @@ def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[
                               if (s := _stats([(r.get("metrics") or {}).get(k) for r in found]))}  # fmt: skip
             for kind in kinds:
                 row[kind]["metrics"] = row["metrics"]
-        audits = [r["noise_audit"] for r in found if r.get("noise_audit")]
+        audits = {r.get("seed"): r["noise_audit"] for r in found if r.get("noise_audit")}
         if audits:
             row["noise_audit"] = _pool_audits(audits)
         rows.append(row)
@@ -189,21 +189,22 @@ def stale_results(
     return stale
 
 
-def _pool_audits(audits: list[dict[str, Any]]) -> dict[str, Any]:
+def _pool_audits(audits_by_seed: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     """Mean over seeds of the trained shares; counts summed over seeds; and the selectivity: per seed, the share of
     corrupted sample-steps trained on minus the share of clean ones, with its 95% t interval (below 0: the method
     keeps corrupted rows out of training more than clean ones; random selection is 0 in expectation). Cells without
     a ledger (full data trains everything by definition) have no selectivity."""
+    audits = list(audits_by_seed.values())
     pooled: dict[str, Any] = {
         "seeds": len(audits),
         "trained_share_corrupted": _stats([a.get("trained_share_corrupted") for a in audits]),
         "trained_share_clean": _stats([a.get("trained_share_clean") for a in audits]),
     }
-    ledgered = [a for a in audits if a.get("sample_steps") and a.get("trained_share_corrupted") is not None
-                and a.get("trained_share_clean") is not None]  # fmt: skip
+    ledgered = {seed: a for seed, a in audits_by_seed.items() if a.get("sample_steps")
+                and a.get("trained_share_corrupted") is not None and a.get("trained_share_clean") is not None}  # fmt: skip
     pooled["selectivity"] = paired_difference(
-        {i: a["trained_share_corrupted"] for i, a in enumerate(ledgered)},
-        {i: a["trained_share_clean"] for i, a in enumerate(ledgered)},
+        {seed: a["trained_share_corrupted"] for seed, a in ledgered.items()},
+        {seed: a["trained_share_clean"] for seed, a in ledgered.items()},
     )
     for group in ("by_quadrant", "by_decision"):
         counts: dict[str, dict[str, int]] = {}
@@ -397,13 +398,28 @@ def _cell_versions_line(results: list[dict[str, Any]]) -> str | None:
             if version:
                 counts = seen.setdefault(library, {})
                 counts[version] = counts.get(version, 0) + 1
+    recorded = sum(bool(result.get("versions")) for result in results)
+
+    def cells(n: int) -> str:
+        return f"{n} cell{'s' if n != 1 else ''}"
+
     parts = []
     for library, counts in seen.items():
-        if len(counts) == 1:
+        if len(counts) == 1 and sum(counts.values()) == recorded:
             parts.append(f"{library} {next(iter(counts))}")
         else:
-            parts.append(f"{library} " + " / ".join(f"{v} ({n} cell{'s' if n != 1 else ''})" for v, n in sorted(counts.items())))
+            parts.append(f"{library} " + " / ".join(f"{v} ({cells(n)})" for v, n in sorted(counts.items(), key=_version_key)))
     return ", ".join(parts) or None
+
+
+def _version_key(item: tuple[str, int]) -> tuple:
+    """Order versions as versions (1.9 before 1.10); strings that are not versions after those, by text."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (0, Version(item[0]), "")
+    except InvalidVersion:
+        return (1, None, item[0])
 
 
 UNTRAINED_TOLERANCE = 1e-5
