@@ -200,8 +200,11 @@ def _pool_audits(audits_by_seed: dict[Any, dict[str, Any]]) -> dict[str, Any]:
         "trained_share_corrupted": _stats([a.get("trained_share_corrupted") for a in audits]),
         "trained_share_clean": _stats([a.get("trained_share_clean") for a in audits]),
     }
-    ledgered = {seed: a for seed, a in audits_by_seed.items() if a.get("sample_steps")
-                and a.get("trained_share_corrupted") is not None and a.get("trained_share_clean") is not None}  # fmt: skip
+    ledgered = {
+        seed: a for seed, a in audits_by_seed.items()
+        if a.get("sample_steps") and a.get("trained_share_corrupted") is not None
+        and a.get("trained_share_clean") is not None
+    }  # fmt: skip
     pooled["selectivity"] = paired_difference(
         {seed: a["trained_share_corrupted"] for seed, a in ledgered.items()},
         {seed: a["trained_share_clean"] for seed, a in ledgered.items()},
@@ -408,7 +411,8 @@ def _cell_versions_line(results: list[dict[str, Any]]) -> str | None:
         if len(counts) == 1 and sum(counts.values()) == recorded:
             parts.append(f"{library} {next(iter(counts))}")
         else:
-            parts.append(f"{library} " + " / ".join(f"{v} ({cells(n)})" for v, n in sorted(counts.items(), key=_version_key)))
+            by_version = sorted(counts.items(), key=_version_key)
+            parts.append(f"{library} " + " / ".join(f"{v} ({cells(n)})" for v, n in by_version))
     return ", ".join(parts) or None
 
 
