@@ -22,10 +22,6 @@ CELL_HEADER_LINES = ("- cells ran on:", "- numerics:", "- cells ran with:", "- c
 """Header lines that describe the committed cells (not the process that rendered the page: commit, date, machine)."""
 
 
-def _table_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("|")]
-
-
 def _rendered_claims(text: str) -> list[str]:
     """What a page says of its cells: every table line and the header lines about the cells."""
     return [line for line in text.splitlines() if line.startswith(("|", *CELL_HEADER_LINES))]

@@ -10,6 +10,7 @@ import datetime
 import math
 import statistics
 import sys
+from collections import Counter
 from typing import Any
 
 from .matrix import BASE_METHOD, PROG, Cell, Matrix, budget_label, plan_cells
@@ -395,12 +396,11 @@ AUDIT_NOTE = (
 def _cell_versions_line(results: list[dict[str, Any]]) -> str | None:
     """The library versions the cells trained with (each cell records its own), a count beside each version where
     the cells differ: the versions of the process that renders the page say nothing about how the cells ran."""
-    seen: dict[str, dict[str, int]] = {}
+    seen: dict[str, Counter[str]] = {}
     for result in results:
         for library, version in (result.get("versions") or {}).items():
             if version:
-                counts = seen.setdefault(library, {})
-                counts[version] = counts.get(version, 0) + 1
+                seen.setdefault(library, Counter())[version] += 1
     recorded = sum(bool(result.get("versions")) for result in results)
 
     def cells(n: int) -> str:
@@ -408,7 +408,7 @@ def _cell_versions_line(results: list[dict[str, Any]]) -> str | None:
 
     parts = []
     for library, counts in seen.items():
-        if len(counts) == 1 and sum(counts.values()) == recorded:
+        if len(counts) == 1 and counts.total() == recorded:
             parts.append(f"{library} {next(iter(counts))}")
         else:
             by_version = sorted(counts.items(), key=_version_key)
