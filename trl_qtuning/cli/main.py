@@ -3,6 +3,7 @@
     trl-qtuning sft --config recipes/<model>/qtuning/config_<name>.yaml [--any_field value ...]
     trl-qtuning demo [...]
     trl-qtuning compare --experiment NAME [--tracking-uri URI]
+    trl-qtuning audit --model NAME|PATH|demo --dataset NAME|PATH|demo --output_dir DIR [...]
 
 Every subcommand is a ``main(argv: list[str] | None) -> int`` function; add one by adding a line to ``COMMANDS``.
 Runs in-process, so ``accelerate launch -m trl_qtuning.cli.main sft ...`` works for multi-GPU training.
@@ -46,6 +47,11 @@ COMMANDS: tuple[Command, ...] = (
         "trl_qtuning.tracking.compare:main",
     ),
     Command("bench", "Run a benchmark matrix (methods x budgets x seeds) and tabulate it.", "trl_qtuning.bench:main"),
+    Command(
+        "audit",
+        "Score every row of a dataset once on the EU plane: table, figure, most suspected rows, summary.",
+        "trl_qtuning.audit.cli:main",
+    ),
 )
 
 

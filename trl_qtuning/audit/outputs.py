@@ -1,0 +1,380 @@
+"""What an audit writes: the table (Parquet), the EU plane figure, the Markdown page and the summary (JSON).
+
+Built once every chunk is scored, from the shards: the quadrants, ranks and suspicion score depend on the whole
+dataset. The quadrants are the trainer's own triage (:func:`trl_qtuning.core.triage_samples`) at the audit's
+``keep_ratio`` with the whole dataset as one triage group, so "Q1" here is what Q-Tuning would call harmful noise
+if it saw every row at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .api import ROW_ID, SHARD_DIR, AuditResult, AuditSettings, read_shards, row_text
+from .detection import RECOMMENDED_SCORE, bad_mask, candidate_scores, detection_table
+
+__all__ = [
+    "FILES", "QUADRANT_NAMES", "build_table", "describe", "finalize", "log_to_mlflow", "plot_plane", "read_outputs",
+    "summarise", "write_page",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+FILES = {"table": "audit.parquet", "figure": "eu_plane.png", "page": "audit.md", "summary": "summary.json"}
+QUADRANT_NAMES = {1: "Q1 harmful noise", 2: "Q2 valuable misconception", 3: "Q3 redundant knowledge",
+                  4: "Q4 calibration data", 0: "mid band"}  # fmt: skip
+SUSPICION_DEFINITION = (
+    "suspicion = (rank(PPL) + rank(entropy)) / n over the rows with an answer token (average ranks, 1 = lowest; in "
+    "(0, 2]): high for rows the model finds both improbable and uncertain, the paper's Q1 ('harmful noise') read as "
+    "a ranking instead of a quadrant. suspicion_rank 1 is the most suspect row."
+)
+QUANTILES = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+EXCERPT_CHARS = 400
+
+
+def build_table(shards: Any, keep_ratio: float, noisy_rows: Any = None) -> tuple[Any, Any]:
+    """The final table (pandas, sorted by row id) and the triage that gave its quadrants."""
+    import torch
+
+    from ..core.triage import triage_samples
+
+    df = shards.to_pandas()
+    ppl, entropy = df["ppl"].to_numpy(np.float64), df["entropy"].to_numpy(np.float64)
+    scores = candidate_scores(ppl, entropy)
+    valid = np.isfinite(scores["suspicion"])
+    triage = triage_samples(torch.from_numpy(ppl), torch.from_numpy(entropy), keep_ratio) if len(df) else None
+    df["log_ppl"] = np.log(np.where(valid, ppl, np.nan))
+    df["quadrant"] = triage.quadrant.numpy().astype(np.int8) if triage is not None else np.zeros(0, np.int8)
+    df["kept_at_budget"] = triage.keep.numpy() if triage is not None else np.zeros(0, bool)
+    df["entropy_residual"] = scores["decorrelated"]
+    df["rank_sum"] = scores["rank_sum"]
+    df["suspicion"] = scores["suspicion"]
+    order = np.argsort(np.where(valid, -scores["suspicion"], np.inf), kind="stable")
+    rank = np.empty(len(df), dtype=np.float64)
+    rank[order] = np.arange(1, len(df) + 1)
+    df["suspicion_rank"] = rank
+    df.loc[~valid, "suspicion_rank"] = np.nan
+    df["suspicion_rank"] = df["suspicion_rank"].astype("Int64")
+    if noisy_rows is not None:
+        df["noisy"] = bad_mask(df[ROW_ID].to_numpy(), noisy_rows)
+    return df, triage
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {}
+    return {f"q{round(q * 100):02d}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES), strict=True)}
+
+
+def summarise(df: Any, triage: Any, settings: AuditSettings, noisy_rows: Any = None) -> dict[str, Any]:
+    """Counts per quadrant, the axes' correlation, quantiles, the input problems found, and detection when the bad
+    rows are known."""
+    import torch
+
+    from ..core.plane import plane_correlation
+    from .detection import average_ranks
+
+    ppl, entropy = df["ppl"].to_numpy(np.float64), df["entropy"].to_numpy(np.float64)
+    valid = np.isfinite(ppl) & np.isfinite(entropy)
+    quadrants = {name: int(((df["quadrant"] == q) & valid).sum()) for q, name in QUADRANT_NAMES.items()}
+    spearman = math.nan
+    if valid.sum() >= 2:
+        rp, re = average_ranks(ppl[valid]), average_ranks(entropy[valid])
+        if rp.std() > 0 and re.std() > 0:
+            spearman = float(np.corrcoef(rp, re)[0, 1])
+    summary: dict[str, Any] = {
+        "rows": int(len(df)),
+        "rows_scored": int(valid.sum()),
+        "rows_without_answer_token": int((~valid).sum()),
+        "empty_answers": int(df["empty_answer"].sum()),
+        "truncated_rows": int(df["truncated"].sum()),
+        "max_length": settings.max_length,
+        "truncation_mode": settings.truncation_mode,
+        "quadrants": quadrants,
+        "quadrant_rule": (
+            f"the trainer's triage (sample_keep_ratio={settings.keep_ratio}) over the whole dataset as one group; "
+            "mid band: between the thresholds on either axis"
+        ),
+        "triage": None if triage is None else {
+            "keep_ratio": settings.keep_ratio, "q": triage.q, **triage.thresholds,
+            "kept_rows": int(triage.keep.sum()),
+        },
+        "correlation": {
+            "pearson_log_ppl_entropy": plane_correlation(torch.from_numpy(ppl), torch.from_numpy(entropy)),
+            "spearman_ppl_entropy": spearman,
+        },
+        "quantiles": {
+            "ppl": _quantiles(ppl), "entropy": _quantiles(entropy),
+            "answer_tokens": _quantiles(df["answer_tokens"].to_numpy(np.float64)),
+            "tokens": _quantiles(df["tokens"].to_numpy(np.float64)),
+        },
+        "suspicion": {"recommended": RECOMMENDED_SCORE, "definition": SUSPICION_DEFINITION},
+    }
+    if noisy_rows is not None:
+        bad = df["noisy"].to_numpy()
+        scores = {"ppl": df["ppl"].to_numpy(np.float64), "entropy": df["entropy"].to_numpy(np.float64),
+                  "rank_sum": df["rank_sum"].to_numpy(np.float64),
+                  "decorrelated": df["entropy_residual"].to_numpy(np.float64),
+                  "suspicion": df["suspicion"].to_numpy(np.float64)}  # fmt: skip
+        summary["detection"] = detection_table(
+            {name: np.where(valid, values, np.nan) for name, values in scores.items()}, bad
+        )
+        summary["noisy_by_quadrant"] = {
+            name: {"rows": int(((df["quadrant"] == q) & valid).sum()),
+                   "noisy": int(((df["quadrant"] == q) & valid & bad).sum())}
+            for q, name in QUADRANT_NAMES.items()
+        }  # fmt: skip
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figure and page
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def plot_plane(df: Any, triage: Any, path: Path, top_k: int, title: str) -> bool:
+    """Density of (log PPL, entropy), the triage's threshold lines, the ``top_k`` suspected rows circled (and the
+    known noisy rows as dots when given). False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("trl-qtuning audit: matplotlib is missing, so no figure (pip install 'trl-qtuning[mlflow]').")
+        return False
+    valid = df["suspicion_rank"].notna().to_numpy()
+    x, y = df["log_ppl"].to_numpy(np.float64)[valid], df["entropy"].to_numpy(np.float64)[valid]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    if x.size:
+        hb = ax.hexbin(x, y, gridsize=40, mincnt=1, cmap="Blues", bins="log")
+        fig.colorbar(hb, ax=ax, label="rows (log scale)")
+    if triage is not None and all(math.isfinite(v) for v in triage.thresholds.values()):
+        for value in (triage.thresholds["ppl_lo"], triage.thresholds["ppl_hi"]):
+            ax.axvline(math.log(value), color="0.3", lw=0.8, ls="--")
+        for value in (triage.thresholds["ent_lo"], triage.thresholds["ent_hi"]):
+            ax.axhline(value, color="0.3", lw=0.8, ls="--")
+    if "noisy" in df.columns:
+        noisy = df["noisy"].to_numpy()[valid]
+        ax.scatter(x[noisy], y[noisy], s=6, c="tab:orange", lw=0, label="known noisy rows")
+    ranks = df["suspicion_rank"].to_numpy(dtype=np.float64, na_value=np.nan)[valid]
+    top = ranks <= top_k
+    ax.scatter(x[top], y[top], s=40, facecolors="none", edgecolors="tab:red", lw=1.0, label=f"top {top_k} suspected")
+    ax.set_xlabel("log PPL (error)")
+    ax.set_ylabel("mean token entropy (uncertainty)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _excerpt(text: str, chars: int = EXCERPT_CHARS) -> str:
+    text = text.strip()
+    if len(text) > chars:
+        text = text[: chars // 2].rstrip() + " […] " + text[-chars // 2 :].lstrip()
+    return "\n".join("> " + line if line.strip() else ">" for line in text.splitlines()) or "> (empty)"
+
+
+def _fetch_rows(raw: Any, ids: list[int]) -> dict[int, dict[str, Any]]:
+    """The raw rows with these ids: by index in a sized dataset, by one pass that stops early over a stream."""
+    if not ids:
+        return {}
+    try:
+        len(raw)
+        return {int(row[ROW_ID]): row for row in raw.select(sorted(ids))}
+    except TypeError:
+        wanted, found = set(ids), {}
+        for row in raw:
+            if int(row[ROW_ID]) in wanted:
+                found[int(row[ROW_ID])] = row
+                if len(found) == len(wanted):
+                    break
+        return found
+
+
+def _typical(df: Any, quadrant: int, count: int) -> list[int]:
+    """The rows of a quadrant nearest its median point, in percentile ranks of the two axes."""
+    rows = df[(df["quadrant"] == quadrant) & df["suspicion_rank"].notna()]
+    if rows.empty:
+        return []
+    from .detection import average_ranks
+
+    valid = df["suspicion_rank"].notna()
+    n = max(1, int(valid.sum()))
+    rp = average_ranks(df.loc[valid, "ppl"].to_numpy()) / n
+    re = average_ranks(df.loc[valid, "entropy"].to_numpy()) / n
+    ranks = {"p": dict(zip(df.loc[valid, ROW_ID], rp)), "e": dict(zip(df.loc[valid, ROW_ID], re))}
+    p = np.array([ranks["p"][i] for i in rows[ROW_ID]])
+    e = np.array([ranks["e"][i] for i in rows[ROW_ID]])
+    distance = (p - np.median(p)) ** 2 + (e - np.median(e)) ** 2
+    return [int(i) for i in rows[ROW_ID].to_numpy()[np.argsort(distance, kind="stable")[:count]]]
+
+
+def write_page(df: Any, summary: dict[str, Any], raw: Any, settings: AuditSettings, path: Path, figure: bool) -> None:
+    top = df[df["suspicion_rank"].notna()].sort_values("suspicion_rank").head(settings.top_k)
+    typical = {q: _typical(df, q, 3) for q in QUADRANT_NAMES}
+    ids = set(int(i) for i in top[ROW_ID]) | {i for rows in typical.values() for i in rows}
+    rows = _fetch_rows(raw, sorted(ids))
+    by_id = df.set_index(ROW_ID)
+
+    def block(row_id: int, heading: str) -> list[str]:
+        stats = by_id.loc[row_id]
+        prompt, answer = row_text(rows.get(row_id, {}), settings.dataset_text_field)
+        flags = [f for f, on in (("truncated", stats["truncated"]), ("empty answer", stats["empty_answer"]),
+                                 ("known noisy", bool(stats.get("noisy", False)))) if on]  # fmt: skip
+        return [
+            f"### {heading}", "",
+            f"PPL {stats['ppl']:.3g}, entropy {stats['entropy']:.3f}, {int(stats['answer_tokens'])} answer tokens, "
+            f"{QUADRANT_NAMES[int(stats['quadrant'])]}, suspicion {stats['suspicion']:.3f} "
+            f"(rank {stats['suspicion_rank']}){'; ' + ', '.join(flags) if flags else ''}", "",
+            "Prompt:", "", _excerpt(prompt) if prompt else "> (none: plain-text row)", "", "Answer:", "",
+            _excerpt(answer), "",
+        ]  # fmt: skip
+
+    lines = [
+        "# Dataset audit", "",
+        f"Model: {summary['model']}. Dataset: {summary['dataset']}. {summary['rows']} rows, {summary['rows_scored']} "
+        f"with an answer token; {summary['empty_answers']} empty answers, {summary['truncated_rows']} truncated to "
+        f"{settings.max_length} tokens ({settings.truncation_mode}), {summary['rows_without_answer_token']} without "
+        "an answer token (no statistics).", "",
+        f"Quadrants: {summary['quadrant_rule']}.", "",
+        "| quadrant | rows |", "|---|---:|",
+        *[f"| {name} | {count} |" for name, count in summary["quadrants"].items()], "",
+        f"Correlation of log PPL and entropy: {summary['correlation']['pearson_log_ppl_entropy']:.3f} (Pearson), "
+        f"{summary['correlation']['spearman_ppl_entropy']:.3f} (Spearman).", "",
+        f"Suspicion: {SUSPICION_DEFINITION}", "",
+    ]  # fmt: skip
+    if figure:
+        lines += [f"![EU plane]({FILES['figure']})", ""]
+    if "detection" in summary:
+        lines += ["## Detection of the known noisy rows", "",
+                  "| score | AUROC | precision in top 10% | base rate |", "|---|---:|---:|---:|",
+                  *[f"| {r['score']} | {r['auroc']:.3f} | {r['precision_top10']:.3f} | {r['base_rate']:.3f} |"
+                    for r in summary["detection"]], ""]  # fmt: skip
+    lines += [f"## The {len(top)} most suspected rows", ""]
+    for position, row_id in enumerate(top[ROW_ID], start=1):
+        lines += block(int(row_id), f"{position}. row {int(row_id)}")
+    lines += ["## Typical rows of each quadrant", "",
+              "The rows nearest each quadrant's median (percentile ranks of PPL and entropy).", ""]  # fmt: skip
+    for q, name in QUADRANT_NAMES.items():
+        lines += [f"## {name}", ""]
+        if not typical[q]:
+            lines += ["(no row)", ""]
+        for row_id in typical[q]:
+            lines += block(row_id, f"row {row_id}")
+    path.write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Finalize
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def finalize(
+    out: Path, raw: Any, settings: AuditSettings, *, model_description: str, dataset_description: str,
+    noisy_rows: Any, timing: dict[str, Any], write_files: bool, report_to: str, tracking_uri: str | None,
+    experiment_name: str,
+) -> AuditResult:
+    """Table, summary, figure and page from the shards (main process only)."""
+    noisy = None if noisy_rows is None else sorted({int(r) for r in noisy_rows})
+    df, triage = build_table(read_shards(out / SHARD_DIR), settings.keep_ratio, noisy)
+    summary = summarise(df, triage, settings, noisy)
+    summary = {"model": model_description, "dataset": dataset_description, **summary, "timing": timing,
+               "settings": json.loads(json.dumps(settings.__dict__))}  # fmt: skip
+    files: dict[str, Path] = {}
+    if write_files:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        files["table"] = out / FILES["table"]
+        tmp = files["table"].with_name(".audit.parquet.tmp")
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
+        tmp.replace(files["table"])
+        figure = plot_plane(df, triage, out / FILES["figure"], settings.top_k,
+                            f"{model_description} on {dataset_description}: {len(df)} rows")  # fmt: skip
+        if figure:
+            files["figure"] = out / FILES["figure"]
+        files["page"] = out / FILES["page"]
+        write_page(df, summary, raw, settings, files["page"], figure)
+        files["summary"] = out / FILES["summary"]
+        files["summary"].write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+        if report_to == "mlflow":
+            summary["mlflow_run_id"] = log_to_mlflow(files, summary, tracking_uri, experiment_name)
+            files["summary"].write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    return AuditResult(df, summary, out if write_files else None, files)
+
+
+def read_outputs(out: Path) -> AuditResult:
+    """An audit's written outputs (what the other processes return once the main one has finalized)."""
+    import pandas as pd
+
+    summary = json.loads((out / FILES["summary"]).read_text())
+    files = {k: out / name for k, name in FILES.items() if (out / name).is_file()}
+    return AuditResult(pd.read_parquet(out / FILES["table"]), summary, out, files)
+
+
+def log_to_mlflow(files: dict[str, Path], summary: dict[str, Any], tracking_uri: str | None, experiment: str) -> str:
+    """One MLflow run: the settings as parameters, the counts and detection numbers as metrics, the files as
+    artifacts. Returns the run id."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment)
+    metrics = {"rows": summary["rows"], "rows_scored": summary["rows_scored"],
+               "empty_answers": summary["empty_answers"], "truncated_rows": summary["truncated_rows"]}  # fmt: skip
+    metrics.update({f"quadrant/{name.split()[0]}": count for name, count in summary["quadrants"].items()})
+    for key, value in summary["correlation"].items():
+        if value is not None and math.isfinite(value):
+            metrics[f"correlation/{key}"] = value
+    for row in summary.get("detection", []):
+        for key in ("auroc", "precision_top10"):
+            if math.isfinite(row[key]):
+                metrics[f"detection/{row['score']}/{key}"] = row[key]
+    with mlflow.start_run(run_name="trl-qtuning audit") as run:
+        mlflow.log_params({"model": summary["model"][:500], "dataset": summary["dataset"][:500],
+                           **{k: str(v) for k, v in summary["settings"].items()}})  # fmt: skip
+        mlflow.log_metrics(metrics)
+        for path in files.values():
+            mlflow.log_artifact(str(path))
+        return run.info.run_id
+
+
+def describe(summary: dict[str, Any], files: dict[str, Path]) -> list[str]:
+    """The few lines the command prints at the end."""
+    timing = summary.get("timing", {})
+    rate = ""
+    if timing.get("rows_scored_now") and timing.get("wall_seconds"):
+        rate = f" ({timing['rows_scored_now']} scored now, {timing['rows_scored_now'] / timing['wall_seconds']:.1f} rows/s)"
+    lines = [
+        f"Audited {summary['rows']} rows{rate}: {summary['rows_scored']} scored, {summary['empty_answers']} empty "
+        f"answers, {summary['truncated_rows']} truncated, {summary['rows_without_answer_token']} without an answer "
+        "token.",
+        "Quadrants: " + ", ".join(f"{name} {count}" for name, count in summary["quadrants"].items()) + ".",
+    ]
+    for row in summary.get("detection", []):
+        lines.append(f"  {row['score']:<13} AUROC {row['auroc']:.3f}  precision@10% {row['precision_top10']:.3f}"
+                     f"  (base rate {row['base_rate']:.3f})")  # fmt: skip
+    if files:
+        lines.append("Wrote " + ", ".join(str(p) for p in files.values()) + ".")
+    return lines
+
