@@ -30,6 +30,7 @@ BASE = dict(output_dir="unused", bf16=False, use_cpu=True, report_to="none")
         ("entropy_positions", "prompt", "`entropy_positions`"),
         ("qtuning_ledger", "verbose", "`qtuning_ledger`"),
         ("eu_plane", "x", "`eu_plane` must be one of 'paper', 'decorrelated'; got 'x'"),
+        ("fill_rule", "lowest", "`fill_rule` must be one of 'paper', 'q1_last', 'least_suspect'; got 'lowest'"),
         ("triage_max_iter", 0, "`triage_max_iter`"),
         ("triage_tol", 0.0, "`triage_tol`"),
         ("qtuning_ledger_rows_per_shard", 0, "`qtuning_ledger_rows_per_shard`"),
@@ -62,6 +63,15 @@ def test_eu_plane_reaches_the_core_and_warns_when_the_sample_policy_ignores_it(r
     assert not [w for w in recwarn if "eu_plane" in str(w.message)], "the qtuning sample policy uses the plane"
     with pytest.warns(UserWarning, match="`eu_plane='decorrelated'` has no effect with `sample_policy='random'`"):
         QTuningConfig(**BASE, eu_plane="decorrelated", sample_policy="random")
+
+
+def test_fill_rule_reaches_the_core_and_warns_when_the_sample_policy_ignores_it(recwarn):
+    assert QTuningConfig(**BASE).selection_params().fill_rule == "paper"
+    for rule in ("q1_last", "least_suspect"):
+        assert QTuningConfig(**BASE, fill_rule=rule).selection_params().fill_rule == rule
+    assert not [w for w in recwarn if "fill_rule" in str(w.message)], "the qtuning sample policy fills"
+    with pytest.warns(UserWarning, match="`fill_rule='q1_last'` has no effect with `sample_policy='random'`"):
+        QTuningConfig(**BASE, fill_rule="q1_last", sample_policy="random")
 
 
 def test_integer_ratio_one_is_accepted_as_float():

@@ -538,3 +538,101 @@ def test_property_permutation_invariance(batch, enforce, rnd):
     assert moved.q == base.q
     assert moved.iterations == base.iterations
     assert moved.thresholds == pytest.approx(base.thresholds)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fill rules (fill_rule): which non-kept samples top up an under-full Q2 u Q4
+# ---------------------------------------------------------------------------------------------------------------------
+# On UPPL/UENT (quadrants [3, 3, 3, 3, 1, 1, 1, 1], Q2 u Q4 empty):
+#   norm P = (p - 1) / 8 = [0, .125, .25, .375, .5, .625, .75, 1]
+#   norm E = e / 8       = [0, .375, .4375, .46875, .5, .5625, .625, 1]
+#   |nP - nE|            = [0, .25, .1875, .09375, 0, .0625, .125, 0]
+#   rank P + rank E      = [2, 4, 6, 8, 10, 12, 14, 16] (both strictly increasing)
+
+
+@pytest.mark.parametrize(
+    ("rule", "ratio", "kept", "q2_like"),
+    [
+        # K = 3. paper: 1 (.25), 2 (.1875), 6 (.125); only 6 has nP >= nE.
+        ("paper", 0.375, [1, 2, 6], [6]),
+        # q1_last: the Q3 samples 0..3 first, by |nP - nE|: 1 (.25), 2 (.1875), 3 (.09375); none leans to Q2.
+        ("q1_last", 0.375, [1, 2, 3], []),
+        # least_suspect: the three lowest rank sums 2, 4, 6; sample 0 has nP = nE = 0 -> Q2-like.
+        ("least_suspect", 0.375, [0, 1, 2], [0]),
+        # K = 5. paper: 1, 2, 6, 3 (.09375), 5 (.0625).
+        ("paper", 0.625, [1, 2, 3, 5, 6], [5, 6]),
+        # q1_last: all four Q3 samples (0 last: diff 0), then the best Q1 one, 6 (.125).
+        ("q1_last", 0.625, [0, 1, 2, 3, 6], [0, 6]),
+        # least_suspect: rank sums 2..10 -> 0..4; 4 has nP = nE = .5.
+        ("least_suspect", 0.625, [0, 1, 2, 3, 4], [0, 4]),
+    ],
+)
+def test_fill_rules_hand_batch(rule, ratio, kept, q2_like):
+    res = triage_samples(_t(UPPL), _t(UENT), ratio, fill_rule=rule)
+    assert res.quadrant.tolist() == [3, 3, 3, 3, 1, 1, 1, 1]
+    assert _idx(res.keep) == kept
+    assert _idx(res.filled) == kept
+    assert _idx(res.q2_like) == q2_like
+    assert not res.trimmed.any()
+
+
+def test_paper_fill_rule_is_the_default():
+    for ratio in (0.375, 0.625, 0.75):
+        default, paper = triage_samples(_t(UPPL), _t(UENT), ratio), triage_samples(_t(UPPL), _t(UENT), ratio, fill_rule="paper")
+        assert default.keep.tolist() == paper.keep.tolist()
+
+
+def test_average_ranks_ties_and_invalid():
+    from trl_qtuning.core.triage import average_ranks
+
+    # valid values 1, 2, 2, 3 (the NaN entry is ignored): ranks 1, 2.5, 2.5, 4; invalid -> 0
+    values = _t([2.0, 1.0, NAN, 3.0, 2.0])
+    valid = torch.isfinite(values)
+    assert average_ranks(values, valid).tolist() == [2.5, 1.0, 0.0, 4.0, 2.5]
+    # an invalid entry with a finite value neither gets nor takes a rank
+    assert average_ranks(_t([5.0, 1.0, 0.0]), torch.tensor([True, True, False])).tolist() == [2.0, 1.0, 0.0]
+
+
+def test_least_suspect_tie_goes_to_earlier_index():
+    from trl_qtuning.core.triage import fill_scores
+
+    # ranks P: [1, 2.5, 2.5, 4]; ranks E (4, 1, 3, 3): [4, 1, 2.5, 2.5]; sums [5, 3.5, 5, 6.5] -> order 1, then 0 and 2
+    # tied at 5 (0 first), then 3.
+    ppl, ent = _t([1.0, 2.0, 2.0, 3.0]), _t([4.0, 1.0, 3.0, 3.0])
+    valid = torch.ones(4, dtype=torch.bool)
+    scores = fill_scores("least_suspect", ppl, ent, torch.zeros(4, dtype=torch.long), ppl, ent, valid)
+    assert scores.tolist() == [-5.0, -3.5, -5.0, -6.5]
+    from trl_qtuning.core.triage import top_k_mask
+
+    assert _idx(top_k_mask(scores, valid, 2)) == [0, 1]
+
+
+def test_unknown_fill_rule_names_the_choices():
+    with pytest.raises(ValueError, match="fill_rule must be one of 'paper', 'q1_last', 'least_suspect'; got 'x'"):
+        triage_samples(_t(UPPL), _t(UENT), 0.375, fill_rule="x")
+
+
+@settings(max_examples=150, deadline=None)
+@given(stat_batches(with_invalid=True), st.sampled_from(["q1_last", "least_suspect"]), st.booleans())
+def test_property_fill_rules_keep_the_budget_and_their_order(batch, rule, enforce):
+    from trl_qtuning.core.triage import average_ranks
+
+    ppl, ent, percent = batch
+    res = triage_samples(torch.tensor(ppl), torch.tensor(ent), percent / 100, enforce_budget=enforce, fill_rule=rule)
+    paper = triage_samples(torch.tensor(ppl), torch.tensor(ent), percent / 100, enforce_budget=enforce)
+    # the rule changes only which candidates fill: quadrants, thresholds, trims and the count are the paper's
+    assert res.quadrant.tolist() == paper.quadrant.tolist()
+    assert res.trimmed.tolist() == paper.trimmed.tolist()
+    assert int(res.keep.sum()) == int(paper.keep.sum())
+    assert int(res.filled.sum()) == int(paper.filled.sum())
+    valid = np.isfinite(ppl) & np.isfinite(ent)
+    quad = res.quadrant.numpy()
+    filled, cand = res.filled.numpy(), valid & ~np.isin(quad, [2, 4])
+    if not filled.any() or not (cand & ~filled).any():
+        return
+    if rule == "q1_last":  # a Q1 sample fills only when no other candidate is left
+        assert not (filled & (quad == 1)).any() or not (cand & ~filled & (quad != 1)).any()
+    else:
+        vmask = torch.tensor(valid)
+        total = (average_ranks(torch.tensor(ppl), vmask) + average_ranks(torch.tensor(ent), vmask)).numpy()
+        assert total[filled].max() <= total[cand & ~filled].min()

@@ -310,3 +310,20 @@ def test_reweighting_policy_refuses_non_nll_losses():
     with pytest.raises(ValueError, match="loss_type"):
         QTuningConfig(output_dir="unused", sample_policy="infobatch", loss_type="dft", use_cpu=True)
     QTuningConfig(output_dir="unused", sample_policy="random", loss_type="dft", use_cpu=True)
+
+
+@pytest.mark.parametrize("rule", ["q1_last", "least_suspect"])
+def test_qtuning_sample_policy_fills_by_the_configured_rule(rule):
+    # PPL and entropy strongly correlated: Q2 u Q4 is nearly empty and the fill picks most kept samples.
+    gen = torch.Generator().manual_seed(3)
+    log_ppl = torch.randn(32, generator=gen, dtype=torch.float64)
+    ppl, entropy = torch.exp(log_ppl), 0.9 * log_ppl + 0.2 * torch.randn(32, generator=gen, dtype=torch.float64)
+    batch = SampleBatch(ppl, entropy, torch.full((32,), 4))
+    decision = build_policy("qtuning", "qtuning", SelectionParams(sample_keep_ratio=0.25, fill_rule=rule))
+    got = decision.samples.select_samples(batch, _gen()).triage
+    expected = triage_samples(ppl, entropy, 0.25, fill_rule=rule)
+    paper = triage_samples(ppl, entropy, 0.25)
+    assert int(expected.filled.sum()) > 0
+    for name in ("keep", "quadrant", "filled", "q2_like"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    assert not torch.equal(got.keep, paper.keep), "the rules must differ on this batch"

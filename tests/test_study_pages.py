@@ -16,6 +16,9 @@ from trl_qtuning.bench.matrix import load_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_MATRICES = sorted((ROOT / "recipes" / "bench").glob("study_*.yaml"))
+IN_PROGRESS = {"study_gsm8k_fill_clean", "study_gsm8k_fill_swap30", "study_gsm8k_fill_numbers30"}
+"""Studies whose cells are still landing (issue 25): their pages must be the render of the cells committed so far, but
+may lack cells (or, before the first cell, the page). Remove a matrix from here when its last cell is committed."""
 
 
 CELL_HEADER_LINES = ("- cells ran on:", "- numerics:", "- cells ran with:", "- cells:")
@@ -34,8 +37,11 @@ def test_committed_study_page_is_the_render_of_the_committed_results(matrix_file
     monkeypatch.chdir(ROOT)  # the matrices name their inputs relative to the repository root
     matrix = load_matrix(matrix_file, check_inputs=False)
     page = matrix.output_dir / tables.RESULTS_MD
+    in_progress = matrix_file.stem in IN_PROGRESS
     if not page.is_file():
-        pytest.skip(f"{matrix.output_dir} has no results page yet (no cell of this matrix has finished)")
+        if in_progress:
+            pytest.skip(f"{matrix.output_dir} has no results page yet (no cell of this study has landed)")
+        pytest.fail(f"{page} is missing: every finished study commits its page (or list it in IN_PROGRESS)")
     copy = tmp_path / "study"
     shutil.copytree(matrix.output_dir, copy)  # render into a copy: the committed page stays as it is
     settings = yaml.safe_load(matrix_file.read_text())
@@ -47,9 +53,12 @@ def test_committed_study_page_is_the_render_of_the_committed_results(matrix_file
     monkeypatch.setattr(figures, "draw_curves", lambda *args, **kwargs: [])  # the tables are the claim here
     assert bench_main(["--config", str(config), "--table-only"]) == 0
     rendered = (copy / tables.RESULTS_MD).read_text()
-    assert re.search(r"^- cells: (\d+) of \1 cells finished$", rendered, re.M), (
+    finished = re.search(r"^- cells: (\d+) of (\d+) cells finished", rendered, re.M)
+    assert finished, "the page does not say how many cells finished"
+    assert in_progress or finished.group(1) == finished.group(2), (
         "a planned cell has no committed result, or a committed one no longer belongs to its matrix (stale)"
     )
+    assert "stale" not in rendered.split("## ")[0], "a committed cell no longer belongs to its matrix (stale)"
     assert _rendered_claims(rendered) == _rendered_claims(page.read_text()), (
         f"{page} is not what the committed results render to: run "
         f"`trl-qtuning bench --config {matrix_file.relative_to(ROOT)} --table-only` and commit the page"

@@ -11,6 +11,7 @@ from typing import Any
 from trl import SFTConfig
 
 from .core.selection import SelectionParams
+from .core.triage import FILL_RULES
 from .policies import Policy, build_policy
 
 __all__ = ["QTuningConfig", "require_qtuning_config"]
@@ -32,6 +33,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "entropy_positions": ("response", "all"),
     "qtuning_ledger": ("none", "summary", "full"),
     "eu_plane": ("paper", "decorrelated"),
+    "fill_rule": FILL_RULES,
 }
 
 
@@ -159,6 +161,15 @@ class QTuningConfig(SFTConfig):
             "`sample_policy='qtuning'`; the ledger and metrics still report the raw entropy."
         },
     )
+    fill_rule: str = field(
+        default="paper",
+        metadata={
+            "help": "How an under-full Q2+Q4 (common when PPL and entropy correlate) is topped up to the sample "
+            "budget: 'paper' (largest |norm PPL - norm entropy| first), 'q1_last' (the same, but Q1 'harmful noise' "
+            "samples only after every other candidate), 'least_suspect' (lowest rank(PPL) + rank(entropy) first, the "
+            "candidates farthest from Q1). Only affects `sample_policy='qtuning'`; see docs/policies.md."
+        },
+    )
     triage_max_iter: int = field(
         default=10, metadata={"help": "Bisection steps at most when searching the quantile level q."}
     )
@@ -227,13 +238,14 @@ class QTuningConfig(SFTConfig):
                 f"`sample_policy={self.sample_policy!r}` rescales sample losses, which is defined for "
                 f"`loss_type='nll'` only (got loss_type={self.loss_type!r}): use loss_type='nll' or another policy."
             )
-        if self.eu_plane != "paper" and not policy.samples.uses_eu_plane:
-            warnings.warn(
-                f"`eu_plane={self.eu_plane!r}` has no effect with `sample_policy={self.sample_policy!r}`: only the "
-                "'qtuning' sample policy triages on the EU plane.",
-                UserWarning,
-                stacklevel=3,
-            )
+        for name in ("eu_plane", "fill_rule"):
+            if getattr(self, name) != "paper" and not policy.samples.uses_eu_plane:
+                warnings.warn(
+                    f"`{name}={getattr(self, name)!r}` has no effect with `sample_policy={self.sample_policy!r}`: only "
+                    "the 'qtuning' sample policy triages on the EU plane.",
+                    UserWarning,
+                    stacklevel=3,
+                )
         if self.reference_model_path and not policy.needs_reference:
             raise ValueError(
                 f"`reference_model_path` is only used by `token_policy='rho1'` and `sample_policy='tailsft'` (got "
@@ -326,6 +338,7 @@ class QTuningConfig(SFTConfig):
             triage_max_iter=int(self.triage_max_iter),
             triage_tol=float(self.triage_tol),
             eu_plane=self.eu_plane,  # type: ignore[arg-type]
+            fill_rule=self.fill_rule,  # type: ignore[arg-type]
         )
 
 

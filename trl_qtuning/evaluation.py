@@ -201,6 +201,20 @@ def _prompt_and_full_ids(
     )
 
 
+def answer_logprob_sums(
+    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], *, batch_size: int = 8, max_length: int = 1024
+) -> tuple[list[float], list[int]]:
+    """Per row: the summed log-probability of the completion's tokens given the prompt, and how many were scored
+    (tokenized as :func:`answer_nll` does; truncated to ``max_length`` from the right)."""
+    sequences, starts = [], []
+    for row in rows:
+        prompt_ids, full_ids = _prompt_and_full_ids(tokenizer, row)
+        sequences.append(full_ids[:max_length])
+        starts.append(len(prompt_ids))
+    with _eval_mode(model):
+        return _scored_logprob_sums(model, sequences, starts, batch_size=batch_size, pad_id=_pad_id(tokenizer))
+
+
 def answer_nll(
     model: Any,
     tokenizer: Any,
@@ -221,15 +235,7 @@ def answer_nll(
         of answer tokens, "samples": number of rows}``.
     """
     rows = _rows(dataset)
-    sequences, starts = [], []
-    for row in rows:
-        prompt_ids, full_ids = _prompt_and_full_ids(tokenizer, row)
-        sequences.append(full_ids[:max_length])
-        starts.append(len(prompt_ids))
-    with _eval_mode(model):
-        sums, counts = _scored_logprob_sums(
-            model, sequences, starts, batch_size=batch_size, pad_id=_pad_id(tokenizer)
-        )
+    sums, counts = answer_logprob_sums(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)
     tokens = sum(counts)
     nll = -sum(sums) / tokens if tokens else float("nan")
     return {"nll": float(nll), "tokens": tokens, "samples": len(rows)}

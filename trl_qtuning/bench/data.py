@@ -1,8 +1,10 @@
 """The bench's data: the training subset (optionally with label noise), held-out rows and evaluation subsets.
 
 Every selection ranks rows by ``sha256(seed:salt:uid)``, so every cell of a matrix sees the same rows on any machine
-and library version. Label noise swaps the answers of a seeded share of the *training* rows among themselves; the
-held-out, transfer and evaluation rows are never corrupted.
+and library version. Label noise corrupts a seeded share of the *training* rows, either by swapping their answers
+among themselves (``label_noise_type: swap``) or by a consistent arithmetic slip in each answer (``numbers``,
+:mod:`trl_qtuning.bench.noise`); the same rows are chosen for both. Held-out, transfer and evaluation rows are never
+corrupted.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from .matrix import Matrix, TrainData, field_error
 
-__all__ = ["corrupt_answers", "describe", "load_pool", "prepare_data"]
+__all__ = ["corrupt_answers", "corrupt_numbers", "describe", "load_pool", "prepare_data"]
 
 
 def _ranked(dataset, seed: int, salt: str):
@@ -109,7 +111,7 @@ def corrupt_answers(train, share: float, seed: int) -> tuple[Any, list[int]]:
     """Swap the completions of ``round(share * n)`` seeded rows among themselves (a cyclic shift in ranked order, so
     every chosen row gets another chosen row's answer). Returns the new dataset and the corrupted row indices."""
     n = len(train)
-    count = int(share * n + 0.5)
+    count = _noise_count(n, share)
     if count == 0:
         return train, []
     if count < 2:
@@ -123,6 +125,41 @@ def corrupt_answers(train, share: float, seed: int) -> tuple[Any, list[int]]:
         return {"completion": completions[donor[index]]} if index in donor else {"completion": row["completion"]}
 
     return train.map(swap, with_indices=True), sorted(chosen)
+
+
+def _noise_count(n: int, share: float) -> int:
+    return int(share * n + 0.5)
+
+
+def corrupt_numbers(train, share: float, seed: int) -> tuple[Any, list[int]]:
+    """Give ``round(share * n)`` seeded rows (the rows :func:`corrupt_answers` would swap) a fluent but wrong answer:
+    one arithmetic slip carried through the solution (:func:`trl_qtuning.bench.noise.perturb_solution`). A row with
+    no number to change is passed over for the next ranked one. Returns the new dataset and the corrupted indices."""
+    from .noise import perturb_solution, row_rng
+
+    n = len(train)
+    count = _noise_count(n, share)
+    if count == 0:
+        return train, []
+    keys = list(train["uid"]) if "uid" in train.column_names else [str(i) for i in range(n)]
+    completions = train["completion"]
+    changed: dict[int, Any] = {}
+    for row in _rank_order(train, seed, "label_noise"):
+        completion = completions[row]
+        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        wrong = perturb_solution(text, row_rng(seed, keys[row]))
+        if wrong is not None:
+            changed[row] = [*completion[:-1], {**completion[-1], "content": wrong}] if isinstance(completion, list) else wrong
+            if len(changed) == count:
+                break
+    if len(changed) < count:
+        raise field_error("data.train.label_noise", f"only {len(changed)} of the {n} rows have a number to change, "
+                          f"{count} are needed", "lower label_noise, or use label_noise_type: swap")  # fmt: skip
+
+    def alter(row, index):
+        return {"completion": changed.get(index, row["completion"])}
+
+    return train.map(alter, with_indices=True), sorted(changed)
 
 
 def prepare_data(matrix: Matrix) -> dict[str, Any]:
@@ -141,10 +178,12 @@ def prepare_data(matrix: Matrix) -> dict[str, Any]:
     train = _first(train, spec.size, spec.seed, "train")
     corrupted: list[int] = []
     if spec.label_noise:
-        train, corrupted = corrupt_answers(train, spec.label_noise, spec.seed)
+        corrupt = corrupt_numbers if spec.label_noise_type == "numbers" else corrupt_answers
+        train, corrupted = corrupt(train, spec.label_noise, spec.seed)
     keep = [c for c in ("prompt", "completion") if c in train.column_names]
     train = train.select_columns(keep) if len(keep) == 2 else train
-    data: dict[str, Any] = {"train": train, "heldout": heldout, "corrupted_ids": corrupted}
+    data: dict[str, Any] = {"train": train, "heldout": heldout, "corrupted_ids": corrupted,
+                            "noise_type": spec.label_noise_type if spec.label_noise else None}  # fmt: skip
     ev, seed = matrix.eval, matrix.eval.seed
     if ev.gsm8k:
         g = ev.gsm8k
@@ -181,6 +220,7 @@ def describe(data: dict[str, Any]) -> str:
     parts = [f"{len(data['train'])} training rows", f"{len(data['heldout'])} held-out rows"]
     parts += [f"{len(data[k])} {k}" for k in ("transfer", "gsm8k", "arc_easy", "arc_challenge") if k in data]
     if data.get("corrupted_ids"):
-        parts.append(f"{len(data['corrupted_ids'])} training rows with swapped answers")
+        kind = "answers with a carried arithmetic slip" if data.get("noise_type") == "numbers" else "swapped answers"
+        parts.append(f"{len(data['corrupted_ids'])} training rows with {kind}")
     return ", ".join(parts)
 

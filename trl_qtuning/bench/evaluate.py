@@ -70,6 +70,12 @@ def evaluate(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf16: bo
     try:
         metrics = curve_metrics(model, tokenizer, matrix, data, bf16=bf16)
         with torch.no_grad(), _autocast(model, bf16):
+            if ev.contrast:
+                from .contrast import answer_contrasts
+
+                c = ev.contrast
+                metrics.update(answer_contrasts(model, tokenizer, data["heldout"], kinds=c["kinds"], seed=ev.seed,
+                                                batch_size=c["batch_size"], max_length=c["max_length"]))  # fmt: skip
             if ev.gsm8k:
                 g = ev.gsm8k
                 out = evaluation.gsm8k_exact_match(

@@ -43,14 +43,18 @@ TOP_KEYS = (
     "budgets", "seeds", "equal_compute", "baselines",
 )  # fmt: skip
 SOURCES = ("gsm8k_jsonl", "demo_math", "arithmetic", "local")
+NOISE_TYPES = ("swap", "numbers")
+"""``data.train.label_noise_type`` (trl_qtuning/bench/data.py applies them)."""
 SOURCE_KEYS = {
-    "gsm8k_jsonl": ("source", "path", "size", "seed", "strip_calculator", "label_noise"),
-    "demo_math": ("source", "size", "seed", "subjects", "max_level", "max_chars", "label_noise"),
-    "arithmetic": ("source", "size", "seed", "noisy_share", "label_noise"),
-    "local": ("source", "path", "size", "seed", "label_noise"),
+    "gsm8k_jsonl": ("source", "path", "size", "seed", "strip_calculator", "label_noise", "label_noise_type"),
+    "demo_math": ("source", "size", "seed", "subjects", "max_level", "max_chars", "label_noise", "label_noise_type"),
+    "arithmetic": ("source", "size", "seed", "noisy_share", "label_noise", "label_noise_type"),
+    "local": ("source", "path", "size", "seed", "label_noise", "label_noise_type"),
 }
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
-EVAL_KEYS = ("nll", "gsm8k", "arc_easy", "arc_challenge", "seed", "base", "every_steps", "transfer")
+EVAL_KEYS = ("nll", "gsm8k", "arc_easy", "arc_challenge", "seed", "base", "every_steps", "transfer", "contrast")
+CONTRAST_KINDS = ("swap", "numbers")
+"""``eval.contrast.kinds`` (trl_qtuning/bench/contrast.py)."""
 METHOD_BENCH_KEYS = ("budgets", "match_label_tokens")
 """Keys of a method that are the bench's, not QTuningConfig fields."""
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
@@ -87,7 +91,9 @@ class TrainData:
     seed: int
     path: str | None = None
     label_noise: float = 0.0
-    """Share of the training rows whose answers are swapped among themselves (0: clean)."""
+    """Share of the training rows whose answers are corrupted (0: clean)."""
+    label_noise_type: str = "swap"
+    """How: ``swap`` (answers swapped among the chosen rows) or ``numbers`` (one carried arithmetic slip each)."""
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Source-specific keys (``strip_calculator``, ``subjects``, ``max_level``, ``max_chars``, ``noisy_share``)."""
 
@@ -98,6 +104,8 @@ class TrainData:
             out["path"] = self.path
         if self.label_noise:
             out["label_noise"] = self.label_noise
+            if self.label_noise_type != "swap":  # swap hashes as before the noise type existed
+                out["label_noise_type"] = self.label_noise_type
         return out
 
 
@@ -115,10 +123,12 @@ class EvalSpec:
     """Held-out NLL every N optimizer steps and at the end (the learning curve); None: at the end only."""
     transfer: dict[str, Any] | None = None
     """A second held-out set from another distribution (its NLL is logged with the curve)."""
+    contrast: dict[str, Any] | None = None
+    """Held-out contrasts of true against wrong answers (``kinds``, ``batch_size``, ``max_length``), at the end."""
 
     @property
     def enabled(self) -> bool:
-        return any((self.nll, self.gsm8k, self.arc_easy, self.arc_challenge, self.transfer))
+        return any((self.nll, self.gsm8k, self.arc_easy, self.arc_challenge, self.transfer, self.contrast))
 
     def as_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in ("seed", "base", "nll", "gsm8k", "arc_easy", "arc_challenge")}
@@ -126,6 +136,8 @@ class EvalSpec:
             out["every_steps"] = self.every_steps
         if self.transfer is not None:
             out["transfer"] = self.transfer
+        if self.contrast is not None:
+            out["contrast"] = self.contrast
         return out
 
 
@@ -554,9 +566,16 @@ def _parse_train(data: dict[str, Any], check_inputs: bool) -> TrainData:
         if not 0.0 <= noise <= 1.0:
             raise field_error("data.train.label_noise", f"must be a share in [0, 1], got {spec['label_noise']!r}",
                        "e.g. 0.3 swaps the answers of 30% of the training rows")
+    noise_type = spec.get("label_noise_type", "swap")
+    if noise_type not in NOISE_TYPES:
+        raise field_error("data.train.label_noise_type", f"must be one of {', '.join(NOISE_TYPES)}, got {noise_type!r}",
+                          "swap: answers swapped among the corrupted rows; numbers: a carried arithmetic slip")
+    if "label_noise_type" in spec and not noise:
+        raise field_error("data.train.label_noise_type", "has no effect without label_noise",
+                          "set label_noise (e.g. 0.3), or remove label_noise_type")
     return TrainData(
         source=source, size=_int(spec.get("size"), "data.train.size", 1, null_ok=True),
-        seed=_int(spec.get("seed", 0), "data.train.seed"), path=path, label_noise=noise,
+        seed=_int(spec.get("seed", 0), "data.train.seed"), path=path, label_noise=noise, label_noise_type=noise_type,
         options=_parse_source_options(spec, source, "data.train"),
     )  # fmt: skip
 
@@ -610,11 +629,29 @@ def _parse_eval(value: Any, heldout_size: int, check_inputs: bool) -> EvalSpec:
     spec = EvalSpec(
         nll=nll, gsm8k=gsm8k or None, arc_easy=arcs["arc_easy"], arc_challenge=arcs["arc_challenge"],
         seed=_int(raw.get("seed", 0), "eval.seed"), base=_bool(raw.get("base", True), "eval.base"),
-        every_steps=every_steps, transfer=transfer,
+        every_steps=every_steps, transfer=transfer, contrast=_parse_contrast(raw.get("contrast"), heldout_size),
     )  # fmt: skip
     if check_inputs and spec.enabled and importlib.util.find_spec("trl_qtuning.evaluation") is None:
         raise field_error("eval", "the evaluation module trl_qtuning.evaluation is not available in this installation",
                    "update trl-qtuning, or disable every evaluation (nll: false, no gsm8k/arc_easy/arc_challenge)")
+    return spec
+
+
+def _parse_contrast(value: Any, heldout_size: int) -> dict[str, Any] | None:
+    """``eval.contrast``: true, or ``{kinds: [swap, numbers], batch_size: 8, max_length: 1024}``."""
+    if value is None or value is False:
+        return None
+    spec = {"kinds": list(CONTRAST_KINDS), "batch_size": 8, "max_length": 1024,
+            **({} if value is True else _mapping(value, "eval.contrast", ("kinds", "batch_size", "max_length")))}  # fmt: skip
+    kinds = spec["kinds"]
+    if not isinstance(kinds, list) or not kinds or any(k not in CONTRAST_KINDS for k in kinds):
+        raise field_error("eval.contrast.kinds", f"must be a non-empty list of {', '.join(CONTRAST_KINDS)}, got {kinds!r}",
+                          "e.g. [swap, numbers]")
+    _int(spec["batch_size"], "eval.contrast.batch_size", 1)
+    _int(spec["max_length"], "eval.contrast.max_length", 1)
+    if heldout_size < 2:
+        raise field_error("eval.contrast", f"compares held-out rows, but data.heldout_size is {heldout_size}",
+                          "set data.heldout_size (e.g. 48), or remove eval.contrast")
     return spec
 
 

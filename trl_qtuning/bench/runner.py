@@ -258,7 +258,7 @@ def run_train_cell(
         token_keep_ratio=float(config.token_keep_ratio) if config.qtuning_enabled else None,
         matched_label_share=targets.get("label_share"), compute=compute,
         curve=curve.points if curve else None, noise_audit=audit,
-        corrupted_ids=data.get("corrupted_ids") or None,
+        corrupted_ids=data.get("corrupted_ids") or None, noise_type=data.get("noise_type"),
     )  # fmt: skip
     return record
 

@@ -28,10 +28,16 @@ METRIC_COLUMNS = (  # result key, table header, kind
     ("eval/gsm8k_em", "GSM8K EM %", "pct"),
     ("eval/arc_easy_acc", "ARC-E acc %", "pct"),
     ("eval/arc_challenge_acc", "ARC-C acc %", "pct"),
+    ("eval/contrast_swap", "Q-A contrast", "nll"),
+    ("eval/contrast_numbers", "arithmetic contrast", "nll"),
 )
 CURVE_KEYS = ("eval/nll", "eval/nll_transfer")
 """Metrics the learning curve measures (readable at any recorded step; the others only at the end)."""
-PAIRED_KEYS = ("eval/nll", "eval/nll_transfer")
+PAIRED_KEYS = ("eval/nll", "eval/nll_transfer", "eval/contrast_swap", "eval/contrast_numbers")
+HIGHER_IS_BETTER = frozenset({"eval/contrast_swap", "eval/contrast_numbers"})
+"""Paired keys where a method "wins" with a positive difference (the contrasts); lower is better for the rest."""
+PAIRED_LABELS = {"eval/nll": "NLL", "eval/nll_transfer": "transfer NLL", "eval/contrast_swap": "Q-A contrast",
+                 "eval/contrast_numbers": "arithmetic contrast"}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -242,7 +248,7 @@ def _add_paired(matrix: Matrix, rows: list[dict[str, Any]], kinds: list[str]) ->
                 for key in PAIRED_KEYS:
                     mine = {s: v[key] for s, v in row[kind]["per_seed"].items() if key in v}
                     theirs = {s: v[key] for s, v in base[kind]["per_seed"].items() if key in v}
-                    diff = paired_difference(mine, theirs)
+                    diff = paired_difference(mine, theirs, lower_is_better=key not in HIGHER_IS_BETTER)
                     if diff is not None:
                         paired.setdefault(baseline, {})[key] = diff
             row[kind]["paired"] = paired
@@ -300,8 +306,7 @@ def format_paired(rows: list[dict[str, Any]], kind: str, baselines: list[str]) -
             if any(k in (r.get(kind, {}).get("paired", {}).get(b) or {}) for r in rows)]  # fmt: skip
     if not cols:
         return None
-    label = {"eval/nll": "NLL", "eval/nll_transfer": "transfer NLL"}
-    headers = ["method", "budget (samples x tokens)", *[f"Δ {label[k]} vs {b} [95% CI]" for b, k in cols]]
+    headers = ["method", "budget (samples x tokens)", *[f"Δ {PAIRED_LABELS[k]} vs {b} [95% CI]" for b, k in cols]]
     body = []
     for row in rows:
         paired = row.get(kind, {}).get("paired")

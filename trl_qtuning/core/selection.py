@@ -14,7 +14,7 @@ from typing import Callable, Literal
 import torch
 
 from .plane import decorrelated_entropy
-from .triage import TriageResult
+from .triage import FillRule, TriageResult
 
 __all__ = [
     "SelectionParams",
@@ -43,6 +43,7 @@ class SelectionParams:
     triage_max_iter: int = 10
     triage_tol: float = 0.01
     eu_plane: Literal["paper", "decorrelated"] = "paper"
+    fill_rule: FillRule = "paper"
 
 
 def triage_axes(ppl: torch.Tensor, entropy: torch.Tensor, params: SelectionParams) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,9 +9,9 @@ sample budget. Q1 (harmful noise) and Q3 (redundant knowledge) are dropped. Rule
 * ``Q2 = PPL > ppl_hi & ENT <= ent_lo``; ``Q4 = PPL <= ppl_lo & ENT > ent_hi``;
   ``Q1 = PPL > ppl_hi & ENT > ent_hi``; ``Q3 = PPL <= ppl_lo & ENT <= ent_lo``; everything else is the mid band (0);
 * bisection on ``q`` in ``[0, 0.49]``, at most ``max_iter`` steps, stopping once ``|kept/B - r| < tol``;
-* target ``K = max(1, round_half_up(r * B))``; too few kept: fill with the non-kept samples of largest
-  ``|norm(PPL) - norm(ENT)|`` (min-max normalised); too many (and ``enforce_budget``): keep the K best, ranking Q2 by
-  ``norm(PPL) - norm(ENT)`` and Q4 by ``norm(ENT) - norm(PPL)``.
+* target ``K = max(1, round_half_up(r * B))``; too few kept: fill from the non-kept samples by the ``fill_rule``
+  (:data:`FILL_RULES`; the paper's takes the largest ``|norm(PPL) - norm(ENT)|``, min-max normalised); too many (and
+  ``enforce_budget``): keep the K best, ranking Q2 by ``norm(PPL) - norm(ENT)`` and Q4 by ``norm(ENT) - norm(PPL)``.
 
 Samples with a non-finite statistic (no response token, NaN/inf log-probs) are never kept: they get quadrant 0 and
 ``invalid=True``. Ties are broken by position in the batch (earlier first), so decisions are deterministic.
@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 __all__ = [
+    "FILL_RULES",
     "TriageResult",
+    "average_ranks",
+    "fill_scores",
     "triage_samples",
     "assign_quadrants",
     "target_keep_count",
@@ -34,6 +38,17 @@ __all__ = [
 ]
 
 MAX_QUANTILE_LEVEL = 0.49
+
+FillRule = Literal["paper", "q1_last", "least_suspect"]
+FILL_RULES: tuple[str, ...] = ("paper", "q1_last", "least_suspect")
+"""How an under-full Q2 u Q4 is topped up to K (docs/policies.md#the-fill-rule-fill_rule):
+
+* ``"paper"``: largest ``|norm(PPL) - norm(ENT)|`` first (the paper's rule: the samples that lean most towards Q2 or
+  Q4);
+* ``"q1_last"``: the same order, but Q1 ("harmful noise") samples only once every other candidate is taken;
+* ``"least_suspect"``: lowest ``rank(PPL) + rank(ENT)`` first (average ranks over the group's valid samples): the
+  candidates farthest from the Q1 corner, by the score that ranks corrupted rows highest.
+"""
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,33 @@ def top_k_mask(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Te
     return mask & eligible
 
 
+def average_ranks(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """1-based ranks among the valid entries, ties sharing their average rank (scipy's ``rankdata``); 0 where invalid.
+
+    ``#{smaller} + (#{equal} + 1) / 2`` over the valid entries, by one (B, B) comparison: triage groups are small.
+    """
+    v = values.double()
+    other = torch.where(valid, v, torch.full_like(v, math.nan)).unsqueeze(0)
+    smaller = (other < v.unsqueeze(1)).sum(1)
+    equal = (other == v.unsqueeze(1)).sum(1)
+    return torch.where(valid, smaller + (equal + 1) / 2, torch.zeros_like(v))
+
+
+def fill_scores(
+    rule: str, norm_ppl: torch.Tensor, norm_ent: torch.Tensor, quadrant: torch.Tensor, ppl: torch.Tensor,
+    entropy: torch.Tensor, valid: torch.Tensor,
+) -> torch.Tensor:
+    """The order in which under-fill candidates are taken, highest first (:data:`FILL_RULES`)."""
+    paper = (norm_ppl - norm_ent).abs().double()
+    if rule == "paper":
+        return paper
+    if rule == "q1_last":  # |diff| <= 1, so the offset puts every non-Q1 candidate above every Q1 one
+        return torch.where(quadrant == 1, paper - 2.0, paper)
+    if rule == "least_suspect":
+        return -(average_ranks(ppl, valid) + average_ranks(entropy, valid))
+    raise ValueError(f"fill_rule must be one of {', '.join(map(repr, FILL_RULES))}; got {rule!r}")
+
+
 def triage_samples(
     ppl: torch.Tensor,
     entropy: torch.Tensor,
@@ -139,6 +181,7 @@ def triage_samples(
     enforce_budget: bool = True,
     max_iter: int = 10,
     tol: float = 0.01,
+    fill_rule: FillRule = "paper",
 ) -> TriageResult:
     """Triage a batch into quadrants and decide which samples stay.
 
@@ -150,6 +193,7 @@ def triage_samples(
             Q2 and Q4 sample stays even when they exceed the budget.
         max_iter: bisection steps at most.
         tol: stop bisecting once the kept share is within ``tol`` of ``keep_ratio``.
+        fill_rule: which non-kept samples top up an under-full Q2 u Q4 (:data:`FILL_RULES`).
     """
     if ppl.dim() != 1 or ppl.shape != entropy.shape:
         raise ValueError(f"ppl and entropy must be 1-D of equal length, got {tuple(ppl.shape)} and {tuple(entropy.shape)}")
@@ -157,6 +201,8 @@ def triage_samples(
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if fill_rule not in FILL_RULES:
+        raise ValueError(f"fill_rule must be one of {', '.join(map(repr, FILL_RULES))}; got {fill_rule!r}")
     batch = ppl.numel()
     device = ppl.device
     valid = torch.isfinite(ppl) & torch.isfinite(entropy)
@@ -193,7 +239,8 @@ def triage_samples(
     keep, filled, trimmed = in_q2_q4.clone(), false.clone(), false.clone()
     n_kept = int(in_q2_q4.sum())
     if n_kept < target:
-        filled = top_k_mask((norm_p - norm_e).abs(), valid & ~in_q2_q4, target - n_kept)
+        order = fill_scores(fill_rule, norm_p, norm_e, quadrant, ppl, entropy, valid)
+        filled = top_k_mask(order, valid & ~in_q2_q4, target - n_kept)
         keep = keep | filled
     elif n_kept > target and enforce_budget:
         rank = torch.where(quadrant == 2, norm_p - norm_e, norm_e - norm_p)

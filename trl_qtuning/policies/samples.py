@@ -43,7 +43,7 @@ class QTuningSamples(SamplePolicy):
         ppl, axis = triage_axes(batch.ppl, batch.entropy, p)
         triage = triage_samples(
             ppl, axis, p.sample_keep_ratio, enforce_budget=p.enforce_sample_budget, max_iter=p.triage_max_iter,
-            tol=p.triage_tol,
+            tol=p.triage_tol, fill_rule=p.fill_rule,
         )
         return SampleDecision(triage, qtuning_token_rows(triage, p), plane_axis=None if axis is batch.entropy else axis)
 

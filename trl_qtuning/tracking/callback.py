@@ -47,12 +47,15 @@ _QTUNING_TAG_FIELDS = (
     "prune_filled_q2_like",
     "token_prune_q4",
     "eu_plane",
+    "fill_rule",
 )
 _ABLATIONS = (  # (field, value that is not the default, suffix of the method label)
     ("token_prune_q4", True, "q4-tokens"),
     ("reverse_token_score", True, "reversed-score"),
     ("prune_filled_q2_like", True, "filled-q2"),
     ("eu_plane", "decorrelated", "decorrelated"),
+    ("fill_rule", "q1_last", "fill-q1-last"),
+    ("fill_rule", "least_suspect", "fill-least-suspect"),
     ("neighbor_mode", "mean", "neighbor-mean"),
     ("token_budget_scope", "batch", "batch-budget"),
     ("token_budget_scope", "run", "run-budget"),

@@ -1,0 +1,167 @@
+"""The bench's second label noise (a carried arithmetic slip) and the contrast evaluations that noise can move."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trl_qtuning.bench.noise import perturb_solution, row_rng
+
+from .test_bench import _run, _tiny_matrix, _write_matrix, model_dir  # noqa: F401  (model_dir is a fixture)
+
+NATALIA = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+)
+
+
+class _Last:
+    """A stand-in generator that always takes the last choice (+3 units, or x1.3)."""
+
+    def choice(self, options):
+        return options[-1]
+
+
+class _First:
+    def choice(self, options):
+        return options[0]
+
+
+def test_slip_in_the_first_step_is_carried_through_the_chain():
+    # 24 -> 24 + 3 = 27 (unit 1: a two-digit number moves in ones); 48 + 27 = 75 everywhere after it.
+    assert perturb_solution(NATALIA, _Last()) == (
+        "Natalia sold 48/2 = <<48/2=27>>27 clips in May.\n"
+        "Natalia sold 48+27 = <<48+27=75>>75 clips altogether in April and May.\n#### 75"
+    )
+
+
+def test_decimal_results_scale_and_the_chain_recomputes():
+    # 0.2 x 1.3 = 0.26; 0.26 * 50 = 13. The prose "0.2 x 50" follows the changed number.
+    weng = "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nShe earned 0.2 x 50 = $<<0.2*50=10>>10.\n#### 10"
+    assert perturb_solution(weng, _Last()) == (
+        "Weng earns 12/60 = $<<12/60=0.26>>0.26 per minute.\nShe earned 0.26 x 50 = $<<0.26*50=13>>13.\n#### 13"
+    )
+
+
+def test_units_follow_the_size_of_the_number_and_never_go_below_zero():
+    # 1500: unit 100, the first choice -3 -> 1200; 1 - 3 units would be negative, so -1 is the first choice -> 0.
+    assert perturb_solution("It costs 3*500 = <<3*500=1500>>1500.\n#### 1,500", _First()) == (
+        "It costs 3*500 = <<3*500=1200>>1200.\n#### 1200"
+    )
+    assert perturb_solution("He has <<3-2=1>>1 left.\n#### 1", _First()) == "He has <<3-2=0>>0 left.\n#### 0"
+
+
+def test_a_solution_without_annotations_moves_its_final_number_everywhere():
+    assert perturb_solution("3 apples and 4 more make 7.\n#### 7", _Last()) == "3 apples and 4 more make 10.\n#### 10"
+    assert perturb_solution("no numbers here", _Last()) is None
+
+
+def test_every_train_row_gets_a_different_final_answer():
+    from trl_qtuning.evaluation import extract_final_number
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+    if not root.exists():
+        pytest.skip("the GSM8K data of ../shared is not beside this checkout")
+    lines = root.read_text().splitlines()[:400]
+    for i, line in enumerate(lines):
+        answer = json.loads(line)["answer"]
+        wrong = perturb_solution(answer, row_rng(0, str(i)))
+        assert wrong is not None and extract_final_number(wrong) != extract_final_number(answer), answer
+        assert wrong.count("<<") == answer.count("<<") and wrong.count("\n") == answer.count("\n")
+
+
+def test_row_rng_is_seeded_by_seed_and_key():
+    draws = [row_rng(0, "a").random(), row_rng(0, "a").random(), row_rng(1, "a").random(), row_rng(0, "b").random()]
+    assert draws[0] == draws[1] and len(set(draws)) == 3
+
+
+def test_numbers_noise_corrupts_the_rows_a_swap_would():
+    from trl_qtuning.bench.data import _arithmetic_rows, corrupt_answers, corrupt_numbers
+    from trl_qtuning.evaluation import extract_final_number
+
+    train = _arithmetic_rows(20, 0, 0.0)
+    swapped, swapped_ids = corrupt_answers(train, 0.3, seed=4)
+    altered, altered_ids = corrupt_numbers(train, 0.3, seed=4)
+    assert altered_ids == swapped_ids and len(altered_ids) == 6
+    for i in range(20):
+        before, after = train[i]["completion"][0]["content"], altered[i]["completion"][0]["content"]
+        assert (before != after) == (i in altered_ids)
+        if i in altered_ids:  # the same words, another final number
+            assert extract_final_number(before) != extract_final_number(after)
+            assert [w for w in before.split() if not w.isdigit()] == [w for w in after.split() if not w.isdigit()]
+    assert corrupt_numbers(train, 0.3, seed=4)[0]["completion"] == altered["completion"]  # deterministic
+
+
+def test_matrix_noise_type_is_checked_and_swap_hashes_as_before(tmp_path, model_dir):  # noqa: F811
+    from trl_qtuning.bench.matrix import load_matrix
+
+    def load(train: dict):
+        matrix = _tiny_matrix(tmp_path, model_dir, data={"train": train, "heldout_size": 8})
+        return load_matrix(_write_matrix(tmp_path / "m.yaml", matrix))
+
+    base = {"source": "arithmetic", "size": 32, "seed": 0, "label_noise": 0.3}
+    assert load(base).train.as_dict() == load({**base, "label_noise_type": "swap"}).train.as_dict()
+    assert load({**base, "label_noise_type": "numbers"}).train.as_dict()["label_noise_type"] == "numbers"
+    for train, message in [
+        ({**base, "label_noise_type": "typos"}, "data.train.label_noise_type: must be one of swap, numbers"),
+        ({**base, "label_noise": 0.0, "label_noise_type": "numbers"}, "has no effect without label_noise"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            load(train)
+
+
+def test_contrast_is_the_per_token_log_likelihood_ratio_of_true_and_wrong_answers(model_dir):  # noqa: F811
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_qtuning.bench.contrast import answer_contrasts, contrast_rows
+    from trl_qtuning.bench.data import _arithmetic_rows
+    from trl_qtuning.evaluation import answer_logprob_sums
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    rows = [dict(r) for r in _arithmetic_rows(6, 3, 0.0)]
+    with torch.no_grad():
+        got = answer_contrasts(model, tokenizer, rows, kinds=["swap", "numbers"], seed=0, batch_size=4)
+        true, counts = answer_logprob_sums(model, tokenizer, rows, batch_size=4)
+        # swap: row j's answer under row j+1's question
+        swapped = [{**rows[j], "prompt": rows[(j + 1) % 6]["prompt"]} for j in range(6)]
+        other, _ = answer_logprob_sums(model, tokenizer, swapped, batch_size=4)
+        margins = [(t - o) / c for t, o, c in zip(true, other, counts)]
+        assert got["eval/contrast_swap"] == pytest.approx(sum(margins) / 6, abs=1e-9)
+        assert got["eval/contrast_swap_win"] == pytest.approx(sum(m > 0 for m in margins) / 6)
+        # numbers: each answer against its own slip (every arithmetic row has a number)
+        indices, wrong = contrast_rows(rows, "numbers", 0)
+        assert indices == list(range(6))
+        assert all(w["prompt"] == r["prompt"] and w["completion"] != r["completion"] for w, r in zip(wrong, rows))
+        other, _ = answer_logprob_sums(model, tokenizer, wrong, batch_size=4)
+        margins = [(t - o) / c for t, o, c in zip(true, other, counts)]
+        assert got["eval/contrast_numbers"] == pytest.approx(sum(margins) / 6, abs=1e-9)
+        assert got["eval/contrast_numbers_n"] == 6.0
+
+
+def test_bench_cell_with_numbers_noise_records_its_rows_and_contrasts(tmp_path, model_dir):  # noqa: F811
+    matrix = _tiny_matrix(
+        tmp_path, model_dir, report_to="none",
+        data={"train": {"source": "arithmetic", "size": 32, "seed": 0, "noisy_share": 0.0, "label_noise": 0.25,
+                        "label_noise_type": "numbers"}, "heldout_size": 8},
+        eval={"nll": {"batch_size": 8, "max_length": 64}, "contrast": {"kinds": ["swap", "numbers"], "max_length": 64}},
+        methods={"full": {"qtuning_enabled": False}, "qtuning-least-suspect": {"fill_rule": "least_suspect"}},
+        budgets=[[0.25, 0.5]], baselines=["full"],
+    )  # fmt: skip
+    matrix["training"]["max_steps"] = 1
+    config = _write_matrix(tmp_path / "matrix.yaml", matrix)
+    code, out, err = _run(["bench", "--config", str(config)])
+    assert code == 0, f"{out}\n{err}"
+    results = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*/result.json")}
+    cell = results["qtuning-least-suspect_r25x50_seed0"]
+    assert cell["noise_type"] == "numbers" and len(cell["corrupted_ids"]) == 8
+    assert cell["overrides"] == {"fill_rule": "least_suspect"}
+    for result in results.values():
+        assert {"eval/contrast_swap", "eval/contrast_numbers", "eval/contrast_swap_win"} <= set(result["metrics"])
+    page = (tmp_path / "out" / "results.md").read_text()
+    assert "Q-A contrast" in page and "arithmetic contrast" in page
+    assert "Δ Q-A contrast vs full" in page
+    assert yaml.safe_load(config.read_text())["data"]["train"]["label_noise_type"] == "numbers"
