@@ -379,7 +379,8 @@ class _ChunkScorer:
         answer = row_text(row, self.settings.dataset_text_field)[1]
         return not (answer.replace(self.eos, "") if self.eos else answer).strip()
 
-    def __call__(self, rows: dict[str, list[Any]]) -> dict[str, np.ndarray]:
+    def __call__(self, rows: dict[str, list[Any]], on_rows: Any = None) -> dict[str, np.ndarray]:
+        """The shard's columns for ``rows``; ``on_rows(count)`` after each batch (the progress bar)."""
         settings = self.settings
         cut = settings.truncation()
         input_ids = [ids[cut] for ids in rows["input_ids"]]
@@ -401,6 +402,10 @@ class _ChunkScorer:
             ppl[index] = result.ppl.double().cpu().numpy()
             entropy[index] = result.entropy.double().cpu().numpy()
             answer_tokens[index] = result.response.sum(dim=1).int().cpu().numpy()
+            if on_rows is not None:
+                on_rows(index.size)
+        if on_rows is not None and n > scored_rows.size:
+            on_rows(n - scored_rows.size)  # rows without an answer token: no forward
         self.seconds += time.perf_counter() - start
         empty = np.fromiter((self._empty(row) for row in _rows_of(rows)), dtype=bool, count=n)
         return {
@@ -493,7 +498,7 @@ def _sft_trainer(model: Any, tokenizer: Any, dataset: Any, settings: AuditSettin
         dataset_text_field=settings.dataset_text_field, completion_only_loss=settings.completion_only_loss,
         assistant_only_loss=settings.assistant_only_loss, packing=False, padding_free=False, bf16=settings.bf16,
         use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, max_steps=1,  # never trained; a stream has no length to infer steps from
     )  # fmt: skip
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
@@ -663,9 +668,8 @@ def _score_pending(
                dynamic_ncols=True)  # fmt: skip
     try:
         for chunk_index, chunk_rows in _chunks(prepared, chunk, list(dict.fromkeys(columns))):
-            _write_shard(shard_dir, chunk_index, score(chunk_rows))
+            _write_shard(shard_dir, chunk_index, score(chunk_rows, bar.update))
             scored += len(chunk_rows[ROW_ID])
-            bar.update(len(chunk_rows[ROW_ID]))
     finally:
         bar.close()
     return scored, score.seconds

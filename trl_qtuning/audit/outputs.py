@@ -48,7 +48,7 @@ def build_table(shards: Any, keep_ratio: float, noisy_rows: Any = None) -> tuple
     ppl, entropy = df["ppl"].to_numpy(np.float64), df["entropy"].to_numpy(np.float64)
     scores = candidate_scores(ppl, entropy)
     valid = np.isfinite(scores["suspicion"])
-    triage = triage_samples(torch.from_numpy(ppl), torch.from_numpy(entropy), keep_ratio) if len(df) else None
+    triage = triage_samples(torch.from_numpy(ppl.copy()), torch.from_numpy(entropy.copy()), keep_ratio) if len(df) else None
     df["log_ppl"] = np.log(np.where(valid, ppl, np.nan))
     df["quadrant"] = triage.quadrant.numpy().astype(np.int8) if triage is not None else np.zeros(0, np.int8)
     df["kept_at_budget"] = triage.keep.numpy() if triage is not None else np.zeros(0, bool)
@@ -107,7 +107,7 @@ def summarise(df: Any, triage: Any, settings: AuditSettings, noisy_rows: Any = N
             "kept_rows": int(triage.keep.sum()),
         },
         "correlation": {
-            "pearson_log_ppl_entropy": plane_correlation(torch.from_numpy(ppl), torch.from_numpy(entropy)),
+            "pearson_log_ppl_entropy": plane_correlation(torch.from_numpy(ppl.copy()), torch.from_numpy(entropy.copy())),
             "spearman_ppl_entropy": spearman,
         },
         "quantiles": {
