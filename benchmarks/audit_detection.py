@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--train_steps", type=int, default=0, help="0: audit the untrained model only.")
     parser.add_argument("--train_batch", type=int, default=8)
+    parser.add_argument("--adapter", default=None, help="Also audit with this trained adapter (instead of training).")
     parser.add_argument("--output_dir", default="audit-detection")
     args = parser.parse_args(argv)
 
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"command": " ".join(["python", *sys.argv]), "rows": len(dataset), "corrupted": len(corrupted),
                "noise": args.noise, "share": args.share, "seed": args.seed, "audits": {}}  # fmt: skip
     models = [("untrained", args.model)]
+    if args.adapter:
+        models.append((f"adapter {args.adapter}", args.adapter))
     for name, model in models:
         start = time.perf_counter()
         result = audit_dataset(model, dataset, output_dir=out / f"audit-{name}", noisy_rows=corrupted,
