@@ -154,7 +154,7 @@ def plot_plane(df: Any, triage: Any, path: Path, top_k: int, title: str) -> bool
     x, y = df["log_ppl"].to_numpy(np.float64)[valid], df["entropy"].to_numpy(np.float64)[valid]
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     if x.size:
-        hb = ax.hexbin(x, y, gridsize=40, mincnt=1, cmap="Blues", bins="log")
+        hb = ax.hexbin(x, y, gridsize=30, mincnt=1, cmap="Blues", bins="log")
         fig.colorbar(hb, ax=ax, label="rows (log scale)")
     if triage is not None and all(math.isfinite(v) for v in triage.thresholds.values()):
         for value in (triage.thresholds["ppl_lo"], triage.thresholds["ppl_hi"]):
@@ -169,7 +169,9 @@ def plot_plane(df: Any, triage: Any, path: Path, top_k: int, title: str) -> bool
     ax.scatter(x[top], y[top], s=40, facecolors="none", edgecolors="tab:red", lw=1.0, label=f"top {top_k} suspected")
     ax.set_xlabel("log PPL (error)")
     ax.set_ylabel("mean token entropy (uncertainty)")
-    ax.set_title(title, fontsize=9)
+    import textwrap
+
+    ax.set_title(textwrap.fill(title, 70), fontsize=8)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
