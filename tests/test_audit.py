@@ -193,7 +193,8 @@ def test_adapter_folder_is_scored_with_its_adapter(tmp_path):
 
     base = save_tiny_model(tmp_path / "base")
     model, tokenizer = _tiny()
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft = get_peft_model(model, lora)
     with torch.no_grad():
         for name, parameter in peft.named_parameters():
             if "lora_B" in name:

@@ -168,7 +168,9 @@ def load_audit_model(name: str, *, adapter: str | None = None, dtype: str = "flo
                 raise AuditInputError(f"model path is not a directory: {name}", code=1)
             if (path / "adapter_config.json").is_file():
                 if adapter is not None:
-                    raise AuditInputError(f"{name} is itself an adapter: pass its base model as the model, or no --adapter")
+                    raise AuditInputError(
+                        f"{name} is itself an adapter: pass its base model as the model, or no --adapter"
+                    )
                 base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
                 if not base:
                     raise AuditInputError(f"{path / 'adapter_config.json'} names no base_model_name_or_path", code=1)
@@ -184,7 +186,8 @@ def load_audit_model(name: str, *, adapter: str | None = None, dtype: str = "flo
             tokenizer = _ensure_pad(AutoTokenizer.from_pretrained(name))
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
-            raise AuditInputError(f"cannot load model {name!r}{_offline_hint()}: {' '.join(str(exc).split())}", code=1) from exc
+            detail = " ".join(str(exc).split())
+            raise AuditInputError(f"cannot load model {name!r}{_offline_hint()}: {detail}", code=1) from exc
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if adapter is not None:
@@ -202,7 +205,8 @@ def _with_adapter(model: Any, adapter: str) -> Any:
     try:
         return PeftModel.from_pretrained(model, str(path), is_trainable=False)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise AuditInputError(f"cannot load adapter {adapter} on this model: {' '.join(str(exc).split())}", code=1) from exc
+        detail = " ".join(str(exc).split())
+        raise AuditInputError(f"cannot load adapter {adapter} on this model: {detail}", code=1) from exc
 
 
 def load_audit_dataset(
@@ -283,7 +287,8 @@ def row_text(row: dict[str, Any], text_field: str = "text") -> tuple[str, str]:
         return _content(row["prompt"], True), _content(row["completion"], False)
     if isinstance(row.get("messages"), list):
         messages = row["messages"]
-        last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"), default=None)
+        turns = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
+        last = turns[-1] if turns else None
         if last is None:
             return _content(messages, True), ""
         return _content(messages[:last], True), _content(messages[last]["content"], False)
@@ -644,7 +649,8 @@ def _score_pending(
         pending = [c for c in range(math.ceil(rows / chunk)) if c not in done]
         with state.split_between_processes(pending) as mine:
             mine = list(mine)
-        ids = np.concatenate([np.arange(c * chunk, min(rows, (c + 1) * chunk)) for c in mine]) if mine else np.array([], dtype=np.int64)
+        spans = [np.arange(c * chunk, min(rows, (c + 1) * chunk)) for c in mine]
+        ids = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
         to_score = raw.select(ids)
         total = int(ids.size)
     else:  # a stream: its length is unknown, so its chunks go round-robin
@@ -662,7 +668,8 @@ def _score_pending(
     columns = [c for c in (ROW_ID, "input_ids", "labels", *_TEXT_COLUMNS, settings.dataset_text_field)
                if c in (getattr(prepared, "column_names", None) or [])]  # fmt: skip
     if not columns:  # a stream whose features are unknown: read what its rows carry
-        columns = [ROW_ID, "input_ids", "labels"] + [c for c in next(iter(prepared)) if c in (*_TEXT_COLUMNS, settings.dataset_text_field)]
+        text = (*_TEXT_COLUMNS, settings.dataset_text_field)
+        columns = [ROW_ID, "input_ids", "labels"] + [c for c in next(iter(prepared)) if c in text]
     scored = 0
     bar = tqdm(total=total, unit="rows", desc="audit", disable=not progress or not state.is_local_main_process,
                dynamic_ncols=True)  # fmt: skip

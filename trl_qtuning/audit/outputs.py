@@ -48,7 +48,9 @@ def build_table(shards: Any, keep_ratio: float, noisy_rows: Any = None) -> tuple
     ppl, entropy = df["ppl"].to_numpy(np.float64), df["entropy"].to_numpy(np.float64)
     scores = candidate_scores(ppl, entropy)
     valid = np.isfinite(scores["suspicion"])
-    triage = triage_samples(torch.from_numpy(ppl.copy()), torch.from_numpy(entropy.copy()), keep_ratio) if len(df) else None
+    triage = None
+    if len(df):
+        triage = triage_samples(torch.from_numpy(ppl.copy()), torch.from_numpy(entropy.copy()), keep_ratio)
     df["log_ppl"] = np.log(np.where(valid, ppl, np.nan))
     df["quadrant"] = triage.quadrant.numpy().astype(np.int8) if triage is not None else np.zeros(0, np.int8)
     df["kept_at_budget"] = triage.keep.numpy() if triage is not None else np.zeros(0, bool)
@@ -107,7 +109,7 @@ def summarise(df: Any, triage: Any, settings: AuditSettings, noisy_rows: Any = N
             "kept_rows": int(triage.keep.sum()),
         },
         "correlation": {
-            "pearson_log_ppl_entropy": plane_correlation(torch.from_numpy(ppl.copy()), torch.from_numpy(entropy.copy())),
+            "pearson_log_ppl_entropy": plane_correlation(torch.tensor(ppl), torch.tensor(entropy)),
             "spearman_ppl_entropy": spearman,
         },
         "quantiles": {
@@ -366,7 +368,8 @@ def describe(summary: dict[str, Any], files: dict[str, Path]) -> list[str]:
     timing = summary.get("timing", {})
     rate = ""
     if timing.get("rows_scored_now") and timing.get("wall_seconds"):
-        rate = f" ({timing['rows_scored_now']} scored now, {timing['rows_scored_now'] / timing['wall_seconds']:.1f} rows/s)"
+        now = timing["rows_scored_now"]
+        rate = f" ({now} scored now, {now / timing['wall_seconds']:.1f} rows/s)"
     lines = [
         f"Audited {summary['rows']} rows{rate}: {summary['rows_scored']} scored, {summary['empty_answers']} empty "
         f"answers, {summary['truncated_rows']} truncated, {summary['rows_without_answer_token']} without an answer "
