@@ -435,15 +435,16 @@ def _chunks(prepared: Any, chunk_size: int, columns: Sequence[str]) -> Iterator[
     buffer: dict[str, list[Any]] = {c: [] for c in columns}
     source = prepared.select_columns(list(columns)) if hasattr(prepared, "select_columns") else prepared
     for batch in source.iter(batch_size=chunk_size):
-        ids = batch[ROW_ID]
-        chunk_of = [int(i) // chunk_size for i in ids]
-        for position, chunk in enumerate(chunk_of):
+        chunk_of = np.asarray(batch[ROW_ID], dtype=np.int64) // chunk_size
+        starts = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1]]) if chunk_of.size else []
+        for start, end in zip(starts, [*starts[1:], chunk_of.size]):  # runs of rows of one chunk
+            chunk = int(chunk_of[start])
             if current is not None and chunk != current:
                 yield current, buffer
                 buffer = {c: [] for c in columns}
             current = chunk
             for c in columns:
-                buffer[c].append(batch[c][position])
+                buffer[c].extend(batch[c][start:end])
     if current is not None and buffer[ROW_ID]:
         yield current, buffer
 
