@@ -269,3 +269,19 @@ def test_two_processes_score_shards_of_the_same_table(tmp_path):
     two = pd.read_parquet(tmp_path / "two" / "audit.parquet")
     pd.testing.assert_frame_equal(two[STATS], one[STATS], rtol=1e-6)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["timing"]["processes"] == 2
+
+
+def test_mlflow_run_holds_the_outputs(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    model, tokenizer = _tiny()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = audit_dataset(model, make_arithmetic_dataset(12, seed=7), tokenizer=tokenizer, output_dir=tmp_path / "out",
+                           progress=False, report_to="mlflow", tracking_uri=uri, experiment_name="audit-test",
+                           noisy_rows=[0, 1])  # fmt: skip
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(result.summary["mlflow_run_id"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "audit.parquet", "eu_plane.png", "audit.md", "summary.json"
+    }
+    assert run.data.metrics["rows"] == 12 and "detection/suspicion/auroc" in run.data.metrics
+    assert run.data.params["keep_ratio"] == "0.25"
