@@ -40,7 +40,7 @@ BASE_METHOD = "base"
 
 TOP_KEYS = (
     "experiment", "output_dir", "report_to", "tracking_uri", "model", "lora", "data", "training", "eval", "methods",
-    "budgets", "seeds", "equal_compute", "baselines",
+    "budgets", "seeds", "equal_compute", "baselines", "clean_reference",
 )  # fmt: skip
 SOURCES = ("gsm8k_jsonl", "demo_math", "arithmetic", "local")
 NOISE_TYPES = ("swap", "numbers")
@@ -181,6 +181,9 @@ class Matrix:
     equal_compute: EqualCompute | None = None
     baselines: list[str] = dataclasses.field(default_factory=list)
     """Methods every other one is compared with by paired per-seed differences."""
+    clean_reference: str | None = None
+    """Another matrix file (as written) whose cells of the same method and budget this one's are compared with, seed
+    by seed: how much the noise moved each metric. Reporting only (not in the fingerprints)."""
 
     def method(self, name: str) -> Method:
         return next(m for m in self.methods if m.name == name)
@@ -492,12 +495,18 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
                                   "use qtuning_ledger: summary (or full)")
     equal_compute = _parse_equal_compute(raw.get("equal_compute"), methods, training)
     baselines = _parse_baselines(raw.get("baselines"), methods, training)
+    reference = raw.get("clean_reference")
+    if reference is not None:
+        if not isinstance(reference, str):
+            raise field_error("clean_reference", f"must be the path of another matrix file, got {reference!r}",
+                              "e.g. recipes/bench/study_gsm8k_fill_clean.yaml")
+        reference = _existing_path(reference, "clean_reference", check=check_inputs)
 
     matrix = Matrix(
         path=path, text=text, experiment=experiment, output_dir=output_dir, report_to=report_to,
         tracking_uri=tracking_uri, model=model, lora=lora, train=train, heldout_size=heldout_size,
         training=training, eval=eval_spec, methods=methods, seeds=seeds, equal_compute=equal_compute,
-        baselines=baselines,
+        baselines=baselines, clean_reference=reference,
     )  # fmt: skip
     if check_inputs:
         build_config({**with_defaults(training), "output_dir": str(output_dir / "_check")}, "training")
