@@ -73,38 +73,6 @@ class BenchConfigError(CliError):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalSpec:
-    """``eval``: the evaluations of every trained model, and the learning curve's cadence."""
-
-    nll: dict[str, int] | None
-    gsm8k: dict[str, Any] | None
-    arc_easy: dict[str, Any] | None
-    arc_challenge: dict[str, Any] | None
-    seed: int = 0
-    base: bool = True
-    every_steps: int | None = None
-    """Held-out NLL every N optimizer steps and at the end (the learning curve); None: at the end only."""
-    transfer: dict[str, Any] | None = None
-    """A second held-out set from another distribution (its NLL is logged with the curve)."""
-    contrast: dict[str, Any] | None = None
-    """Held-out contrasts of true against wrong answers (``kinds``, ``batch_size``, ``max_length``), at the end."""
-
-    @property
-    def enabled(self) -> bool:
-        return any((self.nll, self.gsm8k, self.arc_easy, self.arc_challenge, self.transfer, self.contrast))
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in ("seed", "base", "nll", "gsm8k", "arc_easy", "arc_challenge")}
-        if self.every_steps is not None:
-            out["every_steps"] = self.every_steps
-        if self.transfer is not None:
-            out["transfer"] = self.transfer
-        if self.contrast is not None:
-            out["contrast"] = self.contrast
-        return out
-
-
 @dataclasses.dataclass
 class Method:
     name: str
@@ -354,19 +322,37 @@ class ContrastSpec(_Spec):
     max_length: Positive = 1024
 
 
-class EvalFileSpec(_Spec):
-    """``eval``: the blocks below are off (false/null), on with defaults (``true`` for nll and contrast), or a
-    mapping checked by their own spec."""
+class EvalSpec(_Spec):
+    """``eval``: the evaluations of every trained model, and the learning curve's cadence. A block is off
+    (false/null), on with its defaults (``true``, for nll and contrast) or a mapping checked by its own spec; loading
+    replaces it by its settings (a dict) or None."""
 
     nll: Any = True
     gsm8k: Any = None
     arc_easy: Any = None
     arc_challenge: Any = None
-    transfer: Any = None
-    contrast: Any = None
     seed: int = 0
     base: bool = True
     every_steps: Positive | None = None
+    """Held-out NLL every N optimizer steps and at the end (the learning curve); None: at the end only."""
+    transfer: Any = None
+    """A second held-out set from another distribution (its NLL is logged with the curve)."""
+    contrast: Any = None
+    """Held-out contrasts of true against wrong answers (``kinds``, ``batch_size``, ``max_length``), at the end."""
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.nll, self.gsm8k, self.arc_easy, self.arc_challenge, self.transfer, self.contrast))
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in ("seed", "base", "nll", "gsm8k", "arc_easy", "arc_challenge")}
+        if self.every_steps is not None:
+            out["every_steps"] = self.every_steps
+        if self.transfer is not None:
+            out["transfer"] = self.transfer
+        if self.contrast is not None:
+            out["contrast"] = self.contrast
+        return out
 
 
 class EqualCompute(_Spec):
@@ -393,7 +379,7 @@ class MatrixSpec(_Spec):
     lora: LoraSpec | None = LoraSpec()
     data: DataSpec
     training: dict[str, Any] | None = None
-    eval: EvalFileSpec | None = None
+    eval: EvalSpec | None = None
     methods: Annotated[dict[str, dict[str, Any] | None], Field(min_length=1)]
     budgets: Budgets | None = None
     seeds: Annotated[list[NonNegative], Field(min_length=1)] = [0]
@@ -423,6 +409,8 @@ _PROBLEMS = {
     "float_type": "must be a number", "finite_number": "must be a number", "bool_type": "must be true or false",
     "string_type": "must be a non-empty string", "string_pattern_mismatch": "must be a non-empty string",
     "model_type": "must be a mapping", "dict_type": "must be a mapping", "list_type": "must be a list",
+    "literal_error": "must be one of {expected}", "greater_than_equal": "must be >= {ge}",
+    "too_short": "must be a non-empty {field_type}", "too_long": "must be a pair [sample_keep_ratio, token_keep_ratio]",
     "tuple_type": "must be a pair [sample_keep_ratio, token_keep_ratio]",
 }  # fmt: skip
 
@@ -439,38 +427,28 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 
 def _schema_error(error: dict[str, Any], schema: type[BaseModel], value: Any, where: str) -> BenchConfigError:
     """One pydantic error as the bench's: the dotted key (a union member's tag left out), the problem, the fix."""
-    names, node, model, loc = [where] if where else [], value, schema, error["loc"]
+    names, node, model, loc, kind = [where] if where else [], value, schema, error["loc"], error["type"]
     for i, part in enumerate(loc):
-        if isinstance(node, dict) and part in node or error["type"] == "missing" and i == len(loc) - 1 and isinstance(part, str):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and part in node or kind == "missing" and last and isinstance(part, str):
             names.append(str(part))
             field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
-            model = next(iter(_models_in(field.annotation)), None) if field is not None and i < len(loc) - 1 else model
+            model = next(iter(_models_in(field.annotation)), None) if field is not None and not last else model
+            node = node.get(part) if isinstance(node, dict) else None
         elif isinstance(part, int):  # a list index; inside a budget pair, the pair's position by name
             names[-1] += f" ({BUDGET_NAMES[part]})" if i > 0 and isinstance(loc[i - 1], int) else f"[{part}]"
-        else:
-            continue  # the tag of a union member (`int`, `float`), not a key of the file
-        node = node[part] if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node) else None
-    key = next((n for n in reversed(names) if n[0].isalpha()), "")
-    key = key.split(" ")[0].split("[")[0]
-    ctx, kind = error.get("ctx") or {}, error["type"]
-    if kind in ("literal_error", "enum"):
-        problem = f"must be one of {ctx['expected'].replace(chr(39), '').replace(' or ', ', ')}"
-    elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
-        op = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">", "less_than": "<"}[kind]
-        problem = f"must be {op} {next(iter(ctx.values()))}"
-    elif kind == "too_short":
-        problem = f"must be a non-empty {'mapping' if ctx.get('field_type') == 'Dictionary' else 'list'}"
-    elif kind == "too_long":
-        problem = _PROBLEMS["tuple_type"]
-    else:
-        problem = _PROBLEMS.get(kind, error["msg"])
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        # else: the tag of a union member (`int`, `float`), not a key of the file
+    ctx = dict(error.get("ctx") or {})
+    ctx["expected"] = str(ctx.get("expected")).replace("'", "").replace(" or ", ", ")  # 'a', 'b' or 'c' -> a, b, c
+    ctx["field_type"] = "mapping" if ctx.get("field_type") == "Dictionary" else "list"
+    problem = _PROBLEMS[kind].format(**ctx) if kind in _PROBLEMS else error["msg"]
     if kind not in ("missing", "extra_forbidden", "duplicate"):
         problem += f", got {error['input']!r}"
-    fix = FIXES.get(key)
+    key = next((n for n in reversed(names) if n[0].isalpha()), "").split(" ")[0].split("[")[0]
+    fix = FIXES.get(key) or (f"add `{key}:`" if kind == "missing" else None)
     if kind == "extra_forbidden":
         fix = f"use one of {', '.join(model.model_fields)}" if model is not None else "check the spelling"
-    elif kind == "missing":
-        fix = fix or f"add `{key}:`"
     return field_error(".".join(names) or "the matrix", problem, fix)
 
 
@@ -631,7 +609,7 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     training = dict(spec.training or {})
     fields = _qtuning_fields()
     _check_fields(training, "training", fields)
-    eval_spec = _parse_eval(spec.eval or EvalFileSpec(), heldout_size, check_inputs)
+    eval_spec = _parse_eval(spec.eval or EvalSpec(), heldout_size, check_inputs)
     methods = _parse_methods(spec, training, fields)
     if len(set(spec.seeds)) != len(spec.seeds):
         raise field_error("seeds", f"duplicate seeds in {spec.seeds}", FIXES["seeds"])
@@ -684,7 +662,7 @@ def _block(schema: type[SpecT], value: Any, where: str, *, true_ok: bool = False
     return schema() if value is True and true_ok else _check(schema, value, where)
 
 
-def _parse_eval(raw: EvalFileSpec, heldout_size: int, check_inputs: bool) -> EvalSpec:
+def _parse_eval(raw: EvalSpec, heldout_size: int, check_inputs: bool) -> EvalSpec:
     nll = _block(NllSpec, raw.nll, "eval.nll", true_ok=True)
     if nll is not None and heldout_size < 1:
         raise field_error("eval.nll", "needs held-out rows, but data.heldout_size is 0",
@@ -704,19 +682,13 @@ def _parse_eval(raw: EvalFileSpec, heldout_size: int, check_inputs: bool) -> Eva
     if contrast is not None and heldout_size < 2:
         raise field_error("eval.contrast", f"compares held-out rows, but data.heldout_size is {heldout_size}",
                           "set data.heldout_size (e.g. 48), or remove eval.contrast")
-    spec = EvalSpec(
-        nll=_dump(nll), gsm8k=_dump(gsm8k), arc_easy=_dump(arcs["arc_easy"]), arc_challenge=_dump(arcs["arc_challenge"]),
-        seed=raw.seed, base=raw.base, every_steps=raw.every_steps,
-        transfer=_parse_transfer(raw.transfer, check_inputs), contrast=_dump(contrast),
-    )  # fmt: skip
-    if check_inputs and spec.enabled and importlib.util.find_spec("trl_qtuning.evaluation") is None:
+    for name, block in {"nll": nll, "gsm8k": gsm8k, "contrast": contrast, **arcs}.items():
+        setattr(raw, name, None if block is None else block.model_dump())
+    raw.transfer = _parse_transfer(raw.transfer, check_inputs)
+    if check_inputs and raw.enabled and importlib.util.find_spec("trl_qtuning.evaluation") is None:
         raise field_error("eval", "the evaluation module trl_qtuning.evaluation is not available in this installation",
                           "update trl-qtuning, or disable every evaluation (nll: false, no gsm8k/arc_easy/arc_challenge)")
-    return spec
-
-
-def _dump(spec: BaseModel | None) -> dict[str, Any] | None:
-    return None if spec is None else spec.model_dump()
+    return raw
 
 
 def _parse_transfer(value: Any, check_inputs: bool) -> dict[str, Any] | None:

@@ -19,9 +19,7 @@ def t_quantile(p: float, df: int) -> float:
     try:
         from scipy.stats import t
     except ImportError:
-        raise ImportError(
-            "the bench's 95% intervals need scipy: pip install 'trl-qtuning[bench]' (or pip install scipy)"
-        ) from None
+        raise ImportError("the bench's 95% intervals need scipy: pip install 'trl-qtuning[bench]'") from None
     return float(t.ppf(p, df))
 
 
