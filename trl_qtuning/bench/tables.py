@@ -81,12 +81,8 @@ def _fmt(value: float | None, kind: str) -> str:
     return f"{value:.4f}"
 
 
-def _mean_std(values: list[float], kind: str) -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return f"{_fmt(mean, kind)} ± {_fmt(std, kind) if std is not None else '-'}"
+def _mean_std(stats: dict[str, Any], kind: str) -> str:
+    return f"{_fmt(stats['mean'], kind)} ± {_fmt(stats['std'], kind) if stats['std'] is not None else '-'}"
 
 
 def _stats(values: list[float]) -> dict[str, Any] | None:
@@ -285,7 +281,7 @@ def format_table(rows: list[dict[str, Any]], kind: str = "equal_steps", *, final
         values = [row["method"], row["budget_label"], str(row["n"])]
         for key, _, fmt in metric_cols:
             stats = read.get("metrics", {}).get(key)
-            cell = _mean_std(stats["values"], fmt) if stats else "-"
+            cell = _mean_std(stats, fmt) if stats else "-"
             if stats and len(stats["values"]) < row["n"]:  # not every seed has it (e.g. read past its last step)
                 cell += f" (n={len(stats['values'])})"
             values.append(cell)
