@@ -273,8 +273,12 @@ class QTuningSFTTrainer(SFTTrainer):
                 listener(event)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds ``qtuning/token_keep_ratio`` pooled over the logging window (absent when no sample was token-pruned)."""
-        if self.args.qtuning_enabled and self.model.training and "loss" in logs:
+        """Adds ``qtuning/token_keep_ratio`` pooled over the logging window (absent when no sample was token-pruned).
+
+        The end-of-training log (``train_loss``) closes the last window, which is short when ``max_steps`` is not a
+        multiple of ``logging_steps``: TRL adds that window's other metrics to it, so this one goes there too.
+        """
+        if self.args.qtuning_enabled and self.model.training and ("loss" in logs or "train_loss" in logs):
             ratio = self._metrics_log.pop_token_keep_ratio()
             if ratio is not None:
                 self._metrics["train"]["qtuning/token_keep_ratio"] = [ratio]
