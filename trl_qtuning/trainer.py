@@ -147,6 +147,12 @@ class QTuningSFTTrainer(SFTTrainer):
             self.callback_handler.callbacks.insert(0, _LedgerFlush(self._ledger))
 
     @property
+    def qtuning_realised_budgets(self) -> dict[str, float | int | None]:
+        """What the steps of this trainer's ``train()`` calls realised so far (see
+        :meth:`~trl_qtuning.step_metrics.StepMetricsLog.realised_budgets`): the numbers the metrics are made of."""
+        return self._metrics_log.realised_budgets()
+
+    @property
     def qtuning_scored_tokens(self) -> int:
         """Tokens processed by scoring forwards so far (reference-model forwards included), on this process."""
         return self._scorer.scored_tokens
