@@ -250,6 +250,26 @@ def test_user_active_run_is_used_and_left_open(tracking, tmp_path):
     assert "qtuning/q2_share" in client.get_run(active.info.run_id).data.metrics
 
 
+@pytest.mark.parametrize("how", ["active_run", "MLFLOW_RUN_ID"])
+def test_a_run_we_did_not_create_gets_the_qtuning_tags(tracking, tmp_path, monkeypatch, how):
+    """Issue 27: inside ``with mlflow.start_run()`` (or with MLFLOW_RUN_ID) the run got params and metrics but no
+    ``qtuning.*`` tags, so the docs' filter found nothing."""
+    client, experiment = tracking
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    trainer = build_trainer(tmp_path, report_to=["mlflow"], max_steps=1, sample_keep_ratio=0.5)
+    if how == "active_run":
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            trainer.train()
+    else:
+        run = client.create_run(experiment_id)
+        monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+        trainer.train()
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["qtuning.method"] == "qtuning" and tags["qtuning.sample_keep_ratio"] == "0.5"
+    found = client.search_runs([experiment_id], filter_string="tags.`qtuning.method` = 'qtuning'")
+    assert [r.info.run_id for r in found] == [run.info.run_id]
+
+
 def test_default_store_when_no_uri_is_set(monkeypatch, tmp_path):
     """No MLFLOW_TRACKING_URI: the callback uses MLflow's own default (a local SQLite database)."""
     from mlflow.tracking._tracking_service import utils

@@ -65,6 +65,7 @@ class _RunSpec:
     end_run: bool = True
     """Terminate the run at the end (False when it belongs to the caller)."""
     tags: dict[str, str] = field(default_factory=dict)
+    """Set when the run is created, or, on an existing run, sent first."""
 
 
 class MLflowSink:
@@ -98,6 +99,8 @@ class MLflowSink:
         self._last_failure = -float("inf")
         self._sent_ops = 0
         self._client = None
+        if run_id is not None:  # a run we did not create gets its tags like one we create
+            self.set_tags(self.spec.tags)
 
     # ------------------------------------------------------------------ queueing
     def log_params(self, params: dict[str, Any]) -> None:
