@@ -30,7 +30,7 @@ from .collator import (
 from .config import QTuningConfig, require_qtuning_config
 from .decision import StepDecider
 from .events import DecisionListener, StepDecisions
-from .ledger import DecisionLedger, open_for_run, write_checkpoint_id
+from .ledger import DecisionLedger, is_fresh_run, open_for_run, write_checkpoint_id
 from .scoring import (
     ScoredMicroBatch, Scorer, inference_tensor_error, is_inference_tensor_error, load_reference_model, reference_forward,
 )  # fmt: skip
@@ -309,13 +309,23 @@ class QTuningSFTTrainer(SFTTrainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         ledger = self._ledger if self.args.qtuning_enabled else None
-        if ledger is not None:
-            open_for_run(ledger, resume_from_checkpoint, self.args.output_dir)
+        if self.is_world_process_zero():
+            self._open_outputs(ledger, resume_from_checkpoint)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             if ledger is not None:
                 ledger.flush()
+
+    def _open_outputs(self, ledger: DecisionLedger | None, resume_from_checkpoint: str | bool | None) -> None:
+        """The ledger of this run (:func:`~trl_qtuning.ledger.open_for_run`); for a fresh run, an earlier run's
+        tracking outputs moved aside like its ledger (:mod:`~trl_qtuning.tracking.outputs`)."""
+        from .tracking.outputs import set_aside_earlier_outputs
+
+        output_dir = self.args.output_dir
+        moved = open_for_run(ledger, resume_from_checkpoint, output_dir) if ledger is not None else None
+        if is_fresh_run(resume_from_checkpoint, output_dir):
+            set_aside_earlier_outputs(output_dir, None if moved is None else (ledger.directory, moved))
 
     def end(self) -> None:
         """Finish the trackers and destroy the process group, letting go of the distributed wrapper first.
