@@ -463,3 +463,31 @@ def test_method_labels_show_the_pair_and_every_ablation(tmp_path, settings, labe
     assert _method_name(args) == label
     tags = QTuningMLflowCallback()._tags(args)
     assert tags["qtuning.method"] == label and "qtuning.eu_plane" in tags and "qtuning.token_prune_q4" in tags
+
+
+def test_compare_against_an_unreachable_server_fails_in_seconds(tmp_path):
+    """Issue 27: `trl-qtuning compare` waited about 4 minutes (MLflow's default HTTP retries) before failing."""
+    import os
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    cmd = [sys.executable, "-m", "trl_qtuning.tracking.compare", "--experiment", "x", "--tracking-uri", _dead_uri(), "--no-log"]
+    start = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and "cannot reach the tracking store" in done.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_sync_failure_says_nothing_was_sent_not_that_training_continues(tmp_path, caplog):
+    from trl_qtuning.tracking.__main__ import main as tracking_cli
+    from trl_qtuning.tracking.sink import MLflowSink
+
+    sink = MLflowSink(tmp_path / "qtuning_tracking", tracking_uri=_dead_uri())
+    sink.log_metrics({"loss": 1.0}, step=1)
+    queue = sink.persist()
+    caplog.set_level("WARNING", logger="trl_qtuning.tracking")
+    assert tracking_cli(["sync", str(tmp_path)]) == 1
+    [message] = [r.getMessage() for r in caplog.records if r.name == "trl_qtuning.tracking"]
+    assert "Training continues" not in message and "nothing was sent" in message and str(queue) in message
+    assert queue.exists()
