@@ -335,7 +335,9 @@ def test_a_resumed_run_keeps_the_unsent_queue_of_the_process_before_it(tracking,
     assert callback.run_id is not None and not (out / "qtuning_tracking" / "pending.jsonl").exists()
     assert sync_pending(str(out), tracking_uri=client.tracking_uri)
     assert not earlier.exists()
-    run_id = json.loads(earlier.with_name(earlier.name.replace("pending", "run").replace(".jsonl", ".json")).read_text())["run_id"]
+    from trl_qtuning.tracking.sink import run_file_of
+
+    run_id = json.loads(run_file_of(earlier).read_text())["run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
     assert [m.step for m in client.get_metric_history(callback.run_id, "loss")] == [2]
 
@@ -472,7 +474,8 @@ def test_compare_against_an_unreachable_server_fails_in_seconds(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    cmd = [sys.executable, "-m", "trl_qtuning.tracking.compare", "--experiment", "x", "--tracking-uri", _dead_uri(), "--no-log"]
+    cmd = [sys.executable, "-m", "trl_qtuning.tracking.compare", "--experiment", "x", "--no-log"]
+    cmd += ["--tracking-uri", _dead_uri()]
     start = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1 and "cannot reach the tracking store" in done.stderr

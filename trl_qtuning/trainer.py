@@ -197,8 +197,8 @@ class QTuningSFTTrainer(SFTTrainer):
         """Honour Q-Tuning fields changed on ``trainer.args`` since the trainer was built (a budget sweep reusing one
         trainer): rebuild the policy and what depends on it, so the run trains what MLflow and the summary record.
         ``qtuning_enabled`` shaped the dataset, collator and loss at construction: a change of it is refused."""
-        now = self._qtuning_settings()
-        changed = {name: (self._built_settings[name], value) for name, value in now.items() if value != self._built_settings[name]}
+        now, built = self._qtuning_settings(), self._built_settings
+        changed = {name: (built[name], value) for name, value in now.items() if value != built[name]}
         if not changed:
             return
         if "qtuning_enabled" in changed:

@@ -83,7 +83,8 @@ def set_aside_earlier_outputs(
             rewrite_queue_paths(queue, {**moves, **dict([moved_ledger] if moved_ledger else [])})
     logger.warning(
         "Q-Tuning: %s held the tracking outputs of an earlier run; this fresh run writes its own, so they were moved "
-        "aside (nothing is deleted): %s.%s", output_dir, ", ".join(f"{old.name} -> {new.name}" for old, new in moves.items()),
+        "aside (nothing is deleted): %s.%s", output_dir,
+        ", ".join(f"{old.name} -> {new.name}" for old, new in moves.items()),
         f" Its unsent MLflow queue can be sent with `python -m trl_qtuning.tracking sync {output_dir}`."
         if tracking is not None and queue_files([tracking]) else "",
     )  # fmt: skip
