@@ -165,3 +165,44 @@ def test_bench_cell_with_numbers_noise_records_its_rows_and_contrasts(tmp_path, 
     assert "Q-A contrast" in page and "arithmetic contrast" in page
     assert "Δ Q-A contrast vs full" in page
     assert yaml.safe_load(config.read_text())["data"]["train"]["label_noise_type"] == "numbers"
+
+
+def test_noisy_page_compares_its_full_cells_with_the_clean_reference_seed_by_seed(tmp_path, model_dir, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)  # the reference is named relative to the current directory, as in the recipes
+    common = {
+        "report_to": "none",
+        "eval": {"nll": {"batch_size": 8, "max_length": 64}, "contrast": {"kinds": ["swap"], "max_length": 64}},
+        "methods": {"full": {"qtuning_enabled": False}}, "seeds": [0, 1],
+    }  # fmt: skip
+    clean = _tiny_matrix(tmp_path / "clean", model_dir, **common,
+                         data={"train": {"source": "arithmetic", "size": 16, "seed": 0, "noisy_share": 0.0},
+                               "heldout_size": 6})  # fmt: skip
+    clean["training"]["max_steps"] = 1
+    _write_matrix(tmp_path / "clean.yaml", clean)
+    noisy = {**clean, "output_dir": str(tmp_path / "noisy" / "out"), "clean_reference": "clean.yaml",
+             "data": {"train": {**clean["data"]["train"], "label_noise": 0.5}, "heldout_size": 6}}  # fmt: skip
+    _write_matrix(tmp_path / "noisy.yaml", noisy)
+    for config in ("clean.yaml", "noisy.yaml"):
+        code, out, err = _run(["bench", "--config", config])
+        assert code == 0, f"{out}\n{err}"
+    read = {name: {p.parent.name: json.loads(p.read_text())["metrics"] for p in (tmp_path / name / "out").glob("full_*/result.json")}
+            for name in ("clean", "noisy")}  # fmt: skip
+    summary = json.loads((tmp_path / "noisy" / "out" / "results.json").read_text())["against_reference"]
+    assert summary["matrix"] == "clean.yaml" and [r["method"] for r in summary["rows"]] == ["full"]
+    for key in ("eval/nll", "eval/contrast_swap"):
+        diff = summary["rows"][0]["paired"][key]
+        expected = [read["noisy"][f"full_seed{s}"][key] - read["clean"][f"full_seed{s}"][key] for s in (0, 1)]
+        assert diff["seeds"] == [0, 1] and diff["differences"] == pytest.approx(expected)
+    page = (tmp_path / "noisy" / "out" / "results.md").read_text()
+    section = page.split("## Against the clean reference")[1].split("## ")[0]
+    assert "Reference: `clean.yaml`" in section and "Δ Q-A contrast vs clean [95% CI]" in section
+    assert "Q-A contrast" in page.split("## Equal steps")[0]  # the contrast note, where contrasts are shown
+
+
+def test_clean_reference_must_exist(tmp_path, model_dir, monkeypatch):  # noqa: F811
+    from trl_qtuning.bench.matrix import load_matrix
+
+    monkeypatch.chdir(tmp_path)
+    config = _write_matrix(tmp_path / "m.yaml", _tiny_matrix(tmp_path, model_dir, clean_reference="nope.yaml"))
+    with pytest.raises(Exception, match="clean_reference: file not found: nope.yaml"):
+        load_matrix(config)

@@ -321,6 +321,7 @@ def test_launcher_exit_code_is_returned():
     assert sft_cli._run_launcher([sys.executable, "-c", "raise SystemExit(3)"]) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("child_ignores_sigterm", [False, True])
 def test_interrupted_launch_stops_the_launcher(monkeypatch, child_ignores_sigterm):
     """An interrupted `trl-qtuning sft --accelerate_config` never leaves the launch (and its workers) running."""

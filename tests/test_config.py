@@ -41,6 +41,17 @@ def test_bad_values_name_the_field(field, value, match):
         QTuningConfig(**BASE, **{field: value})
 
 
+@pytest.mark.parametrize(
+    "field", ["qtuning_enabled", "token_prune_q4", "enforce_sample_budget", "prune_filled_q2_like",
+              "reverse_token_score", "scoring_inference_mode", "pack_kept_rows"],
+)  # fmt: skip
+@pytest.mark.parametrize("value", ["false", "False", 0, None])
+def test_boolean_fields_take_booleans_only(field, value):
+    """Issue 27: ``qtuning_enabled="false"`` from Python was stored and counted as true (a non-empty string)."""
+    with pytest.raises(ValueError, match=rf"`{field}` must be True or False, got {value!r}.*`{field}=False`"):
+        QTuningConfig(**BASE, **{field: value})
+
+
 def test_packing_is_refused_with_a_way_out():
     with pytest.raises(ValueError, match="packing=True.*padding_free=True"):
         QTuningConfig(**BASE, packing=True)

@@ -169,6 +169,8 @@ def test_property_selection(group):
     assert not (lk & ~mask).any()
     expected_pruned = keep & ((quad == 2) | (params.prune_filled_q2_like & q2_like))
     expected_pruned &= params.token_keep_ratio < 1.0  # at ratio 1 nothing is token-pruned: Q2 is simply kept
+    k_of = lambda n: max(1, math.floor(Fraction(round(params.token_keep_ratio * 100), 100) * n))  # noqa: E731
+    expected_pruned &= np.array([k_of(int(n)) < int(n) for n in mask.sum(axis=1)])  # a label was removed
     assert pruned.tolist() == expected_pruned.tolist()
     for row in range(mask.shape[0]):
         n = int(mask[row].sum())
@@ -198,3 +200,29 @@ def test_q2_at_token_ratio_one_is_kept_not_token_pruned():
     sel = select_qtuning(ppl, ent, torch.zeros(4, 3), mask, SelectionParams(sample_keep_ratio=0.5, token_keep_ratio=1.0))
     assert sel.triage.quadrant[0] == 2 and bool(sel.keep[0])
     assert not bool(sel.token_pruned.any()) and bool(sel.label_keep[sel.keep].all())
+
+
+def test_one_token_answer_of_a_q2_sample_is_kept_not_token_pruned():
+    """Row 0 is Q2 with a one-token answer (EOS only): it keeps max(1, floor(.5 * 1)) = 1 token, i.e. all of them,
+    so nothing was pruned and it is ``kept`` (issue 27)."""
+    ppl, ent = torch.tensor([9.0, 1.0, 5.0, 2.0]), torch.tensor([1.0, 9.0, 5.0, 2.0])
+    mask = torch.tensor([[T, F, F], [T, T, T], [T, T, T], [T, T, T]])
+    sel = select_qtuning(ppl, ent, torch.zeros(4, 3), mask, SelectionParams(sample_keep_ratio=0.5))
+    assert sel.triage.quadrant.tolist() == [2, 4, 0, 0] and sel.keep.tolist() == [T, T, F, F]
+    assert sel.token_pruned.tolist() == [F, F, F, F]
+    assert _rows(sel.label_keep) == [[0], [0, 1, 2], [], []]
+
+
+def test_run_budget_with_room_to_spare_prunes_nothing_and_reports_nothing():
+    """``token_budget_scope="run"``: the kept Q4 row 1 (3 tokens) counts first, the Q2 row 0 gets ``budget - 3``
+    (at least its best token). Budget 5 keeps 2 of row 0's 3 tokens (token-pruned); budget 6 or more keeps all 3,
+    so row 0 is simply kept (issue 27: it was labelled token_pruned with nothing pruned)."""
+    from trl_qtuning.policies import build_policy
+
+    ppl, ent = torch.tensor([9.0, 1.0, 5.0, 2.0]), torch.tensor([1.0, 9.0, 5.0, 2.0])
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    policy = build_policy("qtuning", "qtuning", SelectionParams(sample_keep_ratio=0.5, token_budget_scope="run"))
+    for budget, pruned, kept in ((5, [T, F, F, F], [2, 3, 0, 0]), (6, [F] * 4, [3, 3, 0, 0]), (100, [F] * 4, [3, 3, 0, 0])):
+        sel = policy.select(ppl, ent, torch.zeros(4, 3), mask, generator=torch.Generator(), token_budget_tokens=budget)
+        assert sel.token_pruned.tolist() == pruned, budget
+        assert sel.label_keep.sum(dim=-1).tolist() == kept, budget

@@ -208,3 +208,49 @@ def test_a_copied_ledger_folder_without_ledger_json_still_reads(tmp_path):
     _write_ledger(tmp_path / "ledger", [1, 2])
     shutil.copytree(tmp_path / "ledger", tmp_path / "copy")
     assert read_ledger(tmp_path / "copy").num_rows == 2
+
+
+# ---------------------------------------------------------------------------------------------------- positions
+class _LeftPadding:
+    """TRL's collator with the padding moved to the left of each row (as a left-padding collator gives it)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.pad_token_id = collator.pad_token_id
+
+    def __call__(self, examples):
+        import torch
+
+        batch = self.collator(examples)
+        width = batch["input_ids"].shape[1]
+        padding = (batch["attention_mask"] == 0).sum(dim=1, keepdim=True)
+        order = (torch.arange(width) - padding) % width  # each row rolled right by its padding
+        return {k: v.gather(1, order) if v.dim() == 2 and v.shape[1] == width else v for k, v in batch.items()}
+
+
+def test_pruned_positions_are_offsets_in_the_sample_under_left_padding(tmp_path):
+    """Issue 27: under a left-padding collator the ledger recorded positions in the padded row, so they named prompt
+    or padding tokens and the samples page struck nothing. They are offsets in the sample's input_ids."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from tests.trainer_helpers import tiny_config
+    from trl_qtuning import QTuningSFTTrainer
+    from trl_qtuning.testing import make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    trainer = QTuningSFTTrainer(
+        model=make_tiny_model(tokenizer, seed=0),
+        args=tiny_config(tmp_path, per_device_train_batch_size=8, max_steps=2, sample_keep_ratio=0.5),
+        train_dataset=make_arithmetic_dataset(48, seed=1),
+        processing_class=tokenizer,
+        data_collator=_LeftPadding(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)),
+    )
+    trainer.train()
+    ledger = _ledger(tmp_path)
+    pruned = ledger[ledger.decision == "token_pruned"]
+    assert len(pruned) > 0
+    index_of = {int(sid): i for i, sid in enumerate(trainer.train_dataset["qtuning_sample_id"])}
+    for row in pruned.itertuples():
+        labels = trainer.train_dataset[index_of[int(row.sample_id)]]["labels"]
+        assert all(0 < p < len(labels) and labels[p] != -100 for p in row.pruned_positions), row
+    assert (pruned.response_tokens - pruned.kept_tokens == pruned.pruned_positions.apply(len)).all()

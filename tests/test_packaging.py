@@ -48,7 +48,7 @@ def _floors() -> dict[str, Version]:
     project = PYPROJECT["project"]
     extras = project["optional-dependencies"]
     floors = {}
-    for line in [*project["dependencies"], *extras["mlflow"], *extras["quantization"], *extras["demo"]]:
+    for line in [*project["dependencies"], *extras["mlflow"], *extras["bench"], *extras["quantization"], *extras["demo"]]:
         requirement = Requirement(line)
         lower = [spec.version for spec in requirement.specifier if spec.operator == ">="]
         if lower and requirement.name != "torch":  # CI installs torch 2.13.0 (the CPU build) in every leg

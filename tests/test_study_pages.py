@@ -106,7 +106,10 @@ def test_results_page_quotes_the_study_pages_verbatim():
         "docs/results.md has a quote marker this test does not read: write `<!-- quoted from PAGE: SECTION, table N -->`"
         " on its own line, the table, then `<!-- end of quote -->`"
     )
+    in_progress = {f"{yaml.safe_load(path.read_text())['output_dir']}/results.md"
+                   for path in STUDY_MATRICES if path.stem in IN_PROGRESS}  # linked, not quoted, until they finish
     committed = {path.relative_to(ROOT).as_posix() for path in (ROOT / "docs" / "study").glob("*/results.md")}
+    committed -= in_progress
     quoted_pages = {m["page"] for m in quotes}
     assert committed <= quoted_pages, "docs/results.md quotes no table of " + ", ".join(sorted(committed - quoted_pages))
     for m in quotes:

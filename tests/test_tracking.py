@@ -250,6 +250,98 @@ def test_user_active_run_is_used_and_left_open(tracking, tmp_path):
     assert "qtuning/q2_share" in client.get_run(active.info.run_id).data.metrics
 
 
+@pytest.mark.parametrize("how", ["active_run", "MLFLOW_RUN_ID"])
+def test_a_run_we_did_not_create_gets_the_qtuning_tags(tracking, tmp_path, monkeypatch, how):
+    """Issue 27: inside ``with mlflow.start_run()`` (or with MLFLOW_RUN_ID) the run got params and metrics but no
+    ``qtuning.*`` tags, so the docs' filter found nothing."""
+    client, experiment = tracking
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    trainer = build_trainer(tmp_path, report_to=["mlflow"], max_steps=1, sample_keep_ratio=0.5)
+    if how == "active_run":
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            trainer.train()
+    else:
+        run = client.create_run(experiment_id)
+        monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+        trainer.train()
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["qtuning.method"] == "qtuning" and tags["qtuning.sample_keep_ratio"] == "0.5"
+    found = client.search_runs([experiment_id], filter_string="tags.`qtuning.method` = 'qtuning'")
+    assert [r.info.run_id for r in found] == [run.info.run_id]
+
+
+def _dead_uri() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_an_earlier_runs_unsent_queue_and_files_survive_a_fresh_run_and_sync_sends_them(tracking, tmp_path, monkeypatch):
+    """Issue 27: run A queues everything (server unreachable); a fresh run B into the same output_dir used to delete
+    A's queue after its first flush and overwrite A's summary, report and selection. They are moved aside, named by
+    A's run, and `sync` sends A's own files to A's run."""
+    from trl_qtuning.tracking import sync_pending
+
+    client, experiment = tracking
+    uri = client.tracking_uri
+    out = tmp_path / "out"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _dead_uri())
+    build_trainer(out, report_to=["mlflow"], max_steps=2, run_name="run-a").train()
+    assert (out / "qtuning_tracking" / "pending.jsonl").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    b = build_trainer(out, report_to=["mlflow"], max_steps=1, run_name="run-b")
+    callback_b = attach_tracking(b)
+    b.train()
+    [ledger_a] = sorted(out.glob("qtuning_ledger.previous-*"))
+    tag = ledger_a.name.split(".previous-")[1]  # A's files are named after A's ledger run
+    aside = out / f"qtuning_tracking.previous-{tag}"
+    assert (aside / "pending.jsonl").exists()
+    assert json.loads((out / f"qtuning_summary.previous-{tag}.json").read_text())["steps"] == 2
+    assert (out / f"qtuning_report.previous-{tag}.md").exists() and (out / f"qtuning_selection.previous-{tag}").is_dir()
+    assert json.loads((out / "qtuning_summary.json").read_text())["steps"] == 1  # B's own
+    assert client.get_run(callback_b.run_id).info.run_name == "run-b"
+    assert sync_pending(str(out), tracking_uri=uri)
+    assert not (aside / "pending.jsonl").exists()
+    run_a = client.get_run(json.loads((aside / "run.json").read_text())["run_id"])
+    assert run_a.info.run_name == "run-a" and run_a.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_a.info.run_id, "loss")] == [1, 2]
+    summary = mlflow.artifacts.download_artifacts(
+        run_id=run_a.info.run_id, artifact_path="qtuning_summary.json", dst_path=str(tmp_path / "dl"), tracking_uri=uri
+    )
+    assert json.loads(Path(summary).read_text())["steps"] == 2
+    remote = Path(mlflow.artifacts.download_artifacts(
+        run_id=run_a.info.run_id, artifact_path="qtuning_ledger", dst_path=str(tmp_path / "dl"), tracking_uri=uri
+    ))  # fmt: skip
+    assert {p.name: p.read_bytes() for p in remote.glob("*.parquet")} == {
+        p.name: p.read_bytes() for p in ledger_a.glob("*.parquet")
+    }
+
+
+def test_a_resumed_run_keeps_the_unsent_queue_of_the_process_before_it(tracking, tmp_path, monkeypatch):
+    """The process before a resume left its queue; the resumed process's sink neither overwrites nor deletes it."""
+    from trl_qtuning.tracking import sync_pending
+
+    client, _ = tracking
+    out = tmp_path / "out"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _dead_uri())
+    build_trainer(out, report_to=["mlflow"], max_steps=2, save_strategy="steps", save_steps=1).train()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    resumed = build_trainer(out, report_to=["mlflow"], max_steps=2, save_strategy="steps", save_steps=1)
+    callback = attach_tracking(resumed)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    [earlier] = sorted((out / "qtuning_tracking").glob("pending.previous-*.jsonl"))
+    assert callback.run_id is not None and not (out / "qtuning_tracking" / "pending.jsonl").exists()
+    assert sync_pending(str(out), tracking_uri=client.tracking_uri)
+    assert not earlier.exists()
+    from trl_qtuning.tracking.sink import run_file_of
+
+    run_id = json.loads(run_file_of(earlier).read_text())["run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(callback.run_id, "loss")] == [2]
+
+
 def test_default_store_when_no_uri_is_set(monkeypatch, tmp_path):
     """No MLFLOW_TRACKING_URI: the callback uses MLflow's own default (a local SQLite database)."""
     from mlflow.tracking._tracking_service import utils
@@ -373,3 +465,32 @@ def test_method_labels_show_the_pair_and_every_ablation(tmp_path, settings, labe
     assert _method_name(args) == label
     tags = QTuningMLflowCallback()._tags(args)
     assert tags["qtuning.method"] == label and "qtuning.eu_plane" in tags and "qtuning.token_prune_q4" in tags
+
+
+def test_compare_against_an_unreachable_server_fails_in_seconds(tmp_path):
+    """Issue 27: `trl-qtuning compare` waited about 4 minutes (MLflow's default HTTP retries) before failing."""
+    import os
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    cmd = [sys.executable, "-m", "trl_qtuning.tracking.compare", "--experiment", "x", "--no-log"]
+    cmd += ["--tracking-uri", _dead_uri()]
+    start = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and "cannot reach the tracking store" in done.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_sync_failure_says_nothing_was_sent_not_that_training_continues(tmp_path, caplog):
+    from trl_qtuning.tracking.__main__ import main as tracking_cli
+    from trl_qtuning.tracking.sink import MLflowSink
+
+    sink = MLflowSink(tmp_path / "qtuning_tracking", tracking_uri=_dead_uri())
+    sink.log_metrics({"loss": 1.0}, step=1)
+    queue = sink.persist()
+    caplog.set_level("WARNING", logger="trl_qtuning.tracking")
+    assert tracking_cli(["sync", str(tmp_path)]) == 1
+    [message] = [r.getMessage() for r in caplog.records if r.name == "trl_qtuning.tracking"]
+    assert "Training continues" not in message and "nothing was sent" in message and str(queue) in message
+    assert queue.exists()

@@ -27,6 +27,8 @@ from tests.trainer_helpers import build_trainer  # noqa: E402
 from trl_qtuning import read_ledger  # noqa: E402
 from trl_qtuning.tracking import attach_tracking, sync_pending  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here starts a real `mlflow server` process
+
 START_TIMEOUT = 120.0
 
 

@@ -26,6 +26,17 @@ _NUMBERS: tuple[tuple[str, str, Callable[[float], bool], bool], ...] = (
 )
 """Numeric fields: name, rule, check, integer. A string such as '0.3' is refused, not stored."""
 
+_BOOLEANS = (
+    "qtuning_enabled",
+    "token_prune_q4",
+    "enforce_sample_budget",
+    "prune_filled_q2_like",
+    "reverse_token_score",
+    "scoring_inference_mode",
+    "pack_kept_rows",
+)
+"""On/off fields: True or False only. A string such as 'false' is refused (it is truthy), not stored."""
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "triage_scope": ("micro_batch", "step", "global"),
     "neighbor_mode": ("sum", "mean"),
@@ -216,6 +227,13 @@ class QTuningConfig(SFTConfig):
                 given = f"{value!r} (a {type(value).__name__})" if isinstance(value, (str, type(None))) else repr(value)
                 raise ValueError(f"`{name}` must be {rule}, got {given}.")
             setattr(self, name, int(value) if integer else float(value))
+        for name in _BOOLEANS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"`{name}` must be True or False, got {value!r} (a {type(value).__name__}): pass a Python bool, "
+                    f"e.g. `{name}=False` (on the command line `--{name} false` is parsed for you)."
+                )
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {getattr(self, name)!r}.")

@@ -42,6 +42,8 @@ __all__ = [
     "DecisionLedger",
     "read_ledger",
     "open_for_run",
+    "is_fresh_run",
+    "aside_path",
     "write_checkpoint_id",
     "LEDGER_SCHEMA",
     "LEDGER_DIRNAME",
@@ -154,13 +156,7 @@ class DecisionLedger:
 
     def _aside_path(self) -> Path:
         run_id = self.run_id
-        tag = run_id[:8] if run_id else time.strftime("%Y%m%d-%H%M%S", time.localtime(self.directory.stat().st_mtime))
-        base = self.directory.with_name(f"{self.directory.name}.previous-{tag}")
-        candidate, n = base, 1
-        while candidate.exists():
-            n += 1
-            candidate = base.with_name(f"{base.name}-{n}")
-        return candidate
+        return aside_path(self.directory, run_id[:8] if run_id else modified_tag(self.directory))
 
     def _clear_buffer(self) -> None:
         self._buffer = {name: [] for name in LEDGER_SCHEMA.names}
@@ -253,6 +249,35 @@ def read_ledger(path: str | os.PathLike) -> pa.Table:
 
 
 # ---------------------------------------------------------------------------------------------- runs and checkpoints
+def modified_tag(path: Path) -> str:
+    """The time ``path`` was last written, as the tag of a moved-aside output whose run is unknown."""
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+
+
+def aside_path(path: Path, tag: str) -> Path:
+    """Where an earlier run's output ``path`` is moved aside: ``<name>.previous-<tag>`` for a folder,
+    ``<stem>.previous-<tag><suffix>`` for a file (``-2``, ``-3``... if that name is taken)."""
+    stem, suffix = (path.name, "") if path.is_dir() or not path.suffix else (path.stem, path.suffix)
+    candidate, n = path.with_name(f"{stem}.previous-{tag}{suffix}"), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{stem}.previous-{tag}-{n}{suffix}")
+    return candidate
+
+
+def is_fresh_run(resume_from_checkpoint: str | bool | None, output_dir: str) -> bool | None:
+    """Whether ``train(resume_from_checkpoint)`` starts at step 0 (True) or resumes (False); None where
+    ``resume_from_checkpoint=True`` finds no checkpoint (transformers then raises its own error)."""
+    checkpoint = resume_from_checkpoint
+    if checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = get_last_checkpoint(output_dir)
+        if checkpoint is None:
+            return None
+    return not checkpoint or not (Path(checkpoint) / "trainer_state.json").exists()
+
+
 def write_checkpoint_id(folder: Path, run_id: str, step: int) -> None:
     """Record in a checkpoint folder the run its ledger belongs to, so a resume can tell it from another run's."""
     tmp = folder / f"{LEDGER_ID_FILE}.tmp"
@@ -260,27 +285,25 @@ def write_checkpoint_id(folder: Path, run_id: str, step: int) -> None:
     tmp.replace(folder / LEDGER_ID_FILE)
 
 
-def open_for_run(ledger: DecisionLedger, resume_from_checkpoint: str | bool | None, output_dir: str) -> None:
-    """A fresh ledger for a fresh run (an earlier one is moved aside, never deleted); for a resume, the ledger of
-    the checkpoint's run, without the rows of the steps after the checkpoint (refused if it is another run's)."""
-    checkpoint = resume_from_checkpoint
-    if checkpoint is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        checkpoint = get_last_checkpoint(output_dir)
-        if checkpoint is None:
-            return  # transformers raises its own clear error: leave the ledger as it is
-    state_file = Path(checkpoint) / "trainer_state.json" if checkpoint else None
-    if state_file is None or not state_file.exists():  # a fresh run (transformers starts at step 0)
+def open_for_run(ledger: DecisionLedger, resume_from_checkpoint: str | bool | None, output_dir: str) -> Path | None:
+    """A fresh ledger for a fresh run (an earlier one is moved aside, never deleted: returns where to); for a resume,
+    the ledger of the checkpoint's run, without the rows of the steps after the checkpoint (refused if it is another
+    run's)."""
+    fresh = is_fresh_run(resume_from_checkpoint, output_dir)
+    if fresh is None:
+        return None  # transformers raises its own clear error: leave the ledger as it is
+    if fresh:  # transformers starts at step 0
         moved = ledger.start(uuid.uuid4().hex)
         if moved is not None:
             logger.warning(
                 "Q-Tuning: %s held the ledger of an earlier run; this fresh run starts its own, so the earlier "
                 "one was moved to %s (nothing is deleted).", ledger.directory, moved,
             )
-        return
-    checkpoint = Path(checkpoint)
-    step = int(json.loads(state_file.read_text()).get("global_step", 0))
+        return moved
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint = Path(get_last_checkpoint(output_dir) if resume_from_checkpoint is True else resume_from_checkpoint)
+    step = int(json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step", 0))
     try:
         checkpoint_id = json.loads((checkpoint / LEDGER_ID_FILE).read_text())["run_id"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -307,6 +330,7 @@ def open_for_run(ledger: DecisionLedger, resume_from_checkpoint: str | bool | No
     # Steps after the checkpoint will be decided again: drop their old rows so none is counted twice.
     ledger.truncate_after(step)
     ledger.claim(checkpoint_id or ledger_id or uuid.uuid4().hex)
+    return None
 
 def _mismatched_ledger_message(ledger: DecisionLedger, checkpoint: Path, checkpoint_id: str, step: int) -> str:
     ledger_dir = ledger.directory

@@ -92,7 +92,7 @@ class RowLayout:
 
     num_samples: int
     positions: torch.Tensor
-    """(n, W) offset in the sample's input_ids of the label each column scores."""
+    """(n, W) offset in the sample's input_ids of the label each column scores, whatever the padding side."""
     token_segments: torch.Tensor | None = None
     """Padding-free only: (T,) sample index of every token of the flat row (-1 before the first segment)."""
     columns: torch.Tensor | None = None
@@ -103,7 +103,11 @@ class RowLayout:
         labels = batch["labels"]
         if not padding_free:
             n = labels.shape[0]
-            return cls(n, torch.arange(1, labels.shape[1], device=labels.device).expand(n, -1))
+            positions = torch.arange(1, labels.shape[1], device=labels.device).expand(n, -1)
+            attention = batch.get("attention_mask")
+            if attention is not None:  # left padding: a sample's input_ids start at its first attended position
+                positions = positions - attention.to(torch.long).argmax(dim=1, keepdim=True)
+            return cls(n, positions)
         position_ids = batch["position_ids"]
         n = num_samples if num_samples is not None else int((position_ids == 0).sum())
         token_segments = segment_ids_from_position_ids(position_ids, n)[0]

@@ -238,16 +238,26 @@ class StepMetricsLog:
     of 2 pruned tokens like one of 2000.
     """
 
+    _TOTALS = (
+        "samples", "kept", "kept_sample_response", "kept_sample_kept", "pruned_response", "pruned_kept",
+        "response_tokens", "kept_tokens",
+    )  # fmt: skip
+
     def __init__(self, *, uses_eu_plane: bool, reweights: bool):
         self.uses_eu_plane, self.reweights = uses_eu_plane, reweights
         self._pool = [0.0, 0.0]  # kept / answer tokens of token-pruned samples since the last log
         self._prepruning_tokens = 0
+        self._totals = dict.fromkeys(self._TOTALS, 0.0)
+        self._steps = 0
 
     def append(self, metrics: dict[str, list[float]], sums: dict[str, float], seconds: float, step: int) -> None:
         """Add step ``step``'s metrics (``sums`` from :func:`named_sums`) to the trainer's ``_metrics["train"]``."""
         for name, value in step_metrics(sums, uses_eu_plane=self.uses_eu_plane, reweights=self.reweights).items():
             metrics[name].append(value)
         metrics["qtuning/scoring_seconds"].append(seconds)
+        for name in self._TOTALS:
+            self._totals[name] += sums[name]
+        self._steps += 1
         self._pool[0] += sums["pruned_kept"]
         self._pool[1] += sums["pruned_response"]
         self._prepruning_tokens += int(sums["before_tokens"])
@@ -269,3 +279,18 @@ class StepMetricsLog:
         kept, total = self._pool
         self._pool = [0.0, 0.0]
         return kept / total if total else None
+
+    def realised_budgets(self) -> dict[str, float | int | None]:
+        """The budgets the steps appended so far realised, pooled over them (every rank's samples), from the same
+        sums as the metrics: ``sample_keep_ratio`` (samples trained / scored), ``kept_sample_token_share`` (answer
+        tokens trained / answer tokens of the samples trained), ``token_keep_ratio`` (the same within token-pruned
+        samples; None when none was), ``label_token_share`` (answer tokens trained / scored) and ``steps``."""
+        t = self._totals
+        share = lambda num, den: t[num] / t[den] if t[den] else None  # noqa: E731
+        return {
+            "steps": self._steps,
+            "sample_keep_ratio": share("kept", "samples"),
+            "kept_sample_token_share": share("kept_sample_kept", "kept_sample_response"),
+            "token_keep_ratio": share("pruned_kept", "pruned_response"),
+            "label_token_share": share("kept_tokens", "response_tokens"),
+        }

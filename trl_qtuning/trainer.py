@@ -11,6 +11,7 @@ micro-batches as it fetched (an emptied one is skipped in ``training_step``).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 from transformers import TrainerCallback
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from . import step_metrics
 from .batch import LOSS_WEIGHT_COLUMN, WeightedLogProbs, apply_decisions, has_rows, runnable_micro_batches
@@ -30,7 +31,7 @@ from .collator import (
 from .config import QTuningConfig, require_qtuning_config
 from .decision import StepDecider
 from .events import DecisionListener, StepDecisions
-from .ledger import DecisionLedger, open_for_run, write_checkpoint_id
+from .ledger import DecisionLedger, is_fresh_run, open_for_run, write_checkpoint_id
 from .scoring import (
     ScoredMicroBatch, Scorer, inference_tensor_error, is_inference_tensor_error, load_reference_model, reference_forward,
 )  # fmt: skip
@@ -50,6 +51,27 @@ def _is_peft(model: torch.nn.Module) -> bool:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
+
+
+_BUILT_FROM = (
+    *(f.name for f in dataclasses.fields(QTuningConfig) if f.name not in {g.name for g in dataclasses.fields(SFTConfig)}),
+    "output_dir", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
+)  # fmt: skip
+"""The fields of ``trainer.args`` the Q-Tuning machinery is built from (checked again at every ``train()``)."""
+
+
+def _warn_if_adapters_are_trained(model: torch.nn.Module) -> None:
+    """TailSFT with LoRA takes the model with its adapters disabled as the initial model, which is only true of
+    adapters that start as the identity (LoRA's B matrices at zero); say so for an adapter already trained."""
+    trained = [name for name, p in model.named_parameters() if "lora_B" in name and bool(p.detach().ne(0).any())]
+    if trained:
+        logger.warning(
+            "Q-Tuning: sample_policy='tailsft' compares each sample with the model at the start of training, taken "
+            "as this LoRA model with its adapters disabled; but the adapters are already trained (%d LoRA B matrices "
+            "are not zero, e.g. %s), so the reference is the bare base model, not the model training starts from. To "
+            "compare with the starting model, save it with the adapter merged (`model.merge_and_unload()."
+            "save_pretrained(path)`) and set `reference_model_path=path`.", len(trained), trained[0],
+        )  # fmt: skip
 
 
 class _LedgerFlush(TrainerCallback):
@@ -92,6 +114,7 @@ class QTuningSFTTrainer(SFTTrainer):
         keep_4bit_trainable_on_cpu(self.model)
         if config.qtuning_enabled:
             self._setup_qtuning(config, given)
+        self._built_settings = self._qtuning_settings()
         if wants_mlflow:
             from .tracking import attach_tracking
 
@@ -99,7 +122,6 @@ class QTuningSFTTrainer(SFTTrainer):
         end_at_exit(self)  # several processes must tear down cleanly even if the script never calls end()
 
     def _setup_qtuning(self, config: QTuningConfig, given: int | None) -> None:
-        config.check_sample_budget(self.accelerator.num_processes)
         check_prepared_dataset(given, self.train_dataset, config.max_length, config.truncation_mode)
         if self.compute_loss_func is not None:
             raise ValueError(
@@ -109,18 +131,34 @@ class QTuningSFTTrainer(SFTTrainer):
         self.data_collator = QTuningDataCollator(self.data_collator)
         # The normaliser is counted after pruning and passed to every micro-batch's loss, which divides by it.
         self.loss_is_scaled_for_ga = True
+        self._decision_listeners: list[DecisionListener] = []
+        self._ledger: DecisionLedger | None = None
+        self._ledger_hooks: tuple[DecisionListener, TrainerCallback] | None = None
+        self._reference_model = None
+        self._reference_from: str | None = None
+        self._build_qtuning(config)
+
+    def _build_qtuning(self, config: QTuningConfig) -> None:
+        """The policy and what depends on it (reference, scorer, decider, metrics, ledger) from ``config``: at
+        construction, and again at ``train()`` when Q-Tuning fields of ``trainer.args`` were changed since."""
+        config.check_sample_budget(self.accelerator.num_processes)
         self._policy = config.build_policy()
         # TailSFT's reference is the initial model: with LoRA (which starts as the identity) that is the trained model
         # with its adapters disabled, at no memory cost; otherwise a model of its own (loaded, or a frozen copy).
         self._reference_without_adapters = (
             self._policy.needs_reference and config.reference_model_path is None and _is_peft(self.model)
         )
-        self._reference_model = None
-        if self._policy.needs_reference and not self._reference_without_adapters:
+        if self._reference_without_adapters:
+            _warn_if_adapters_are_trained(self.accelerator.unwrap_model(self.model))
+        wants_own_reference = self._policy.needs_reference and not self._reference_without_adapters
+        if not wants_own_reference:
+            self._reference_model, self._reference_from = None, None
+        elif self._reference_model is None or self._reference_from != config.reference_model_path:
             self._reference_model = load_reference_model(
                 self.accelerator.unwrap_model(self.model), config.reference_model_path, self.args.device,
                 sample_policy=config.sample_policy,
             )  # fmt: skip
+            self._reference_from = config.reference_model_path
         adapters_of = (lambda: self.accelerator.unwrap_model(self.model)) if self._reference_without_adapters else None
         self._scorer = Scorer(
             self.compute_loss_context_manager, padding_free=bool(getattr(self, "padding_free", False)),
@@ -134,17 +172,57 @@ class QTuningSFTTrainer(SFTTrainer):
         self._metrics_log = step_metrics.StepMetricsLog(
             uses_eu_plane=self._policy.samples.uses_eu_plane, reweights=self._policy.samples.reweights
         )
-        self._decision_listeners: list[DecisionListener] = []
-        self._ledger: DecisionLedger | None = None
+        if self._ledger_hooks is not None:  # a rebuild: the previous ledger's listener and flush go
+            listener, flush = self._ledger_hooks
+            self._decision_listeners.remove(listener)
+            self.callback_handler.remove_callback(flush)
+            self._ledger, self._ledger_hooks = None, None
         if config.qtuning_ledger != "none" and self.is_world_process_zero():
             # One writer: with several processes every rank's rows are gathered to the main process each step.
-            self._ledger = DecisionLedger(
+            ledger = DecisionLedger(
                 Path(config.output_dir) / "qtuning_ledger", level=config.qtuning_ledger, rank=config.process_index,
                 rows_per_shard=config.qtuning_ledger_rows_per_shard,
             )  # fmt: skip
-            self.add_decision_listener(lambda event: self._ledger.append(event.columns))
+            self._ledger = ledger
+            self._ledger_hooks = (lambda event: ledger.append(event.columns), _LedgerFlush(ledger))
+            self.add_decision_listener(self._ledger_hooks[0])
             # First in line, so listeners that read the ledger at the end of training see every row.
-            self.callback_handler.callbacks.insert(0, _LedgerFlush(self._ledger))
+            self.callback_handler.callbacks.insert(0, self._ledger_hooks[1])
+
+    def _qtuning_settings(self) -> dict[str, Any]:
+        """The values of ``trainer.args`` the Q-Tuning machinery was built from."""
+        return {name: getattr(self.args, name, None) for name in _BUILT_FROM}
+
+    def _apply_changed_settings(self) -> None:
+        """Honour Q-Tuning fields changed on ``trainer.args`` since the trainer was built (a budget sweep reusing one
+        trainer): rebuild the policy and what depends on it, so the run trains what MLflow and the summary record.
+        ``qtuning_enabled`` shaped the dataset, collator and loss at construction: a change of it is refused."""
+        now, built = self._qtuning_settings(), self._built_settings
+        changed = {name: (built[name], value) for name, value in now.items() if value != built[name]}
+        if not changed:
+            return
+        if "qtuning_enabled" in changed:
+            before, after = changed["qtuning_enabled"]
+            raise ValueError(
+                f"`qtuning_enabled` was changed on trainer.args from {before} to {after} after the trainer was built. "
+                "It decides at construction how the dataset, the collator and the loss are prepared, so it cannot "
+                f"change at train(): build a new QTuningSFTTrainer with `qtuning_enabled={after}`."
+            )
+        if self.args.qtuning_enabled:
+            self.args._validate_qtuning()
+            logger.warning(
+                "Q-Tuning: trainer.args changed since the trainer was built (%s): the selection policy and what depends "
+                "on it are rebuilt, so this train() trains with the new settings, as MLflow and the summary record.",
+                ", ".join(f"{name} {before!r} -> {after!r}" for name, (before, after) in changed.items()),
+            )
+            self._build_qtuning(self.args)
+        self._built_settings = now
+
+    @property
+    def qtuning_realised_budgets(self) -> dict[str, float | int | None]:
+        """What the steps of this trainer's ``train()`` calls realised so far (see
+        :meth:`~trl_qtuning.step_metrics.StepMetricsLog.realised_budgets`): the numbers the metrics are made of."""
+        return self._metrics_log.realised_budgets()
 
     @property
     def qtuning_scored_tokens(self) -> int:
@@ -273,8 +351,12 @@ class QTuningSFTTrainer(SFTTrainer):
                 listener(event)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds ``qtuning/token_keep_ratio`` pooled over the logging window (absent when no sample was token-pruned)."""
-        if self.args.qtuning_enabled and self.model.training and "loss" in logs:
+        """Adds ``qtuning/token_keep_ratio`` pooled over the logging window (absent when no sample was token-pruned).
+
+        The end-of-training log (``train_loss``) closes the last window, which is short when ``max_steps`` is not a
+        multiple of ``logging_steps``: TRL adds that window's other metrics to it, so this one goes there too.
+        """
+        if self.args.qtuning_enabled and self.model.training and ("loss" in logs or "train_loss" in logs):
             ratio = self._metrics_log.pop_token_keep_ratio()
             if ratio is not None:
                 self._metrics["train"]["qtuning/token_keep_ratio"] = [ratio]
@@ -298,14 +380,34 @@ class QTuningSFTTrainer(SFTTrainer):
                 write_checkpoint_id(folder, ledger.run_id, self.state.global_step)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        self._apply_changed_settings()
         ledger = self._ledger if self.args.qtuning_enabled else None
-        if ledger is not None:
-            open_for_run(ledger, resume_from_checkpoint, self.args.output_dir)
+        if self.is_world_process_zero():
+            self._open_outputs(ledger, resume_from_checkpoint)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             if ledger is not None:
                 ledger.flush()
+
+    def _open_outputs(self, ledger: DecisionLedger | None, resume_from_checkpoint: str | bool | None) -> None:
+        """The ledger of this run (:func:`~trl_qtuning.ledger.open_for_run`); for a fresh run, an earlier run's
+        tracking outputs moved aside like its ledger (:mod:`~trl_qtuning.tracking.outputs`)."""
+        from .tracking.outputs import set_aside_earlier_outputs
+
+        output_dir = self.args.output_dir
+        try:
+            moved = open_for_run(ledger, resume_from_checkpoint, output_dir) if ledger is not None else None
+            if is_fresh_run(resume_from_checkpoint, output_dir):
+                set_aside_earlier_outputs(output_dir, None if moved is None else (ledger.directory, moved))
+        except OSError as error:
+            ledger_hint = (
+                " To train without writing the decision ledger, set `qtuning_ledger=\"none\"`." if ledger is not None else ""
+            )
+            raise OSError(
+                f"Q-Tuning cannot write its outputs in output_dir={output_dir!r} ({type(error).__name__}: {error}): "
+                f"the folder must be writable (is it read-only?). Give a writable `output_dir`.{ledger_hint}"
+            ) from error
 
     def end(self) -> None:
         """Finish the trackers and destroy the process group, letting go of the distributed wrapper first.

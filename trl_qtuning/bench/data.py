@@ -103,7 +103,7 @@ def load_pool(source: str, options: dict[str, Any], *, path: str | None, size: i
 def load_train_pool(matrix: Matrix):
     """The training pool of ``data.train`` before the held-out split."""
     spec: TrainData = matrix.train
-    return load_pool(spec.source, spec.options, path=spec.path, size=(spec.size or 64) + matrix.heldout_size,
+    return load_pool(spec.source, spec.options, path=getattr(spec, "path", None), size=(spec.size or 64) + matrix.heldout_size,
                      seed=spec.seed, where="data.train.path")  # fmt: skip
 
 

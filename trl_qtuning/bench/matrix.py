@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic_core import PydanticCustomError
 
 from ..cli.sft import CliError, one_line
 
@@ -38,21 +41,9 @@ __all__ = [
 PROG = "trl-qtuning bench"
 BASE_METHOD = "base"
 
-TOP_KEYS = (
-    "experiment", "output_dir", "report_to", "tracking_uri", "model", "lora", "data", "training", "eval", "methods",
-    "budgets", "seeds", "equal_compute", "baselines",
-)  # fmt: skip
 SOURCES = ("gsm8k_jsonl", "demo_math", "arithmetic", "local")
 NOISE_TYPES = ("swap", "numbers")
 """``data.train.label_noise_type`` (trl_qtuning/bench/data.py applies them)."""
-SOURCE_KEYS = {
-    "gsm8k_jsonl": ("source", "path", "size", "seed", "strip_calculator", "label_noise", "label_noise_type"),
-    "demo_math": ("source", "size", "seed", "subjects", "max_level", "max_chars", "label_noise", "label_noise_type"),
-    "arithmetic": ("source", "size", "seed", "noisy_share", "label_noise", "label_noise_type"),
-    "local": ("source", "path", "size", "seed", "label_noise", "label_noise_type"),
-}
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
-EVAL_KEYS = ("nll", "gsm8k", "arc_easy", "arc_challenge", "seed", "base", "every_steps", "transfer", "contrast")
 CONTRAST_KINDS = ("swap", "numbers")
 """``eval.contrast.kinds`` (trl_qtuning/bench/contrast.py)."""
 METHOD_BENCH_KEYS = ("budgets", "match_label_tokens")
@@ -80,73 +71,6 @@ class BenchConfigError(CliError):
 # ----------------------------------------------------------------------------------------------------------------------
 # Specs
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainData:
-    """``data.train``: where the training pool comes from, and the rows' label noise."""
-
-    source: str
-    size: int | None
-    seed: int
-    path: str | None = None
-    label_noise: float = 0.0
-    """Share of the training rows whose answers are corrupted (0: clean)."""
-    label_noise_type: str = "swap"
-    """How: ``swap`` (answers swapped among the chosen rows) or ``numbers`` (one carried arithmetic slip each)."""
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Source-specific keys (``strip_calculator``, ``subjects``, ``max_level``, ``max_chars``, ``noisy_share``)."""
-
-    def as_dict(self) -> dict[str, Any]:
-        """The ``data.train`` mapping as written (fingerprints hash it; clean data hashes as before noise existed)."""
-        out: dict[str, Any] = {"source": self.source, **self.options, "size": self.size, "seed": self.seed}
-        if self.path is not None:
-            out["path"] = self.path
-        if self.label_noise:
-            out["label_noise"] = self.label_noise
-            if self.label_noise_type != "swap":  # swap hashes as before the noise type existed
-                out["label_noise_type"] = self.label_noise_type
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSpec:
-    """``eval``: the evaluations of every trained model, and the learning curve's cadence."""
-
-    nll: dict[str, int] | None
-    gsm8k: dict[str, Any] | None
-    arc_easy: dict[str, Any] | None
-    arc_challenge: dict[str, Any] | None
-    seed: int = 0
-    base: bool = True
-    every_steps: int | None = None
-    """Held-out NLL every N optimizer steps and at the end (the learning curve); None: at the end only."""
-    transfer: dict[str, Any] | None = None
-    """A second held-out set from another distribution (its NLL is logged with the curve)."""
-    contrast: dict[str, Any] | None = None
-    """Held-out contrasts of true against wrong answers (``kinds``, ``batch_size``, ``max_length``), at the end."""
-
-    @property
-    def enabled(self) -> bool:
-        return any((self.nll, self.gsm8k, self.arc_easy, self.arc_challenge, self.transfer, self.contrast))
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in ("seed", "base", "nll", "gsm8k", "arc_easy", "arc_challenge")}
-        if self.every_steps is not None:
-            out["every_steps"] = self.every_steps
-        if self.transfer is not None:
-            out["transfer"] = self.transfer
-        if self.contrast is not None:
-            out["contrast"] = self.contrast
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
-class EqualCompute:
-    """``equal_compute``: every other cell trains on until its counted compute reaches the reference's."""
-
-    reference: str
-    max_steps: int
 
 
 @dataclasses.dataclass
@@ -181,6 +105,9 @@ class Matrix:
     equal_compute: EqualCompute | None = None
     baselines: list[str] = dataclasses.field(default_factory=list)
     """Methods every other one is compared with by paired per-seed differences."""
+    clean_reference: str | None = None
+    """Another matrix file (as written) whose cells of the same method and budget this one's are compared with, seed
+    by seed: how much the noise moved each metric. Reporting only (not in the fingerprints)."""
 
     def method(self, name: str) -> Method:
         return next(m for m in self.methods if m.name == name)
@@ -235,69 +162,311 @@ def budget_label(budget: Budget | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Field checks
+# Schema: what each mapping of the matrix file may hold
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+class _Spec(BaseModel):
+    """A mapping of the matrix file. Strict: no unknown key, no coercion (``"8"`` or ``8.0`` is not an integer,
+    ``1`` is not ``true``), no NaN; so a typo fails before anything trains instead of running with a default."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _within(message: str, test: Callable[[Any], bool]) -> AfterValidator:
+    def check(value: Any) -> Any:
+        if not test(value):
+            raise PydanticCustomError("interval", message)
+        return value
+
+    return AfterValidator(check)
+
+
+def _distinct(budgets: list[Budget]) -> list[Budget]:
+    twice = next((b for i, b in enumerate(budgets) if b in budgets[:i]), None)
+    if twice is not None:
+        raise PydanticCustomError("duplicate", "lists the budget {budget} twice", {"budget": budget_label(twice)})
+    return budgets
+
+
+Text = Annotated[str, Field(pattern=r"\S")]
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+Share = Annotated[float, _within("must be a share in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
+Ratio = Annotated[float, _within("must be in (0, 1]", lambda v: 0.0 < v <= 1.0)]
+Budgets = Annotated[list[Annotated[tuple[Ratio, Ratio], Strict(False)]], Field(min_length=1), AfterValidator(_distinct)]
+"""``[[0.25, 0.5], ...]`` (YAML lists, read as tuples; strict elements)."""
+BUDGET_NAMES = ("sample_keep_ratio", "token_keep_ratio")
+"""The names of a budget pair's two positions (error messages name them)."""
+
+
+class LoraSpec(_Spec):
+    r: Positive = 8
+    alpha: Annotated[float | int, _within("must be > 0", lambda v: v > 0)] = 16  # as written: the fingerprint hashes it
+    dropout: Annotated[float | int, _within("must be in [0, 1)", lambda v: 0 <= v < 1)] = 0.05
+    target_modules: Text | Annotated[list[Text], Field(min_length=1)] = "all-linear"
+
+
+class TrainData(_Spec):
+    """``data.train``: where the training pool comes from, and the rows' label noise (a subclass per source)."""
+
+    source: str
+    size: Positive | None = None
+    seed: int = 0
+    label_noise: Share = 0.0
+    """Share of the training rows whose answers are corrupted (0: clean)."""
+    label_noise_type: Literal[NOISE_TYPES] = "swap"
+    """How: ``swap`` (answers swapped among the chosen rows) or ``numbers`` (one carried arithmetic slip each)."""
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Source-specific keys (``strip_calculator``, ``subjects``, ``max_level``, ``max_chars``, ``noisy_share``)."""
+        return source_options(self, self.source)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``data.train`` mapping as written (fingerprints hash it; clean data hashes as before noise existed)."""
+        out: dict[str, Any] = {"source": self.source, **self.options, "size": self.size, "seed": self.seed}
+        if getattr(self, "path", None) is not None:  # the sources that read a local file
+            out["path"] = self.path
+        if self.label_noise:
+            out["label_noise"] = self.label_noise
+            if self.label_noise_type != "swap":  # swap hashes as before the noise type existed
+                out["label_noise_type"] = self.label_noise_type
+        return out
+
+
+class Gsm8kJsonlTrain(TrainData):
+    source: Literal["gsm8k_jsonl"]
+    path: Text
+    strip_calculator: bool = False
+
+
+class DemoMathTrain(TrainData):
+    source: Literal["demo_math"]
+    subjects: list[Text] | None = None
+    max_level: Positive | None = None
+    max_chars: Positive | None = None
+
+
+class ArithmeticTrain(TrainData):
+    source: Literal["arithmetic"]
+    noisy_share: Share = 0.2
+
+
+class LocalTrain(TrainData):
+    source: Literal["local"]
+    path: Text
+
+
+TRAIN_SCHEMAS: dict[str, type[TrainData]] = {
+    "gsm8k_jsonl": Gsm8kJsonlTrain, "demo_math": DemoMathTrain, "arithmetic": ArithmeticTrain, "local": LocalTrain,
+}  # fmt: skip
+"""``data.train``: the keys of its source only."""
+SOURCE_OPTIONS = {"gsm8k_jsonl": ("strip_calculator",), "demo_math": ("subjects", "max_level", "max_chars"),
+                  "arithmetic": ("noisy_share",), "local": ()}  # fmt: skip
+"""Each source's own keys (passed to the data loader, which has their defaults)."""
+
+
+def source_options(spec: BaseModel, source: str) -> dict[str, Any]:
+    """The source's own keys, as far as the file sets them (hashed as written: unset keys stay out)."""
+    return {k: getattr(spec, k) for k in SOURCE_OPTIONS[source] if k in spec.model_fields_set}
+
+
+class DataSpec(_Spec):
+    train: dict[str, Any]
+    """Checked by ``TRAIN_SCHEMAS[source]``."""
+    heldout_size: NonNegative = 0
+
+
+class TransferSpec(_Spec):
+    """``eval.transfer``: every source's keys (its source's are used)."""
+
+    source: Literal[SOURCES] = "demo_math"
+    size: Positive = 64
+    seed: int = 0
+    batch_size: Positive = 8
+    max_length: Positive = 1024
+    path: Text | None = None
+    subjects: list[Text] | None = None
+    max_level: Positive | None = None
+    max_chars: Positive | None = None
+    strip_calculator: bool = False
+    noisy_share: Share = 0.2
+
+
+class NllSpec(_Spec):
+    batch_size: Positive = 8
+    max_length: Positive = 1024
+
+
+class GenerationSpec(_Spec):
+    size: Positive = 50
+    max_new_tokens: Positive = 256
+    batch_size: Positive = 16
+    path: Text | None = None
+    source: Literal["gsm8k_test", "gsm8k_jsonl", "arithmetic"] | None = None
+    """None: gsm8k_jsonl with a path, else gsm8k_test."""
+
+
+class ChoiceSpec(_Spec):
+    size: Positive = 100
+    batch_size: Positive = 16
+    max_length: Positive = 512
+    subset: Literal["test", "validation"] = "test"
+    source: Literal["arc", "arithmetic"] = "arc"
+
+
+class ContrastSpec(_Spec):
+    kinds: Annotated[list[Literal[CONTRAST_KINDS]], Field(min_length=1)] = list(CONTRAST_KINDS)
+    batch_size: Positive = 8
+    max_length: Positive = 1024
+
+
+class EvalSpec(_Spec):
+    """``eval``: the evaluations of every trained model, and the learning curve's cadence. A block is off
+    (false/null), on with its defaults (``true``, for nll and contrast) or a mapping checked by its own spec; loading
+    replaces it by its settings (a dict) or None."""
+
+    nll: Any = True
+    gsm8k: Any = None
+    arc_easy: Any = None
+    arc_challenge: Any = None
+    seed: int = 0
+    base: bool = True
+    every_steps: Positive | None = None
+    """Held-out NLL every N optimizer steps and at the end (the learning curve); None: at the end only."""
+    transfer: Any = None
+    """A second held-out set from another distribution (its NLL is logged with the curve)."""
+    contrast: Any = None
+    """Held-out contrasts of true against wrong answers (``kinds``, ``batch_size``, ``max_length``), at the end."""
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.nll, self.gsm8k, self.arc_easy, self.arc_challenge, self.transfer, self.contrast))
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in ("seed", "base", "nll", "gsm8k", "arc_easy", "arc_challenge")}
+        if self.every_steps is not None:
+            out["every_steps"] = self.every_steps
+        if self.transfer is not None:
+            out["transfer"] = self.transfer
+        if self.contrast is not None:
+            out["contrast"] = self.contrast
+        return out
+
+
+class EqualCompute(_Spec):
+    """``equal_compute``: every other cell trains on until its counted compute reaches the reference's."""
+
+    reference: Text
+    max_steps: Positive
+
+
+class MethodKeys(_Spec):
+    """A method's keys that the bench reads itself (the others are QTuningConfig fields)."""
+
+    budgets: Budgets | None = None
+    match_label_tokens: Text | None = None
+    qtuning_enabled: bool | None = None
+
+
+class MatrixSpec(_Spec):
+    experiment: Text = "trl-qtuning-bench"
+    output_dir: Text
+    report_to: Literal["auto", "mlflow", "none"] = "auto"
+    tracking_uri: Text | None = None
+    model: Text = "demo"
+    lora: LoraSpec | None = LoraSpec()
+    data: DataSpec
+    training: dict[str, Any] | None = None
+    eval: EvalSpec | None = None
+    methods: Annotated[dict[str, dict[str, Any] | None], Field(min_length=1)]
+    budgets: Budgets | None = None
+    seeds: Annotated[list[NonNegative], Field(min_length=1)] = [0]
+    equal_compute: EqualCompute | None = None
+    baselines: list[Text] | None = None
+    clean_reference: Text | None = None
+
+
+FIXES = {
+    "output_dir": "add `output_dir: bench_runs/<name>` (one folder per cell goes there)",
+    "data": "add `data: {train: {source: arithmetic, size: 64}, heldout_size: 16}`",
+    "train": "add `train: {source: gsm8k_jsonl, path: ..., size: 256}`",
+    "path": "give the file's path (sources gsm8k_jsonl and local read a local file)",
+    "label_noise": "e.g. 0.3 corrupts the answers of 30% of the training rows",
+    "label_noise_type": "swap: answers swapped among the corrupted rows; numbers: a carried arithmetic slip",
+    "methods": "add e.g. `methods: {full: {qtuning_enabled: false}, qtuning: {}}`",
+    "budgets": "give [sample_keep_ratio, token_keep_ratio] pairs once each, e.g. [[0.25, 0.5], [0.5, 0.7]]",
+    "seeds": "list each seed once, e.g. [0, 1, 2]",
+    "target_modules": "e.g. all-linear or [q_proj, v_proj]",
+    "kinds": f"e.g. [{', '.join(CONTRAST_KINDS)}]",
+    "baselines": "e.g. [full, random-random]",
+    "clean_reference": "the path of another matrix file, e.g. recipes/bench/study_gsm8k_fill_clean.yaml",
+}
+"""The fix an error names, by the field's name (a generic one otherwise)."""
+_PROBLEMS = {
+    "missing": "missing", "extra_forbidden": "unknown key", "int_type": "must be an integer",
+    "float_type": "must be a number", "finite_number": "must be a number", "bool_type": "must be true or false",
+    "string_type": "must be a non-empty string", "string_pattern_mismatch": "must be a non-empty string",
+    "model_type": "must be a mapping", "dict_type": "must be a mapping", "list_type": "must be a list",
+    "literal_error": "must be one of {expected}", "greater_than_equal": "must be >= {ge}",
+    "too_short": "must be a non-empty {field_type}", "too_long": "must be a pair [sample_keep_ratio, token_keep_ratio]",
+    "tuple_type": "must be a pair [sample_keep_ratio, token_keep_ratio]",
+}  # fmt: skip
 
 
 def field_error(where: str, problem: str, fix: str | None = None) -> BenchConfigError:
     return BenchConfigError(f"{where}: {problem}" + (f" (fix: {fix})" if fix else ""))
 
 
-def _mapping(value: Any, where: str, allowed: tuple[str, ...] | None = None, *, null_ok: bool = False) -> dict:
-    if value is None and null_ok:
-        return {}
-    if value is None:
-        raise field_error(where, "missing", f"add a `{where.rsplit('.', 1)[-1]}:` mapping (see `{PROG} --help`)")
-    if not isinstance(value, dict):
-        raise field_error(where, f"must be a mapping, got {type(value).__name__} {value!r}", "write `key: value` pairs")
-    for key in value:
-        if not isinstance(key, str):
-            raise field_error(where, f"keys must be strings, got {key!r}")
-    if allowed is not None:
-        unknown = [k for k in value if k not in allowed]
-        if unknown:
-            raise field_error(
-                f"{where}.{unknown[0]}" if where else unknown[0], "unknown key",
-                f"use one of {', '.join(allowed)}",
-            )
-    return value
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
 
-def _int(value: Any, where: str, minimum: int | None = None, *, null_ok: bool = False) -> int | None:
-    if value is None and null_ok:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise field_error(where, f"must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise field_error(where, f"must be >= {minimum}, got {value}")
-    return value
+def _schema_error(error: dict[str, Any], schema: type[BaseModel], value: Any, where: str) -> BenchConfigError:
+    """One pydantic error as the bench's: the dotted key (a union member's tag left out), the problem, the fix."""
+    names, node, model, loc, kind = [where] if where else [], value, schema, error["loc"], error["type"]
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and part in node or kind == "missing" and last and isinstance(part, str):
+            names.append(str(part))
+            field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+            model = next(iter(_models_in(field.annotation)), None) if field is not None and not last else model
+            node = node.get(part) if isinstance(node, dict) else None
+        elif isinstance(part, int):  # a list index; inside a budget pair, the pair's position by name
+            names[-1] += f" ({BUDGET_NAMES[part]})" if i > 0 and isinstance(loc[i - 1], int) else f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        # else: the tag of a union member (`int`, `float`), not a key of the file
+    ctx = dict(error.get("ctx") or {})
+    ctx["expected"] = str(ctx.get("expected")).replace("'", "").replace(" or ", ", ")  # 'a', 'b' or 'c' -> a, b, c
+    ctx["field_type"] = "mapping" if ctx.get("field_type") == "Dictionary" else "list"
+    problem = _PROBLEMS[kind].format(**ctx) if kind in _PROBLEMS else error["msg"]
+    if kind not in ("missing", "extra_forbidden", "duplicate"):
+        problem += f", got {error['input']!r}"
+    key = next((n for n in reversed(names) if n[0].isalpha()), "").split(" ")[0].split("[")[0]
+    fix = FIXES.get(key) or (f"add `{key}:`" if kind == "missing" else None)
+    if kind == "extra_forbidden":
+        fix = f"use one of {', '.join(model.model_fields)}" if model is not None else "check the spelling"
+    return field_error(".".join(names) or "the matrix", problem, fix)
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise field_error(where, f"must be a number, got {value!r}")
-    return float(value)
+SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
-def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise field_error(where, f"must be true or false, got {value!r}")
-    return value
+def _check(schema: type[SpecT], value: Any, where: str) -> SpecT:
+    """``value`` validated by ``schema``; its first mistake raised as a :class:`BenchConfigError`."""
+    try:
+        return schema.model_validate(value)
+    except ValidationError as exc:
+        raise _schema_error(exc.errors()[0], schema, value, where) from None
 
 
-def _str(value: Any, where: str, *, null_ok: bool = False) -> str | None:
-    if value is None and null_ok:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise field_error(where, f"must be a non-empty string, got {value!r}")
-    return value
-
-
-def _existing_path(value: Any, where: str, *, check: bool, kind: str = "file") -> str:
+def _existing_path(text: str, where: str, *, check: bool, kind: str = "file") -> str:
     """The path as written (``~`` expanded), checked to exist against the current directory. It is kept as written,
     not resolved, so that the cells' fingerprints are the same on every machine that holds the same layout (a
     clone under another root must not make every committed result stale)."""
-    text = _str(value, where)
     path = Path(text).expanduser()
     resolved = (path if path.is_absolute() else Path.cwd() / path).resolve()
     if check and not resolved.exists():
@@ -306,28 +475,6 @@ def _existing_path(value: Any, where: str, *, check: bool, kind: str = "file") -
             f"relative paths resolve against the current directory {Path.cwd()}; give an existing path",
         )
     return str(path)
-
-
-def _budgets(value: Any, where: str) -> list[Budget]:
-    if not isinstance(value, list) or not value:
-        raise field_error(where, f"must be a non-empty list of [sample_keep_ratio, token_keep_ratio] pairs, got {value!r}",
-                   "e.g. [[0.25, 0.5], [0.5, 0.7]]")
-    budgets: list[Budget] = []
-    for i, pair in enumerate(value):
-        here = f"{where}[{i}]"
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise field_error(here, f"must be a pair [sample_keep_ratio, token_keep_ratio], got {pair!r}", "e.g. [0.25, 0.5]")
-        ratios = []
-        for j, name in enumerate(("sample_keep_ratio", "token_keep_ratio")):
-            ratio = _number(pair[j], f"{here} ({name})")
-            if not 0.0 < ratio <= 1.0:
-                raise field_error(f"{here} ({name})", f"must be in (0, 1], got {pair[j]!r}", "use a share such as 0.25")
-            ratios.append(ratio)
-        budget = (ratios[0], ratios[1])
-        if budget in budgets:
-            raise field_error(here, f"duplicate budget {budget_label(budget)}", "list each budget once")
-        budgets.append(budget)
-    return budgets
 
 
 def _qtuning_fields() -> set[str]:
@@ -415,12 +562,9 @@ def cell_config_kwargs(
 def build_config(kwargs: dict[str, Any], where: str):
     from ..config import QTuningConfig
 
+    _check_fields({k: v for k, v in kwargs.items() if k not in OWNED_FIELDS}, where, _qtuning_fields())
     try:
         return QTuningConfig(**kwargs)
-    except TypeError as exc:  # an unknown field (a QTuningConfig of an older/newer trl-qtuning)
-        match = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
-        key = match.group(1) if match else "?"
-        raise field_error(f"{where}.{key}", "unknown QTuningConfig field", "check the spelling or update trl-qtuning") from exc
     except ValueError as exc:  # QTuningConfig / SFTConfig / TrainingArguments validation
         raise field_error(where, one_line(exc)) from exc
 
@@ -443,46 +587,32 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise BenchConfigError(f"{path}: not valid YAML: {one_line(exc)}") from exc
-    raw = _mapping(raw, "", TOP_KEYS) if raw is not None else {}
-
-    experiment = _str(raw.get("experiment", "trl-qtuning-bench"), "experiment")
-    if "output_dir" not in raw:
-        raise field_error("output_dir", "missing", "add `output_dir: bench_runs/<name>` (one folder per cell goes there)")
-    output_dir = Path(_str(raw["output_dir"], "output_dir")).expanduser()
+    spec = _check(MatrixSpec, {} if raw is None else raw, "")
+    output_dir = Path(spec.output_dir).expanduser()
     output_dir = output_dir if output_dir.is_absolute() else Path.cwd() / output_dir
 
-    report_to = raw.get("report_to", "auto")
-    if report_to not in ("auto", "mlflow", "none"):
-        raise field_error("report_to", f"must be auto, mlflow or none, got {report_to!r}")
+    report_to = spec.report_to
     mlflow_installed = importlib.util.find_spec("mlflow") is not None
     if report_to == "auto":
         report_to = "mlflow" if mlflow_installed else "none"
     elif report_to == "mlflow" and not mlflow_installed and check_inputs:
         raise field_error("report_to", "mlflow is not installed", "pip install 'trl-qtuning[mlflow]', or set report_to: none")
-    tracking_uri = _str(raw.get("tracking_uri"), "tracking_uri", null_ok=True)
 
-    model = _str(raw.get("model", "demo"), "model")
+    model = spec.model
     if model != "demo":
         model = _existing_path(model, "model", check=check_inputs, kind="model folder")
         if check_inputs and not (Path(model) / "config.json").is_file():
             raise field_error("model", f"not a model folder (no config.json): {model}", "give `demo` or a saved model folder")
 
-    lora = _parse_lora(raw.get("lora", {}))
-    data = _mapping(raw.get("data"), "data", ("train", "heldout_size"))
-    train = _parse_train(data, check_inputs)
-    heldout_size = _int(data.get("heldout_size", 0), "data.heldout_size", 0)
-
-    training = dict(_mapping(raw.get("training"), "training", null_ok=True))
+    heldout_size = spec.data.heldout_size
+    train = _parse_train(spec.data.train, check_inputs)
+    training = dict(spec.training or {})
     fields = _qtuning_fields()
     _check_fields(training, "training", fields)
-    eval_spec = _parse_eval(raw.get("eval"), heldout_size, check_inputs)
-    methods = _parse_methods(raw, training, fields)
-    seeds_raw = raw.get("seeds", [0])
-    if not isinstance(seeds_raw, list) or not seeds_raw:
-        raise field_error("seeds", f"must be a non-empty list of integers, got {seeds_raw!r}", "e.g. [0, 1, 2]")
-    seeds = [_int(s, f"seeds[{i}]", 0) for i, s in enumerate(seeds_raw)]
-    if len(set(seeds)) != len(seeds):
-        raise field_error("seeds", f"duplicate seeds in {seeds}", "list each seed once")
+    eval_spec = _parse_eval(spec.eval or EvalSpec(), heldout_size, check_inputs)
+    methods = _parse_methods(spec, training, fields)
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise field_error("seeds", f"duplicate seeds in {spec.seeds}", FIXES["seeds"])
     if train.label_noise:
         for method in methods:
             level = method.overrides.get("qtuning_ledger", training.get("qtuning_ledger", "full"))
@@ -490,234 +620,124 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
                 where = f"methods.{method.name}" if "qtuning_ledger" in method.overrides else "training"
                 raise field_error(f"{where}.qtuning_ledger", "label noise is audited from the ledger, which is off",
                                   "use qtuning_ledger: summary (or full)")
-    equal_compute = _parse_equal_compute(raw.get("equal_compute"), methods, training)
-    baselines = _parse_baselines(raw.get("baselines"), methods, training)
+    reference = spec.clean_reference
+    if reference is not None:
+        reference = _existing_path(reference, "clean_reference", check=check_inputs)
 
     matrix = Matrix(
-        path=path, text=text, experiment=experiment, output_dir=output_dir, report_to=report_to,
-        tracking_uri=tracking_uri, model=model, lora=lora, train=train, heldout_size=heldout_size,
-        training=training, eval=eval_spec, methods=methods, seeds=seeds, equal_compute=equal_compute,
-        baselines=baselines,
+        path=path, text=text, experiment=spec.experiment, output_dir=output_dir, report_to=report_to,
+        tracking_uri=spec.tracking_uri, model=model, lora=spec.lora and spec.lora.model_dump(), train=train,
+        heldout_size=heldout_size, training=training, eval=eval_spec, methods=methods, seeds=list(spec.seeds),
+        equal_compute=_parse_equal_compute(spec.equal_compute, methods, training),
+        baselines=_parse_baselines(spec.baselines, methods, training), clean_reference=reference,
     )  # fmt: skip
     if check_inputs:
         build_config({**with_defaults(training), "output_dir": str(output_dir / "_check")}, "training")
         for method in methods:
             for budget in method.budgets:
-                cell = Cell(method.name, budget, seeds[0])
+                cell = Cell(method.name, budget, matrix.seeds[0])
                 where = f"methods.{method.name}" + (f" (budget {budget_label(budget)})" if budget else "")
                 share = None if method.match_label_tokens is None else (budget[0] * budget[1] if budget else None)
                 build_config(cell_config_kwargs(matrix, cell, method, matched_label_share=share), where)
     return matrix
 
 
-def _parse_lora(value: Any) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    lora_raw = _mapping(value, "lora", LORA_KEYS)
-    lora = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear", **lora_raw}
-    _int(lora["r"], "lora.r", 1)
-    if _number(lora["alpha"], "lora.alpha") <= 0:
-        raise field_error("lora.alpha", f"must be > 0, got {lora['alpha']!r}")
-    if not 0.0 <= _number(lora["dropout"], "lora.dropout") < 1.0:
-        raise field_error("lora.dropout", f"must be in [0, 1), got {lora['dropout']!r}")
-    targets = lora["target_modules"]
-    if not (isinstance(targets, str) and targets) and not (
-        isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
-    ):
-        raise field_error("lora.target_modules", f"must be a string or a list of module names, got {targets!r}",
-                   "e.g. all-linear or [q_proj, v_proj]")
-    return lora
-
-
-def _parse_source_options(spec: dict[str, Any], source: str, where: str) -> dict[str, Any]:
-    """The source-specific keys of a data mapping (``data.train`` or ``eval.transfer``), checked."""
-    options: dict[str, Any] = {}
-    if source == "arithmetic" and "noisy_share" in spec:
-        if not 0.0 <= _number(spec["noisy_share"], f"{where}.noisy_share") <= 1.0:
-            raise field_error(f"{where}.noisy_share", f"must be in [0, 1], got {spec['noisy_share']!r}")
-        options["noisy_share"] = spec["noisy_share"]
-    if source == "demo_math":
-        for key in ("max_level", "max_chars"):
-            if key in spec:
-                options[key] = _int(spec[key], f"{where}.{key}", 1, null_ok=True)
-        if "subjects" in spec:
-            options["subjects"] = spec["subjects"]
-    if source == "gsm8k_jsonl" and "strip_calculator" in spec:
-        options["strip_calculator"] = _bool(spec["strip_calculator"], f"{where}.strip_calculator")
-    return options
-
-
-def _parse_train(data: dict[str, Any], check_inputs: bool) -> TrainData:
-    if "train" not in data:
-        raise field_error("data.train", "missing", "add `train: {source: gsm8k_jsonl, path: ..., size: 256}`")
-    spec = dict(_mapping(data["train"], "data.train"))
-    source = spec.get("source")
-    if source not in SOURCES:
+def _parse_train(raw: dict[str, Any], check_inputs: bool) -> TrainData:
+    source = raw.get("source")
+    if source not in TRAIN_SCHEMAS:
         raise field_error("data.train.source", f"must be one of {', '.join(SOURCES)}, got {source!r}")
-    _mapping(spec, "data.train", SOURCE_KEYS[source])
-    path = None
-    if source in ("gsm8k_jsonl", "local"):
-        if spec.get("path") is None:
-            raise field_error("data.train.path", f"missing (source {source} reads a local file)", "give the file's path")
-        path = _existing_path(spec["path"], "data.train.path", check=check_inputs)
-    noise = 0.0
-    if "label_noise" in spec:
-        noise = _number(spec["label_noise"], "data.train.label_noise")
-        if not 0.0 <= noise <= 1.0:
-            raise field_error("data.train.label_noise", f"must be a share in [0, 1], got {spec['label_noise']!r}",
-                       "e.g. 0.3 swaps the answers of 30% of the training rows")
-    noise_type = spec.get("label_noise_type", "swap")
-    if noise_type not in NOISE_TYPES:
-        raise field_error("data.train.label_noise_type", f"must be one of {', '.join(NOISE_TYPES)}, got {noise_type!r}",
-                          "swap: answers swapped among the corrupted rows; numbers: a carried arithmetic slip")
-    if "label_noise_type" in spec and not noise:
+    spec = _check(TRAIN_SCHEMAS[source], raw, "data.train")
+    if "label_noise_type" in spec.model_fields_set and not spec.label_noise:
         raise field_error("data.train.label_noise_type", "has no effect without label_noise",
                           "set label_noise (e.g. 0.3), or remove label_noise_type")
-    return TrainData(
-        source=source, size=_int(spec.get("size"), "data.train.size", 1, null_ok=True),
-        seed=_int(spec.get("seed", 0), "data.train.seed"), path=path, label_noise=noise, label_noise_type=noise_type,
-        options=_parse_source_options(spec, source, "data.train"),
-    )  # fmt: skip
-
-
-def _parse_eval(value: Any, heldout_size: int, check_inputs: bool) -> EvalSpec:
-    raw = _mapping(value, "eval", EVAL_KEYS, null_ok=True) if value is not None else {"nll": True}
-    nll = raw.get("nll", True)
-    if isinstance(nll, bool):
-        nll = {} if nll else None
-    if nll is not None:
-        nll = {"batch_size": 8, "max_length": 1024, **_mapping(nll, "eval.nll", ("batch_size", "max_length"))}
-        _int(nll["batch_size"], "eval.nll.batch_size", 1)
-        _int(nll["max_length"], "eval.nll.max_length", 1)
-        if heldout_size < 1:
-            raise field_error("eval.nll", "needs held-out rows, but data.heldout_size is 0",
-                       "set data.heldout_size (e.g. 64), or eval.nll: false")
-    gsm8k = raw.get("gsm8k")
-    if gsm8k is not None and gsm8k is not False:
-        gsm8k = {"size": 50, "max_new_tokens": 256, "batch_size": 16, "path": None, "source": None,
-                 **_mapping(gsm8k, "eval.gsm8k", ("size", "max_new_tokens", "batch_size", "path", "source"), null_ok=True)}  # fmt: skip
-        _int(gsm8k["size"], "eval.gsm8k.size", 1)
-        _int(gsm8k["max_new_tokens"], "eval.gsm8k.max_new_tokens", 1)
-        _int(gsm8k["batch_size"], "eval.gsm8k.batch_size", 1)
-        if gsm8k["source"] is None:
-            gsm8k["source"] = "gsm8k_jsonl" if gsm8k["path"] else "gsm8k_test"
-        if gsm8k["source"] not in ("gsm8k_test", "gsm8k_jsonl", "arithmetic"):
-            raise field_error("eval.gsm8k.source", f"must be gsm8k_test, gsm8k_jsonl or arithmetic, got {gsm8k['source']!r}")
-        if gsm8k["source"] == "gsm8k_jsonl":
-            if not gsm8k["path"]:
-                raise field_error("eval.gsm8k.path", "missing (source gsm8k_jsonl)", "give the test jsonl's path")
-            gsm8k["path"] = _existing_path(gsm8k["path"], "eval.gsm8k.path", check=check_inputs)
-    arcs: dict[str, Any] = {}
-    for name in ("arc_easy", "arc_challenge"):
-        arc = raw.get(name)
-        if arc is not None and arc is not False:
-            arc = {"size": 100, "batch_size": 16, "max_length": 512, "subset": "test", "source": "arc",
-                   **_mapping(arc, f"eval.{name}", ("size", "batch_size", "max_length", "subset", "source"), null_ok=True)}  # fmt: skip
-            _int(arc["size"], f"eval.{name}.size", 1)
-            _int(arc["batch_size"], f"eval.{name}.batch_size", 1)
-            _int(arc["max_length"], f"eval.{name}.max_length", 1)
-            if arc["subset"] not in ("test", "validation"):
-                raise field_error(f"eval.{name}.subset", f"must be test or validation, got {arc['subset']!r}")
-            if arc["source"] not in ("arc", "arithmetic"):
-                raise field_error(f"eval.{name}.source", f"must be arc or arithmetic, got {arc['source']!r}")
-        arcs[name] = arc or None
-    every_steps = _int(raw.get("every_steps"), "eval.every_steps", 1, null_ok=True)
-    if every_steps is not None and nll is None:
-        raise field_error("eval.every_steps", "the learning curve is the held-out NLL, but eval.nll is off",
-                   "set eval.nll: true (and data.heldout_size), or remove every_steps")
-    transfer = _parse_transfer(raw.get("transfer"), check_inputs)
-    spec = EvalSpec(
-        nll=nll, gsm8k=gsm8k or None, arc_easy=arcs["arc_easy"], arc_challenge=arcs["arc_challenge"],
-        seed=_int(raw.get("seed", 0), "eval.seed"), base=_bool(raw.get("base", True), "eval.base"),
-        every_steps=every_steps, transfer=transfer, contrast=_parse_contrast(raw.get("contrast"), heldout_size),
-    )  # fmt: skip
-    if check_inputs and spec.enabled and importlib.util.find_spec("trl_qtuning.evaluation") is None:
-        raise field_error("eval", "the evaluation module trl_qtuning.evaluation is not available in this installation",
-                   "update trl-qtuning, or disable every evaluation (nll: false, no gsm8k/arc_easy/arc_challenge)")
+    if isinstance(spec, (Gsm8kJsonlTrain, LocalTrain)):
+        spec.path = _existing_path(spec.path, "data.train.path", check=check_inputs)
     return spec
 
 
-def _parse_contrast(value: Any, heldout_size: int) -> dict[str, Any] | None:
-    """``eval.contrast``: true, or ``{kinds: [swap, numbers], batch_size: 8, max_length: 1024}``."""
+def _block(schema: type[SpecT], value: Any, where: str, *, true_ok: bool = False) -> SpecT | None:
+    """An evaluation block: off (false or null), on with its defaults (``true``, where ``true_ok``), or a mapping."""
     if value is None or value is False:
         return None
-    spec = {"kinds": list(CONTRAST_KINDS), "batch_size": 8, "max_length": 1024,
-            **({} if value is True else _mapping(value, "eval.contrast", ("kinds", "batch_size", "max_length")))}  # fmt: skip
-    kinds = spec["kinds"]
-    if not isinstance(kinds, list) or not kinds or any(k not in CONTRAST_KINDS for k in kinds):
-        raise field_error("eval.contrast.kinds", f"must be a non-empty list of {', '.join(CONTRAST_KINDS)}, got {kinds!r}",
-                          "e.g. [swap, numbers]")
-    _int(spec["batch_size"], "eval.contrast.batch_size", 1)
-    _int(spec["max_length"], "eval.contrast.max_length", 1)
-    if heldout_size < 2:
+    return schema() if value is True and true_ok else _check(schema, value, where)
+
+
+def _parse_eval(raw: EvalSpec, heldout_size: int, check_inputs: bool) -> EvalSpec:
+    nll = _block(NllSpec, raw.nll, "eval.nll", true_ok=True)
+    if nll is not None and heldout_size < 1:
+        raise field_error("eval.nll", "needs held-out rows, but data.heldout_size is 0",
+                          "set data.heldout_size (e.g. 64), or eval.nll: false")
+    gsm8k = _block(GenerationSpec, raw.gsm8k, "eval.gsm8k")
+    if gsm8k is not None:
+        gsm8k.source = gsm8k.source or ("gsm8k_jsonl" if gsm8k.path else "gsm8k_test")
+        if gsm8k.source == "gsm8k_jsonl":
+            if not gsm8k.path:
+                raise field_error("eval.gsm8k.path", "missing (source gsm8k_jsonl)", "give the test jsonl's path")
+            gsm8k.path = _existing_path(gsm8k.path, "eval.gsm8k.path", check=check_inputs)
+    arcs = {name: _block(ChoiceSpec, getattr(raw, name), f"eval.{name}") for name in ("arc_easy", "arc_challenge")}
+    if raw.every_steps is not None and nll is None:
+        raise field_error("eval.every_steps", "the learning curve is the held-out NLL, but eval.nll is off",
+                          "set eval.nll: true (and data.heldout_size), or remove every_steps")
+    contrast = _block(ContrastSpec, raw.contrast, "eval.contrast", true_ok=True)
+    if contrast is not None and heldout_size < 2:
         raise field_error("eval.contrast", f"compares held-out rows, but data.heldout_size is {heldout_size}",
                           "set data.heldout_size (e.g. 48), or remove eval.contrast")
-    return spec
+    for name, block in {"nll": nll, "gsm8k": gsm8k, "contrast": contrast, **arcs}.items():
+        setattr(raw, name, None if block is None else block.model_dump())
+    raw.transfer = _parse_transfer(raw.transfer, check_inputs)
+    if check_inputs and raw.enabled and importlib.util.find_spec("trl_qtuning.evaluation") is None:
+        raise field_error("eval", "the evaluation module trl_qtuning.evaluation is not available in this installation",
+                          "update trl-qtuning, or disable every evaluation (nll: false, no gsm8k/arc_easy/arc_challenge)")
+    return raw
 
 
 def _parse_transfer(value: Any, check_inputs: bool) -> dict[str, Any] | None:
-    if value is None or value is False:
+    spec = _block(TransferSpec, value, "eval.transfer")
+    if spec is None:
         return None
-    keys = ("source", "size", "seed", "path", "subjects", "max_level", "max_chars", "batch_size", "max_length",
-            "strip_calculator", "noisy_share")  # fmt: skip
-    spec = dict(_mapping(value, "eval.transfer", keys))
-    source = spec.get("source", "demo_math")
-    if source not in SOURCES:
-        raise field_error("eval.transfer.source", f"must be one of {', '.join(SOURCES)}, got {source!r}")
-    out: dict[str, Any] = {
-        "source": source, "size": _int(spec.get("size", 64), "eval.transfer.size", 1),
-        "seed": _int(spec.get("seed", 0), "eval.transfer.seed"),
-        "batch_size": _int(spec.get("batch_size", 8), "eval.transfer.batch_size", 1),
-        "max_length": _int(spec.get("max_length", 1024), "eval.transfer.max_length", 1),
-        **_parse_source_options(spec, source, "eval.transfer"),
-    }  # fmt: skip
-    if source in ("gsm8k_jsonl", "local"):
-        if spec.get("path") is None:
-            raise field_error("eval.transfer.path", f"missing (source {source} reads a local file)", "give the file's path")
-        out["path"] = _existing_path(spec["path"], "eval.transfer.path", check=check_inputs)
+    out = {**spec.model_dump(include={"source", "size", "seed", "batch_size", "max_length"}),
+           **source_options(spec, spec.source)}  # fmt: skip
+    if spec.source in ("gsm8k_jsonl", "local"):
+        if spec.path is None:
+            raise field_error("eval.transfer.path", f"missing (source {spec.source} reads a local file)", FIXES["path"])
+        out["path"] = _existing_path(spec.path, "eval.transfer.path", check=check_inputs)
     return out
 
 
-def _parse_methods(raw: dict[str, Any], training: dict[str, Any], fields: set[str]) -> list[Method]:
-    methods_raw = raw.get("methods")
-    if not methods_raw:
-        raise field_error("methods", "missing or empty", "add e.g. `methods: {full: {qtuning_enabled: false}, qtuning: {}}`")
-    methods_raw = _mapping(methods_raw, "methods")
-    top_budgets = _budgets(raw["budgets"], "budgets") if "budgets" in raw else None
+def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: set[str]) -> list[Method]:
     default_enabled = training.get("qtuning_enabled", True)
     methods: list[Method] = []
-    for name, overrides in methods_raw.items():
+    for name, overrides in spec.methods.items():
         where = f"methods.{name}"
         if not _FOLDER_SAFE.match(name):
             raise field_error(where, "method names must be folder-safe", "use letters, digits, '-', '_' and '.' only")
         if name == BASE_METHOD:
             raise field_error(where, f"{BASE_METHOD!r} is reserved for the untrained model's row", "rename the method")
-        overrides = dict(_mapping(overrides, where, null_ok=True))
+        overrides = dict(overrides or {})
         if "max_steps" in overrides:
             raise field_error(f"{where}.max_steps", "every method trains the same steps (the equal-steps point)",
                               "set training.max_steps, and equal_compute to train methods on to equal compute")
-        pinned = overrides.pop("budgets", None)
-        matched = _str(overrides.pop("match_label_tokens", None), f"{where}.match_label_tokens", null_ok=True)
+        keys = _check(MethodKeys, {k: overrides[k] for k in MethodKeys.model_fields if k in overrides}, where)
+        for key in METHOD_BENCH_KEYS:
+            overrides.pop(key, None)
         _check_fields(overrides, where, fields)
-        enabled = overrides.get("qtuning_enabled", default_enabled)
+        enabled = default_enabled if keys.qtuning_enabled is None else keys.qtuning_enabled
         if not isinstance(enabled, bool):
-            raise field_error(f"{where}.qtuning_enabled", f"must be true or false, got {enabled!r}")
+            raise field_error("training.qtuning_enabled", f"must be true or false, got {enabled!r}")
         if not enabled:
-            if pinned is not None:
+            if keys.budgets is not None:
                 raise field_error(f"{where}.budgets", "a method without Q-Tuning (qtuning_enabled: false) has no budget",
-                           "remove `budgets:` from this method")
-            if matched is not None:
+                                  "remove `budgets:` from this method")
+            if keys.match_label_tokens is not None:
                 raise field_error(f"{where}.match_label_tokens", "a method without Q-Tuning trains every token",
-                           "remove match_label_tokens, or give the method a sample and token policy")
+                                  "remove match_label_tokens, or give the method a sample and token policy")
             budgets: list[Budget | None] = [None]
-        elif pinned is not None:
-            budgets = list(_budgets(pinned, f"{where}.budgets"))
-        elif top_budgets is not None:
-            budgets = list(top_budgets)
+        elif (keys.budgets or spec.budgets) is not None:
+            budgets = list(keys.budgets or spec.budgets)
         else:
             raise field_error("budgets", f"missing, and method {name!r} uses Q-Tuning",
-                       "add `budgets: [[0.25, 0.5]]` at the top level or inside the method")
-        methods.append(Method(name, overrides, budgets, enabled, matched))
+                              "add `budgets: [[0.25, 0.5]]` at the top level or inside the method")
+        methods.append(Method(name, overrides, budgets, enabled, keys.match_label_tokens))
     by_name = {m.name: m for m in methods}
     for method in methods:
         if method.match_label_tokens is None:
@@ -740,11 +760,12 @@ def _parse_methods(raw: dict[str, Any], training: dict[str, Any], fields: set[st
     return methods
 
 
-def _parse_equal_compute(value: Any, methods: list[Method], training: dict[str, Any]) -> EqualCompute | None:
-    if value is None:
+def _parse_equal_compute(
+    spec: EqualCompute | None, methods: list[Method], training: dict[str, Any]
+) -> EqualCompute | None:
+    if spec is None:
         return None
-    spec = _mapping(value, "equal_compute", ("reference", "max_steps"))
-    reference = _str(spec.get("reference"), "equal_compute.reference")
+    reference, max_steps = spec.reference, spec.max_steps
     names = [m.name for m in methods]
     if reference not in names:
         raise field_error("equal_compute.reference", f"{reference!r} is not a method of the matrix",
@@ -756,7 +777,6 @@ def _parse_equal_compute(value: Any, methods: list[Method], training: dict[str, 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise field_error("training.max_steps", f"equal_compute needs a fixed number of equal steps, got {steps!r}",
                    "set training.max_steps (the equal-steps point)")
-    max_steps = _int(spec.get("max_steps"), "equal_compute.max_steps", 1)
     if max_steps < steps:
         raise field_error("equal_compute.max_steps", f"{max_steps} < training.max_steps {steps}",
                    "allow at least as many steps as the equal-steps point")
@@ -776,10 +796,10 @@ def _parse_equal_compute(value: Any, methods: list[Method], training: dict[str, 
         if settings.get("warmup_ratio") or (isinstance(warmup, float) and 0 < warmup < 1):
             raise field_error(f"{where}.warmup_ratio", "a warmup share depends on the run's length",
                               "give warmup_steps as a whole number of steps")
-    return EqualCompute(reference, max_steps)
+    return spec
 
 
-def _parse_baselines(value: Any, methods: list[Method], training: dict[str, Any]) -> list[str]:
+def _parse_baselines(value: list[str] | None, methods: list[Method], training: dict[str, Any]) -> list[str]:
     names = [m.name for m in methods]
     if value is None:  # full data, and random samples with random tokens at their own budget
         return [m.name for m in methods if not m.qtuning_enabled] + [
@@ -788,8 +808,6 @@ def _parse_baselines(value: Any, methods: list[Method], training: dict[str, Any]
             and {**training, **m.overrides}.get("sample_policy") == "random"
             and {**training, **m.overrides}.get("token_policy") == "random"
         ]  # fmt: skip
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise field_error("baselines", f"must be a list of method names, got {value!r}", "e.g. [full, random-random]")
     for i, name in enumerate(value):
         if name not in names:
             raise field_error(f"baselines[{i}]", f"{name!r} is not a method of the matrix", f"name one of {', '.join(names)}")

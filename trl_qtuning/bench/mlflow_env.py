@@ -1,4 +1,4 @@
-"""The bench's MLflow side: the environment the tracking callback reads, cell tags, and fault-tolerant sends.
+"""The bench's MLflow side: cell tags, fault-tolerant sends, and the variables the trainer's tracking callback reads.
 
 Tracking never stops the bench: an outage keeps metrics in the run's ``pending.jsonl`` and says so on stderr.
 """
@@ -38,7 +38,8 @@ def environ(updates: dict[str, str | None]):
 
 
 def tracking_env(matrix: Matrix, tags: dict[str, str]) -> dict[str, str | None]:
-    """What the tracking callback reads: the experiment, the store, extra tags; never an inherited run id."""
+    """What the trainer's tracking callback reads (it has no arguments for them): the experiment, the store, extra
+    tags (the caller's ``MLFLOW_TAGS`` kept); never an inherited run id."""
     if matrix.report_to != "mlflow":
         return {}
     extra: dict[str, Any] = {}
@@ -129,7 +130,7 @@ def log_summary(matrix: Matrix, files: list[Path]) -> str | None:
 
         from ..tracking.sink import fast_fail_http
 
-        with environ(tracking_env(matrix, {})), fast_fail_http():  # an outage fails in seconds, not minutes
+        with fast_fail_http():  # an outage fails in seconds, not minutes
             client = MlflowClient(tracking_uri=matrix.tracking_uri)
             experiment = client.get_experiment_by_name(matrix.experiment)
             experiment_id = experiment.experiment_id if experiment else client.create_experiment(matrix.experiment)

@@ -13,22 +13,13 @@ from typing import Any
 
 __all__ = ["paired_difference", "t_interval", "t_quantile"]
 
-# Two-sided 95% Student t quantiles t(0.975, df) for df = 1..30; beyond, the Cornish-Fisher expansion (error < 1e-4).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
-
 
 def t_quantile(p: float, df: int) -> float:
-    """The Student t quantile: scipy's when installed, else a table for p = 0.975 (the 95% interval)."""
+    """The Student t quantile (scipy's; the bench's intervals need the ``bench`` extra)."""
     try:
         from scipy.stats import t
     except ImportError:
-        if abs(p - 0.975) > 1e-12:
-            raise ImportError("t quantiles other than the 95% interval's need scipy: pip install scipy") from None
-        if df <= len(_T975):
-            return _T975[df - 1]
-        z = statistics.NormalDist().inv_cdf(p)
-        return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        raise ImportError("the bench's 95% intervals need scipy: pip install 'trl-qtuning[bench]'") from None
     return float(t.ppf(p, df))
 
 

@@ -116,16 +116,15 @@ def run_base_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Pa
             from ..tracking.callback import TRACKING_DIR
             from ..tracking.sink import MLflowSink
 
-            with environ(tracking_env(matrix, {})):
-                sink = MLflowSink(
-                    cell_dir / TRACKING_DIR, tracking_uri=os.getenv("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri(),
-                    experiment_name=matrix.experiment, run_name=cell.id,
-                    tags={"qtuning.method": "base", **cell_tags(matrix, cell)},
-                )  # fmt: skip
-                sink.log_params({"model": matrix.model, "trained": "false"})
-                run_id = send(sink, {**metrics, "eval_seconds": eval_seconds}, step=0)
-                sink.end("FINISHED")
-                sink.flush(force=True)
+            sink = MLflowSink(
+                cell_dir / TRACKING_DIR, tracking_uri=matrix.tracking_uri or mlflow.get_tracking_uri(),
+                experiment_name=matrix.experiment, run_name=cell.id,
+                tags={"qtuning.method": "base", **cell_tags(matrix, cell)},
+            )  # fmt: skip
+            sink.log_params({"model": matrix.model, "trained": "false"})
+            run_id = send(sink, {**metrics, "eval_seconds": eval_seconds}, step=0)
+            sink.end("FINISHED")
+            sink.flush(force=True)
         except Exception as exc:
             warn(f"logging the base cell to MLflow failed ({type(exc).__name__}: {one_line(exc)})")
     return cell_record(
@@ -178,6 +177,8 @@ def run_train_cell(
     targets = targets if targets is not None else CellTargets()
     method = matrix.method(cell.method)
     kwargs = cell_config_kwargs(matrix, cell, method, matched_label_share=targets.get("label_share"))
+    # The trainer's MLflow callback (transformers' MLflowCallback) takes its experiment and tags only from MLFLOW_*
+    # variables: set for this cell's training only.
     with environ(tracking_env(matrix, cell_tags(matrix, cell))):
         set_seed(int(cell.seed or 0))
         config = build_config(kwargs, f"methods.{cell.method}")

@@ -81,12 +81,8 @@ def _fmt(value: float | None, kind: str) -> str:
     return f"{value:.4f}"
 
 
-def _mean_std(values: list[float], kind: str) -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return f"{_fmt(mean, kind)} ± {_fmt(std, kind) if std is not None else '-'}"
+def _mean_std(stats: dict[str, Any], kind: str) -> str:
+    return f"{_fmt(stats['mean'], kind)} ± {_fmt(stats['std'], kind) if stats['std'] is not None else '-'}"
 
 
 def _stats(values: list[float]) -> dict[str, Any] | None:
@@ -285,7 +281,7 @@ def format_table(rows: list[dict[str, Any]], kind: str = "equal_steps", *, final
         values = [row["method"], row["budget_label"], str(row["n"])]
         for key, _, fmt in metric_cols:
             stats = read.get("metrics", {}).get(key)
-            cell = _mean_std(stats["values"], fmt) if stats else "-"
+            cell = _mean_std(stats, fmt) if stats else "-"
             if stats and len(stats["values"]) < row["n"]:  # not every seed has it (e.g. read past its last step)
                 cell += f" (n={len(stats['values'])})"
             values.append(cell)
@@ -298,6 +294,51 @@ def format_table(rows: list[dict[str, Any]], kind: str = "equal_steps", *, final
         values.append(_fmt(row["train_seconds"]["mean"], "seconds") if row.get("train_seconds") else "-")
         body.append(values)
     return _markdown(headers, body)
+
+
+def against_reference(matrix: Matrix, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row's paired differences (equal steps) to the row of the same method and budget in the matrix of
+    ``matrix.clean_reference``: ``[{"method", "budget_label", "paired": {key: difference}}]``."""
+    from .matrix import load_matrix
+
+    if not matrix.clean_reference:
+        return []
+    reference_rows, _, _ = collect_rows(load_matrix(matrix.clean_reference, check_inputs=False))
+    found = {(r["method"], r["budget_label"]): r for r in reference_rows if r["budget_label"] != "(untrained)"}
+    compared = []
+    for row in rows:
+        theirs = found.get((row["method"], row["budget_label"]))
+        if theirs is None:
+            continue
+        mine_seeds, their_seeds = row["equal_steps"]["per_seed"], theirs["equal_steps"]["per_seed"]
+        paired = {}
+        for key in PAIRED_KEYS:
+            diff = paired_difference({s: v[key] for s, v in mine_seeds.items() if key in v},
+                                     {s: v[key] for s, v in their_seeds.items() if key in v},
+                                     lower_is_better=key not in HIGHER_IS_BETTER)  # fmt: skip
+            if diff is not None:
+                paired[key] = diff
+        if paired:
+            compared.append({"method": row["method"], "budget_label": row["budget_label"], "paired": paired})
+    return compared
+
+
+def format_against_reference(compared: list[dict[str, Any]], reference: str) -> str | None:
+    """The table of :func:`against_reference`."""
+    keys = [k for k in PAIRED_KEYS if any(k in c["paired"] for c in compared)]
+    if not keys:
+        return None
+    headers = ["method", "budget (samples x tokens)", *[f"Δ {PAIRED_LABELS[k]} vs clean [95% CI]" for k in keys]]
+    body = [[c["method"], c["budget_label"], *[_format_difference(c["paired"].get(k)) for k in keys]] for c in compared]
+    return f"Reference: `{reference}`.\n\n" + _markdown(headers, body)
+
+
+def _format_difference(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "-"
+    if d["low"] is None:
+        return f"{_fmt(d['mean'], 'delta')} (n={len(d['seeds'])})"
+    return f"{_fmt(d['mean'], 'delta')} [{_fmt(d['low'], 'delta')}, {_fmt(d['high'], 'delta')}] {d['verdict']}"
 
 
 def format_paired(rows: list[dict[str, Any]], kind: str, baselines: list[str]) -> str | None:
@@ -314,14 +355,7 @@ def format_paired(rows: list[dict[str, Any]], kind: str, baselines: list[str]) -
             continue
         values = [row["method"], row["budget_label"]]
         for baseline, key in cols:
-            d = (paired.get(baseline) or {}).get(key)
-            if d is None:
-                values.append("-")
-            elif d["low"] is None:
-                values.append(f"{_fmt(d['mean'], 'delta')} (n={len(d['seeds'])})")
-            else:
-                values.append(f"{_fmt(d['mean'], 'delta')} [{_fmt(d['low'], 'delta')}, {_fmt(d['high'], 'delta')}] "
-                              f"{d['verdict']}")  # fmt: skip
+            values.append(_format_difference((paired.get(baseline) or {}).get(key)))
         body.append(values)
     return _markdown(headers, body) if body else None
 
@@ -387,6 +421,18 @@ PAIRED_NOTE = (
     "Paired differences: per seed, the method's metric minus the baseline's (same data order and initialisation), "
     "then the mean over seeds with a 95% Student t interval. Negative is better for NLL; `better` / `worse` only "
     "where the interval excludes 0."
+)
+CONTRAST_NOTE = (
+    "Q-A contrast: per held-out row, the answer's log-likelihood under its own question minus under the next row's "
+    "question, per answer token; arithmetic contrast: the true solution's minus the same solution's with a carried "
+    "arithmetic slip (trl_qtuning/bench/contrast.py). Mean over rows; higher is better, and a paired difference above "
+    "0 is `better`."
+)
+REFERENCE_NOTE = (
+    "Against the clean reference: per seed, this matrix's cell minus the reference matrix's cell of the same method "
+    "and budget (same data order and initialisation, the noise the only difference), then the mean over seeds with "
+    "a 95% Student t interval. `worse` where the interval says the noise hurt (NLL up, a contrast down): the metric "
+    "sees this noise."
 )
 AUDIT_NOTE = (
     "Label noise audit (from each cell's ledger, steps up to the equal-steps point): the share of corrupted and of "
@@ -521,6 +567,9 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
             table, format_paired(rows, "equal_compute", matrix.baselines),
         ))  # fmt: skip
     audit = format_audit(rows)
+    compared = against_reference(matrix, rows)
+    reference_table = format_against_reference(compared, matrix.clean_reference) if compared else None
+    with_contrast = any(k.startswith("eval/contrast") for r in rows for k in r.get("metrics", {}))
     print(f"Results ({status}):", file=out)
     if untrained:
         print(untrained[2:], file=out)
@@ -528,6 +577,8 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         print(f"\n## {title}\n{table}", file=out)
         if paired:
             print(f"\n{paired}", file=out)
+    if reference_table:
+        print(f"\n## Against the clean reference\n{reference_table}", file=out)
     if audit:
         print(f"\n## Label noise audit\n{audit}", file=out)
     print("\n" + TABLE_NOTE, file=out)
@@ -550,11 +601,14 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         "",
         TABLE_NOTE,
         "",
+        *([CONTRAST_NOTE, ""] if with_contrast else []),
     ]  # fmt: skip
     for title, table, paired in sections:
         lines += [f"## {title}", "", table, ""]
         if paired:
             lines += [PAIRED_NOTE, "", paired, ""]
+    if reference_table:
+        lines += ["## Against the clean reference", "", REFERENCE_NOTE, "", reference_table, ""]
     if audit:
         lines += ["## Label noise audit", "", AUDIT_NOTE, "", audit, ""]
     if figures:
@@ -566,6 +620,7 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         "versions": versions, "untrained_nll": {f"{v:.6f}": cells for v, cells in sorted(numerics.items())},
         "matrix_file": str(matrix.path), "matrix": matrix.text, "note": TABLE_NOTE,
         "rows": rows, "missing": missing, "cells": results, "figures": figures,
+        **({"against_reference": {"matrix": matrix.clean_reference, "rows": compared}} if compared else {}),
     })  # fmt: skip
     log_summary(matrix, [matrix.output_dir / name for name in (RESULTS_MD, RESULTS_JSON, *figures)])
     print(f"\nWritten: {matrix.output_dir / RESULTS_MD} and {matrix.output_dir / RESULTS_JSON}", file=out)

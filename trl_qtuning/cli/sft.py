@@ -385,9 +385,23 @@ def _final_loss(log_history: list[dict[str, Any]], fallback: float | None) -> fl
     return fallback
 
 
-def _mean_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
-    values = [float(entry[key]) for entry in log_history if key in entry]
-    return sum(values) / len(values) if values else None
+def _realised_lines(realised: dict[str, Any], args) -> list[str]:
+    """The budgets the run realised, each named for what it counts (the sums the ``qtuning/*`` metrics use)."""
+    samples, kept_tokens = realised["sample_keep_ratio"], realised["kept_sample_token_share"]
+    if not realised["steps"] or samples is None:
+        return []
+    line = f"Q-Tuning trained on {samples:.0%} of the samples it scored (target {args.sample_keep_ratio:.0%})"
+    if kept_tokens is not None:
+        line += f", and on {kept_tokens:.0%} of those samples' answer tokens"
+    pruned = realised["token_keep_ratio"]
+    if pruned is None:
+        line += "; no sample was token-pruned."
+    else:
+        line += (
+            f"; the token-pruned samples kept {pruned:.0%} of their answer tokens (token_keep_ratio target "
+            f"{args.token_keep_ratio:.0%})."
+        )
+    return [line]
 
 
 def summary_lines(trainer, train_output, quantization=None) -> list[str]:
@@ -398,13 +412,7 @@ def summary_lines(trainer, train_output, quantization=None) -> list[str]:
     loss_text = f"{loss:.4f}" if loss is not None else "n/a"
     lines = [f"Training completed: {trainer.state.global_step} optimizer steps, final loss {loss_text}."]
     if args.qtuning_enabled:
-        samples = _mean_logged(history, "qtuning/sample_keep_ratio")
-        tokens = _mean_logged(history, "qtuning/token_keep_ratio")
-        if samples is not None and tokens is not None:
-            lines.append(
-                f"Q-Tuning kept {samples:.0%} of the samples (target {args.sample_keep_ratio:.0%}) and {tokens:.0%} "
-                f"of the kept samples' response tokens (mean over logged steps)."
-            )
+        lines += _realised_lines(trainer.qtuning_realised_budgets, args)
     if quantization is not None and quantization.requested_mode is not None:
         lines.append(quantization.describe())
     kind = "LoRA adapter" if getattr(trainer.model, "peft_config", None) else "model"

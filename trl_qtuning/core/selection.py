@@ -61,7 +61,7 @@ class Selection:
     entropy: torch.Tensor
     triage: TriageResult
     token_pruned: torch.Tensor
-    """(B,) kept samples whose tokens were pruned (Q2, and Q2-like fills when asked)."""
+    """(B,) kept samples that lost at least one label (Q2, and Q2-like fills when asked)."""
     label_keep: torch.Tensor
     """(B, L) True on response positions that keep their label (all False on dropped samples)."""
     loss_weight: torch.Tensor | None = None
@@ -111,8 +111,9 @@ def assemble_selection(
 ) -> Selection:
     """Labels of kept samples stay, except on ``token_rows`` where ``keep_tokens(row_indices)`` decides.
 
-    ``keep_tokens`` returns the (rows, L) kept-label mask of the given rows; None keeps every token, and then no
-    sample counts as token-pruned (a Q2 sample at ``token_keep_ratio=1.0`` is simply kept).
+    ``keep_tokens`` returns the (rows, L) kept-label mask of the given rows; None keeps every token. A row counts
+    as token-pruned only where at least one of its labels was removed (a Q2 sample at ``token_keep_ratio=1.0``, or
+    with a one-token answer, is simply kept).
     """
     if triage.keep.shape != ppl.shape:
         raise ValueError(f"triage covers {triage.keep.numel()} samples, the group has {ppl.numel()}")
@@ -122,6 +123,9 @@ def assemble_selection(
     if keep_tokens is not None and bool(token_rows.any()):
         rows = token_rows.nonzero().squeeze(-1)
         label_keep[rows] = keep_tokens(rows) & mask[rows]
+    # Token-pruned means a label was removed: a one-token answer, or a run budget with room to spare, keeps every
+    # label, and such a sample is simply kept (the ledger and the token keep ratio must not count it).
+    token_rows = token_rows & (mask & ~label_keep).any(dim=-1)
     return Selection(
         ppl=ppl, entropy=entropy, triage=triage, token_pruned=token_rows, label_keep=label_keep, loss_weight=loss_weight
     )

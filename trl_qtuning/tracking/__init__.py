@@ -62,17 +62,15 @@ def attach_tracking(trainer: Any, **options: Any):
 
 
 def sync_pending(output_dir: str, tracking_uri: str | None = None) -> bool:
-    """Send what a finished training process could not (``output_dir/qtuning_tracking/pending.jsonl``)."""
-    from pathlib import Path
+    """Send every queue training processes could not: ``output_dir/qtuning_tracking/pending*.jsonl`` and those of
+    earlier runs moved aside (``qtuning_tracking.previous-*/``). True when nothing is left to send."""
+    from .outputs import tracking_folders
+    from .sink import MLflowSink, queue_files
 
-    from .callback import TRACKING_DIR
-    from .sink import PENDING_FILE, MLflowSink
-
-    spool = Path(output_dir) / TRACKING_DIR
-    if not (spool / PENDING_FILE).exists():
-        return True
-    sink = MLflowSink.from_pending(spool, tracking_uri=tracking_uri)
-    return sink.flush(force=True)
+    sent = True
+    for queue in queue_files(tracking_folders(output_dir)):
+        sent = MLflowSink.from_pending(queue, tracking_uri=tracking_uri).flush(force=True) and sent
+    return sent
 
 
 def __getattr__(name: str) -> Any:

@@ -22,15 +22,14 @@ from typing import Any
 from transformers.integrations import MLflowCallback
 
 from ..events import StepDecisions
+from .outputs import SELECTION_DIR, TRACKING_DIR
 from .recorder import DecisionAccumulator
-from .sink import MLflowSink
+from .sink import MLflowSink, set_aside_queue
 
 __all__ = ["QTuningMLflowCallback", "TRACKING_DIR"]
 
 logger = logging.getLogger("trl_qtuning.tracking")
 
-TRACKING_DIR = "qtuning_tracking"
-"""Folder under ``output_dir`` with figures, the samples page, the run id and the unsent queue."""
 _TRUE = {"1", "TRUE", "YES", "ON"}
 _QTUNING_TAG_FIELDS = (
     "sample_policy",
@@ -209,6 +208,7 @@ class QTuningMLflowCallback(MLflowCallback):
                 parent_run_id = active.info.run_id
             else:  # log into the caller's run, and leave it open
                 run_id, end_run = active.info.run_id, False
+        set_aside_queue(self.output_dir / TRACKING_DIR)  # an earlier process's unsent queue is never this run's
         self.sink = MLflowSink(
             self.output_dir / TRACKING_DIR,
             tracking_uri=tracking_uri,
@@ -448,7 +448,7 @@ class QTuningMLflowCallback(MLflowCallback):
         json_path, md_path = write_summary(summary, self.output_dir)
         self.sink.log_artifact(json_path, None)
         self.sink.log_artifact(md_path, None)
-        selection = write_selection(acc, self.output_dir / "qtuning_selection")
+        selection = write_selection(acc, self.output_dir / SELECTION_DIR)
         self.sink.log_artifact(selection.parent, "qtuning_selection")
         real, scoring = summary["realised"], summary["scoring"]
         final = {

@@ -188,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"trl-qtuning compare: {exc}", file=sys.stderr)
         return 1
+    from .sink import fast_fail_http
+
+    with fast_fail_http():  # a dead server fails in seconds, as for `sync`, not after MLflow's minutes of back-off
+        return _compare(args)
+
+
+def _compare(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=args.tracking_uri)

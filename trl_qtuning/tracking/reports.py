@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .outputs import REPORT_FILE, SUMMARY_FILE
 from .recorder import DECISIONS, QUADRANT_NAMES, DecisionAccumulator
 
 __all__ = [
@@ -150,8 +151,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 def write_summary(summary: dict[str, Any], output_dir: str | Path) -> tuple[Path, Path]:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    json_path = output_dir / "qtuning_summary.json"
-    md_path = output_dir / "qtuning_report.md"
+    json_path = output_dir / SUMMARY_FILE
+    md_path = output_dir / REPORT_FILE
     json_path.write_text(json.dumps(summary, indent=2, default=str))
     md_path.write_text(summary_markdown(summary))
     return json_path, md_path

@@ -9,7 +9,10 @@ Training must never stall or crash because of tracking. So:
 * on the first failure a warning is printed once (per outage), the queue is kept, and sending is retried at the next
   checkpoint save, at the end of training, or ``retry_interval`` seconds later, whichever comes first;
 * whatever is still unsent at the end is written to ``<spool>/pending.jsonl`` and can be sent later with
-  ``python -m trl_qtuning.tracking sync OUTPUT_DIR``. Artifacts are files under ``output_dir``, so nothing is lost.
+  ``python -m trl_qtuning.tracking sync OUTPUT_DIR``. Artifacts are files under ``output_dir``, so nothing is lost;
+* a sink only ever deletes the queue file it wrote or was loaded from, once everything in it is sent. A queue left
+  by an earlier training process is moved aside (:func:`set_aside_queue`), never overwritten, and ``sync`` sends
+  every queue of an ``output_dir`` (:func:`queue_files`), those of earlier runs moved aside included.
 
 The run itself is created lazily, so a server that is down when training starts only delays it.
 """
@@ -25,12 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MLflowSink", "PENDING_FILE", "RUN_FILE", "fast_fail_http"]
+__all__ = [
+    "MLflowSink", "PENDING_FILE", "RUN_FILE", "fast_fail_http", "queue_files", "rewrite_queue_paths", "set_aside_queue",
+]  # fmt: skip
 
 logger = logging.getLogger("trl_qtuning.tracking")
 
 PENDING_FILE = "pending.jsonl"
 RUN_FILE = "run.json"
+_QUEUE_GLOB = "pending*.jsonl"
 
 _FAST_FAIL_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
@@ -65,6 +71,7 @@ class _RunSpec:
     end_run: bool = True
     """Terminate the run at the end (False when it belongs to the caller)."""
     tags: dict[str, str] = field(default_factory=dict)
+    """Set when the run is created, or, on an existing run, sent first."""
 
 
 class MLflowSink:
@@ -84,10 +91,17 @@ class MLflowSink:
         tags: dict[str, str] | None = None,
         retry_interval: float = 30.0,
         probe_timeout: float = 2.0,
+        queue_file: str | os.PathLike | None = None,
+        during_training: bool = True,
     ):
         import mlflow
 
         self.spool_dir = Path(spool_dir)
+        self.queue_file = Path(queue_file) if queue_file is not None else self.spool_dir / PENDING_FILE
+        """Where :meth:`persist` writes the unsent queue (``sync`` loads a sink from it)."""
+        self.during_training = during_training
+        """False for ``sync``: the outage warning then says nothing of training."""
+        self._owns_queue_file = queue_file is not None  # deleted once sent only if written or loaded by this sink
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self.spec = _RunSpec(experiment_name, experiment_id, run_name, run_id, parent_run_id, end_run, dict(tags or {}))
         self.run_id: str | None = run_id
@@ -98,6 +112,8 @@ class MLflowSink:
         self._last_failure = -float("inf")
         self._sent_ops = 0
         self._client = None
+        if run_id is not None:  # a run we did not create gets its tags like one we create
+            self.set_tags(self.spec.tags)
 
     # ------------------------------------------------------------------ queueing
     def log_params(self, params: dict[str, Any]) -> None:
@@ -174,12 +190,19 @@ class MLflowSink:
             )
         self.online = True
         self._sent_ops += sent
-        (self.spool_dir / PENDING_FILE).unlink(missing_ok=True)
+        if self._owns_queue_file:  # everything in it was sent; a queue another process left is not this sink's
+            self.queue_file.unlink(missing_ok=True)
+            self._owns_queue_file = False
         return True
 
     def _failed(self, reason: str) -> None:
         self._last_failure = time.monotonic()
-        if self.online:
+        if self.online and not self.during_training:
+            logger.warning(
+                "MLflow tracking at %s is unreachable (%s): nothing was sent; the queue stays in %s for the next "
+                "`python -m trl_qtuning.tracking sync`.", self.tracking_uri, reason[:300], self.queue_file,
+            )
+        elif self.online:
             logger.warning(
                 "MLflow tracking at %s is unreachable (%s). Training continues; metrics and artifacts are kept "
                 "under %s and will be sent when the server answers again (next checkpoint save or end of training). "
@@ -216,7 +239,7 @@ class MLflowSink:
     def _write_run_file(self) -> None:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         info = {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "experiment_id": self.spec.experiment_id}
-        (self.spool_dir / RUN_FILE).write_text(json.dumps(info, indent=2))
+        run_file_of(self.queue_file).write_text(json.dumps(info, indent=2))
 
     def _send(self, op: dict[str, Any]) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -244,6 +267,12 @@ class MLflowSink:
             path = Path(op["path"])
             if path.is_dir():
                 client.log_artifacts(run_id, str(path), op["artifact_path"])
+            elif path.exists() and op.get("name", path.name) != path.name:  # a file moved aside: its own name
+                import shutil
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    client.log_artifact(run_id, shutil.copy(path, Path(tmp) / op["name"]), op["artifact_path"])
             elif path.exists():
                 client.log_artifact(run_id, str(path), op["artifact_path"])
             else:
@@ -261,22 +290,23 @@ class MLflowSink:
             return None
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         header = {"op": "header", **self.spec.__dict__, "tracking_uri": self.tracking_uri, "run_id": self.run_id}
-        path = self.spool_dir / PENDING_FILE
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w") as fh:
-            for record in [header, *self.pending]:
-                fh.write(json.dumps(record) + "\n")
-        os.replace(tmp, path)
-        return path
+        _write_queue(self.queue_file, [header, *self.pending])
+        self._owns_queue_file = True
+        return self.queue_file
 
     @classmethod
     def from_pending(cls, spool_dir: str | os.PathLike, tracking_uri: str | None = None) -> MLflowSink:
-        """Rebuild the sink of an earlier training process from ``<spool>/pending.jsonl``."""
-        spool_dir = Path(spool_dir)
-        lines = (spool_dir / PENDING_FILE).read_text().splitlines()
+        """Rebuild the sink of an earlier training process from its queue: ``<spool>/pending.jsonl``, or the queue
+        file given as ``spool_dir`` (one moved aside, ``pending.previous-<tag>.jsonl``)."""
+        queue_file = Path(spool_dir)
+        if queue_file.is_dir():
+            queue_file = queue_file / PENDING_FILE
+        lines = queue_file.read_text().splitlines()
         header = json.loads(lines[0])
         sink = cls(
-            spool_dir,
+            queue_file.parent,
+            queue_file=queue_file,
+            during_training=False,
             tracking_uri=tracking_uri or header["tracking_uri"],
             experiment_name=header.get("experiment_name"),
             experiment_id=header.get("experiment_id"),
@@ -288,3 +318,66 @@ class MLflowSink:
         )
         sink.pending = [json.loads(line) for line in lines[1:] if line.strip()]
         return sink
+
+
+def _write_queue(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write a queue file atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as fh:
+        for record in records:
+            fh.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+def run_file_of(queue_file: Path) -> Path:
+    """The run id's file next to a queue: ``run.json`` for ``pending.jsonl``, ``run.previous-<tag>.json`` for a
+    queue moved aside as ``pending.previous-<tag>.jsonl``."""
+    return queue_file.with_name("run" + queue_file.name[len("pending") : -len(".jsonl")] + ".json")
+
+
+def queue_files(folders: list[Path]) -> list[Path]:
+    """The unsent queues in ``folders`` (a run's tracking folder and those moved aside): ``pending*.jsonl``."""
+    return [path for folder in folders if folder.is_dir() for path in sorted(folder.glob(_QUEUE_GLOB))]
+
+
+def set_aside_queue(spool_dir: str | os.PathLike) -> Path | None:
+    """Move a queue an earlier process left in ``spool_dir`` (and its run file) to ``pending.previous-<tag>.jsonl``
+    (tag: its MLflow run id[:8], else the time it was written), so a new sink never overwrites or deletes it."""
+    from ..ledger import aside_path, modified_tag
+
+    queue = Path(spool_dir) / PENDING_FILE
+    if not queue.is_file():
+        return None
+    try:
+        run_id = json.loads(queue.read_text().splitlines()[0]).get("run_id")
+    except (ValueError, IndexError, AttributeError):
+        run_id = None
+    target = aside_path(queue, run_id[:8] if run_id else modified_tag(queue))
+    queue.rename(target)
+    run_file = queue.with_name(RUN_FILE)
+    if run_file.is_file():
+        run_file.rename(run_file_of(target))  # run.previous-<tag>.json, beside it
+    logger.warning(
+        "Q-Tuning tracking: %s held the unsent MLflow queue of an earlier process; it was moved to %s (nothing is "
+        "deleted). Send it with `python -m trl_qtuning.tracking sync %s`.", queue.parent, target, queue.parent.parent,
+    )  # fmt: skip
+    return target
+
+
+def rewrite_queue_paths(queue_file: Path, moves: dict[Path, Path]) -> None:
+    """Point the queued artifacts of ``queue_file`` at where ``moves`` (old path -> new path) put their files, so a
+    queue moved aside with its run's outputs still uploads that run's own files."""
+    resolved = {old.resolve(): new.resolve() for old, new in moves.items()}
+    records = [json.loads(line) for line in queue_file.read_text().splitlines() if line.strip()]
+    for record in records:
+        if record.get("op") != "artifact":
+            continue
+        path = Path(record["path"]).resolve()
+        for old, new in resolved.items():
+            if path == old and not new.is_dir():  # a file renamed aside uploads under the name it was queued with
+                record.setdefault("name", path.name)
+            if path == old or old in path.parents:
+                record["path"] = str(new / path.relative_to(old))
+                break
+    _write_queue(queue_file, records)
