@@ -3,9 +3,12 @@
     python benchmarks/audit_detection.py --data ../shared/data/gsm8k/train.jsonl --rows 512 --noise answers \
         --share 0.3 --seed 0 --train_steps 16 --output_dir audit-detection
 
+    python benchmarks/audit_detection.py --matrix recipes/bench/study_gsm8k_fill_numbers30.yaml --output_dir DIR
+
 Picks ``--rows`` GSM8K rows the bench's way (ranked by ``sha256(seed:train:uid)``), corrupts a seeded ``--share`` of
-them with the bench's own corruption (``answers``: swapped answers, ``corrupt_answers``; ``numbers``: altered numbers,
-``corrupt_numbers`` where this version of the bench has it), audits them with the demo model (or ``--model``), then,
+them with the bench's own corruption (``answers``: swapped answers, ``corrupt_answers``; ``numbers``: a carried
+arithmetic slip, ``corrupt_numbers``), or with ``--matrix`` takes a bench matrix's own training rows and corrupted
+rows (``data.train``), and audits them with the demo model (or ``--model``), then,
 with ``--train_steps``, fine-tunes a LoRA (r 8, alpha 16, all linear layers, lr 2e-4: the study's) on the same noisy
 rows with plain SFT and audits again with the trained adapter. Prints and writes (``detection.json``) AUROC and
 precision in the top 10% of every candidate score for each model.
@@ -30,14 +33,18 @@ def noisy_rows(data: str, rows: int, noise: str, share: float, seed: int):
 
     pool = bench_data.load_pool("gsm8k_jsonl", {}, path=data, size=rows, seed=seed, where="--data")
     train = bench_data._first(pool, rows, seed, "train")
-    if noise == "answers":
-        train, corrupted = bench_data.corrupt_answers(train, share, seed)
-    else:
-        corrupt = getattr(bench_data, "corrupt_numbers", None)
-        if corrupt is None:
-            sys.exit("--noise numbers needs trl_qtuning.bench.data.corrupt_numbers, which this version lacks")
-        train, corrupted = corrupt(train, share, seed)
+    corrupt = bench_data.corrupt_answers if noise == "answers" else bench_data.corrupt_numbers
+    train, corrupted = corrupt(train, share, seed)
     return train.select_columns(["prompt", "completion"]), list(corrupted)
+
+
+def matrix_rows(path: str):
+    """A bench matrix's training rows as its cells train on them, and its corrupted row ids."""
+    from trl_qtuning.bench.data import prepare_data
+    from trl_qtuning.bench.matrix import load_matrix
+
+    data = prepare_data(load_matrix(path, check_inputs=False))
+    return data["train"], list(data["corrupted_ids"]), data["noise_type"] or "none"
 
 
 def train_lora(dataset, model_name: str, steps: int, batch: int, max_length: int, out: Path, seed: int) -> Path:
@@ -74,16 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_steps", type=int, default=0, help="0: audit the untrained model only.")
     parser.add_argument("--train_batch", type=int, default=8)
     parser.add_argument("--adapter", default=None, help="Also audit with this trained adapter (instead of training).")
+    parser.add_argument("--matrix", default=None, help="Audit this bench matrix's own (noisy) training rows instead.")
     parser.add_argument("--output_dir", default="audit-detection")
     args = parser.parse_args(argv)
 
     from trl_qtuning.audit import audit_dataset
 
     out = Path(args.output_dir)
-    dataset, corrupted = noisy_rows(args.data, args.rows, args.noise, args.share, args.seed)
-    print(f"{len(dataset)} rows, {len(corrupted)} corrupted ({args.noise})", flush=True)
+    if args.matrix:
+        dataset, corrupted, noise = matrix_rows(args.matrix)
+    else:
+        dataset, corrupted = noisy_rows(args.data, args.rows, args.noise, args.share, args.seed)
+        noise = args.noise
+    print(f"{len(dataset)} rows, {len(corrupted)} corrupted ({noise})", flush=True)
     results = {"command": " ".join(["python", *sys.argv]), "rows": len(dataset), "corrupted": len(corrupted),
-               "noise": args.noise, "share": args.share, "seed": args.seed, "audits": {}}  # fmt: skip
+               "noise": noise, "share": len(corrupted) / len(dataset), "seed": args.seed, "matrix": args.matrix,
+               "audits": {}}  # fmt: skip
     models = [("untrained", args.model)]
     if args.adapter:
         models.append((f"adapter {args.adapter}", args.adapter))

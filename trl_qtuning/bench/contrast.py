@@ -24,18 +24,6 @@ from .matrix import CONTRAST_KINDS
 __all__ = ["answer_contrasts", "contrast_rows"]
 
 
-def _with_completion(row: dict[str, Any], text: str) -> dict[str, Any]:
-    completion = row["completion"]
-    if isinstance(completion, list):
-        return {**row, "completion": [*completion[:-1], {**completion[-1], "content": text}]}
-    return {**row, "completion": text}
-
-
-def _answer_text(row: dict[str, Any]) -> str:
-    completion = row["completion"]
-    return completion[-1]["content"] if isinstance(completion, list) else completion
-
-
 def contrast_rows(rows: list[dict[str, Any]], kind: str, seed: int) -> tuple[list[int], list[dict[str, Any]]]:
     """The rows that have a contrast of ``kind`` (their indices) and the contrast rows themselves."""
     if kind == "swap":
@@ -44,14 +32,14 @@ def contrast_rows(rows: list[dict[str, Any]], kind: str, seed: int) -> tuple[lis
             return [], []
         return list(range(n)), [{**rows[j], "prompt": rows[(j + 1) % n]["prompt"]} for j in range(n)]
     if kind == "numbers":
-        from .noise import perturb_solution, row_rng
+        from .noise import completion_text, perturb_solution, row_rng, with_text
 
         indices, contrasts = [], []
         for j, row in enumerate(rows):
-            wrong = perturb_solution(_answer_text(row), row_rng(seed, str(row.get("uid", j))))
+            wrong = perturb_solution(completion_text(row["completion"]), row_rng(seed, str(row.get("uid", j))))
             if wrong is not None:
                 indices.append(j)
-                contrasts.append(_with_completion(row, wrong))
+                contrasts.append({**row, "completion": with_text(row["completion"], wrong)})
         return indices, contrasts
     raise ValueError(f"contrast kind must be one of {', '.join(CONTRAST_KINDS)}, got {kind!r}")
 

@@ -135,7 +135,7 @@ def corrupt_numbers(train, share: float, seed: int) -> tuple[Any, list[int]]:
     """Give ``round(share * n)`` seeded rows (the rows :func:`corrupt_answers` would swap) a fluent but wrong answer:
     one arithmetic slip carried through the solution (:func:`trl_qtuning.bench.noise.perturb_solution`). A row with
     no number to change is passed over for the next ranked one. Returns the new dataset and the corrupted indices."""
-    from .noise import perturb_solution, row_rng
+    from .noise import completion_text, perturb_solution, row_rng, with_text
 
     n = len(train)
     count = _noise_count(n, share)
@@ -145,11 +145,9 @@ def corrupt_numbers(train, share: float, seed: int) -> tuple[Any, list[int]]:
     completions = train["completion"]
     changed: dict[int, Any] = {}
     for row in _rank_order(train, seed, "label_noise"):
-        completion = completions[row]
-        text = completion[-1]["content"] if isinstance(completion, list) else completion
-        wrong = perturb_solution(text, row_rng(seed, keys[row]))
+        wrong = perturb_solution(completion_text(completions[row]), row_rng(seed, keys[row]))
         if wrong is not None:
-            changed[row] = [*completion[:-1], {**completion[-1], "content": wrong}] if isinstance(completion, list) else wrong
+            changed[row] = with_text(completions[row], wrong)
             if len(changed) == count:
                 break
     if len(changed) < count:

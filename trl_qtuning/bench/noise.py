@@ -20,8 +20,9 @@ import operator
 import random
 import re
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
-__all__ = ["perturb_solution", "row_rng"]
+__all__ = ["completion_text", "perturb_solution", "row_rng", "with_text"]
 
 _ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 _NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
@@ -29,6 +30,18 @@ _OPERATORS = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
     ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos,
 }  # fmt: skip
+
+
+def completion_text(completion: Any) -> str:
+    """The answer text of a completion: a string, or the last message of a conversational one."""
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def with_text(completion: Any, text: str) -> Any:
+    """``completion`` with its answer text replaced (the same shape: string, or messages)."""
+    if isinstance(completion, list):
+        return [*completion[:-1], {**completion[-1], "content": text}]
+    return text
 
 
 def row_rng(seed: int, key: str) -> random.Random:
