@@ -285,3 +285,20 @@ def test_mlflow_run_holds_the_outputs(tmp_path):
     }
     assert run.data.metrics["rows"] == 12 and "detection/suspicion/auroc" in run.data.metrics
     assert run.data.params["keep_ratio"] == "0.25"
+
+
+def test_mlflow_logging_leaves_the_process_tracking_settings_alone_and_an_outage_keeps_the_audit(tmp_path, caplog):
+    mlflow = pytest.importorskip("mlflow")
+    model, tokenizer = _tiny()
+    before = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    audit_dataset(model, make_arithmetic_dataset(8, seed=3), tokenizer=tokenizer, output_dir=tmp_path / "out",
+                  progress=False, report_to="mlflow", tracking_uri=uri, experiment_name="audit-global")  # fmt: skip
+    assert mlflow.get_tracking_uri() == before, "a later training run must not land in the audit's store"
+    assert mlflow.active_run() is None
+    # An unreachable store: the audit is still written, with a warning and no run id.
+    result = audit_dataset(model, make_arithmetic_dataset(8, seed=3), tokenizer=tokenizer,
+                           output_dir=tmp_path / "out-outage", progress=False, report_to="mlflow",
+                           tracking_uri="http://127.0.0.1:9", experiment_name="audit-outage")  # fmt: skip
+    assert result.summary["mlflow_run_id"] is None and (tmp_path / "out-outage" / "audit.parquet").is_file()
+    assert any("logging to MLflow failed" in r.getMessage() for r in caplog.records)

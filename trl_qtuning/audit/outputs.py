@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -322,7 +323,12 @@ def finalize(
         files["summary"] = out / FILES["summary"]
         files["summary"].write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
         if report_to == "mlflow":
-            summary["mlflow_run_id"] = log_to_mlflow(files, summary, tracking_uri, experiment_name)
+            try:  # the audit is written already: a tracking outage costs the MLflow copy, not the audit
+                summary["mlflow_run_id"] = log_to_mlflow(files, summary, tracking_uri, experiment_name)
+            except Exception as exc:  # noqa: BLE001 (any store or network failure)
+                logger.warning("audit: logging to MLflow failed (%s: %s); the outputs are in %s", type(exc).__name__,
+                               exc, out)  # fmt: skip
+                summary["mlflow_run_id"] = None
             files["summary"].write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
     return AuditResult(df, summary, out if write_files else None, files)
 
@@ -338,12 +344,21 @@ def read_outputs(out: Path) -> AuditResult:
 
 def log_to_mlflow(files: dict[str, Path], summary: dict[str, Any], tracking_uri: str | None, experiment: str) -> str:
     """One MLflow run: the settings as parameters, the counts and detection numbers as metrics, the files as
-    artifacts. Returns the run id."""
-    import mlflow
+    artifacts. Returns the run id. Through a client of its own: the process's MLflow tracking URI and active
+    experiment stay what they were (a training run started after the audit must not land in the audit's store)."""
+    from ..tracking.sink import fast_fail_http
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
+    with fast_fail_http():  # an unreachable server fails in seconds, not after MLflow's minutes of retries
+        return _log_run(files, summary, tracking_uri, experiment)
+
+
+def _log_run(files: dict[str, Path], summary: dict[str, Any], tracking_uri: str | None, experiment: str) -> str:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
     metrics = {"rows": summary["rows"], "rows_scored": summary["rows_scored"],
                "empty_answers": summary["empty_answers"], "truncated_rows": summary["truncated_rows"]}  # fmt: skip
     metrics.update({f"quadrant/{name.split()[0]}": count for name, count in summary["quadrants"].items()})
@@ -354,13 +369,21 @@ def log_to_mlflow(files: dict[str, Path], summary: dict[str, Any], tracking_uri:
         for key in ("auroc", "precision_top10"):
             if math.isfinite(row[key]):
                 metrics[f"detection/{row['score']}/{key}"] = row[key]
-    with mlflow.start_run(run_name="trl-qtuning audit") as run:
-        mlflow.log_params({"model": summary["model"][:500], "dataset": summary["dataset"][:500],
-                           **{k: str(v) for k, v in summary["settings"].items()}})  # fmt: skip
-        mlflow.log_metrics(metrics)
+    params = {"model": summary["model"][:500], "dataset": summary["dataset"][:500],
+              **{k: str(v) for k, v in summary["settings"].items()}}  # fmt: skip
+    run = client.create_run(experiment_id, run_name="trl-qtuning audit")
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                         params=[Param(k, v) for k, v in params.items()])  # fmt: skip
         for path in files.values():
-            mlflow.log_artifact(str(path))
-        return run.info.run_id
+            client.log_artifact(run_id, str(path))
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id)
+    return run_id
 
 
 def describe(summary: dict[str, Any], files: dict[str, Path]) -> list[str]:
