@@ -459,10 +459,11 @@ def test_compare_figure_plots_held_out_loss_when_runs_have_it(tmp_path):
     ],
 )
 def test_method_labels_show_the_pair_and_every_ablation(tmp_path, settings, label):
-    from trl_qtuning.tracking.callback import QTuningMLflowCallback, _method_name
+    from trl_qtuning.config import run_label
+    from trl_qtuning.tracking.callback import QTuningMLflowCallback
 
     args = tiny_config(tmp_path, **settings)
-    assert _method_name(args) == label
+    assert run_label(args) == label
     tags = QTuningMLflowCallback()._tags(args)
     assert tags["qtuning.method"] == label and "qtuning.eu_plane" in tags and "qtuning.token_prune_q4" in tags
 

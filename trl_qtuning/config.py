@@ -5,16 +5,19 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import SFTConfig
 
 from .core.selection import SelectionParams
 from .core.triage import FILL_RULES
-from .policies import Policy, build_policy
+from .policies import Policy, build_policy, method_name
 
-__all__ = ["QTuningConfig", "require_qtuning_config"]
+__all__ = [
+    "LABEL_FLAGS", "METHOD_FIELDS", "QTUNING_FIELDS", "UNTAGGED_FIELDS", "QTuningConfig", "require_qtuning_config",
+    "run_label",
+]  # fmt: skip
 
 _NUMBERS: tuple[tuple[str, str, Callable[[float], bool], bool], ...] = (
     ("sample_keep_ratio", "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, False),
@@ -342,22 +345,60 @@ class QTuningConfig(SFTConfig):
         return build_policy(self.sample_policy, self.token_policy, self.selection_params())
 
     def selection_params(self) -> SelectionParams:
-        """The method's settings as the pure core takes them."""
-        return SelectionParams(
-            sample_keep_ratio=self.sample_keep_ratio,
-            token_keep_ratio=self.token_keep_ratio,
-            neighbor_lambda=float(self.neighbor_lambda),
-            neighbor_mode=self.neighbor_mode,  # type: ignore[arg-type]
-            enforce_sample_budget=self.enforce_sample_budget,
-            prune_filled_q2_like=self.prune_filled_q2_like,
-            token_prune_q4=self.token_prune_q4,
-            reverse_token_score=self.reverse_token_score,
-            token_budget_scope=self.token_budget_scope,  # type: ignore[arg-type]
-            triage_max_iter=int(self.triage_max_iter),
-            triage_tol=float(self.triage_tol),
-            eu_plane=self.eu_plane,  # type: ignore[arg-type]
-            fill_rule=self.fill_rule,  # type: ignore[arg-type]
-        )
+        """The method's settings as the pure core takes them: each ``SelectionParams`` field is the setting of its
+        name (numbers that YAML or a sweep may give as int made float, and the reverse)."""
+        cast: dict[str, Callable[[Any], Any]] = {"neighbor_lambda": float, "triage_max_iter": int, "triage_tol": float}
+        knobs = {f.name: cast.get(f.name, lambda v: v)(getattr(self, f.name)) for f in fields(SelectionParams)}
+        return SelectionParams(**knobs)
+
+
+QTUNING_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(QTuningConfig) if f.name not in {g.name for g in fields(SFTConfig)}
+)
+"""Every Q-Tuning setting: the fields ``QTuningConfig`` adds to ``SFTConfig`` (the trainer rebuilds its machinery
+when one of them changes on ``trainer.args``; ``SelectionParams`` takes its knobs from them by name)."""
+
+METHOD_FIELDS: tuple[str, ...] = (
+    "sample_policy", "token_policy", "sample_keep_ratio", "token_keep_ratio", "neighbor_lambda", "neighbor_mode",
+    "triage_scope", "enforce_sample_budget", "token_budget_scope", "entropy_positions", "reverse_token_score",
+    "prune_filled_q2_like", "token_prune_q4", "eu_plane", "fill_rule",
+)  # fmt: skip
+"""The settings that say which method ran, in the order MLflow tags them (``qtuning.<name>``) and the run summary's
+``config`` lists them. The other :data:`QTUNING_FIELDS` are in :data:`UNTAGGED_FIELDS`, with the reason."""
+
+UNTAGGED_FIELDS: dict[str, str] = {
+    "qtuning_enabled": "shown by the method tag itself ('sft' when off)",
+    "reference_model_path": "a local path; TailSFT's reference shows in sample_policy",
+    "triage_max_iter": "a solver limit of the threshold search",
+    "triage_tol": "a solver tolerance of the threshold search",
+    "scoring_inference_mode": "how the scoring pass runs, not what it decides",
+    "pack_kept_rows": "how kept rows are laid out, not which are kept",
+    "qtuning_ledger": "an output setting (the summary's config lists it)",
+    "qtuning_ledger_rows_per_shard": "an output setting",
+}
+"""Q-Tuning settings left out of the MLflow tags (MLflow still records every field as a parameter)."""
+
+LABEL_FLAGS: tuple[tuple[str, Any, str], ...] = (
+    ("token_prune_q4", True, "q4-tokens"),
+    ("reverse_token_score", True, "reversed-score"),
+    ("prune_filled_q2_like", True, "filled-q2"),
+    ("eu_plane", "decorrelated", "decorrelated"),
+    ("fill_rule", "q1_last", "fill-q1-last"),
+    ("fill_rule", "least_suspect", "fill-least-suspect"),
+    ("neighbor_mode", "mean", "neighbor-mean"),
+    ("token_budget_scope", "batch", "batch-budget"),
+    ("token_budget_scope", "run", "run-budget"),
+    ("entropy_positions", "all", "entropy-all"),
+)
+"""``(field, value that is not the default, suffix of the run label)``: the variants :func:`run_label` names."""
+
+
+def run_label(args: Any) -> str:
+    """``qtuning`` or ``<sample>-<token>``, plus ``+flag`` for each ablation or non-default variant that is on (e.g.
+    ``qtuning+decorrelated``), so runs that differ in method never share a label."""
+    label = method_name(getattr(args, "sample_policy", "qtuning"), getattr(args, "token_policy", "qtuning"))
+    flags = [suffix for name, value, suffix in LABEL_FLAGS if getattr(args, name, None) == value]
+    return "+".join([label, *flags])
 
 
 def require_qtuning_config(config: Any) -> QTuningConfig:

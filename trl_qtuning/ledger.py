@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .vocabulary import TRAINED_DECISIONS
+
 __all__ = [
     "DecisionLedger",
     "read_ledger",
@@ -50,6 +52,8 @@ __all__ = [
     "LEDGER_ID_FILE",
     "LEDGER_INFO_FILE",
     "TRAINED_DECISIONS",
+    "SHARD_GLOB",
+    "shard_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,14 +61,20 @@ logger = logging.getLogger(__name__)
 LEDGER_ID_FILE = "qtuning_ledger_id.json"
 """Written into every checkpoint: the run id of the ledger it belongs to."""
 
-TRAINED_DECISIONS = ("kept", "token_pruned", "filled")
-"""Decisions whose sample was trained on (with all or some of its answer tokens)."""
-
 LEDGER_DIRNAME = "qtuning_ledger"
 """The ledger's folder inside a run's ``output_dir``."""
 LEDGER_INFO_FILE = "_ledger.json"
 """The ledger's identity inside its folder: ``{"run_id": <uuid4 hex>, "created": <ISO 8601 UTC>}``."""
-_SHARD_GLOB = "ledger-rank*-*.parquet"
+
+
+def shard_name(rank: int | str, index: int | str) -> str:
+    """``ledger-rank{R}-{N:06d}.parquet``, so ranks and restarts never collide; ``"*"`` for either globs."""
+    return f"ledger-rank{rank}-{index if isinstance(index, str) else format(index, '06d')}.parquet"
+
+
+SHARD_GLOB = shard_name("*", "*")
+"""Every shard of a ledger folder, of any rank."""
+
 
 LEDGER_SCHEMA = pa.schema(
     [
@@ -89,7 +99,7 @@ masked (only with level ``full``)."""
 
 
 class DecisionLedger:
-    """Append records; shards are named ``ledger-rank{R}-{N:06d}.parquet`` so ranks and restarts never collide.
+    """Append records, one Parquet shard (:func:`shard_name`) per ``rows_per_shard`` rows and flush.
 
     :meth:`start` begins a run's ledger (moving an earlier one aside), :meth:`claim` gives a resumed run's folder its
     identity where it has none; :attr:`run_id` is the folder's run (see the module docstring).
@@ -107,7 +117,7 @@ class DecisionLedger:
         self._next_shard = self._first_free_shard()
 
     def _first_free_shard(self) -> int:
-        existing = sorted(self.directory.glob(f"ledger-rank{self.rank}-*.parquet")) if self.directory.exists() else []
+        existing = sorted(self.directory.glob(shard_name(self.rank, "*"))) if self.directory.exists() else []
         return int(existing[-1].stem.rsplit("-", 1)[-1]) + 1 if existing else 0
 
     def info(self) -> dict[str, Any] | None:
@@ -127,7 +137,7 @@ class DecisionLedger:
 
     def has_rows(self) -> bool:
         """Whether the folder holds a shard (of any rank)."""
-        return self.directory.is_dir() and any(self.directory.glob(_SHARD_GLOB))
+        return self.directory.is_dir() and any(self.directory.glob(SHARD_GLOB))
 
     def start(self, run_id: str) -> Path | None:
         """Start a fresh ledger for run ``run_id``; returns where an earlier ledger was moved (None if there was none).
@@ -165,7 +175,7 @@ class DecisionLedger:
     def truncate_after(self, step: int) -> None:
         """Remove this rank's rows of steps after ``step`` (a run resumed from that checkpoint redoes them)."""
         self._clear_buffer()
-        for shard in sorted(self.directory.glob(f"ledger-rank{self.rank}-*.parquet")):
+        for shard in sorted(self.directory.glob(shard_name(self.rank, "*"))):
             table = pq.read_table(shard, schema=LEDGER_SCHEMA)
             keep = pc.less_equal(table["step"], step)
             if pc.all(keep).as_py():
@@ -199,7 +209,7 @@ class DecisionLedger:
             return None
         self.directory.mkdir(parents=True, exist_ok=True)
         table = pa.table(self._buffer, schema=LEDGER_SCHEMA)
-        path = self.directory / f"ledger-rank{self.rank}-{self._next_shard:06d}.parquet"
+        path = self.directory / shard_name(self.rank, self._next_shard)
         tmp = path.with_suffix(".parquet.tmp")
         pq.write_table(table, tmp)
         os.replace(tmp, path)
@@ -210,7 +220,7 @@ class DecisionLedger:
 
 
 def _is_ledger_folder(folder: Path) -> bool:
-    return folder.is_dir() and (any(folder.glob(_SHARD_GLOB)) or (folder / LEDGER_INFO_FILE).is_file())
+    return folder.is_dir() and (any(folder.glob(SHARD_GLOB)) or (folder / LEDGER_INFO_FILE).is_file())
 
 
 def read_ledger(path: str | os.PathLike) -> pa.Table:
@@ -227,7 +237,7 @@ def read_ledger(path: str | os.PathLike) -> pa.Table:
     if path.is_file():
         if path.suffix != ".parquet":
             raise FileNotFoundError(
-                f"{path} is not a ledger shard: give a shard (ledger-rank<R>-<N>.parquet), a ledger folder or a run's "
+                f"{path} is not a ledger shard: give a shard ({shard_name('<R>', '<N>')}), a ledger folder or a run's "
                 "output_dir"
             )
         files = [path]
@@ -237,11 +247,11 @@ def read_ledger(path: str | os.PathLike) -> pa.Table:
         if not _is_ledger_folder(folder):
             aside = sorted(p.name for p in path.glob(f"{LEDGER_DIRNAME}.previous-*"))
             raise FileNotFoundError(
-                f"no ledger in {path}: it holds no ledger shard ({_SHARD_GLOB}) and no {LEDGER_DIRNAME}/ folder with "
+                f"no ledger in {path}: it holds no ledger shard ({SHARD_GLOB}) and no {LEDGER_DIRNAME}/ folder with "
                 "one. Give a run's output_dir, its qtuning_ledger/ folder or a shard file (was the run started with "
                 "qtuning_ledger='none'?)" + (f"; earlier ledgers moved aside here: {', '.join(aside)}" if aside else "")
             )
-        files = sorted(folder.glob(_SHARD_GLOB))
+        files = sorted(folder.glob(SHARD_GLOB))
         if not files:
             return LEDGER_SCHEMA.empty_table()
     table = pa.concat_tables([pq.read_table(f, schema=LEDGER_SCHEMA) for f in files])

@@ -17,6 +17,7 @@ import torch
 
 from .decision import MicroBatchDecision
 from .scoring import ScoredMicroBatch
+from .vocabulary import QUADRANTS, Decision
 
 __all__ = [
     "DECISION_NAMES",
@@ -35,7 +36,9 @@ __all__ = [
 
 logger = logging.getLogger("trl_qtuning.trainer")  # the warnings a user of the trainer filters by its name
 
-DECISION_NAMES = ("invalid", "filled", "token_pruned", "kept", "trimmed", "dropped")
+DECISION_NAMES = (
+    Decision.INVALID, Decision.FILLED, Decision.TOKEN_PRUNED, Decision.KEPT, Decision.TRIMMED, Decision.DROPPED,
+)  # fmt: skip
 """Ledger ``decision`` values, indexed by :func:`decision_codes` (the first that applies, in this order)."""
 
 _THRESHOLDS = ("q", "ppl_lo", "ppl_hi", "ent_lo", "ent_hi")
@@ -54,10 +57,11 @@ METRIC_SUMS = (
 def decision_codes(decision: MicroBatchDecision) -> torch.Tensor:
     """(n,) index into :data:`DECISION_NAMES` of each sample's decision."""
     keep = decision.keep
-    code = torch.full(keep.shape, DECISION_NAMES.index("dropped"), dtype=torch.long)
+    code = torch.full(keep.shape, DECISION_NAMES.index(Decision.DROPPED), dtype=torch.long)
     for name, where in reversed(
-        (("invalid", decision.invalid), ("filled", keep & decision.filled),
-         ("token_pruned", keep & decision.token_pruned), ("kept", keep), ("trimmed", decision.trimmed))
+        ((Decision.INVALID, decision.invalid), (Decision.FILLED, keep & decision.filled),
+         (Decision.TOKEN_PRUNED, keep & decision.token_pruned), (Decision.KEPT, keep),
+         (Decision.TRIMMED, decision.trimmed))
     ):  # fmt: skip
         code = torch.where(where.cpu(), DECISION_NAMES.index(name), code)
     return code
@@ -97,7 +101,7 @@ def step_sums(
     response = cat(lambda s, d: s.response.sum(dim=1)).double()
     kept_tokens = cat(lambda s, d: d.label_keep.sum(dim=1)).double()
     quadrant = cat(lambda s, d: d.quadrant)
-    pruned = (code == DECISION_NAMES.index("token_pruned")) | (keep & (kept_tokens < response))
+    pruned = (code == DECISION_NAMES.index(Decision.TOKEN_PRUNED)) | (keep & (kept_tokens < response))
     weight = cat(lambda s, d: d.loss_weight.double() if d.loss_weight is not None else torch.ones(s.num_samples))
     measured = torch.cat([torch.full((s.num_samples,), s.measured) for s in scored]) & ~invalid
     ppl = torch.where(measured, cat(lambda s, d: s.ppl).double(), 0.0)
@@ -109,8 +113,8 @@ def step_sums(
     threshold = torch.tensor([[t[name] for name in _THRESHOLDS] for t in thresholds], dtype=torch.float64)
     finite = torch.isfinite(threshold)
     values = [
-        keep.numel(), keep.sum(), (code == DECISION_NAMES.index("filled")).sum(),
-        (code == DECISION_NAMES.index("trimmed")).sum(), invalid.sum(),
+        keep.numel(), keep.sum(), (code == DECISION_NAMES.index(Decision.FILLED)).sum(),
+        (code == DECISION_NAMES.index(Decision.TRIMMED)).sum(), invalid.sum(),
         *(((quadrant == q) & ~invalid).sum() for q in range(5)), weight[keep].sum(), response.sum(),
         kept_tokens.sum(), response[keep].sum(), kept_tokens[keep].sum(), response[pruned].sum(),
         kept_tokens[pruned].sum(), measured.sum(), ppl.sum(), entropy.sum(),
@@ -139,7 +143,7 @@ def step_metrics(s: dict[str, float], *, uses_eu_plane: bool, reweights: bool) -
     metrics: dict[str, float] = {}
     if uses_eu_plane:
         for q in range(5):
-            metrics[f"qtuning/q{q}_share" if q else "qtuning/mid_band_share"] = s[f"quadrant{q}"] / total
+            metrics[f"qtuning/{QUADRANTS[q].key}_share"] = s[f"quadrant{q}"] / total
     if reweights:
         metrics["qtuning/loss_weight_mean"] = ratio("weight_sum", "kept", 1.0)
     metrics["qtuning/sample_keep_ratio"] = s["kept"] / total

@@ -11,7 +11,6 @@ micro-batches as it fetched (an emptied one is skipped in ``training_step``).
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import time
@@ -21,17 +20,17 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 from transformers import TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from . import step_metrics
 from .batch import LOSS_WEIGHT_COLUMN, WeightedLogProbs, apply_decisions, has_rows, runnable_micro_batches
 from .collator import (
     SAMPLE_ID_COLUMN, QTuningDataCollator, check_prepared_dataset, pad_token_id, sized_length, with_sample_ids,
 )  # fmt: skip
-from .config import QTuningConfig, require_qtuning_config
+from .config import QTUNING_FIELDS, QTuningConfig, require_qtuning_config
 from .decision import StepDecider
 from .events import DecisionListener, StepDecisions
-from .ledger import DecisionLedger, is_fresh_run, open_for_run, write_checkpoint_id
+from .ledger import LEDGER_DIRNAME, DecisionLedger, is_fresh_run, open_for_run, write_checkpoint_id
 from .scoring import (
     ScoredMicroBatch, Scorer, inference_tensor_error, is_inference_tensor_error, load_reference_model, reference_forward,
 )  # fmt: skip
@@ -53,10 +52,7 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-_BUILT_FROM = (
-    *(f.name for f in dataclasses.fields(QTuningConfig) if f.name not in {g.name for g in dataclasses.fields(SFTConfig)}),
-    "output_dir", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
-)  # fmt: skip
+_BUILT_FROM = (*QTUNING_FIELDS, "output_dir", "seed", "per_device_train_batch_size", "gradient_accumulation_steps")
 """The fields of ``trainer.args`` the Q-Tuning machinery is built from (checked again at every ``train()``)."""
 
 
@@ -180,7 +176,7 @@ class QTuningSFTTrainer(SFTTrainer):
         if config.qtuning_ledger != "none" and self.is_world_process_zero():
             # One writer: with several processes every rank's rows are gathered to the main process each step.
             ledger = DecisionLedger(
-                Path(config.output_dir) / "qtuning_ledger", level=config.qtuning_ledger, rank=config.process_index,
+                Path(config.output_dir) / LEDGER_DIRNAME, level=config.qtuning_ledger, rank=config.process_index,
                 rows_per_shard=config.qtuning_ledger_rows_per_shard,
             )  # fmt: skip
             self._ledger = ledger

@@ -17,19 +17,18 @@ from typing import Any
 
 import numpy as np
 
+from ..vocabulary import QUADRANT_LABELS
 from .api import ROW_ID, SHARD_DIR, AuditResult, AuditSettings, read_shards, row_text
 from .detection import RECOMMENDED_SCORE, bad_mask, candidate_scores, detection_table
 
 __all__ = [
-    "FILES", "QUADRANT_NAMES", "build_table", "describe", "finalize", "log_to_mlflow", "plot_plane", "read_outputs",
+    "FILES", "build_table", "describe", "finalize", "log_to_mlflow", "plot_plane", "read_outputs",
     "summarise", "write_page",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 FILES = {"table": "audit.parquet", "figure": "eu_plane.png", "page": "audit.md", "summary": "summary.json"}
-QUADRANT_NAMES = {1: "Q1 harmful noise", 2: "Q2 valuable misconception", 3: "Q3 redundant knowledge",
-                  4: "Q4 calibration data", 0: "mid band"}  # fmt: skip
 SUSPICION_DEFINITION = (
     "suspicion = (rank(PPL) + rank(entropy)) / n over the rows with an answer token (average ranks, 1 = lowest; in "
     "(0, 2]): high for rows the model finds both improbable and uncertain, the paper's Q1 ('harmful noise') read as "
@@ -86,7 +85,7 @@ def summarise(df: Any, triage: Any, settings: AuditSettings, noisy_rows: Any = N
 
     ppl, entropy = df["ppl"].to_numpy(np.float64), df["entropy"].to_numpy(np.float64)
     valid = np.isfinite(ppl) & np.isfinite(entropy)
-    quadrants = {name: int(((df["quadrant"] == q) & valid).sum()) for q, name in QUADRANT_NAMES.items()}
+    quadrants = {name: int(((df["quadrant"] == q) & valid).sum()) for q, name in QUADRANT_LABELS.items()}
     spearman = math.nan
     if valid.sum() >= 2:
         rp, re = average_ranks(ppl[valid]), average_ranks(entropy[valid])
@@ -132,7 +131,7 @@ def summarise(df: Any, triage: Any, settings: AuditSettings, noisy_rows: Any = N
         summary["noisy_by_quadrant"] = {
             name: {"rows": int(((df["quadrant"] == q) & valid).sum()),
                    "noisy": int(((df["quadrant"] == q) & valid & bad).sum())}
-            for q, name in QUADRANT_NAMES.items()
+            for q, name in QUADRANT_LABELS.items()
         }  # fmt: skip
     return summary
 
@@ -226,7 +225,7 @@ def _typical(df: Any, quadrant: int, count: int) -> list[int]:
 
 def write_page(df: Any, summary: dict[str, Any], raw: Any, settings: AuditSettings, path: Path, figure: bool) -> None:
     top = df[df["suspicion_rank"].notna()].sort_values("suspicion_rank").head(settings.top_k)
-    typical = {q: _typical(df, q, 3) for q in QUADRANT_NAMES}
+    typical = {q: _typical(df, q, 3) for q in QUADRANT_LABELS}
     ids = set(int(i) for i in top[ROW_ID]) | {i for rows in typical.values() for i in rows}
     rows = _fetch_rows(raw, sorted(ids))
     by_id = df.set_index(ROW_ID)
@@ -239,7 +238,7 @@ def write_page(df: Any, summary: dict[str, Any], raw: Any, settings: AuditSettin
         return [
             f"### {heading}", "",
             f"PPL {stats['ppl']:.3g}, entropy {stats['entropy']:.3f}, {int(stats['answer_tokens'])} answer tokens, "
-            f"{QUADRANT_NAMES[int(stats['quadrant'])]}, suspicion {stats['suspicion']:.3f} "
+            f"{QUADRANT_LABELS[int(stats['quadrant'])]}, suspicion {stats['suspicion']:.3f} "
             f"(rank {stats['suspicion_rank']}){'; ' + ', '.join(flags) if flags else ''}", "",
             "Prompt:", "", _excerpt(prompt) if prompt else "> (none: plain-text row)", "", "Answer:", "",
             _excerpt(answer), "",
@@ -270,7 +269,7 @@ def write_page(df: Any, summary: dict[str, Any], raw: Any, settings: AuditSettin
         lines += block(int(row_id), f"{position}. row {int(row_id)}")
     lines += ["## Typical rows of each quadrant", "",
               "The rows nearest each quadrant's median (percentile ranks of PPL and entropy).", ""]  # fmt: skip
-    for q, name in QUADRANT_NAMES.items():
+    for q, name in QUADRANT_LABELS.items():
         lines += [f"## {name}", ""]
         if not typical[q]:
             lines += ["(no row)", ""]

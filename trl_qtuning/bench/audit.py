@@ -12,12 +12,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..ledger import TRAINED_DECISIONS
+from ..vocabulary import QUADRANT_SHORT_LABELS, TRAINED_DECISIONS
 
 __all__ = ["audit_ledger", "audit_rows", "full_data_audit"]
-
-QUADRANT_NAMES = {0: "mid band / none", 1: "Q1 harmful noise", 2: "Q2 misconception", 3: "Q3 redundant",
-                  4: "Q4 calibration"}  # fmt: skip
 
 
 def audit_rows(
@@ -32,7 +29,7 @@ def audit_rows(
         if max_step is not None and step > max_step:
             continue
         kind = "corrupted" if sample in corrupted else "clean"
-        by_quadrant.setdefault(QUADRANT_NAMES.get(int(quadrant), str(quadrant)), Counter())[kind] += 1
+        by_quadrant.setdefault(QUADRANT_SHORT_LABELS.get(int(quadrant), str(quadrant)), Counter())[kind] += 1
         by_decision.setdefault(decision, Counter())[kind] += 1
         totals[kind] += 1
         if decision in TRAINED_DECISIONS:

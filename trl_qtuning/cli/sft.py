@@ -34,7 +34,6 @@ __all__ = [
 PROG = "trl-qtuning sft"
 DEBUG_ENV = "TRL_QTUNING_DEBUG"
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-LEDGER_DIRNAME = "qtuning_ledger"
 
 logger = logging.getLogger(__name__)
 
@@ -418,8 +417,10 @@ def summary_lines(trainer, train_output, quantization=None) -> list[str]:
     kind = "LoRA adapter" if getattr(trainer.model, "peft_config", None) else "model"
     lines.append(f"{kind[0].upper()}{kind[1:]} saved to {args.output_dir}.")
     if args.qtuning_enabled and args.qtuning_ledger != "none":
+        from trl_qtuning.ledger import LEDGER_DIRNAME, SHARD_GLOB
+
         ledger = Path(args.output_dir) / LEDGER_DIRNAME
-        shards = len(list(ledger.glob("ledger-rank*-*.parquet"))) if ledger.is_dir() else 0
+        shards = len(list(ledger.glob(SHARD_GLOB))) if ledger.is_dir() else 0
         lines.append(
             f"Decision ledger: {ledger} ({shards} Parquet shard{'s' if shards != 1 else ''}; "
             "read it with trl_qtuning.read_ledger(path) or pandas.read_parquet(path))."

@@ -15,15 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "bf16_is_fast", "build_parser", "expected_duration", "print_expected_duration"]
+from ..vocabulary import QUADRANT_LABELS, QUADRANTS, TRAINED_DECISIONS, Decision
 
-QUADRANT_NAMES = {
-    1: "Q1 harmful noise",
-    2: "Q2 valuable misconception",
-    3: "Q3 redundant knowledge",
-    4: "Q4 calibration data",
-    0: "mid band",
-}
+__all__ = ["main", "bf16_is_fast", "build_parser", "expected_duration", "print_expected_duration"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,12 +188,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  step {state.global_step:>3}: loss {logs['loss']:.4f} | kept samples "
                     f"{logs['qtuning/sample_keep_ratio']:.2f} | Q1/Q2/Q3/Q4 "
-                    + "/".join(f"{logs[f'qtuning/q{q}_share']:.2f}" for q in (1, 2, 3, 4))
+                    + "/".join(f"{logs[f'qtuning/{QUADRANTS[q].key}_share']:.2f}" for q in (1, 2, 3, 4))
                     + f" | scoring {logs['qtuning/scoring_seconds']:.1f} s",
                     flush=True,
                 )
 
     from trl_qtuning import QTuningConfig, QTuningSFTTrainer, read_ledger
+    from trl_qtuning.ledger import LEDGER_DIRNAME
 
     from .assets import load_demo_model_and_tokenizer
 
@@ -274,18 +269,19 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = time.perf_counter() - train_started
     after = trainer.evaluate()["eval_loss"]
 
-    ledger = read_ledger(Path(args.output_dir) / "qtuning_ledger").to_pandas()
-    kept_mask = ledger.decision.isin(["kept", "filled", "token_pruned"])
+    ledger_dir = Path(args.output_dir) / LEDGER_DIRNAME
+    ledger = read_ledger(ledger_dir).to_pandas()
+    kept_mask = ledger.decision.isin(TRAINED_DECISIONS)
     print("\n== What Q-Tuning did ==")
     print(f"Samples scored: {len(ledger)} over {ledger.step.nunique()} steps; trained on {int(kept_mask.sum())}")
     counts = ledger.quadrant.value_counts().to_dict()
-    for q in (1, 2, 3, 4, 0):
-        print(f"  {QUADRANT_NAMES[q]:<28} {counts.get(q, 0):>4}")
+    for q, label in QUADRANT_LABELS.items():
+        print(f"  {label:<28} {counts.get(q, 0):>4}")
     print("Decisions: " + ", ".join(f"{k} {v}" for k, v in ledger.decision.value_counts().sort_index().items()))
     response, kept_tokens = ledger.response_tokens.sum(), ledger.kept_tokens.sum()
     kept_response = ledger.response_tokens[kept_mask].sum()
     print(f"Realised sample keep ratio: {kept_mask.mean():.3f} (asked {args.sample_keep_ratio})")
-    pruned = ledger.decision == "token_pruned"
+    pruned = ledger.decision == Decision.TOKEN_PRUNED
     q2_ratio = ledger.kept_tokens[pruned].sum() / max(ledger.response_tokens[pruned].sum(), 1)
     print(f"Realised token keep ratio in token-pruned samples: {q2_ratio:.3f} (asked {args.token_keep_ratio}); "
           f"in all kept samples: {kept_tokens / max(kept_response, 1):.3f}; "
@@ -298,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = ledger[ledger.quadrant == q].head(2)
         for row in rows.itertuples():
             example = dataset[index_of[int(row.sample_id)]]
-            print(f"  {QUADRANT_NAMES[q]} | PPL {row.ppl:7.2f} ENT {row.entropy:5.2f} | {row.decision:<12} | "
+            print(f"  {QUADRANT_LABELS[q]} | PPL {row.ppl:7.2f} ENT {row.entropy:5.2f} | {row.decision:<12} | "
                   f"{_short(_text_of(example, 'prompt'), 80)}")
-    pruned_rows = ledger[ledger.decision == "token_pruned"]
+    pruned_rows = ledger[ledger.decision == Decision.TOKEN_PRUNED]
     if len(pruned_rows):
         row = pruned_rows.iloc[0]
         example = dataset[index_of[int(row.sample_id)]]
@@ -310,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== Result ==")
     print(f"Held-out NLL per answer token: before {before:.4f} -> after {after:.4f} ({after - before:+.4f})")
     print(f"Training: {result.global_step} steps in {train_seconds:.0f} s; whole demo {time.perf_counter() - started:.0f} s")
-    print(f"Decision ledger (Parquet): {Path(args.output_dir) / 'qtuning_ledger'}")
+    print(f"Decision ledger (Parquet): {ledger_dir}")
     if args.report_to == "mlflow":
         import mlflow
 
@@ -325,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": result.global_step,
         "heldout_loss_before": before,
         "heldout_loss_after": after,
-        "quadrant_counts": {QUADRANT_NAMES[int(k)]: int(v) for k, v in counts.items()},
+        "quadrant_counts": {QUADRANT_LABELS[int(k)]: int(v) for k, v in counts.items()},
         "realised_sample_keep_ratio": float(kept_mask.mean()),
         "realised_token_keep_ratio": float(q2_ratio),
         "train_seconds": train_seconds,

@@ -22,6 +22,8 @@ from typing import Any
 from transformers.integrations import MLflowCallback
 
 from ..events import StepDecisions
+from ..ledger import LEDGER_DIRNAME, SHARD_GLOB
+from ..vocabulary import Decision
 from .outputs import SELECTION_DIR, TRACKING_DIR
 from .recorder import DecisionAccumulator
 from .sink import MLflowSink, set_aside_queue
@@ -31,49 +33,10 @@ __all__ = ["QTuningMLflowCallback", "TRACKING_DIR"]
 logger = logging.getLogger("trl_qtuning.tracking")
 
 _TRUE = {"1", "TRUE", "YES", "ON"}
-_QTUNING_TAG_FIELDS = (
-    "sample_policy",
-    "token_policy",
-    "sample_keep_ratio",
-    "token_keep_ratio",
-    "neighbor_lambda",
-    "neighbor_mode",
-    "triage_scope",
-    "enforce_sample_budget",
-    "token_budget_scope",
-    "entropy_positions",
-    "reverse_token_score",
-    "prune_filled_q2_like",
-    "token_prune_q4",
-    "eu_plane",
-    "fill_rule",
-)
-_ABLATIONS = (  # (field, value that is not the default, suffix of the method label)
-    ("token_prune_q4", True, "q4-tokens"),
-    ("reverse_token_score", True, "reversed-score"),
-    ("prune_filled_q2_like", True, "filled-q2"),
-    ("eu_plane", "decorrelated", "decorrelated"),
-    ("fill_rule", "q1_last", "fill-q1-last"),
-    ("fill_rule", "least_suspect", "fill-least-suspect"),
-    ("neighbor_mode", "mean", "neighbor-mean"),
-    ("token_budget_scope", "batch", "batch-budget"),
-    ("token_budget_scope", "run", "run-budget"),
-    ("entropy_positions", "all", "entropy-all"),
-)
 
 
 def _env_true(name: str) -> bool:
     return os.getenv(name, "FALSE").upper() in _TRUE
-
-
-def _method_name(args) -> str:
-    """``qtuning`` or ``<sample>-<token>``, plus ``+flag`` for each ablation or non-default variant that is on (e.g.
-    ``qtuning+decorrelated``), so runs that differ in method never share a label."""
-    from trl_qtuning.policies import method_name
-
-    label = method_name(getattr(args, "sample_policy", "qtuning"), getattr(args, "token_policy", "qtuning"))
-    flags = [suffix for name, value, suffix in _ABLATIONS if getattr(args, name, None) == value]
-    return "+".join([label, *flags])
 
 
 def _guarded(method):
@@ -170,7 +133,7 @@ class QTuningMLflowCallback(MLflowCallback):
             self._events = {event.step: event}  # the latest step only (for its EU plane)
             cols = event.columns
             for i, decision in enumerate(cols["decision"]):
-                if decision == "token_pruned" and cols["pruned_positions"][i]:
+                if decision == Decision.TOKEN_PRUNED and cols["pruned_positions"][i]:
                     self._token_pruned.append(
                         {
                             "sample_id": int(cols["sample_id"][i]),
@@ -231,9 +194,11 @@ class QTuningMLflowCallback(MLflowCallback):
 
     def _tags(self, args) -> dict[str, str]:
         enabled = bool(getattr(args, "qtuning_enabled", False))
-        tags = {"qtuning.method": _method_name(args) if enabled else "sft"}
+        from ..config import METHOD_FIELDS, run_label
+
+        tags = {"qtuning.method": run_label(args) if enabled else "sft"}
         if enabled:
-            for name in _QTUNING_TAG_FIELDS:
+            for name in METHOD_FIELDS:
                 if hasattr(args, name):
                     tags[f"qtuning.{name}"] = str(getattr(args, name))
         try:
@@ -374,15 +339,15 @@ class QTuningMLflowCallback(MLflowCallback):
         return self.output_dir / TRACKING_DIR
 
     def _queue_ledger(self) -> None:
-        ledger_dir = self.output_dir / "qtuning_ledger"
+        ledger_dir = self.output_dir / LEDGER_DIRNAME
         if not ledger_dir.is_dir():
             return
-        for shard in sorted(ledger_dir.glob("ledger-rank*-*.parquet")):
+        for shard in sorted(ledger_dir.glob(SHARD_GLOB)):
             stat = shard.stat()
             key = (stat.st_size, stat.st_mtime_ns)
             if self._queued_files.get(str(shard)) != key:
                 self._queued_files[str(shard)] = key
-                self.sink.log_artifact(shard, "qtuning_ledger")
+                self.sink.log_artifact(shard, LEDGER_DIRNAME)
 
     def _figures_available(self) -> bool:
         if self._figures_ok:
@@ -409,8 +374,8 @@ class QTuningMLflowCallback(MLflowCallback):
         self.sink.log_artifact(path, "figures/eu_plane")
 
     def _summary_source(self) -> DecisionAccumulator:
-        ledger_dir = self.output_dir / "qtuning_ledger"
-        if any(ledger_dir.glob("ledger-rank*-*.parquet")) if ledger_dir.is_dir() else False:
+        ledger_dir = self.output_dir / LEDGER_DIRNAME
+        if any(ledger_dir.glob(SHARD_GLOB)) if ledger_dir.is_dir() else False:
             return DecisionAccumulator.from_ledger(ledger_dir, live=self.decisions)
         return self.decisions
 
@@ -432,15 +397,17 @@ class QTuningMLflowCallback(MLflowCallback):
         self.sink.log_artifact(p2, "figures")
 
     def _write_summary_and_selection(self) -> None:
-        if not self.decisions.steps and not (self.output_dir / "qtuning_ledger").is_dir():
+        if not self.decisions.steps and not (self.output_dir / LEDGER_DIRNAME).is_dir():
             return  # no Q-Tuning decisions (plain SFT): nothing to summarise
         from .reports import build_summary, write_selection, write_summary
 
         trainer = self.trainer
         args = getattr(trainer, "args", None)
-        config = {"method": _method_name(args) if args is not None else "qtuning"}
+        from ..config import METHOD_FIELDS, run_label
+
+        config = {"method": run_label(args) if args is not None else "qtuning"}
         if args is not None:
-            for name in ("sample_keep_ratio", "token_keep_ratio", *_QTUNING_TAG_FIELDS, "qtuning_ledger"):
+            for name in ("sample_keep_ratio", "token_keep_ratio", *METHOD_FIELDS, "qtuning_ledger"):
                 if hasattr(args, name):
                     config[name] = getattr(args, name)
         acc = self._summary_source()

@@ -10,18 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from .recorder import KEPT_DECISIONS, QUADRANT_NAMES, StepStats
+from ..vocabulary import QUADRANTS, TRAINED_DECISIONS
+from .recorder import StepStats
 
 __all__ = ["eu_plane_figure", "quadrant_shares_figure", "budgets_figure", "save_figure"]
 
-QUADRANT_LABELS = {
-    "mid_band": "mid band",
-    "q1": "Q1 harmful noise",
-    "q2": "Q2 valuable misconception",
-    "q3": "Q3 redundant knowledge",
-    "q4": "Q4 calibration data",
-}
-QUADRANT_COLORS = {"mid_band": "#9e9e9e", "q1": "#d62728", "q2": "#ff7f0e", "q3": "#1f77b4", "q4": "#2ca02c"}
+QUADRANT_COLORS = ("#9e9e9e", "#d62728", "#ff7f0e", "#1f77b4", "#2ca02c")
+"""By quadrant code (0 mid band, 1..4 for Q1..Q4)."""
 
 
 def _figure(width: float = 7.0, height: float = 5.0):
@@ -53,14 +48,14 @@ def eu_plane_figure(step: int, columns: dict[str, Any], thresholds: list[dict[st
     ppl = np.asarray(columns["ppl"], dtype=np.float64)
     ent = np.asarray(columns["entropy"], dtype=np.float64)
     quadrant = np.asarray(columns["quadrant"], dtype=np.int64)
-    kept = np.isin(np.asarray(columns["decision"], dtype=object), KEPT_DECISIONS)
+    kept = np.isin(np.asarray(columns["decision"], dtype=object), TRAINED_DECISIONS)
     finite = np.isfinite(ppl) & np.isfinite(ent)
-    for code, name in enumerate(QUADRANT_NAMES):
-        sel = finite & (quadrant == code)
+    for q in QUADRANTS:
+        sel = finite & (quadrant == q.code)
         if not sel.any():
             continue
-        color = QUADRANT_COLORS[name]
-        ax.scatter(ppl[sel & kept], ent[sel & kept], c=color, s=28, label=f"{QUADRANT_LABELS[name]} ({int(sel.sum())})")
+        color = QUADRANT_COLORS[q.code]
+        ax.scatter(ppl[sel & kept], ent[sel & kept], c=color, s=28, label=f"{q.label} ({int(sel.sum())})")
         ax.scatter(ppl[sel & ~kept], ent[sel & ~kept], c=color, s=28, marker="x")
     positive = _finite(ppl[finite & (ppl > 0)])
     if positive.size and positive.max() / max(positive.min(), 1e-12) > 10:
@@ -90,10 +85,8 @@ def quadrant_shares_figure(steps: Sequence[StepStats]):
     fig = _figure(8.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     x = [s.step for s in steps]
-    shares = [[s.share(name) for s in steps] for name in QUADRANT_NAMES]
-    ax.stackplot(
-        x, *shares, labels=[QUADRANT_LABELS[n] for n in QUADRANT_NAMES], colors=[QUADRANT_COLORS[n] for n in QUADRANT_NAMES]
-    )
+    shares = [[s.share(q.key) for s in steps] for q in QUADRANTS]
+    ax.stackplot(x, *shares, labels=[q.label for q in QUADRANTS], colors=[QUADRANT_COLORS[q.code] for q in QUADRANTS])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("share of the step's samples")
     ax.set_ylim(0, 1)

@@ -12,14 +12,9 @@ from typing import Any
 import numpy as np
 
 from ..events import StepDecisions
-from ..ledger import TRAINED_DECISIONS
+from ..vocabulary import DECISIONS, QUADRANT_KEYS, TRAINED_DECISIONS, Decision
 
-__all__ = ["QUADRANT_NAMES", "KEPT_DECISIONS", "StepStats", "DecisionAccumulator", "epoch_index"]
-
-QUADRANT_NAMES = ("mid_band", "q1", "q2", "q3", "q4")
-"""Ledger ``quadrant`` codes 0..4 (0: inside the band between the thresholds on at least one axis)."""
-KEPT_DECISIONS = TRAINED_DECISIONS
-DECISIONS = ("kept", "token_pruned", "filled", "dropped", "trimmed", "invalid")
+__all__ = ["StepStats", "DecisionAccumulator", "epoch_index"]
 
 
 def epoch_index(epoch: float) -> int:
@@ -44,7 +39,7 @@ class StepStats:
 
     @property
     def kept_samples(self) -> int:
-        return sum(self.decisions.get(d, 0) for d in KEPT_DECISIONS)
+        return sum(self.decisions.get(d, 0) for d in TRAINED_DECISIONS)
 
     @property
     def sample_keep_ratio(self) -> float:
@@ -84,15 +79,15 @@ class DecisionAccumulator:
         decisions = np.asarray(columns["decision"], dtype=object)
         response = np.asarray(columns["response_tokens"], dtype=np.int64)
         kept_tokens = np.asarray(columns["kept_tokens"], dtype=np.int64)
-        kept = np.isin(decisions, KEPT_DECISIONS)
-        token_pruned = decisions == "token_pruned"
+        kept = np.isin(decisions, TRAINED_DECISIONS)
+        token_pruned = decisions == Decision.TOKEN_PRUNED
         for step in np.unique(steps):
             rows = steps == step
             stats = self.steps.get(int(step))
             if stats is None:
                 stats = self.steps[int(step)] = StepStats(step=int(step), epoch=float(epochs[rows][0]))
             stats.samples += int(rows.sum())
-            for code, name in enumerate(QUADRANT_NAMES):
+            for code, name in enumerate(QUADRANT_KEYS):
                 stats.quadrants[name] = stats.quadrants.get(name, 0) + int((quadrants[rows] == code).sum())
             for name in DECISIONS:
                 stats.decisions[name] = stats.decisions.get(name, 0) + int((decisions[rows] == name).sum())

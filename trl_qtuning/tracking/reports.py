@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .outputs import REPORT_FILE, SUMMARY_FILE
-from .recorder import DECISIONS, QUADRANT_NAMES, DecisionAccumulator
+from ..vocabulary import DECISIONS, QUADRANT_KEYS
+from .recorder import DecisionAccumulator
 
 __all__ = [
     "build_summary",
@@ -39,7 +40,7 @@ def build_summary(
 ) -> dict[str, Any]:
     steps = acc.ordered_steps()
     samples = sum(s.samples for s in steps)
-    quadrants = {name: sum(s.quadrants.get(name, 0) for s in steps) for name in QUADRANT_NAMES}
+    quadrants = {name: sum(s.quadrants.get(name, 0) for s in steps) for name in QUADRANT_KEYS}
     decisions = {name: sum(s.decisions.get(name, 0) for s in steps) for name in DECISIONS}
     kept = sum(s.kept_samples for s in steps)
     response = sum(s.response_tokens for s in steps)
