@@ -495,3 +495,24 @@ def test_sync_failure_says_nothing_was_sent_not_that_training_continues(tmp_path
     [message] = [r.getMessage() for r in caplog.records if r.name == "trl_qtuning.tracking"]
     assert "Training continues" not in message and "nothing was sent" in message and str(queue) in message
     assert queue.exists()
+
+
+def test_evaluate_before_train_keeps_the_runs_own_tracking_folder(tracking, tmp_path, caplog):
+    """`trainer.evaluate()` before `train()` starts MLflow tracking (TRL's usual before/after pattern); the fresh run's
+    set-aside at `train()` must not take that folder, which is this run's, for an earlier run's."""
+    client, _ = tracking
+    out = tmp_path / "out"
+    tokenizer = make_tiny_tokenizer()
+    trainer = QTuningSFTTrainer(
+        model=make_tiny_model(tokenizer), args=tiny_config(out, report_to=["mlflow"], max_steps=1),
+        train_dataset=make_arithmetic_dataset(48, seed=1), eval_dataset=make_arithmetic_dataset(8, seed=2),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    callback = attach_tracking(trainer)
+    trainer.evaluate()
+    with caplog.at_level("WARNING", logger="trl_qtuning.tracking"):
+        trainer.train()
+    assert not list(out.glob("qtuning_tracking.previous-*"))
+    assert not any("held the tracking outputs of an earlier run" in r.getMessage() for r in caplog.records)
+    run = client.get_run(callback.run_id)
+    assert "eval_loss" in run.data.metrics and "train_loss" in run.data.metrics  # one run holds both

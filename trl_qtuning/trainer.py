@@ -389,13 +389,16 @@ class QTuningSFTTrainer(SFTTrainer):
     def _open_outputs(self, ledger: DecisionLedger | None, resume_from_checkpoint: str | bool | None) -> None:
         """The ledger of this run (:func:`~trl_qtuning.ledger.open_for_run`); for a fresh run, an earlier run's
         tracking outputs moved aside like its ledger (:mod:`~trl_qtuning.tracking.outputs`)."""
-        from .tracking.outputs import set_aside_earlier_outputs
+        from .tracking.outputs import TRACKING_DIR, set_aside_earlier_outputs
 
         output_dir = self.args.output_dir
         try:
             moved = open_for_run(ledger, resume_from_checkpoint, output_dir) if ledger is not None else None
             if is_fresh_run(resume_from_checkpoint, output_dir):
-                set_aside_earlier_outputs(output_dir, None if moved is None else (ledger.directory, moved))
+                # Tracking that already started (an evaluate() before train()) writes this run's own folder.
+                started = any(getattr(cb, "sink", None) is not None for cb in self.callback_handler.callbacks)
+                set_aside_earlier_outputs(output_dir, None if moved is None else (ledger.directory, moved),
+                                          keep=(TRACKING_DIR,) if started else ())  # fmt: skip
         except OSError as error:
             ledger_hint = (
                 " To train without writing the decision ledger, set `qtuning_ledger=\"none\"`." if ledger is not None else ""

@@ -56,15 +56,17 @@ def _earlier_run_id(tracking: Path) -> str | None:
 
 
 def set_aside_earlier_outputs(
-    output_dir: str | os.PathLike, moved_ledger: tuple[Path, Path] | None = None
+    output_dir: str | os.PathLike, moved_ledger: tuple[Path, Path] | None = None, *, keep: tuple[str, ...] = ()
 ) -> dict[Path, Path]:
     """Move an earlier run's :data:`RUN_OUTPUTS` aside before a fresh run writes its own; returns old -> new path.
 
     ``moved_ledger``: (old, new) folder of the earlier run's ledger, already moved aside; its tag names these too,
-    and the moved queue's ledger shards point at it.
+    and the moved queue's ledger shards point at it. ``keep``: outputs this run has already started (the tracking
+    folder of a run whose MLflow tracking began with a ``trainer.evaluate()`` before ``train()``: its setup had
+    already moved the earlier run's queue aside inside it).
     """
     output_dir = Path(output_dir)
-    present = [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    present = [output_dir / name for name in RUN_OUTPUTS if name not in keep and (output_dir / name).exists()]
     if not present:
         return {}
     if moved_ledger is not None:
