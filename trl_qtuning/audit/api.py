@@ -509,6 +509,15 @@ def _sft_trainer(model: Any, tokenizer: Any, dataset: Any, settings: AuditSettin
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
+def prepared_rows(model: Any, tokenizer: Any, dataset: Any, settings: AuditSettings) -> list[dict[str, list[int]]]:
+    """The rows as the audit scores them (SFTTrainer's preparation, the audit's truncation): ``input_ids`` and
+    ``labels`` each. For comparing the audit with another scorer over exactly the same tokens."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _sft_trainer(model, _ensure_pad(tokenizer), _with_row_ids(dataset), settings, Path(tmp))
+        cut = settings.truncation()
+        return [{"input_ids": row["input_ids"][cut], "labels": row["labels"][cut]} for row in trainer.train_dataset]
+
+
 def audit_dataset(
     model: Any,
     dataset: Any,

@@ -149,6 +149,7 @@ def plot_plane(df: Any, triage: Any, path: Path, top_k: int, title: str) -> bool
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         logger.warning("trl-qtuning audit: matplotlib is missing, so no figure (pip install 'trl-qtuning[mlflow]').")
         return False
@@ -157,7 +158,10 @@ def plot_plane(df: Any, triage: Any, path: Path, top_k: int, title: str) -> bool
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     if x.size:
         hb = ax.hexbin(x, y, gridsize=30, mincnt=1, cmap="Blues", bins="log")
-        fig.colorbar(hb, ax=ax, label="rows (log scale)")
+        counts = fig.colorbar(hb, ax=ax, label="rows (log scale)").ax.yaxis
+        # plain row counts (1, 2, 5, 10, ...) rather than matplotlib's "4x10^0" on the log scale's minor ticks
+        counts.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        counts.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:g}"[0] in "25" else ""))
     if triage is not None and all(math.isfinite(v) for v in triage.thresholds.values()):
         for value in (triage.thresholds["ppl_lo"], triage.thresholds["ppl_hi"]):
             ax.axvline(math.log(value), color="0.3", lw=0.8, ls="--")
