@@ -460,11 +460,11 @@ def test_compare_figure_plots_held_out_loss_when_runs_have_it(tmp_path):
 )
 def test_method_labels_show_the_pair_and_every_ablation(tmp_path, settings, label):
     from trl_qtuning.config import run_label
-    from trl_qtuning.tracking.callback import QTuningMLflowCallback
+    from trl_qtuning.tracking.callback import run_tags
 
     args = tiny_config(tmp_path, **settings)
     assert run_label(args) == label
-    tags = QTuningMLflowCallback()._tags(args)
+    tags = run_tags(args)
     assert tags["qtuning.method"] == label and "qtuning.eu_plane" in tags and "qtuning.token_prune_q4" in tags
 
 

@@ -3,6 +3,8 @@ budgets over training, and the comparison of several runs."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,10 +15,23 @@ import numpy as np
 from ..vocabulary import QUADRANTS, TRAINED_DECISIONS
 from .recorder import StepStats
 
-__all__ = ["eu_plane_figure", "quadrant_shares_figure", "budgets_figure", "save_figure"]
+__all__ = ["eu_plane_figure", "quadrant_shares_figure", "budgets_figure", "save_figure", "matplotlib_available"]
 
 QUADRANT_COLORS = ("#9e9e9e", "#d62728", "#ff7f0e", "#1f77b4", "#2ca02c")
 """By quadrant code (0 mid band, 1..4 for Q1..Q4)."""
+
+
+@functools.cache
+def matplotlib_available() -> bool:
+    """Figures are optional: without matplotlib, say so once and draw none."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        logging.getLogger("trl_qtuning.tracking").warning(
+            "Q-Tuning MLflow tracking: matplotlib is missing, no figures (pip install 'trl-qtuning[mlflow]')."
+        )
+        return False
+    return True
 
 
 def _figure(width: float = 7.0, height: float = 5.0):

@@ -1,28 +1,28 @@
-"""End-of-training outputs: ``qtuning_summary.json``, ``qtuning_report.md``, the pruned-dataset selection (Parquet)
-and the HTML page of token-pruned samples."""
+"""End-of-training outputs: ``qtuning_summary.json``, ``qtuning_report.md``, the pruned-dataset selection (Parquet),
+the HTML page of token-pruned samples and the training figures, written and queued for MLflow by
+:func:`write_run_outputs`."""
 
 from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .outputs import REPORT_FILE, SUMMARY_FILE
+from ..ledger import LEDGER_DIRNAME, SHARD_GLOB
 from ..vocabulary import DECISIONS, QUADRANT_KEYS
+from .outputs import REPORT_FILE, SELECTION_DIR, SUMMARY_FILE, TRACKING_DIR
 from .recorder import DecisionAccumulator
 
 __all__ = [
-    "build_summary",
-    "write_summary",
-    "summary_markdown",
-    "write_selection",
-    "load_selection",
-    "kept_sample_ids",
-    "samples_html",
-]
+    "build_summary", "write_summary", "summary_markdown", "write_selection", "load_selection", "kept_sample_ids",
+    "samples_html", "queue_ledger", "write_run_outputs",
+]  # fmt: skip
+
+logger = logging.getLogger("trl_qtuning.tracking")
 
 SELECTION_FILE = "selection.parquet"
 
@@ -260,3 +260,104 @@ def samples_html(samples: Sequence[dict[str, Any]], tokenizer, *, title: str = "
         )
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------- the end of a tracked run
+def queue_ledger(sink: Any, output_dir: Path, uploaded: dict[str, tuple[int, int]]) -> None:
+    """Queue the ledger shards written or grown since the last call (``uploaded``: path -> (size, mtime))."""
+    for shard in sorted((output_dir / LEDGER_DIRNAME).glob(SHARD_GLOB)):
+        stat = shard.stat()
+        if uploaded.get(str(shard)) != (stat.st_size, stat.st_mtime_ns):
+            uploaded[str(shard)] = (stat.st_size, stat.st_mtime_ns)
+            sink.log_artifact(shard, LEDGER_DIRNAME)
+
+
+def write_run_outputs(
+    sink: Any,
+    output_dir: Path,
+    decisions: DecisionAccumulator,
+    *,
+    args: Any,
+    train_metrics: dict[str, float],
+    token_pruned: list[dict[str, Any]],
+    dataset: Any,
+    tokenizer: Any,
+    uploaded: dict[str, tuple[int, int]],
+) -> None:
+    """Write the run's figures, summary, report, selection and samples page, and queue them with the last ledger
+    shards in ``sink``. ``decisions``: what this process saw; the ledger, where there is one, covers the steps of
+    earlier processes of a resumed run. One output that fails is logged and the others are still written."""
+    ledger_dir = output_dir / LEDGER_DIRNAME
+    on_disk = ledger_dir.is_dir() and any(ledger_dir.glob(SHARD_GLOB))
+    run = DecisionAccumulator.from_ledger(ledger_dir, live=decisions) if on_disk else decisions
+    for part in (
+        lambda: _training_figures(sink, output_dir, run, args) if decisions.steps else None,
+        lambda: _summary_and_selection(sink, output_dir, run, args, train_metrics)
+        if decisions.steps or ledger_dir.is_dir() else None,  # plain SFT has no decisions to summarise
+        lambda: _samples_page(sink, output_dir, token_pruned, dataset, tokenizer)
+        if token_pruned or decisions.steps else None,
+        lambda: queue_ledger(sink, output_dir, uploaded),
+    ):
+        try:
+            part()
+        except Exception as exc:
+            logger.warning("Q-Tuning MLflow tracking: an end-of-training output failed (%s: %s).", type(exc).__name__, exc)
+
+
+def _training_figures(sink: Any, output_dir: Path, run: DecisionAccumulator, args: Any) -> None:
+    from .figures import budgets_figure, matplotlib_available, quadrant_shares_figure, save_figure
+
+    if not matplotlib_available():
+        return
+    steps, figures = run.ordered_steps(), output_dir / TRACKING_DIR / "figures"
+    targets = getattr(args, "sample_keep_ratio", None), getattr(args, "token_keep_ratio", None)
+    sink.log_artifact(save_figure(quadrant_shares_figure(steps), figures / "quadrant_shares.png"), "figures")
+    sink.log_artifact(save_figure(budgets_figure(steps, *targets), figures / "realised_budgets.png"), "figures")
+
+
+def _summary_and_selection(
+    sink: Any, output_dir: Path, run: DecisionAccumulator, args: Any, train_metrics: dict[str, float]
+) -> None:
+    from ..config import METHOD_FIELDS, run_label
+
+    config = {"method": run_label(args)}
+    for name in ("sample_keep_ratio", "token_keep_ratio", *METHOD_FIELDS, "qtuning_ledger"):
+        if hasattr(args, name):
+            config[name] = getattr(args, name)
+    summary = build_summary(run, config=config, train_metrics=train_metrics)
+    for path in write_summary(summary, output_dir):
+        sink.log_artifact(path, None)
+    sink.log_artifact(write_selection(run, output_dir / SELECTION_DIR).parent, SELECTION_DIR)
+    real = summary["realised"]
+    final = {f"qtuning/final/{key}": real[key] for key in
+             ("sample_keep_ratio", "token_keep_ratio", "label_token_share", "samples_trained", "label_tokens_trained")}
+    final["qtuning/final/scoring_seconds"] = summary["scoring"]["total_seconds"]
+    finite = {k: float(v) for k, v in final.items() if v is not None and math.isfinite(v)}
+    sink.log_metrics(finite, step=summary["last_step"] or 0)
+
+
+def _samples_page(sink: Any, output_dir: Path, token_pruned: list[dict[str, Any]], dataset: Any, tokenizer: Any) -> None:
+    """The most recent token-pruned samples, read back from ``dataset`` by their sample id."""
+    from ..collator import SAMPLE_ID_COLUMN
+
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
+    if tokenizer is None or dataset is None:
+        return
+    samples = []
+    if token_pruned and SAMPLE_ID_COLUMN in getattr(dataset, "column_names", []):
+        row_of = {int(sid): i for i, sid in enumerate(dataset[SAMPLE_ID_COLUMN])}
+        for candidate in reversed(token_pruned):
+            if candidate["sample_id"] not in row_of:
+                continue
+            example = dataset[row_of[candidate["sample_id"]]]
+            ids = list(example["input_ids"])
+            if "labels" in example:
+                response = [label != -100 for label in example["labels"]]
+            else:
+                mask = example.get("completion_mask", example.get("assistant_masks"))
+                response = [bool(m) for m in mask] if mask is not None else [True] * len(ids)
+            samples.append({**candidate, "input_ids": ids, "response": response})
+    path = output_dir / TRACKING_DIR / "qtuning_samples.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(samples_html(samples, tokenizer), encoding="utf-8")
+    sink.log_artifact(path, None)
