@@ -270,6 +270,32 @@ def test_a_run_we_did_not_create_gets_the_qtuning_tags(tracking, tmp_path, monke
     assert [r.info.run_id for r in found] == [run.info.run_id]
 
 
+def test_arguments_win_over_the_mlflow_variables_and_leave_them_alone(tracking, tmp_path, monkeypatch):
+    """What the bench and the quantisation fallback pass: tags set after MLFLOW_TAGS's, an experiment and a run name
+    of their own, and a new run whatever MLFLOW_RUN_ID says; no variable is read back or rewritten."""
+    import os
+
+    client, experiment = tracking
+    existing = client.create_run(client.get_experiment_by_name(experiment).experiment_id)
+    monkeypatch.setenv("MLFLOW_RUN_ID", existing.info.run_id)
+    monkeypatch.setenv("MLFLOW_TAGS", json.dumps({"team": "nlp", "stage": "env"}))
+    other = f"{experiment}-other"
+    client.create_experiment(other, artifact_location=str(tmp_path / "artifacts"))
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    trainer = build_trainer(tmp_path, report_to=["mlflow"], max_steps=1, run_name="from-args")
+    callback = attach_tracking(trainer, experiment=other, tags={"stage": "arg"}, new_run=True)
+    with pytest.raises(TypeError, match="unknown tracking option"):
+        attach_tracking(trainer, experiment_name="typo")
+    trainer.train()
+    run = client.get_run(callback.run_id)
+    assert run.info.run_id != existing.info.run_id and run.info.run_name == "from-args"
+    assert run.info.experiment_id == client.get_experiment_by_name(other).experiment_id
+    assert run.data.tags["team"] == "nlp" and run.data.tags["stage"] == "arg"
+    assert run.data.tags["qtuning.method"] == "qtuning"
+    assert run.data.params["sample_keep_ratio"] == str(trainer.args.sample_keep_ratio)
+    assert {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")} == before
+
+
 def _dead_uri() -> str:
     import socket
 
