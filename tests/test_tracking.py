@@ -283,7 +283,9 @@ def test_arguments_win_over_the_mlflow_variables_and_leave_them_alone(tracking, 
     client.create_experiment(other, artifact_location=str(tmp_path / "artifacts"))
     before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     trainer = build_trainer(tmp_path, report_to=["mlflow"], max_steps=1, run_name="from-args")
-    callback = attach_tracking(trainer, experiment=other, tags={"stage": "arg"}, new_run=True)
+    callback = attach_tracking(
+        trainer, tracking_uri=client.tracking_uri, experiment=other, tags={"stage": "arg"}, new_run=True
+    )
     with pytest.raises(TypeError, match="unknown tracking option"):
         attach_tracking(trainer, experiment_name="typo")
     trainer.train()
@@ -429,27 +431,22 @@ def test_eu_plane_figure_of_a_baseline_step_warns_nothing():
     assert "q =" not in fig.axes[0].get_title()
 
 
-def _fake_run(name: str, start: int, metrics: dict, tags: dict | None = None):
-    from types import SimpleNamespace
-
-    info = SimpleNamespace(run_id=f"id-{name}", run_name=name, status="FINISHED", start_time=start, end_time=start + 1)
-    return SimpleNamespace(info=info, data=SimpleNamespace(tags=tags or {}, params={}, metrics=metrics))
-
-
-def test_compare_picks_eval_columns_by_meaning_and_the_newest_runs():
+def test_compare_picks_eval_columns_by_meaning_and_the_newest_runs(tracking):
     from trl_qtuning.tracking.compare import collect_rows, eval_columns
 
-    runs = [_fake_run(f"r{i}", i, {"eval_num_tokens": 5.0, "eval_accuracy": 0.5, "eval_loss": 1.0 + i,
-                                   "eval_runtime": 3.0, "eval/nll": 2.0, "eval_samples_per_second": 9.0})
-            for i in range(5)]  # fmt: skip
+    client, experiment = tracking
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    for i in range(5):
+        run = client.create_run(experiment_id, start_time=1000 * (i + 1), run_name=f"r{i}")
+        for key, value in {"eval_num_tokens": 5.0, "eval_accuracy": 0.5, "eval_loss": 1.0 + i, "eval_runtime": 3.0,
+                           "eval/nll": 2.0, "eval_samples_per_second": 9.0}.items():  # fmt: skip
+            client.log_metric(run.info.run_id, key, value)
+    client.create_run(experiment_id, start_time=9000, tags={"qtuning.kind": "comparison"})  # never compared
 
-    class Client:
-        def search_runs(self, ids, max_results, order_by):
-            newest = sorted(runs, key=lambda r: r.info.start_time, reverse="DESC" in order_by[0])
-            return newest[:max_results]
-
-    rows = collect_rows(Client(), "0", max_runs=2)
-    assert [r["run_name"] for r in rows] == ["r3", "r4"]  # the two newest, oldest first
+    rows = collect_rows(experiment_id, max_runs=3)
+    assert [r["run_name"] for r in rows] == ["r3", "r4"]  # the newest, oldest first, the comparison run left out
+    assert [r["eval"]["eval_loss"] for r in rows] == [4.0, 5.0] and rows[0]["method"] == "sft"
+    assert rows[0]["realised_sample_keep"] == 1.0 and rows[0]["sample_keep_ratio"] is None
     assert eval_columns(rows) == ["eval_loss", "eval/nll", "eval_accuracy"]  # loss first; counters and timings out
 
 

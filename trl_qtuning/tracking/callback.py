@@ -74,6 +74,9 @@ class _QueuedMlflow:
     def set_tracking_uri(self, uri: str) -> None:
         self._callback.tracking_uri = uri
 
+    def get_tracking_uri(self) -> str:
+        return self._callback.tracking_uri or self._mlflow.get_tracking_uri()
+
     def set_experiment(self, name: str) -> None:  # an ``experiment`` argument wins over MLFLOW_EXPERIMENT_NAME
         self._callback.experiment = self._callback.experiment or name
 
@@ -101,12 +104,13 @@ class _QueuedMlflow:
         self.sink().set_tags(tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int, synchronous: bool | None = None) -> None:
-        self.sink().log_metrics(metrics, step=step)
+        if self._callback.sink is not None:  # None after a setup that failed: nothing is logged
+            self._callback.sink.log_metrics(metrics, step=step)
 
     def end_run(self) -> None:
-        if not self.ended:
+        if self._callback.sink is not None and not self.ended:
             self.ended = True
-            self.sink().end("FINISHED")
+            self._callback.sink.end("FINISHED")
 
 
 class QTuningMLflowCallback(MLflowCallback):

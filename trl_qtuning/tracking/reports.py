@@ -38,44 +38,36 @@ def build_summary(
     train_metrics: dict[str, float] | None = None,
     top_dropped: int = 10,
 ) -> dict[str, Any]:
-    steps = acc.ordered_steps()
-    samples = sum(s.samples for s in steps)
-    quadrants = {name: sum(s.quadrants.get(name, 0) for s in steps) for name in QUADRANT_KEYS}
-    decisions = {name: sum(s.decisions.get(name, 0) for s in steps) for name in DECISIONS}
-    kept = sum(s.kept_samples for s in steps)
-    response = sum(s.response_tokens for s in steps)
-    label_tokens = sum(s.label_tokens for s in steps)
-    tp_response = sum(s.token_pruned_response for s in steps)
-    tp_kept = sum(s.token_pruned_kept for s in steps)
-    timed = [s.scoring_seconds for s in steps if s.scoring_seconds is not None]
-    scoring = float(sum(timed)) if timed else None
+    steps = acc.per_step()
+    total = {name: int(value) for name, value in steps.drop(columns="scoring_seconds").sum().items()}
+    samples, kept = total["samples"], total["kept_samples"]
+    response, label_tokens = total["response_tokens"], total["label_tokens"]
+    timed = steps["scoring_seconds"].dropna()
+    scoring = float(timed.sum()) if len(timed) else None
     train_metrics = dict(train_metrics or {})
     runtime = train_metrics.get("train_runtime")
-    per_sample: dict[int, list[int]] = {}
-    for (_, sid), counts in acc.per_sample.items():
-        total = per_sample.setdefault(sid, [0, 0])
-        total[0] += counts[0]
-        total[1] += counts[3]
-    ranked = sorted(per_sample.items(), key=lambda item: (-item[1][1], -item[1][0], item[0]))
+    per_sample = acc.per_sample().groupby("sample_id")[["times_seen", "times_dropped"]].sum().reset_index()
+    ranked = per_sample[per_sample["times_dropped"] > 0].sort_values(
+        ["times_dropped", "times_seen", "sample_id"], ascending=[False, False, True]
+    )
     most_dropped = [
-        {"sample_id": sid, "dropped": d, "seen": n, "dropped_share": d / n if n else None}
-        for sid, (n, d) in ranked[:top_dropped]
-        if d > 0
+        {"sample_id": int(sid), "dropped": int(d), "seen": int(n), "dropped_share": d / n if n else None}
+        for sid, n, d in ranked.head(top_dropped).itertuples(index=False)
     ]
     config = dict(config or {})
     return {
         "method": config.get("method", "qtuning"),
         "config": config,
         "steps": len(steps),
-        "first_step": steps[0].step if steps else None,
-        "last_step": steps[-1].step if steps else None,
+        "first_step": int(steps.index[0]) if len(steps) else None,
+        "last_step": int(steps.index[-1]) if len(steps) else None,
         "samples_scored": samples,
         "distinct_samples": len(per_sample),
-        "quadrants": {name: {"count": c, "share": _ratio(c, samples)} for name, c in quadrants.items()},
-        "decisions": decisions,
+        "quadrants": {name: {"count": total[name], "share": _ratio(total[name], samples)} for name in QUADRANT_KEYS},
+        "decisions": {name: total[name] for name in DECISIONS},
         "realised": {
             "sample_keep_ratio": _ratio(kept, samples),
-            "token_keep_ratio": _ratio(tp_kept, tp_response),
+            "token_keep_ratio": _ratio(total["token_pruned_kept"], total["token_pruned_response"]),
             "label_token_share": _ratio(label_tokens, response),
             "samples_trained": kept,
             "label_tokens_trained": label_tokens,
@@ -83,7 +75,7 @@ def build_summary(
         },
         "scoring": {
             "total_seconds": scoring,
-            "mean_seconds_per_step": scoring / len(timed) if timed else None,
+            "mean_seconds_per_step": scoring / len(timed) if len(timed) else None,
             "share_of_train_runtime": scoring / runtime if scoring is not None and runtime else None,
             "steps_timed": len(timed),
         },
@@ -162,26 +154,10 @@ def write_summary(summary: dict[str, Any], output_dir: str | Path) -> tuple[Path
 # ---------------------------------------------------------------------- pruned-dataset selection
 def write_selection(acc: DecisionAccumulator, directory: str | Path) -> Path:
     """One row per (epoch, sample): how often it was scored, trained on (``kept``), token-pruned, dropped."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    keys = sorted(acc.per_sample)
-    counts = [acc.per_sample[k] for k in keys]
-    table = pa.table(
-        {
-            "epoch": pa.array([k[0] for k in keys], pa.int32()),
-            "sample_id": pa.array([k[1] for k in keys], pa.int64()),
-            "times_seen": pa.array([c[0] for c in counts], pa.int32()),
-            "times_kept": pa.array([c[1] for c in counts], pa.int32()),
-            "times_token_pruned": pa.array([c[2] for c in counts], pa.int32()),
-            "times_dropped": pa.array([c[3] for c in counts], pa.int32()),
-            "kept": pa.array([c[1] > 0 for c in counts], pa.bool_()),
-        }
-    )
     path = directory / SELECTION_FILE
-    pq.write_table(table, path)
+    acc.per_sample().to_parquet(path, index=False)
     return path
 
 
@@ -197,16 +173,13 @@ def load_selection(path: str | Path):
 
 def kept_sample_ids(path: str | Path, epoch: int | None = None) -> list[int]:
     """Ids (rows of the original ``train_dataset``) trained on at least once (in ``epoch``, or in any epoch)."""
-    import pyarrow.parquet as pq
+    import pandas as pd
 
     path = Path(path)
-    table = pq.read_table(path / SELECTION_FILE if path.is_dir() else path).to_pydict()
-    ids = {
-        sid
-        for e, sid, kept in zip(table["epoch"], table["sample_id"], table["kept"])
-        if kept and (epoch is None or e == epoch)
-    }
-    return sorted(ids)
+    selection = pd.read_parquet(path / SELECTION_FILE if path.is_dir() else path)
+    if epoch is not None:
+        selection = selection[selection["epoch"] == epoch]
+    return sorted(int(sid) for sid in selection.loc[selection["kept"], "sample_id"].unique())
 
 
 # ---------------------------------------------------------------------- token-pruned samples page
@@ -291,11 +264,11 @@ def write_run_outputs(
     on_disk = ledger_dir.is_dir() and any(ledger_dir.glob(SHARD_GLOB))
     run = DecisionAccumulator.from_ledger(ledger_dir, live=decisions) if on_disk else decisions
     for part in (
-        lambda: _training_figures(sink, output_dir, run, args) if decisions.steps else None,
+        lambda: _training_figures(sink, output_dir, run, args) if not decisions.empty else None,
         lambda: _summary_and_selection(sink, output_dir, run, args, train_metrics)
-        if decisions.steps or ledger_dir.is_dir() else None,  # plain SFT has no decisions to summarise
+        if not decisions.empty or ledger_dir.is_dir() else None,  # plain SFT has no decisions to summarise
         lambda: _samples_page(sink, output_dir, token_pruned, dataset, tokenizer)
-        if token_pruned or decisions.steps else None,
+        if token_pruned or not decisions.empty else None,
         lambda: queue_ledger(sink, output_dir, uploaded),
     ):
         try:
@@ -309,7 +282,7 @@ def _training_figures(sink: Any, output_dir: Path, run: DecisionAccumulator, arg
 
     if not matplotlib_available():
         return
-    steps, figures = run.ordered_steps(), output_dir / TRACKING_DIR / "figures"
+    steps, figures = run.per_step(), output_dir / TRACKING_DIR / "figures"
     targets = getattr(args, "sample_keep_ratio", None), getattr(args, "token_keep_ratio", None)
     sink.log_artifact(save_figure(quadrant_shares_figure(steps), figures / "quadrant_shares.png"), "figures")
     sink.log_artifact(save_figure(budgets_figure(steps, *targets), figures / "realised_budgets.png"), "figures")

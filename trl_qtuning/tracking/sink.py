@@ -110,7 +110,6 @@ class MLflowSink:
         self.pending: list[dict[str, Any]] = []
         self.online = True
         self._last_failure = -float("inf")
-        self._sent_ops = 0
         self._client = None
         if run_id is not None:  # a run we did not create gets its tags like one we create
             self.set_tags(self.spec.tags)
@@ -189,7 +188,6 @@ class MLflowSink:
                 self.run_id,
             )
         self.online = True
-        self._sent_ops += sent
         if self._owns_queue_file:  # everything in it was sent; a queue another process left is not this sink's
             self.queue_file.unlink(missing_ok=True)
             self._owns_queue_file = False
