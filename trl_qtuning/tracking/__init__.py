@@ -10,14 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "MLFLOW_INSTALL_HINT",
-    "require_mlflow",
-    "attach_tracking",
-    "QTuningMLflowCallback",
-    "sync_pending",
-    "load_selection",
-    "kept_sample_ids",
-]
+    "MLFLOW_INSTALL_HINT", "require_mlflow", "attach_tracking", "QTuningMLflowCallback", "sync_pending",
+    "load_selection", "kept_sample_ids",
+]  # fmt: skip
 
 MLFLOW_INSTALL_HINT = "pip install 'trl-qtuning[mlflow]'"
 

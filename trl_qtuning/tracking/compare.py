@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["main", "collect_rows", "format_table", "comparison_figure"]
 
 COMPARISON_TAG = "qtuning.kind"
-
+"""Tag of the runs ``compare`` logs itself (never compared)."""
 
 EVAL_COUNTERS = ("runtime", "per_second", "num_tokens", "_tokens", "_samples", "_n")
 """Endings of eval metrics that count or time rather than measure (``eval_num_tokens`` is a training counter)."""
