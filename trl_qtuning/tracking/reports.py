@@ -8,7 +8,7 @@ import html
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +92,19 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _table(header: str, rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A Markdown table: ``header`` as written, its rule, one line per row."""
+    return [header, "|" + "---|" * header.count(" |"), *(f"| {' | '.join(map(str, row))} |" for row in rows)]
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
-    cfg = summary.get("config", {})
-    real = summary["realised"]
+    cfg, real, sc = summary.get("config", {}), summary["realised"], summary["scoring"]
+    budgets = [
+        ("sample keep ratio", _fmt(real["sample_keep_ratio"])),
+        ("token keep ratio (token-pruned Q2 samples)", _fmt(real["token_keep_ratio"])),
+        ("label tokens trained / response tokens scored", _fmt(real["label_token_share"])),
+        ("samples trained", real["samples_trained"]), ("label tokens trained", real["label_tokens_trained"]),
+    ]  # fmt: skip
     lines = [
         "# Q-Tuning run summary",
         "",
@@ -104,40 +114,18 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"samples scored: {summary['samples_scored']} ({summary['distinct_samples']} distinct)",
         f"- final train loss: {_fmt(summary['train'].get('train_loss'), 4)}; "
         f"train runtime: {_fmt(summary['train'].get('train_runtime'), 1)} s",
-        "",
-        "## Realised budgets",
-        "",
-        "| | value |",
-        "|---|---|",
-        f"| sample keep ratio | {_fmt(real['sample_keep_ratio'])} |",
-        f"| token keep ratio (token-pruned Q2 samples) | {_fmt(real['token_keep_ratio'])} |",
-        f"| label tokens trained / response tokens scored | {_fmt(real['label_token_share'])} |",
-        f"| samples trained | {real['samples_trained']} |",
-        f"| label tokens trained | {real['label_tokens_trained']} |",
-        "",
-        "## Quadrants (before pruning)",
-        "",
-        "| quadrant | samples | share |",
-        "|---|---|---|",
-    ]
-    for name, entry in summary["quadrants"].items():
-        lines.append(f"| {name} | {entry['count']} | {_fmt(entry['share'])} |")
-    lines += ["", "## Decisions", "", "| decision | samples |", "|---|---|"]
-    lines += [f"| {name} | {count} |" for name, count in summary["decisions"].items()]
-    sc = summary["scoring"]
-    lines += [
-        "",
-        "## Scoring overhead",
-        "",
+        "", "## Realised budgets", "", *_table("| | value |", budgets),
+        "", "## Quadrants (before pruning)", "",
+        *_table("| quadrant | samples | share |",
+                [(name, entry["count"], _fmt(entry["share"])) for name, entry in summary["quadrants"].items()]),
+        "", "## Decisions", "", *_table("| decision | samples |", summary["decisions"].items()),
+        "", "## Scoring overhead", "",
         f"- scoring forwards: {_fmt(sc['total_seconds'], 2)} s in total, {_fmt(sc['mean_seconds_per_step'], 3)} s per "
         f"step, {_fmt(sc['share_of_train_runtime'])} of the train runtime",
-        "",
-        "## Most-dropped samples",
-        "",
-        "| sample_id | dropped | seen |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {d['sample_id']} | {d['dropped']} | {d['seen']} |" for d in summary["most_dropped"]]
+        "", "## Most-dropped samples", "",
+        *_table("| sample_id | dropped | seen |",
+                [(d["sample_id"], d["dropped"], d["seen"]) for d in summary["most_dropped"]]),
+    ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
