@@ -260,7 +260,7 @@ def test_fallback_to_plain_lora_is_opt_in_warned_and_tagged(tiny_inputs, tmp_pat
         quantization.FALLBACK_TAG: quantization.FALLBACK_TAG_VALUE,
         "qtuning.optimizer_fallback": "adamw_torch",
     }
-    assert json.loads(os.environ["MLFLOW_TAGS"]) == expected_tags
+    assert json.loads(os.environ["MLFLOW_TAGS"]) == {"team": "nlp"}  # the user's variable is left as it was
     out = capsys.readouterr().out
     assert "Quantisation fallback: trained plain LoRA on unquantised weights instead of 4-bit" in out
     trainer = captured["trainer"]
@@ -375,7 +375,7 @@ def test_model_type_that_cannot_be_quantised(bigram_dir, bitsandbytes_ok, monkey
     assert "qtuning_test_bigram" in plan.fallback_reason
     assert not model_args.load_in_4bit  # the saved arguments tell the truth
     # bitsandbytes itself works here, so its optimizer is kept; only the quantisation falls back.
-    assert json.loads(os.environ["MLFLOW_TAGS"]) == {quantization.FALLBACK_TAG: "plain_lora"}
+    assert plan.tags == {quantization.FALLBACK_TAG: "plain_lora"} and "MLFLOW_TAGS" not in os.environ
 
 
 def test_already_quantised_checkpoint_is_refused(tmp_path, bitsandbytes_ok):
@@ -467,18 +467,6 @@ def test_cpu_repacking_guard_keeps_gradients_flowing(bnb, tmp_path):
     # q_proj's adapter only reaches the loss through o_proj (4-bit): a gradient here crossed a 4-bit layer.
     q_lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert q_lora_a.grad is not None and bool(q_lora_a.grad.abs().sum() > 0)
-
-
-def test_mlflow_tags_merge(monkeypatch):
-    monkeypatch.setenv("MLFLOW_TAGS", '{"a": "1"}')
-    assert quantization.merge_mlflow_tags({"b": "2"}) == {"a": "1", "b": "2"}
-    assert json.loads(os.environ["MLFLOW_TAGS"]) == {"a": "1", "b": "2"}
-    monkeypatch.delenv("MLFLOW_TAGS")
-    quantization.merge_mlflow_tags({"c": "3"})
-    assert json.loads(os.environ["MLFLOW_TAGS"]) == {"c": "3"}
-    monkeypatch.setenv("MLFLOW_TAGS", "not json")
-    with pytest.raises(quantization.QuantizationError, match="MLFLOW_TAGS is not valid JSON"):
-        quantization.merge_mlflow_tags({"d": "4"})
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ adds what TRL leaves to the user:
   backend for the training device, and that the model has linear layers bitsandbytes can quantise (read from its
   config on the meta device: nothing is loaded). A problem is a :class:`QuantizationError` whose message names the
   device, the installed version and the fix, unless the caller opted in to ``fallback="lora"``: then the run trains
-  plain LoRA instead, says so in a warning, and records ``qtuning.quantization_fallback=plain_lora`` in the
-  ``MLFLOW_TAGS`` environment variable (transformers' ``MLflowCallback`` applies it to the run). It warns when a model
-  over 1B parameters is trained in 4-bit on a CPU (it works, very slowly).
+  plain LoRA instead, says so in a warning, and puts ``qtuning.quantization_fallback=plain_lora`` in the plan's
+  ``tags`` (``attach_tracking(trainer, tags=plan.tags)`` sets them on the MLflow run). It warns when a model over 1B
+  parameters is trained in 4-bit on a CPU (it works, very slowly).
 - :func:`prepare_quantized_model` runs after the trainer is built. It checks that the model really is quantised (never
   train full precision while the user asked for 4-bit) and applies :func:`keep_4bit_trainable_on_cpu`.
 
@@ -26,6 +26,7 @@ Python API::
     from trl import get_peft_config
     from trl_qtuning import QTuningConfig, QTuningSFTTrainer
     from trl_qtuning.quantization import plan_quantization, prepare_quantized_model, qlora_model_config
+    from trl_qtuning.tracking import attach_tracking
 
     model_args = qlora_model_config("meta-llama/Llama-3.1-8B")          # NF4, double quant, bf16 compute, LoRA r 8
     args = QTuningConfig(output_dir="out", bf16=True, gradient_checkpointing=True, optim="paged_adamw_8bit",
@@ -34,14 +35,13 @@ Python API::
     trainer = QTuningSFTTrainer(model=model_args.model_name_or_path, args=args, train_dataset=dataset,
                                 quantization_config=plan.quantization_config, peft_config=get_peft_config(model_args))
     prepare_quantized_model(trainer.model, plan)                       # before trainer.train()
+    attach_tracking(trainer, tags=plan.tags)                           # with report_to=["mlflow"]: a fallback's tags
     trainer.train()
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +62,6 @@ __all__ = [
     "count_quantized_layers",
     "inspect_model",
     "keep_4bit_trainable_on_cpu",
-    "merge_mlflow_tags",
     "plan_quantization",
     "prepare_quantized_model",
     "qlora_model_config",
@@ -389,7 +388,7 @@ class QuantizationPlan:
     fallback_reason: str | None = None
     """Set when the run falls back to plain LoRA: why."""
     tags: dict[str, str] = field(default_factory=dict)
-    """Tags merged into ``MLFLOW_TAGS``."""
+    """MLflow run tags recording a fallback (``attach_tracking(trainer, tags=plan.tags)``)."""
 
     @property
     def fell_back(self) -> bool:
@@ -415,25 +414,6 @@ class QuantizationPlan:
         return f"Base weights: {self.mode}{detail} with bitsandbytes {self.bitsandbytes_version} on {self.device}."
 
 
-def merge_mlflow_tags(tags: dict[str, str]) -> dict[str, str]:
-    """Merge ``tags`` into the ``MLFLOW_TAGS`` environment variable (JSON); transformers' MLflowCallback applies it."""
-    current = os.environ.get("MLFLOW_TAGS", "").strip()
-    merged: dict[str, Any] = {}
-    if current:
-        try:
-            merged = json.loads(current)
-        except json.JSONDecodeError as exc:
-            raise QuantizationConfigError(
-                f"MLFLOW_TAGS is not valid JSON ({exc.msg}): {current[:100]!r}; it must be a JSON object such as "
-                '\'{"team": "nlp"}\''
-            ) from exc
-        if not isinstance(merged, dict):
-            raise QuantizationConfigError(f"MLFLOW_TAGS must be a JSON object, got {current[:100]!r}")
-    merged.update(tags)
-    os.environ["MLFLOW_TAGS"] = json.dumps(merged)
-    return merged
-
-
 def _optimizer_name(training_args: Any) -> str:
     optim = getattr(training_args, "optim", "")
     return str(getattr(optim, "value", optim))
@@ -448,7 +428,7 @@ def plan_quantization(model_args: Any, training_args: Any, fallback: str | None 
 
     ``fallback`` defaults to ``model_args.quantization_fallback`` (``"none"``). With ``"lora"``, a missing or unusable
     bitsandbytes, or a model it cannot quantise, makes the run train plain LoRA instead: a warning says so, the tag
-    ``qtuning.quantization_fallback=plain_lora`` is merged into ``MLFLOW_TAGS``, ``model_args.load_in_4bit/8bit`` are
+    ``qtuning.quantization_fallback=plain_lora`` goes in ``plan.tags``, ``model_args.load_in_4bit/8bit`` are
     turned off (so the saved arguments tell the truth) and, if bitsandbytes itself is unusable, a bitsandbytes
     optimizer (``paged_adamw_8bit``...) becomes ``adamw_torch`` (tag ``qtuning.optimizer_fallback``).
     """
@@ -530,7 +510,6 @@ def _fall_back(plan: QuantizationPlan, exc: QuantizationError, model_args: Any, 
         )  # fmt: skip
     model_args.load_in_4bit = False
     model_args.load_in_8bit = False
-    merge_mlflow_tags(plan.tags)
     return plan
 
 

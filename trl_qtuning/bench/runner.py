@@ -21,7 +21,7 @@ from ..ledger import LEDGER_DIRNAME
 from .data import describe, prepare_data
 from .evaluate import CurveRecorder, curve_metrics, evaluate
 from .matrix import PROG, BenchConfigError, Cell, Matrix, build_config, cell_config_kwargs, plan_cells, with_defaults
-from .mlflow_env import cell_tags, environ, retire_old_run, run_id_from_disk, send, tracking_env, warn
+from .mlflow_env import cell_tags, retire_old_run, run_id_from_disk, send, warn
 from .models import load_model_and_tokenizer, peft_config
 from .progress import CellProgress, duration
 from .provenance import code_state, fingerprint
@@ -113,7 +113,7 @@ def run_base_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Pa
         try:
             import mlflow
 
-            from ..tracking.callback import TRACKING_DIR
+            from ..tracking.outputs import TRACKING_DIR
             from ..tracking.sink import MLflowSink
 
             sink = MLflowSink(
@@ -132,16 +132,6 @@ def run_base_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Pa
         realised={"sample_keep_ratio": None, "label_token_share": None},
         mlflow={"run_id": run_id, "experiment": matrix.experiment} if matrix.report_to == "mlflow" else None,
     )  # fmt: skip
-
-
-def _tracking_sink(trainer):
-    """The MLflow sink of the trainer's tracking callback (None without tracking)."""
-    try:
-        from ..tracking.callback import QTuningMLflowCallback
-    except ImportError:  # mlflow is not installed
-        return None
-    callback = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, QTuningMLflowCallback)), None)
-    return getattr(callback, "sink", None)
 
 
 def _noise_audit(matrix: Matrix, data: dict[str, Any], cell_dir: Path, qtuning_enabled: bool) -> dict[str, Any] | None:
@@ -177,50 +167,53 @@ def run_train_cell(
     targets = targets if targets is not None else CellTargets()
     method = matrix.method(cell.method)
     kwargs = cell_config_kwargs(matrix, cell, method, matched_label_share=targets.get("label_share"))
-    # The trainer's MLflow callback (transformers' MLflowCallback) takes its experiment and tags only from MLFLOW_*
-    # variables: set for this cell's training only.
-    with environ(tracking_env(matrix, cell_tags(matrix, cell))):
-        set_seed(int(cell.seed or 0))
-        config = build_config(kwargs, f"methods.{cell.method}")
-        model, tokenizer = load_model_and_tokenizer(matrix)
-        trainer = QTuningSFTTrainer(
-            model=model, args=config, train_dataset=data["train"], processing_class=tokenizer,
-            peft_config=peft_config(matrix),
-        )  # fmt: skip
-        trainer.remove_callback(PrinterCallback)
-        meter = ComputeMeter(trainer, target=targets.get("compute"), min_steps=matrix.max_steps or 0)
-        bf16 = bool(config.bf16)
+    set_seed(int(cell.seed or 0))
+    config = build_config(kwargs, f"methods.{cell.method}")
+    model, tokenizer = load_model_and_tokenizer(matrix)
+    trainer = QTuningSFTTrainer(
+        model=model, args=config, train_dataset=data["train"], processing_class=tokenizer,
+        peft_config=peft_config(matrix),
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)
+    tracking = None
+    if matrix.report_to == "mlflow":
+        from ..tracking import attach_tracking
 
-        pending: list[tuple[dict[str, float], int]] = []
+        tracking = attach_tracking(trainer, tracking_uri=matrix.tracking_uri, experiment=matrix.experiment,
+                                   tags=cell_tags(matrix, cell), new_run=True)  # fmt: skip
+    meter = ComputeMeter(trainer, target=targets.get("compute"), min_steps=matrix.max_steps or 0)
+    bf16 = bool(config.bf16)
 
-        def log_point(metrics: dict[str, float], step: int) -> None:
-            """To the cell's MLflow run; the step-0 point comes before the run exists and waits for it."""
-            pending.append((metrics, step))
-            sink = _tracking_sink(trainer)
-            if sink is None:
-                return
-            with contextlib.suppress(Exception):  # tracking never stops training
-                while pending:
-                    values, at = pending[0]
-                    sink.log_metrics(values, step=at)
-                    pending.pop(0)
+    pending: list[tuple[dict[str, float], int]] = []
 
-        curve = CurveRecorder(
-            measure=lambda m: curve_metrics(m, trainer.processing_class, matrix, data, bf16=bf16), meter=meter,
-            every_steps=matrix.eval.every_steps, equal_steps=matrix.max_steps,
-            log=log_point if matrix.report_to == "mlflow" else None,
-        )  # fmt: skip
-        if matrix.eval.nll is None or (matrix.eval.every_steps is None and matrix.equal_compute is None):
-            curve = None  # with equal compute the curve still records the equal-steps and equal-compute points
-        # First in line, so compute/* reach the reporters' on_log and the curve sees this step's compute.
-        trainer.callback_handler.callbacks.insert(0, meter)
-        if curve is not None:
-            trainer.callback_handler.callbacks.insert(1, curve)
-        if progress is not None:  # after the meter, so it reads this step's compute
-            trainer.callback_handler.callbacks.insert(1, CellProgress(meter=meter, **progress))
-        started = time.perf_counter()
-        train_output = trainer.train()
-        train_seconds = time.perf_counter() - started
+    def log_point(metrics: dict[str, float], step: int) -> None:
+        """To the cell's MLflow run; the step-0 point comes before the run exists and waits for it."""
+        pending.append((metrics, step))
+        sink = getattr(tracking, "sink", None)
+        if sink is None:
+            return
+        with contextlib.suppress(Exception):  # tracking never stops training
+            while pending:
+                values, at = pending[0]
+                sink.log_metrics(values, step=at)
+                pending.pop(0)
+
+    curve = CurveRecorder(
+        measure=lambda m: curve_metrics(m, trainer.processing_class, matrix, data, bf16=bf16), meter=meter,
+        every_steps=matrix.eval.every_steps, equal_steps=matrix.max_steps,
+        log=log_point if matrix.report_to == "mlflow" else None,
+    )  # fmt: skip
+    if matrix.eval.nll is None or (matrix.eval.every_steps is None and matrix.equal_compute is None):
+        curve = None  # with equal compute the curve still records the equal-steps and equal-compute points
+    # First in line, so compute/* reach the reporters' on_log and the curve sees this step's compute.
+    trainer.callback_handler.callbacks.insert(0, meter)
+    if curve is not None:
+        trainer.callback_handler.callbacks.insert(1, curve)
+    if progress is not None:  # after the meter, so it reads this step's compute
+        trainer.callback_handler.callbacks.insert(1, CellProgress(meter=meter, **progress))
+    started = time.perf_counter()
+    train_output = trainer.train()
+    train_seconds = time.perf_counter() - started
     history = trainer.state.log_history
     realised = _realised(history, bool(config.qtuning_enabled), matrix.max_steps)
     realised_all = _realised(history, bool(config.qtuning_enabled), None)
@@ -241,7 +234,7 @@ def run_train_cell(
 
     mlflow_info = None
     if matrix.report_to == "mlflow":
-        sink = _tracking_sink(trainer)
+        sink = getattr(tracking, "sink", None)
         run_id = None
         if sink is not None:
             extra = {"train_seconds": train_seconds, "eval_seconds": eval_seconds,

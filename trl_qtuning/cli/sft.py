@@ -441,7 +441,7 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
     resume = _resume_value(training_args.resume_from_checkpoint)
     try:
         # Before anything is loaded: bitsandbytes and its backend for the device, a quantisable model, or the
-        # opt-in plain-LoRA fallback (which merges its tag into MLFLOW_TAGS before the trainer reads it).
+        # opt-in plain-LoRA fallback (whose tags go to the MLflow run).
         quantization = plan_quantization(model_args, training_args)
     except QuantizationError as exc:
         raise CliError(one_line(exc), code=exc.code) from exc
@@ -489,6 +489,10 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
         prepare_quantized_model(trainer.model, quantization)
     except QuantizationError as exc:
         raise CliError(one_line(exc), code=exc.code) from exc
+    if quantization.tags and "mlflow" in (training_args.report_to or []):
+        from trl_qtuning.tracking import attach_tracking
+
+        attach_tracking(trainer, tags=quantization.tags)
 
     train_output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
