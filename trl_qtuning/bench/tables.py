@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import datetime
 import math
-import statistics
 import sys
 from collections import Counter
 from typing import Any
+
+import pandas as pd
 
 from .matrix import BASE_METHOD, PROG, Cell, Matrix, budget_label, plan_cells
 from .paired import paired_difference
@@ -85,17 +86,54 @@ def _mean_std(stats: dict[str, Any], kind: str) -> str:
     return f"{_fmt(stats['mean'], kind)} ± {_fmt(stats['std'], kind) if stats['std'] is not None else '-'}"
 
 
-def _stats(values: list[float]) -> dict[str, Any] | None:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "values": values}  # fmt: skip
+COUNTS = ("step", "compute")
+"""Columns that are whole numbers (their values stay integers in results.json)."""
+
+
+def _finite(column: pd.Series) -> list[float]:
+    values = column.dropna().tolist()
+    return [int(v) for v in values] if column.name in COUNTS else values
+
+
+def _summaries(frame: pd.DataFrame, by: list[str]) -> dict[Any, dict[str, dict[str, Any] | None]]:
+    """Per group of ``by``, every other column's ``{"mean", "std", "values"}`` over its finite values: std is the
+    sample standard deviation (n - 1), None for one value; a column without a finite value is None."""
+    values = frame.set_index(by).astype(float).replace([math.inf, -math.inf], math.nan)
+    table = values.groupby(level=by, sort=False).agg(["mean", "std", "count", _finite])
+    return {
+        key: {column: {"mean": float(line[column, "mean"]),
+                       "std": float(line[column, "std"]) if line[column, "count"] > 1 else None,
+                       "values": line[column, "_finite"]}
+              if line[column, "count"] else None for column in values.columns}
+        for key, line in table.iterrows()
+    }  # fmt: skip
+
+
+REALISED = ("sample_keep_ratio", "label_token_share")
+CELL_COLUMNS = ("train_seconds", "eval_seconds", *(f"realised_{n}" for n in REALISED), "token_keep_ratio")
+"""What each cell contributes to its row once (the final metrics too); a reading contributes its metrics,
+realised shares, step and compute."""
+METRIC_KEYS = tuple(key for key, _, _ in METRIC_COLUMNS)
+
+
+def _records(index: int, result: dict[str, Any], kinds: list[str], equal_steps: int | None) -> list[dict[str, Any]]:
+    """The cell's values, one record for the cell (``kind="cell"``) and one per reading."""
+    realised = result.get("realised") or {}
+    records = [{"row": index, "kind": "cell", **{f"realised_{n}": realised.get(n) for n in REALISED},
+                **{k: result.get(k) for k in ("train_seconds", "eval_seconds", "token_keep_ratio")},
+                **(result.get("metrics") or {})}]  # fmt: skip
+    for kind in kinds:
+        point = reading(result, kind, equal_steps)
+        shares = result.get("realised" if kind == "equal_steps" else "realised_all_steps") or realised
+        records.append({"row": index, "kind": kind, **{f"realised_{n}": shares.get(n) for n in REALISED},
+                        **{key: point.get(key) for key in (*METRIC_KEYS, *COUNTS)}})  # fmt: skip
+    return records
 
 
 def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
     """One row per (method, budget) in matrix order from the cells' result.json files; the missing cell ids; the
-    cell results. Each row carries its readings at equal steps and (with ``equal_compute``) at equal compute."""
+    cell results. Each row carries its readings at equal steps and (with ``equal_compute``) at equal compute: the
+    mean and std over its seeds of each value (pandas' ``groupby().agg``) and each seed's metrics."""
     missing: list[str] = []
     results: list[dict[str, Any]] = []
     by_row: dict[tuple, list[dict[str, Any]]] = {}
@@ -115,9 +153,15 @@ def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[
     order = [k for k in first_cell if first_cell[k].is_base]
     order += [(m.name, b) for m in matrix.methods for b in m.budgets]
     kinds = ["equal_steps"] + (["equal_compute"] if matrix.equal_compute else [])
+    records = [record for i, key in enumerate(order) for r in by_row[key]
+               for record in _records(i, r, kinds, matrix.max_steps)]  # fmt: skip
+    frame = pd.DataFrame(records, columns=["row", "kind", *CELL_COLUMNS, *METRIC_KEYS, *COUNTS])
+    stats = _summaries(frame, ["row", "kind"])
     rows = []
-    for key in order:
-        found, first = by_row.get(key, []), first_cell[key]
+    for i, key in enumerate(order):
+        found, first = by_row[key], first_cell[key]
+        cell = stats.get((i, "cell"), dict.fromkeys(frame.columns))
+        final = {k: cell[k] for k in METRIC_KEYS if cell[k]}
         row: dict[str, Any] = {
             "method": first.method,
             "budget": None if first.budget is None else list(first.budget),
@@ -125,31 +169,21 @@ def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[
             "n": len(found),
             "seeds": [r.get("seed") for r in found],
             "metrics": {},
-            "train_seconds": _stats([r.get("train_seconds") for r in found]),
-            "eval_seconds": _stats([r.get("eval_seconds") for r in found]),
+            **{column: cell[column] for column in CELL_COLUMNS},
         }
-        for name in ("sample_keep_ratio", "label_token_share"):
-            row[f"realised_{name}"] = _stats([(r.get("realised") or {}).get(name) for r in found])
-        row["token_keep_ratio"] = _stats([r.get("token_keep_ratio") for r in found])
         for kind in kinds:
+            read = stats.get((i, kind), dict.fromkeys(frame.columns))
             readings = [reading(r, kind, matrix.max_steps) for r in found]
-            realised_key = "realised" if kind == "equal_steps" else "realised_all_steps"
             row[kind] = {
-                **{f"realised_{name}": _stats([(r.get(realised_key) or r.get("realised") or {}).get(name) for r in found])
-                   for name in ("sample_keep_ratio", "label_token_share")},
+                **{f"realised_{n}": read[f"realised_{n}"] for n in REALISED},
                 "short_of_target": [r["cell_id"] for r in found if (r.get("compute") or {}).get("reached_target") is False],
-                "metrics": {k: s for k, _, _ in METRIC_COLUMNS if (s := _stats([p.get(k) for p in readings]))},
-                "step": _stats([p.get("step") for p in readings]),
-                "compute": _stats([p.get("compute") for p in readings]),
-                "per_seed": {r.get("seed"): {k: p.get(k) for k, _, _ in METRIC_COLUMNS if p.get(k) is not None}
+                "metrics": final if first.is_base else {k: read[k] for k in METRIC_KEYS if read[k]},
+                "step": read["step"],
+                "compute": read["compute"],
+                "per_seed": {r.get("seed"): {k: p.get(k) for k in METRIC_KEYS if p.get(k) is not None}
                              for r, p in zip(found, readings)},  # fmt: skip
             }
-        row["metrics"] = row["equal_compute" if matrix.equal_compute else "equal_steps"]["metrics"]
-        if first.is_base:  # the untrained model reads the same everywhere
-            row["metrics"] = {k: s for k, _, _ in METRIC_COLUMNS
-                              if (s := _stats([(r.get("metrics") or {}).get(k) for r in found]))}  # fmt: skip
-            for kind in kinds:
-                row[kind]["metrics"] = row["metrics"]
+        row["metrics"] = final if first.is_base else row[kinds[-1]]["metrics"]  # the untrained model reads the same everywhere
         audits = {r.get("seed"): r["noise_audit"] for r in found if r.get("noise_audit")}
         if audits:
             row["noise_audit"] = _pool_audits(audits)
@@ -192,17 +226,14 @@ def stale_results(
     return stale
 
 
+
 def _pool_audits(audits_by_seed: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     """Mean over seeds of the trained shares; counts summed over seeds; and the selectivity: per seed, the share of
     corrupted sample-steps trained on minus the share of clean ones, with its 95% t interval (below 0: the method
     keeps corrupted rows out of training more than clean ones; random selection is 0 in expectation). Cells without
     a ledger (full data trains everything by definition) have no selectivity."""
-    audits = list(audits_by_seed.values())
-    pooled: dict[str, Any] = {
-        "seeds": len(audits),
-        "trained_share_corrupted": _stats([a.get("trained_share_corrupted") for a in audits]),
-        "trained_share_clean": _stats([a.get("trained_share_clean") for a in audits]),
-    }
+    shares = pd.DataFrame(list(audits_by_seed.values()), columns=["trained_share_corrupted", "trained_share_clean"])
+    pooled: dict[str, Any] = {"seeds": len(audits_by_seed), **_summaries(shares.assign(all=0), ["all"])[0]}
     ledgered = {
         seed: a for seed, a in audits_by_seed.items()
         if a.get("sample_steps") and a.get("trained_share_corrupted") is not None
@@ -213,13 +244,10 @@ def _pool_audits(audits_by_seed: dict[Any, dict[str, Any]]) -> dict[str, Any]:
         {seed: a["trained_share_clean"] for seed, a in ledgered.items()},
     )
     for group in ("by_quadrant", "by_decision"):
-        counts: dict[str, dict[str, int]] = {}
-        for audit in audits:
-            for name, entry in (audit.get(group) or {}).items():
-                slot = counts.setdefault(name, {"corrupted": 0, "clean": 0})
-                slot["corrupted"] += entry["corrupted"]
-                slot["clean"] += entry["clean"]
-        pooled[group] = counts
+        counts = pd.DataFrame([{"name": name, "corrupted": entry["corrupted"], "clean": entry["clean"]}
+                               for audit in audits_by_seed.values() for name, entry in (audit.get(group) or {}).items()],
+                              columns=["name", "corrupted", "clean"])  # fmt: skip
+        pooled[group] = counts.groupby("name", sort=False).sum().to_dict("index")
     return pooled
 
 
@@ -231,24 +259,30 @@ def _baseline_row(rows: list[dict[str, Any]], baseline: str, budget: list[float]
     return candidates[0] if len(candidates) == 1 and candidates[0]["budget"] is None else None
 
 
+def _paired(mine: dict[Any, dict[str, float]], theirs: dict[Any, dict[str, float]]) -> dict[str, Any]:
+    """Per paired key both sides have: the per-seed differences with their interval (``mine`` and ``theirs`` map
+    each seed to its metrics)."""
+    paired = {}
+    for key in PAIRED_KEYS:
+        diff = paired_difference({s: v[key] for s, v in mine.items() if key in v},
+                                 {s: v[key] for s, v in theirs.items() if key in v},
+                                 lower_is_better=key not in HIGHER_IS_BETTER)  # fmt: skip
+        if diff is not None:
+            paired[key] = diff
+    return paired
+
+
 def _add_paired(matrix: Matrix, rows: list[dict[str, Any]], kinds: list[str]) -> None:
     for row in rows:
         if row["budget_label"] == "(untrained)":
             continue
         for kind in kinds:
-            paired: dict[str, Any] = {}
+            row[kind]["paired"] = {}
             for baseline in matrix.baselines:
                 base = _baseline_row(rows, baseline, row["budget"])
-                if base is None or base is row:
-                    continue
-                for key in PAIRED_KEYS:
-                    mine = {s: v[key] for s, v in row[kind]["per_seed"].items() if key in v}
-                    theirs = {s: v[key] for s, v in base[kind]["per_seed"].items() if key in v}
-                    diff = paired_difference(mine, theirs, lower_is_better=key not in HIGHER_IS_BETTER)
-                    if diff is not None:
-                        paired.setdefault(baseline, {})[key] = diff
-            row[kind]["paired"] = paired
-
+                if base is not None and base is not row:
+                    if paired := _paired(row[kind]["per_seed"], base[kind]["per_seed"]):
+                        row[kind]["paired"][baseline] = paired
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Markdown
@@ -308,17 +342,7 @@ def against_reference(matrix: Matrix, rows: list[dict[str, Any]]) -> list[dict[s
     compared = []
     for row in rows:
         theirs = found.get((row["method"], row["budget_label"]))
-        if theirs is None:
-            continue
-        mine_seeds, their_seeds = row["equal_steps"]["per_seed"], theirs["equal_steps"]["per_seed"]
-        paired = {}
-        for key in PAIRED_KEYS:
-            diff = paired_difference({s: v[key] for s, v in mine_seeds.items() if key in v},
-                                     {s: v[key] for s, v in their_seeds.items() if key in v},
-                                     lower_is_better=key not in HIGHER_IS_BETTER)  # fmt: skip
-            if diff is not None:
-                paired[key] = diff
-        if paired:
+        if theirs is not None and (paired := _paired(row["equal_steps"]["per_seed"], theirs["equal_steps"]["per_seed"])):
             compared.append({"method": row["method"], "budget_label": row["budget_label"], "paired": paired})
     return compared
 
