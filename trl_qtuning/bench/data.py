@@ -18,13 +18,9 @@ from .matrix import Matrix, TrainData, field_error
 __all__ = ["corrupt_answers", "corrupt_numbers", "describe", "load_pool", "prepare_data"]
 
 
-def _ranked(dataset, seed: int, salt: str):
-    """The rows ranked by ``sha256(seed:salt:uid)`` (row index without a uid column): same for every cell and
-    library version."""
-    return dataset.select(_rank_order(dataset, seed, salt))
-
-
 def _rank_order(dataset, seed: int, salt: str) -> list[int]:
+    """Row indices ranked by ``sha256(seed:salt:uid)`` (row index without a uid column): the same for every cell
+    and library version."""
     keys = list(dataset["uid"]) if "uid" in dataset.column_names else [str(i) for i in range(len(dataset))]
     return sorted(range(len(dataset)), key=lambda i: hashlib.sha256(f"{seed}:{salt}:{keys[i]}".encode()).digest())
 
@@ -32,7 +28,7 @@ def _rank_order(dataset, seed: int, salt: str) -> list[int]:
 def _first(dataset, size: int | None, seed: int, salt: str):
     if size is None or size >= len(dataset):
         return dataset
-    return _ranked(dataset, seed, salt).select(range(size))
+    return dataset.select(_rank_order(dataset, seed, salt)[:size])
 
 
 def _arithmetic_rows(n: int, seed: int, noisy_share: float):

@@ -19,24 +19,10 @@ from pydantic_core import PydanticCustomError
 from ..cli.sft import CliError, one_line
 
 __all__ = [
-    "BASE_METHOD",
-    "PROG",
-    "BenchConfigError",
-    "Cell",
-    "EqualCompute",
-    "EvalSpec",
-    "Matrix",
-    "Method",
-    "TrainData",
-    "budget_label",
-    "budget_tag",
-    "build_config",
-    "cell_config_kwargs",
-    "field_error",
-    "load_matrix",
-    "plan_cells",
+    "BASE_METHOD", "PROG", "BenchConfigError", "Cell", "EqualCompute", "EvalSpec", "Matrix", "Method", "TrainData",
+    "budget_label", "budget_tag", "build_config", "cell_config_kwargs", "field_error", "load_matrix", "plan_cells",
     "with_defaults",
-]
+]  # fmt: skip
 
 PROG = "trl-qtuning bench"
 BASE_METHOD = "base"
@@ -262,8 +248,8 @@ TRAIN_SCHEMAS: dict[str, type[TrainData]] = {
     "gsm8k_jsonl": Gsm8kJsonlTrain, "demo_math": DemoMathTrain, "arithmetic": ArithmeticTrain, "local": LocalTrain,
 }  # fmt: skip
 """``data.train``: the keys of its source only."""
-SOURCE_OPTIONS = {"gsm8k_jsonl": ("strip_calculator",), "demo_math": ("subjects", "max_level", "max_chars"),
-                  "arithmetic": ("noisy_share",), "local": ()}  # fmt: skip
+SOURCE_OPTIONS = {source: tuple(k for k in schema.model_fields if k not in TrainData.model_fields and k != "path")
+                  for source, schema in TRAIN_SCHEMAS.items()}  # fmt: skip
 """Each source's own keys (passed to the data loader, which has their defaults)."""
 
 
@@ -345,14 +331,8 @@ class EvalSpec(_Spec):
         return any((self.nll, self.gsm8k, self.arc_easy, self.arc_challenge, self.transfer, self.contrast))
 
     def as_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in ("seed", "base", "nll", "gsm8k", "arc_easy", "arc_challenge")}
-        if self.every_steps is not None:
-            out["every_steps"] = self.every_steps
-        if self.transfer is not None:
-            out["transfer"] = self.transfer
-        if self.contrast is not None:
-            out["contrast"] = self.contrast
-        return out
+        """The settings the fingerprints hash (the optional blocks only where set)."""
+        return self.model_dump(exclude={k for k in ("every_steps", "transfer", "contrast") if getattr(self, k) is None})
 
 
 class EqualCompute(_Spec):

@@ -66,24 +66,18 @@ def reading(result: dict[str, Any], kind: str, equal_steps: int | None) -> dict[
     return {"step": step, "compute": cost["cumulative"] if cost else None}
 
 
+FORMATS = {"share": ".0%", "seconds": ".0f", "count": ",.0f", "delta": "+.4f", "nll": ".4f"}
+"""How each kind of value is written (``pct``: a share as a percentage with one decimal)."""
+
+
 def _fmt(value: float | None, kind: str) -> str:
     if value is None or not math.isfinite(value):
         return "-"
-    if kind == "pct":
-        return f"{value * 100:.1f}"
-    if kind == "share":
-        return f"{value:.0%}"
-    if kind == "seconds":
-        return f"{value:.0f}"
-    if kind == "count":
-        return f"{value:,.0f}"
-    if kind == "delta":
-        return f"{value:+.4f}"
-    return f"{value:.4f}"
+    return f"{value * 100:.1f}" if kind == "pct" else format(value, FORMATS[kind])
 
 
 def _mean_std(stats: dict[str, Any], kind: str) -> str:
-    return f"{_fmt(stats['mean'], kind)} ± {_fmt(stats['std'], kind) if stats['std'] is not None else '-'}"
+    return f"{_fmt(stats['mean'], kind)} ± {_fmt(stats['std'], kind)}"
 
 
 COUNTS = ("step", "compute")
@@ -468,6 +462,10 @@ AUDIT_NOTE = (
 )
 
 
+def _cells(n: int) -> str:
+    return f"{n} cell{'s' if n != 1 else ''}"
+
+
 def _cell_versions_line(results: list[dict[str, Any]]) -> str | None:
     """The library versions the cells trained with (each cell records its own), a count beside each version where
     the cells differ: the versions of the process that renders the page say nothing about how the cells ran."""
@@ -477,17 +475,13 @@ def _cell_versions_line(results: list[dict[str, Any]]) -> str | None:
             if version:
                 seen.setdefault(library, Counter())[version] += 1
     recorded = sum(bool(result.get("versions")) for result in results)
-
-    def cells(n: int) -> str:
-        return f"{n} cell{'s' if n != 1 else ''}"
-
     parts = []
     for library, counts in seen.items():
         if len(counts) == 1 and counts.total() == recorded:
             parts.append(f"{library} {next(iter(counts))}")
         else:
             by_version = sorted(counts.items(), key=_version_key)
-            parts.append(f"{library} " + " / ".join(f"{v} ({cells(n)})" for v, n in by_version))
+            parts.append(f"{library} " + " / ".join(f"{v} ({_cells(n)})" for v, n in by_version))
     return ", ".join(parts) or None
 
 
@@ -536,8 +530,7 @@ def untrained_readings(results: list[dict[str, Any]]) -> dict[float, list[str]]:
 def _untrained_line(groups: dict[float, list[str]]) -> str | None:
     if len(groups) < 2:
         return None
-    parts = [f"{value:.6f} ({len(cells)} cell{'s' if len(cells) > 1 else ''}: {', '.join(cells)})"
-             for value, cells in groups.items()]  # fmt: skip
+    parts = [f"{value:.6f} ({_cells(len(cells))}: {', '.join(cells)})" for value, cells in groups.items()]
     return ("- numerics: the untrained model's held-out NLL differs between cells, " + "; ".join(parts)
             + ". They ran with different numerics (machines whose kernels differ, or another precision): a paired "
               "difference between cells of different groups includes that difference")  # fmt: skip
@@ -558,13 +551,9 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
     command = command or f"{PROG} --config {matrix.path}"
     commits = sorted({f"{r['git']['commit'][:12]}{' (dirty)' if r['git'].get('dirty') else ''}"
                       for r in results if (r.get("git") or {}).get("commit")})  # fmt: skip
-    ran_on: dict[str, int] = {}
-    for r in results:
-        cpu = (r.get("machine") or {}).get("cpu")
-        if cpu:
-            ran_on[cpu] = ran_on.get(cpu, 0) + 1
-    unrecorded = sum(not (r.get("machine") or {}).get("cpu") for r in results)
-    machines = ", ".join(f"{cpu} ({n} cell{'s' if n > 1 else ''})" for cpu, n in sorted(ran_on.items()))
+    ran_on = Counter(cpu for r in results if (cpu := (r.get("machine") or {}).get("cpu")))
+    unrecorded = len(results) - ran_on.total()
+    machines = ", ".join(f"{cpu} ({_cells(n)})" for cpu, n in sorted(ran_on.items()))
     if machines and unrecorded:
         machines += f"; {unrecorded} cell(s) from before machines were recorded"
     commit = git.get("commit")
