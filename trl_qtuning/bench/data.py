@@ -181,27 +181,27 @@ def prepare_data(matrix: Matrix) -> dict[str, Any]:
     ev, seed = matrix.eval, matrix.eval.seed
     if ev.gsm8k:
         g = ev.gsm8k
-        if g["source"] == "arithmetic":
-            pool_g = _arithmetic_rows(g["size"], 10_000 + seed, 0.0)
-        elif g["source"] == "gsm8k_jsonl":
+        if g.source == "arithmetic":
+            pool_g = _arithmetic_rows(g.size, 10_000 + seed, 0.0)
+        elif g.source == "gsm8k_jsonl":
             from ..demo.assets import load_local_gsm8k_jsonl
 
-            pool_g = load_local_gsm8k_jsonl(g["path"])
+            pool_g = load_local_gsm8k_jsonl(g.path)
         else:
             from ..demo.assets import load_gsm8k_test
 
             pool_g = load_gsm8k_test()
-        data["gsm8k"] = _first(pool_g, g["size"], seed, "gsm8k")
+        data["gsm8k"] = _first(pool_g, g.size, seed, "gsm8k")
     for name in ("arc_easy", "arc_challenge"):
         a = getattr(ev, name)
         if a:
-            if a["source"] == "arithmetic":
-                pool_a = _arithmetic_choices(a["size"], 20_000 + seed + (name == "arc_challenge"))
+            if a.source == "arithmetic":
+                pool_a = _arithmetic_choices(a.size, 20_000 + seed + (name == "arc_challenge"))
             else:
                 from ..demo.assets import load_arc
 
-                pool_a = load_arc(name.removeprefix("arc_"), a["subset"])  # type: ignore[arg-type]
-            data[name] = _first(pool_a, a["size"], seed, name)
+                pool_a = load_arc(name.removeprefix("arc_"), a.subset)  # type: ignore[arg-type]
+            data[name] = _first(pool_a, a.size, seed, name)
     if ev.transfer:
         t = ev.transfer
         pool_t = load_pool(t["source"], t, path=t.get("path"), size=t["size"], seed=30_000 + t["seed"],

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 from pydantic_core import PydanticCustomError
 
 from ..cli.sft import CliError, one_line
@@ -308,22 +308,27 @@ class ContrastSpec(_Spec):
     max_length: Positive = 1024
 
 
-class EvalSpec(_Spec):
-    """``eval``: the evaluations of every trained model, and the learning curve's cadence. A block is off
-    (false/null), on with its defaults (``true``, for nll and contrast) or a mapping checked by its own spec; loading
-    replaces it by its settings (a dict) or None."""
+Off = BeforeValidator(lambda value: None if value is False else value)
+"""An evaluation block: off (false or null) or a mapping."""
+OnOff = BeforeValidator(lambda value: None if value is False else {} if value is True else value)
+"""An evaluation block that may also be ``true``: on with its defaults."""
 
-    nll: Any = True
-    gsm8k: Any = None
-    arc_easy: Any = None
-    arc_challenge: Any = None
+
+class EvalSpec(_Spec):
+    """``eval``: the evaluations of every trained model, and the learning curve's cadence."""
+
+    nll: Annotated[NllSpec | None, OnOff] = NllSpec()
+    gsm8k: Annotated[GenerationSpec | None, Off] = None
+    arc_easy: Annotated[ChoiceSpec | None, Off] = None
+    arc_challenge: Annotated[ChoiceSpec | None, Off] = None
     seed: int = 0
     base: bool = True
     every_steps: Positive | None = None
     """Held-out NLL every N optimizer steps and at the end (the learning curve); None: at the end only."""
     transfer: Any = None
-    """A second held-out set from another distribution (its NLL is logged with the curve)."""
-    contrast: Any = None
+    """A second held-out set from another distribution (its NLL is logged with the curve): a :class:`TransferSpec`
+    mapping, replaced on loading by its source's settings (a dict) or None."""
+    contrast: Annotated[ContrastSpec | None, OnOff] = None
     """Held-out contrasts of true against wrong answers (``kinds``, ``batch_size``, ``max_length``), at the end."""
 
     @property
@@ -635,46 +640,31 @@ def _parse_train(raw: dict[str, Any], check_inputs: bool) -> TrainData:
     return spec
 
 
-def _block(schema: type[SpecT], value: Any, where: str, *, true_ok: bool = False) -> SpecT | None:
-    """An evaluation block: off (false or null), on with its defaults (``true``, where ``true_ok``), or a mapping."""
-    if value is None or value is False:
-        return None
-    return schema() if value is True and true_ok else _check(schema, value, where)
-
-
 def _parse_eval(raw: EvalSpec, heldout_size: int, check_inputs: bool) -> EvalSpec:
-    nll = _block(NllSpec, raw.nll, "eval.nll", true_ok=True)
-    if nll is not None and heldout_size < 1:
+    if raw.nll is not None and heldout_size < 1:
         raise field_error("eval.nll", "needs held-out rows, but data.heldout_size is 0",
                           "set data.heldout_size (e.g. 64), or eval.nll: false")
-    gsm8k = _block(GenerationSpec, raw.gsm8k, "eval.gsm8k")
+    gsm8k = raw.gsm8k
     if gsm8k is not None:
         gsm8k.source = gsm8k.source or ("gsm8k_jsonl" if gsm8k.path else "gsm8k_test")
         if gsm8k.source == "gsm8k_jsonl":
             if not gsm8k.path:
                 raise field_error("eval.gsm8k.path", "missing (source gsm8k_jsonl)", "give the test jsonl's path")
             gsm8k.path = _existing_path(gsm8k.path, "eval.gsm8k.path", check=check_inputs)
-    arcs = {name: _block(ChoiceSpec, getattr(raw, name), f"eval.{name}") for name in ("arc_easy", "arc_challenge")}
-    if raw.every_steps is not None and nll is None:
+    if raw.every_steps is not None and raw.nll is None:
         raise field_error("eval.every_steps", "the learning curve is the held-out NLL, but eval.nll is off",
                           "set eval.nll: true (and data.heldout_size), or remove every_steps")
-    contrast = _block(ContrastSpec, raw.contrast, "eval.contrast", true_ok=True)
-    if contrast is not None and heldout_size < 2:
+    if raw.contrast is not None and heldout_size < 2:
         raise field_error("eval.contrast", f"compares held-out rows, but data.heldout_size is {heldout_size}",
                           "set data.heldout_size (e.g. 48), or remove eval.contrast")
-    for name, block in {"nll": nll, "gsm8k": gsm8k, "contrast": contrast, **arcs}.items():
-        setattr(raw, name, None if block is None else block.model_dump())
     raw.transfer = _parse_transfer(raw.transfer, check_inputs)
-    if check_inputs and raw.enabled and importlib.util.find_spec("trl_qtuning.evaluation") is None:
-        raise field_error("eval", "the evaluation module trl_qtuning.evaluation is not available in this installation",
-                          "update trl-qtuning, or disable every evaluation (nll: false, no gsm8k/arc_easy/arc_challenge)")
     return raw
 
 
 def _parse_transfer(value: Any, check_inputs: bool) -> dict[str, Any] | None:
-    spec = _block(TransferSpec, value, "eval.transfer")
-    if spec is None:
+    if value is None or value is False:
         return None
+    spec = _check(TransferSpec, value, "eval.transfer")
     out = {**spec.model_dump(include={"source", "size", "seed", "batch_size", "max_length"}),
            **source_options(spec, spec.source)}  # fmt: skip
     if spec.source in ("gsm8k_jsonl", "local"):

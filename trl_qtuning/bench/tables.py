@@ -66,7 +66,7 @@ def reading(result: dict[str, Any], kind: str, equal_steps: int | None) -> dict[
     return {"step": step, "compute": cost["cumulative"] if cost else None}
 
 
-FORMATS = {"share": ".0%", "seconds": ".0f", "count": ",.0f", "delta": "+.4f", "nll": ".4f"}
+FORMATS = {"share": ".0%", "seconds": ".0f", "count": ",.0f", "delta": "+.4f", "points": "+.1f", "nll": ".4f"}
 """How each kind of value is written (``pct``: a share as a percentage with one decimal)."""
 
 
@@ -278,6 +278,7 @@ def _add_paired(matrix: Matrix, rows: list[dict[str, Any]], kinds: list[str]) ->
                     if paired := _paired(row[kind]["per_seed"], base[kind]["per_seed"]):
                         row[kind]["paired"][baseline] = paired
 
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Markdown
 # ----------------------------------------------------------------------------------------------------------------------
@@ -351,12 +352,15 @@ def format_against_reference(compared: list[dict[str, Any]], reference: str) -> 
     return f"Reference: `{reference}`.\n\n" + _markdown(headers, body)
 
 
-def _format_difference(d: dict[str, Any] | None) -> str:
-    if d is None:
+def _format_difference(d: dict[str, Any] | None, scale: float = 1, verdicts: dict[str, str] | None = None) -> str:
+    """``mean [low, high] verdict`` of a paired difference (``mean (n=1)`` without an interval)."""
+    if not d:
         return "-"
+    kind = "delta" if scale == 1 else "points"
+    mean, low, high = (_fmt(None if d[k] is None else d[k] * scale, kind) for k in ("mean", "low", "high"))
     if d["low"] is None:
-        return f"{_fmt(d['mean'], 'delta')} (n={len(d['seeds'])})"
-    return f"{_fmt(d['mean'], 'delta')} [{_fmt(d['low'], 'delta')}, {_fmt(d['high'], 'delta')}] {d['verdict']}"
+        return f"{mean} (n={len(d['seeds'])})"
+    return f"{mean} [{low}, {high}] {(verdicts or {}).get(d['verdict'], d['verdict'])}"
 
 
 def format_paired(rows: list[dict[str, Any]], kind: str, baselines: list[str]) -> str | None:
@@ -385,13 +389,7 @@ _SELECTIVITY_VERDICT = {"better": "fewer corrupted", "worse": "more corrupted", 
 def format_selectivity(selectivity: dict[str, Any] | None) -> str:
     """Trained share of corrupted minus clean sample-steps, in percentage points: mean over seeds, 95% interval and
     what it says ("fewer corrupted" only where the whole interval is below 0)."""
-    if not selectivity:
-        return "-"
-    mean = f"{selectivity['mean'] * 100:+.1f}"
-    if selectivity["low"] is None:
-        return f"{mean} (n={len(selectivity['seeds'])})"
-    return (f"{mean} [{selectivity['low'] * 100:+.1f}, {selectivity['high'] * 100:+.1f}] "
-            f"{_SELECTIVITY_VERDICT[selectivity['verdict']]}")  # fmt: skip
+    return _format_difference(selectivity, 100, _SELECTIVITY_VERDICT)
 
 
 def format_audit(rows: list[dict[str, Any]]) -> str | None:
