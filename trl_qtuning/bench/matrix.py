@@ -168,11 +168,14 @@ def _within(message: str, test: Callable[[Any], bool]) -> AfterValidator:
     return AfterValidator(check)
 
 
-def _distinct(budgets: list[Budget]) -> list[Budget]:
-    twice = next((b for i, b in enumerate(budgets) if b in budgets[:i]), None)
-    if twice is not None:
-        raise PydanticCustomError("duplicate", "lists the budget {budget} twice", {"budget": budget_label(twice)})
-    return budgets
+def _distinct(what: str, label: Callable[[Any], str] = str) -> AfterValidator:
+    def check(values: list[Any]) -> list[Any]:
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise PydanticCustomError("duplicate", f"lists the {what} {{value}} twice", {"value": label(twice)})
+        return values
+
+    return AfterValidator(check)
 
 
 Text = Annotated[str, Field(pattern=r"\S")]
@@ -180,7 +183,7 @@ Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 Share = Annotated[float, _within("must be a share in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
 Ratio = Annotated[float, _within("must be in (0, 1]", lambda v: 0.0 < v <= 1.0)]
-Budgets = Annotated[list[Annotated[tuple[Ratio, Ratio], Strict(False)]], Field(min_length=1), AfterValidator(_distinct)]
+Budgets = Annotated[list[Annotated[tuple[Ratio, Ratio], Strict(False)]], Field(min_length=1), _distinct("budget", budget_label)]
 """``[[0.25, 0.5], ...]`` (YAML lists, read as tuples; strict elements)."""
 BUDGET_NAMES = ("sample_keep_ratio", "token_keep_ratio")
 """The names of a budget pair's two positions (error messages name them)."""
@@ -367,7 +370,7 @@ class MatrixSpec(_Spec):
     eval: EvalSpec | None = None
     methods: Annotated[dict[str, dict[str, Any] | None], Field(min_length=1)]
     budgets: Budgets | None = None
-    seeds: Annotated[list[NonNegative], Field(min_length=1)] = [0]
+    seeds: Annotated[list[NonNegative], Field(min_length=1), _distinct("seed")] = [0]
     equal_compute: EqualCompute | None = None
     baselines: list[Text] | None = None
     clean_reference: Text | None = None
@@ -596,8 +599,6 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     _check_fields(training, "training", fields)
     eval_spec = _parse_eval(spec.eval or EvalSpec(), heldout_size, check_inputs)
     methods = _parse_methods(spec, training, fields)
-    if len(set(spec.seeds)) != len(spec.seeds):
-        raise field_error("seeds", f"duplicate seeds in {spec.seeds}", FIXES["seeds"])
     if train.label_noise:
         for method in methods:
             level = method.overrides.get("qtuning_ledger", training.get("qtuning_ledger", "full"))
