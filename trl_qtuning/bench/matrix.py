@@ -213,13 +213,14 @@ class TrainData(_Spec):
         return source_options(self, self.source)
 
     def as_dict(self) -> dict[str, Any]:
-        """The ``data.train`` mapping as written (fingerprints hash it; clean data hashes as before noise existed)."""
+        """The ``data.train`` mapping as written, for the fingerprints: default noise settings (none; ``swap``) stay
+        out, so the committed cells, which were fingerprinted without them, keep their fingerprints."""
         out: dict[str, Any] = {"source": self.source, **self.options, "size": self.size, "seed": self.seed}
         if getattr(self, "path", None) is not None:  # the sources that read a local file
             out["path"] = self.path
         if self.label_noise:
             out["label_noise"] = self.label_noise
-            if self.label_noise_type != "swap":  # swap hashes as before the noise type existed
+            if self.label_noise_type != "swap":
                 out["label_noise_type"] = self.label_noise_type
         return out
 
@@ -495,7 +496,7 @@ def _default_training() -> dict[str, Any]:
     from ..demo.run import bf16_is_fast
 
     use_cuda = torch.cuda.is_available()
-    # transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns).
+    # Newer transformers name it `activation_checkpointing` and warn at `gradient_checkpointing`, older ones know only that.
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in _qtuning_fields() else "gradient_checkpointing"
     return {
         "use_cpu": not use_cuda,
