@@ -183,7 +183,9 @@ Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 Share = Annotated[float, _within("must be a share in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
 Ratio = Annotated[float, _within("must be in (0, 1]", lambda v: 0.0 < v <= 1.0)]
-Budgets = Annotated[list[Annotated[tuple[Ratio, Ratio], Strict(False)]], Field(min_length=1), _distinct("budget", budget_label)]
+Budgets = Annotated[
+    list[Annotated[tuple[Ratio, Ratio], Strict(False)]], Field(min_length=1), _distinct("budget", budget_label)
+]
 """``[[0.25, 0.5], ...]`` (YAML lists, read as tuples; strict elements)."""
 BUDGET_NAMES = ("sample_keep_ratio", "token_keep_ratio")
 """The names of a budget pair's two positions (error messages name them)."""
@@ -321,7 +323,7 @@ OnOff = BeforeValidator(lambda value: None if value is False else {} if value is
 class EvalSpec(_Spec):
     """``eval``: the evaluations of every trained model, and the learning curve's cadence."""
 
-    nll: Annotated[NllSpec | None, OnOff] = NllSpec()
+    nll: Annotated[NllSpec | None, OnOff] = Field(default_factory=NllSpec)
     gsm8k: Annotated[GenerationSpec | None, Off] = None
     arc_easy: Annotated[ChoiceSpec | None, Off] = None
     arc_challenge: Annotated[ChoiceSpec | None, Off] = None
