@@ -498,7 +498,8 @@ def _default_training() -> dict[str, Any]:
     from ..demo.run import bf16_is_fast
 
     use_cuda = torch.cuda.is_available()
-    # Newer transformers name it `activation_checkpointing` and warn at `gradient_checkpointing`, older ones know only that.
+    # Newer transformers name it `activation_checkpointing` and warn at `gradient_checkpointing`; older ones know
+    # only `gradient_checkpointing`.
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in _qtuning_fields() else "gradient_checkpointing"
     return {
         "use_cpu": not use_cuda,

@@ -32,5 +32,5 @@ def paired_difference(method: dict[int, float], baseline: dict[int, float], *, l
         low, high = float(finite.mean()) - half, float(finite.mean()) + half
         better, worse = (high < 0, low > 0) if lower_is_better else (low > 0, high < 0)
         verdict = "better" if better else "worse" if worse else "no difference"
-    return {"seeds": seeds, "differences": diffs.tolist(), "mean": float(diffs.mean(skipna=False)), "low": low, "high": high,
-            "verdict": verdict}  # fmt: skip
+    return {"seeds": seeds, "differences": diffs.tolist(), "mean": float(diffs.mean(skipna=False)), "low": low,
+            "high": high, "verdict": verdict}  # fmt: skip

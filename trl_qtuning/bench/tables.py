@@ -177,7 +177,7 @@ def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[
                 "per_seed": {r.get("seed"): {k: p.get(k) for k in METRIC_KEYS if p.get(k) is not None}
                              for r, p in zip(found, readings)},  # fmt: skip
             }
-        row["metrics"] = final if first.is_base else row[kinds[-1]]["metrics"]  # the untrained model reads the same everywhere
+        row["metrics"] = final if first.is_base else row[kinds[-1]]["metrics"]  # untrained: the same at every reading
         audits = {r.get("seed"): r["noise_audit"] for r in found if r.get("noise_audit")}
         if audits:
             row["noise_audit"] = _pool_audits(audits)
@@ -337,7 +337,8 @@ def against_reference(matrix: Matrix, rows: list[dict[str, Any]]) -> list[dict[s
     compared = []
     for row in rows:
         theirs = found.get((row["method"], row["budget_label"]))
-        if theirs is not None and (paired := _paired(row["equal_steps"]["per_seed"], theirs["equal_steps"]["per_seed"])):
+        paired = theirs and _paired(row["equal_steps"]["per_seed"], theirs["equal_steps"]["per_seed"])
+        if paired:
             compared.append({"method": row["method"], "budget_label": row["budget_label"], "paired": paired})
     return compared
 
@@ -563,9 +564,9 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
     gpu = machine.get("gpu") or "none"
     numerics = untrained_readings(results)
     untrained = _untrained_line(numerics)
-    sections: list[tuple[str, str | None, str | None]] = [
-        (f"Equal steps ({matrix.max_steps} optimizer steps)" if matrix.max_steps else "Equal steps", steps_table,
-         format_paired(rows, "equal_steps", matrix.baselines)),
+    sections: list[tuple[str, list[tuple[str | None, str | None]]]] = [  # title, [(note, table), ...]
+        (f"Equal steps ({matrix.max_steps} optimizer steps)" if matrix.max_steps else "Equal steps",
+         [(None, steps_table), (PAIRED_NOTE, format_paired(rows, "equal_steps", matrix.baselines))]),
     ]  # fmt: skip
     if ec is not None:
         short = [cell for row in rows for cell in row.get("equal_compute", {}).get("short_of_target", [])]
@@ -573,25 +574,20 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         if short:
             table += (f"\n\nShort of the target (read at their last step, {ec.max_steps}: raise equal_compute.max_steps): "
                       + ", ".join(short))  # fmt: skip
-        sections.append((
-            f"Equal compute (the compute of `{ec.reference}`; at most {ec.max_steps} steps)",
-            table, format_paired(rows, "equal_compute", matrix.baselines),
-        ))  # fmt: skip
-    audit = format_audit(rows)
+        sections.append((f"Equal compute (the compute of `{ec.reference}`; at most {ec.max_steps} steps)",
+                         [(None, table), (PAIRED_NOTE, format_paired(rows, "equal_compute", matrix.baselines))]))
     compared = against_reference(matrix, rows)
     reference_table = format_against_reference(compared, matrix.clean_reference) if compared else None
+    sections += [("Against the clean reference", [(REFERENCE_NOTE, reference_table)]),
+                 ("Label noise audit", [(AUDIT_NOTE, format_audit(rows))])]
+    sections = [(title, [(note, table) for note, table in parts if table]) for title, parts in sections]
+    sections = [(title, parts) for title, parts in sections if parts]
     with_contrast = any(k.startswith("eval/contrast") for r in rows for k in r.get("metrics", {}))
     print(f"Results ({status}):", file=out)
     if untrained:
         print(untrained[2:], file=out)
-    for title, table, paired in sections:
-        print(f"\n## {title}\n{table}", file=out)
-        if paired:
-            print(f"\n{paired}", file=out)
-    if reference_table:
-        print(f"\n## Against the clean reference\n{reference_table}", file=out)
-    if audit:
-        print(f"\n## Label noise audit\n{audit}", file=out)
+    for title, parts in sections:  # the page's sections without their notes
+        print(f"\n## {title}\n" + "\n\n".join(table for _, table in parts), file=out)
     print("\n" + TABLE_NOTE, file=out)
 
     matrix.output_dir.mkdir(parents=True, exist_ok=True)
@@ -614,14 +610,9 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         "",
         *([CONTRAST_NOTE, ""] if with_contrast else []),
     ]  # fmt: skip
-    for title, table, paired in sections:
-        lines += [f"## {title}", "", table, ""]
-        if paired:
-            lines += [PAIRED_NOTE, "", paired, ""]
-    if reference_table:
-        lines += ["## Against the clean reference", "", REFERENCE_NOTE, "", reference_table, ""]
-    if audit:
-        lines += ["## Label noise audit", "", AUDIT_NOTE, "", audit, ""]
+    for title, parts in sections:
+        lines += [f"## {title}", ""]
+        lines += [line for note, table in parts for line in [*([note, ""] if note else []), table, ""]]
     if figures:
         lines += ["## Curves", ""] + [f"![{name}]({name})" for name in figures] + [""]
     lines += [f"## Matrix (`{matrix.path}`)", "", "```yaml", matrix.text.rstrip(), "```", ""]
