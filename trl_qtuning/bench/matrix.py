@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import re
 from collections.abc import Callable
@@ -468,13 +469,21 @@ def _existing_path(text: str, where: str, *, check: bool, kind: str = "file") ->
     return str(path)
 
 
-def _qtuning_fields() -> set[str]:
+@functools.cache
+def _qtuning_fields() -> dict[str, Any]:
+    """QTuningConfig's fields and their defaults (``dataclasses.MISSING`` where a factory makes it)."""
     from ..config import QTuningConfig
 
-    return {f.name for f in dataclasses.fields(QTuningConfig) if f.init}
+    return {f.name: f.default for f in dataclasses.fields(QTuningConfig) if f.init}
 
 
-def _check_fields(settings: dict[str, Any], where: str, fields: set[str]) -> None:
+def _setting(name: str, *layers: dict[str, Any]) -> Any:
+    """A QTuningConfig field as a cell gets it: the last of ``layers`` that sets it, else QTuningConfig's default
+    (None for a field this transformers version lacks)."""
+    return next((layer[name] for layer in reversed(layers) if name in layer), _qtuning_fields().get(name))
+
+
+def _check_fields(settings: dict[str, Any], where: str, fields: dict[str, Any]) -> None:
     for key in settings:
         if key in OWNED_FIELDS:
             raise field_error(f"{where}.{key}", "is set by the bench for every cell", f"set it through {OWNED_FIELDS[key]}")
@@ -605,8 +614,7 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     methods = _parse_methods(spec, training, fields)
     if train.label_noise:
         for method in methods:
-            level = method.overrides.get("qtuning_ledger", training.get("qtuning_ledger", "full"))
-            if method.qtuning_enabled and level == "none":
+            if method.qtuning_enabled and _setting("qtuning_ledger", training, method.overrides) == "none":
                 where = f"methods.{method.name}" if "qtuning_ledger" in method.overrides else "training"
                 raise field_error(f"{where}.qtuning_ledger", "label noise is audited from the ledger, which is off",
                                   "use qtuning_ledger: summary (or full)")
@@ -679,8 +687,8 @@ def _parse_transfer(value: Any, check_inputs: bool) -> dict[str, Any] | None:
     return out
 
 
-def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: set[str]) -> list[Method]:
-    default_enabled = training.get("qtuning_enabled", True)
+def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: dict[str, Any]) -> list[Method]:
+    default_enabled = _setting("qtuning_enabled", training)
     methods: list[Method] = []
     for name, overrides in spec.methods.items():
         where = f"methods.{name}"
@@ -729,7 +737,7 @@ def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: set[str])
         if missing:
             raise field_error(where, f"method {target.name!r} has no budget {budget_label(missing[0])}",
                        "give both methods the same budgets")
-        if {**training, **method.overrides}.get("token_policy", "qtuning") == "none":
+        if _setting("token_policy", training, method.overrides) == "none":
             raise field_error(where, "token_policy none keeps every token, so no label-token share can be matched",
                        "use token_policy random (or another pruning token policy)")
     return methods
@@ -759,16 +767,15 @@ def _parse_equal_compute(
         raise field_error("equal_compute.reference", f"method {reference!r} trains at another method's token share, "
                           "which runs after the reference", "use a method with its own budget (e.g. full data)")
     for method in methods:
-        settings = {**training, **method.overrides}
         where = "training" if all(k not in method.overrides for k in ("lr_scheduler_type", "warmup_ratio",
                                                                        "warmup_steps")) else f"methods.{method.name}"  # fmt: skip
-        schedule = settings.get("lr_scheduler_type", "linear")
+        schedule = _setting("lr_scheduler_type", training, method.overrides)
         if schedule not in CONSTANT_SCHEDULES:
             raise field_error(f"{where}.lr_scheduler_type", f"{schedule!r} decays with the run's length, so a cell "
                               "trained on to equal compute would follow another schedule",
                               "use constant or constant_with_warmup")  # fmt: skip
-        warmup = settings.get("warmup_steps", 0)
-        if settings.get("warmup_ratio") or (isinstance(warmup, float) and 0 < warmup < 1):
+        warmup = _setting("warmup_steps", training, method.overrides)
+        if _setting("warmup_ratio", training, method.overrides) or (isinstance(warmup, float) and 0 < warmup < 1):
             raise field_error(f"{where}.warmup_ratio", "a warmup share depends on the run's length",
                               "give warmup_steps as a whole number of steps")
     return spec
@@ -780,8 +787,8 @@ def _parse_baselines(value: list[str] | None, methods: list[Method], training: d
         return [m.name for m in methods if not m.qtuning_enabled] + [
             m.name for m in methods
             if m.qtuning_enabled and m.match_label_tokens is None
-            and {**training, **m.overrides}.get("sample_policy") == "random"
-            and {**training, **m.overrides}.get("token_policy") == "random"
+            and _setting("sample_policy", training, m.overrides) == "random"
+            and _setting("token_policy", training, m.overrides) == "random"
         ]  # fmt: skip
     for i, name in enumerate(value):
         if name not in names:
