@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from .matrix import Matrix, TrainData, field_error
+from .matrix import Matrix, field_error
 
 __all__ = ["corrupt_answers", "corrupt_numbers", "describe", "load_pool", "prepare_data"]
 
@@ -96,13 +96,6 @@ def load_pool(source: str, options: dict[str, Any], *, path: str | None, size: i
     return _as_prompt_completion(dataset, where)
 
 
-def load_train_pool(matrix: Matrix):
-    """The training pool of ``data.train`` before the held-out split."""
-    spec: TrainData = matrix.train
-    return load_pool(spec.source, spec.options, path=getattr(spec, "path", None), size=(spec.size or 64) + matrix.heldout_size,
-                     seed=spec.seed, where="data.train.path")  # fmt: skip
-
-
 def corrupt_answers(train, share: float, seed: int) -> tuple[Any, list[int]]:
     """Swap the completions of ``round(share * n)`` seeded rows among themselves (a cyclic shift in ranked order, so
     every chosen row gets another chosen row's answer). Returns the new dataset and the corrupted row indices."""
@@ -160,8 +153,9 @@ def prepare_data(matrix: Matrix) -> dict[str, Any]:
     """Train subset, held-out rows and evaluation subsets: the same for every cell."""
     from ..demo.assets import split_pool
 
-    pool = load_train_pool(matrix)
     spec = matrix.train
+    pool = load_pool(spec.source, spec.options, path=getattr(spec, "path", None), seed=spec.seed,
+                     size=(spec.size or 64) + matrix.heldout_size, where="data.train.path")  # fmt: skip
     if matrix.heldout_size >= len(pool):
         raise field_error("data.heldout_size", f"{matrix.heldout_size} >= the {len(pool)} rows of the training pool",
                    "use a smaller held-out size")
