@@ -54,49 +54,14 @@ from __future__ import annotations
 
 from . import runner
 from .cli import build_parser, main
-from .matrix import (
-    BASE_METHOD,
-    PROG,
-    BenchConfigError,
-    Cell,
-    EqualCompute,
-    EvalSpec,
-    Matrix,
-    Method,
-    TrainData,
-    budget_label,
-    budget_tag,
-    cell_config_kwargs,
-    load_matrix,
-    plan_cells,
-)
+from .matrix import (BASE_METHOD, PROG, BenchConfigError, Cell, EqualCompute, EvalSpec, Matrix, Method, TrainData,
+                     budget_label, budget_tag, cell_config_kwargs, load_matrix, plan_cells)
 from .results import RESULT_FILE, cell_record, read_result, write_json
 from .runner import run_bench
 from .tables import collect_rows, render_results
 
 __all__ = [
-    "BASE_METHOD",
-    "PROG",
-    "RESULT_FILE",
-    "BenchConfigError",
-    "Cell",
-    "EqualCompute",
-    "EvalSpec",
-    "Matrix",
-    "Method",
-    "TrainData",
-    "budget_label",
-    "budget_tag",
-    "build_parser",
-    "cell_config_kwargs",
-    "cell_record",
-    "collect_rows",
-    "load_matrix",
-    "main",
-    "plan_cells",
-    "read_result",
-    "render_results",
-    "run_bench",
-    "runner",
-    "write_json",
-]
+    "BASE_METHOD", "PROG", "RESULT_FILE", "BenchConfigError", "Cell", "EqualCompute", "EvalSpec", "Matrix", "Method",
+    "TrainData", "budget_label", "budget_tag", "build_parser", "cell_config_kwargs", "cell_record", "collect_rows",
+    "load_matrix", "main", "plan_cells", "read_result", "render_results", "run_bench", "runner", "write_json",
+]  # fmt: skip

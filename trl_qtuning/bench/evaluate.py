@@ -41,7 +41,7 @@ def curve_metrics(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf1
     with torch.no_grad(), _autocast(model, bf16):
         if ev.nll:
             out = evaluation.answer_nll(
-                model, tokenizer, data["heldout"], batch_size=ev.nll["batch_size"], max_length=ev.nll["max_length"]
+                model, tokenizer, data["heldout"], batch_size=ev.nll.batch_size, max_length=ev.nll.max_length
             )
             metrics["eval/nll"] = float(out["nll"])
             metrics["eval/nll_tokens"] = float(out["tokens"])
@@ -74,12 +74,12 @@ def evaluate(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf16: bo
                 from .contrast import answer_contrasts
 
                 c = ev.contrast
-                metrics.update(answer_contrasts(model, tokenizer, data["heldout"], kinds=c["kinds"], seed=ev.seed,
-                                                batch_size=c["batch_size"], max_length=c["max_length"]))  # fmt: skip
+                metrics.update(answer_contrasts(model, tokenizer, data["heldout"], kinds=c.kinds, seed=ev.seed,
+                                                batch_size=c.batch_size, max_length=c.max_length))  # fmt: skip
             if ev.gsm8k:
                 g = ev.gsm8k
                 out = evaluation.gsm8k_exact_match(
-                    model, tokenizer, data["gsm8k"], max_new_tokens=g["max_new_tokens"], batch_size=g["batch_size"]
+                    model, tokenizer, data["gsm8k"], max_new_tokens=g.max_new_tokens, batch_size=g.batch_size
                 )
                 metrics["eval/gsm8k_em"] = float(out["exact_match"])
                 metrics["eval/gsm8k_n"] = float(out["n"])
@@ -91,7 +91,7 @@ def evaluate(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf16: bo
                 a = getattr(ev, name)
                 if a:
                     out = evaluation.multiple_choice_accuracy(
-                        model, tokenizer, data[name], batch_size=a["batch_size"], max_length=a["max_length"]
+                        model, tokenizer, data[name], batch_size=a.batch_size, max_length=a.max_length
                     )
                     metrics[f"eval/{name}_acc"] = float(out["accuracy"])
                     metrics[f"eval/{name}_acc_norm"] = float(out["accuracy_norm"])

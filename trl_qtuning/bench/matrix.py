@@ -7,36 +7,23 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 from pydantic_core import PydanticCustomError
 
 from ..cli.sft import CliError, one_line
 
 __all__ = [
-    "BASE_METHOD",
-    "PROG",
-    "BenchConfigError",
-    "Cell",
-    "EqualCompute",
-    "EvalSpec",
-    "Matrix",
-    "Method",
-    "TrainData",
-    "budget_label",
-    "budget_tag",
-    "build_config",
-    "cell_config_kwargs",
-    "field_error",
-    "load_matrix",
-    "plan_cells",
+    "BASE_METHOD", "PROG", "BenchConfigError", "Cell", "EqualCompute", "EvalSpec", "Matrix", "Method", "TrainData",
+    "budget_label", "budget_tag", "build_config", "cell_config_kwargs", "field_error", "load_matrix", "plan_cells",
     "with_defaults",
-]
+]  # fmt: skip
 
 PROG = "trl-qtuning bench"
 BASE_METHOD = "base"
@@ -182,11 +169,14 @@ def _within(message: str, test: Callable[[Any], bool]) -> AfterValidator:
     return AfterValidator(check)
 
 
-def _distinct(budgets: list[Budget]) -> list[Budget]:
-    twice = next((b for i, b in enumerate(budgets) if b in budgets[:i]), None)
-    if twice is not None:
-        raise PydanticCustomError("duplicate", "lists the budget {budget} twice", {"budget": budget_label(twice)})
-    return budgets
+def _distinct(what: str, label: Callable[[Any], str] = str) -> AfterValidator:
+    def check(values: list[Any]) -> list[Any]:
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise PydanticCustomError("duplicate", f"lists the {what} {{value}} twice", {"value": label(twice)})
+        return values
+
+    return AfterValidator(check)
 
 
 Text = Annotated[str, Field(pattern=r"\S")]
@@ -194,7 +184,9 @@ Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 Share = Annotated[float, _within("must be a share in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
 Ratio = Annotated[float, _within("must be in (0, 1]", lambda v: 0.0 < v <= 1.0)]
-Budgets = Annotated[list[Annotated[tuple[Ratio, Ratio], Strict(False)]], Field(min_length=1), AfterValidator(_distinct)]
+Budgets = Annotated[
+    list[Annotated[tuple[Ratio, Ratio], Strict(False)]], Field(min_length=1), _distinct("budget", budget_label)
+]
 """``[[0.25, 0.5], ...]`` (YAML lists, read as tuples; strict elements)."""
 BUDGET_NAMES = ("sample_keep_ratio", "token_keep_ratio")
 """The names of a budget pair's two positions (error messages name them)."""
@@ -224,13 +216,14 @@ class TrainData(_Spec):
         return source_options(self, self.source)
 
     def as_dict(self) -> dict[str, Any]:
-        """The ``data.train`` mapping as written (fingerprints hash it; clean data hashes as before noise existed)."""
+        """The ``data.train`` mapping as written, for the fingerprints: default noise settings (none; ``swap``) stay
+        out, so the committed cells, which were fingerprinted without them, keep their fingerprints."""
         out: dict[str, Any] = {"source": self.source, **self.options, "size": self.size, "seed": self.seed}
         if getattr(self, "path", None) is not None:  # the sources that read a local file
             out["path"] = self.path
         if self.label_noise:
             out["label_noise"] = self.label_noise
-            if self.label_noise_type != "swap":  # swap hashes as before the noise type existed
+            if self.label_noise_type != "swap":
                 out["label_noise_type"] = self.label_noise_type
         return out
 
@@ -262,8 +255,8 @@ TRAIN_SCHEMAS: dict[str, type[TrainData]] = {
     "gsm8k_jsonl": Gsm8kJsonlTrain, "demo_math": DemoMathTrain, "arithmetic": ArithmeticTrain, "local": LocalTrain,
 }  # fmt: skip
 """``data.train``: the keys of its source only."""
-SOURCE_OPTIONS = {"gsm8k_jsonl": ("strip_calculator",), "demo_math": ("subjects", "max_level", "max_chars"),
-                  "arithmetic": ("noisy_share",), "local": ()}  # fmt: skip
+SOURCE_OPTIONS = {source: tuple(k for k in schema.model_fields if k not in TrainData.model_fields and k != "path")
+                  for source, schema in TRAIN_SCHEMAS.items()}  # fmt: skip
 """Each source's own keys (passed to the data loader, which has their defaults)."""
 
 
@@ -322,22 +315,27 @@ class ContrastSpec(_Spec):
     max_length: Positive = 1024
 
 
-class EvalSpec(_Spec):
-    """``eval``: the evaluations of every trained model, and the learning curve's cadence. A block is off
-    (false/null), on with its defaults (``true``, for nll and contrast) or a mapping checked by its own spec; loading
-    replaces it by its settings (a dict) or None."""
+Off = BeforeValidator(lambda value: None if value is False else value)
+"""An evaluation block: off (false or null) or a mapping."""
+OnOff = BeforeValidator(lambda value: None if value is False else {} if value is True else value)
+"""An evaluation block that may also be ``true``: on with its defaults."""
 
-    nll: Any = True
-    gsm8k: Any = None
-    arc_easy: Any = None
-    arc_challenge: Any = None
+
+class EvalSpec(_Spec):
+    """``eval``: the evaluations of every trained model, and the learning curve's cadence."""
+
+    nll: Annotated[NllSpec | None, OnOff] = Field(default_factory=NllSpec)
+    gsm8k: Annotated[GenerationSpec | None, Off] = None
+    arc_easy: Annotated[ChoiceSpec | None, Off] = None
+    arc_challenge: Annotated[ChoiceSpec | None, Off] = None
     seed: int = 0
     base: bool = True
     every_steps: Positive | None = None
     """Held-out NLL every N optimizer steps and at the end (the learning curve); None: at the end only."""
     transfer: Any = None
-    """A second held-out set from another distribution (its NLL is logged with the curve)."""
-    contrast: Any = None
+    """A second held-out set from another distribution (its NLL is logged with the curve): a :class:`TransferSpec`
+    mapping, replaced on loading by its source's settings (a dict) or None."""
+    contrast: Annotated[ContrastSpec | None, OnOff] = None
     """Held-out contrasts of true against wrong answers (``kinds``, ``batch_size``, ``max_length``), at the end."""
 
     @property
@@ -345,14 +343,8 @@ class EvalSpec(_Spec):
         return any((self.nll, self.gsm8k, self.arc_easy, self.arc_challenge, self.transfer, self.contrast))
 
     def as_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in ("seed", "base", "nll", "gsm8k", "arc_easy", "arc_challenge")}
-        if self.every_steps is not None:
-            out["every_steps"] = self.every_steps
-        if self.transfer is not None:
-            out["transfer"] = self.transfer
-        if self.contrast is not None:
-            out["contrast"] = self.contrast
-        return out
+        """The settings the fingerprints hash (the optional blocks only where set)."""
+        return self.model_dump(exclude={k for k in ("every_steps", "transfer", "contrast") if getattr(self, k) is None})
 
 
 class EqualCompute(_Spec):
@@ -382,7 +374,7 @@ class MatrixSpec(_Spec):
     eval: EvalSpec | None = None
     methods: Annotated[dict[str, dict[str, Any] | None], Field(min_length=1)]
     budgets: Budgets | None = None
-    seeds: Annotated[list[NonNegative], Field(min_length=1)] = [0]
+    seeds: Annotated[list[NonNegative], Field(min_length=1), _distinct("seed")] = [0]
     equal_compute: EqualCompute | None = None
     baselines: list[Text] | None = None
     clean_reference: Text | None = None
@@ -477,13 +469,21 @@ def _existing_path(text: str, where: str, *, check: bool, kind: str = "file") ->
     return str(path)
 
 
-def _qtuning_fields() -> set[str]:
+@functools.cache
+def _qtuning_fields() -> dict[str, Any]:
+    """QTuningConfig's fields and their defaults (``dataclasses.MISSING`` where a factory makes it)."""
     from ..config import QTuningConfig
 
-    return {f.name for f in dataclasses.fields(QTuningConfig) if f.init}
+    return {f.name: f.default for f in dataclasses.fields(QTuningConfig) if f.init}
 
 
-def _check_fields(settings: dict[str, Any], where: str, fields: set[str]) -> None:
+def _setting(name: str, *layers: dict[str, Any]) -> Any:
+    """A QTuningConfig field as a cell gets it: the last of ``layers`` that sets it, else QTuningConfig's default
+    (None for a field this transformers version lacks)."""
+    return next((layer[name] for layer in reversed(layers) if name in layer), _qtuning_fields().get(name))
+
+
+def _check_fields(settings: dict[str, Any], where: str, fields: dict[str, Any]) -> None:
     for key in settings:
         if key in OWNED_FIELDS:
             raise field_error(f"{where}.{key}", "is set by the bench for every cell", f"set it through {OWNED_FIELDS[key]}")
@@ -507,7 +507,8 @@ def _default_training() -> dict[str, Any]:
     from ..demo.run import bf16_is_fast
 
     use_cuda = torch.cuda.is_available()
-    # transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns).
+    # Newer transformers name it `activation_checkpointing` and warn at `gradient_checkpointing`; older ones know
+    # only `gradient_checkpointing`.
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in _qtuning_fields() else "gradient_checkpointing"
     return {
         "use_cpu": not use_cuda,
@@ -611,12 +612,9 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     _check_fields(training, "training", fields)
     eval_spec = _parse_eval(spec.eval or EvalSpec(), heldout_size, check_inputs)
     methods = _parse_methods(spec, training, fields)
-    if len(set(spec.seeds)) != len(spec.seeds):
-        raise field_error("seeds", f"duplicate seeds in {spec.seeds}", FIXES["seeds"])
     if train.label_noise:
         for method in methods:
-            level = method.overrides.get("qtuning_ledger", training.get("qtuning_ledger", "full"))
-            if method.qtuning_enabled and level == "none":
+            if method.qtuning_enabled and _setting("qtuning_ledger", training, method.overrides) == "none":
                 where = f"methods.{method.name}" if "qtuning_ledger" in method.overrides else "training"
                 raise field_error(f"{where}.qtuning_ledger", "label noise is audited from the ledger, which is off",
                                   "use qtuning_ledger: summary (or full)")
@@ -655,46 +653,31 @@ def _parse_train(raw: dict[str, Any], check_inputs: bool) -> TrainData:
     return spec
 
 
-def _block(schema: type[SpecT], value: Any, where: str, *, true_ok: bool = False) -> SpecT | None:
-    """An evaluation block: off (false or null), on with its defaults (``true``, where ``true_ok``), or a mapping."""
-    if value is None or value is False:
-        return None
-    return schema() if value is True and true_ok else _check(schema, value, where)
-
-
 def _parse_eval(raw: EvalSpec, heldout_size: int, check_inputs: bool) -> EvalSpec:
-    nll = _block(NllSpec, raw.nll, "eval.nll", true_ok=True)
-    if nll is not None and heldout_size < 1:
+    if raw.nll is not None and heldout_size < 1:
         raise field_error("eval.nll", "needs held-out rows, but data.heldout_size is 0",
                           "set data.heldout_size (e.g. 64), or eval.nll: false")
-    gsm8k = _block(GenerationSpec, raw.gsm8k, "eval.gsm8k")
+    gsm8k = raw.gsm8k
     if gsm8k is not None:
         gsm8k.source = gsm8k.source or ("gsm8k_jsonl" if gsm8k.path else "gsm8k_test")
         if gsm8k.source == "gsm8k_jsonl":
             if not gsm8k.path:
                 raise field_error("eval.gsm8k.path", "missing (source gsm8k_jsonl)", "give the test jsonl's path")
             gsm8k.path = _existing_path(gsm8k.path, "eval.gsm8k.path", check=check_inputs)
-    arcs = {name: _block(ChoiceSpec, getattr(raw, name), f"eval.{name}") for name in ("arc_easy", "arc_challenge")}
-    if raw.every_steps is not None and nll is None:
+    if raw.every_steps is not None and raw.nll is None:
         raise field_error("eval.every_steps", "the learning curve is the held-out NLL, but eval.nll is off",
                           "set eval.nll: true (and data.heldout_size), or remove every_steps")
-    contrast = _block(ContrastSpec, raw.contrast, "eval.contrast", true_ok=True)
-    if contrast is not None and heldout_size < 2:
+    if raw.contrast is not None and heldout_size < 2:
         raise field_error("eval.contrast", f"compares held-out rows, but data.heldout_size is {heldout_size}",
                           "set data.heldout_size (e.g. 48), or remove eval.contrast")
-    for name, block in {"nll": nll, "gsm8k": gsm8k, "contrast": contrast, **arcs}.items():
-        setattr(raw, name, None if block is None else block.model_dump())
     raw.transfer = _parse_transfer(raw.transfer, check_inputs)
-    if check_inputs and raw.enabled and importlib.util.find_spec("trl_qtuning.evaluation") is None:
-        raise field_error("eval", "the evaluation module trl_qtuning.evaluation is not available in this installation",
-                          "update trl-qtuning, or disable every evaluation (nll: false, no gsm8k/arc_easy/arc_challenge)")
     return raw
 
 
 def _parse_transfer(value: Any, check_inputs: bool) -> dict[str, Any] | None:
-    spec = _block(TransferSpec, value, "eval.transfer")
-    if spec is None:
+    if value is None or value is False:
         return None
+    spec = _check(TransferSpec, value, "eval.transfer")
     out = {**spec.model_dump(include={"source", "size", "seed", "batch_size", "max_length"}),
            **source_options(spec, spec.source)}  # fmt: skip
     if spec.source in ("gsm8k_jsonl", "local"):
@@ -704,8 +687,8 @@ def _parse_transfer(value: Any, check_inputs: bool) -> dict[str, Any] | None:
     return out
 
 
-def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: set[str]) -> list[Method]:
-    default_enabled = training.get("qtuning_enabled", True)
+def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: dict[str, Any]) -> list[Method]:
+    default_enabled = _setting("qtuning_enabled", training)
     methods: list[Method] = []
     for name, overrides in spec.methods.items():
         where = f"methods.{name}"
@@ -754,7 +737,7 @@ def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: set[str])
         if missing:
             raise field_error(where, f"method {target.name!r} has no budget {budget_label(missing[0])}",
                        "give both methods the same budgets")
-        if {**training, **method.overrides}.get("token_policy", "qtuning") == "none":
+        if _setting("token_policy", training, method.overrides) == "none":
             raise field_error(where, "token_policy none keeps every token, so no label-token share can be matched",
                        "use token_policy random (or another pruning token policy)")
     return methods
@@ -784,16 +767,15 @@ def _parse_equal_compute(
         raise field_error("equal_compute.reference", f"method {reference!r} trains at another method's token share, "
                           "which runs after the reference", "use a method with its own budget (e.g. full data)")
     for method in methods:
-        settings = {**training, **method.overrides}
         where = "training" if all(k not in method.overrides for k in ("lr_scheduler_type", "warmup_ratio",
                                                                        "warmup_steps")) else f"methods.{method.name}"  # fmt: skip
-        schedule = settings.get("lr_scheduler_type", "linear")
+        schedule = _setting("lr_scheduler_type", training, method.overrides)
         if schedule not in CONSTANT_SCHEDULES:
             raise field_error(f"{where}.lr_scheduler_type", f"{schedule!r} decays with the run's length, so a cell "
                               "trained on to equal compute would follow another schedule",
                               "use constant or constant_with_warmup")  # fmt: skip
-        warmup = settings.get("warmup_steps", 0)
-        if settings.get("warmup_ratio") or (isinstance(warmup, float) and 0 < warmup < 1):
+        warmup = _setting("warmup_steps", training, method.overrides)
+        if _setting("warmup_ratio", training, method.overrides) or (isinstance(warmup, float) and 0 < warmup < 1):
             raise field_error(f"{where}.warmup_ratio", "a warmup share depends on the run's length",
                               "give warmup_steps as a whole number of steps")
     return spec
@@ -805,8 +787,8 @@ def _parse_baselines(value: list[str] | None, methods: list[Method], training: d
         return [m.name for m in methods if not m.qtuning_enabled] + [
             m.name for m in methods
             if m.qtuning_enabled and m.match_label_tokens is None
-            and {**training, **m.overrides}.get("sample_policy") == "random"
-            and {**training, **m.overrides}.get("token_policy") == "random"
+            and _setting("sample_policy", training, m.overrides) == "random"
+            and _setting("token_policy", training, m.overrides) == "random"
         ]  # fmt: skip
     for i, name in enumerate(value):
         if name not in names:
