@@ -12,6 +12,7 @@ from typing import Any
 
 from .outputs import REPORT_FILE, SUMMARY_FILE
 from ..vocabulary import DECISIONS, QUADRANT_KEYS
+from ..step_metrics import realised_budgets
 from .recorder import DecisionAccumulator
 
 __all__ = [
@@ -63,6 +64,10 @@ def build_summary(
         if d > 0
     ]
     config = dict(config or {})
+    budgets = realised_budgets(
+        {"samples": samples, "kept": kept, "pruned_response": tp_response, "pruned_kept": tp_kept,
+         "response_tokens": response, "kept_tokens": label_tokens}
+    )  # fmt: skip
     return {
         "method": config.get("method", "qtuning"),
         "config": config,
@@ -74,9 +79,7 @@ def build_summary(
         "quadrants": {name: {"count": c, "share": _ratio(c, samples)} for name, c in quadrants.items()},
         "decisions": decisions,
         "realised": {
-            "sample_keep_ratio": _ratio(kept, samples),
-            "token_keep_ratio": _ratio(tp_kept, tp_response),
-            "label_token_share": _ratio(label_tokens, response),
+            **{name: budgets[name] for name in ("sample_keep_ratio", "token_keep_ratio", "label_token_share")},
             "samples_trained": kept,
             "label_tokens_trained": label_tokens,
             "response_tokens_scored": response,
