@@ -142,8 +142,8 @@ class DecisionLedger:
         """
         moved = None
         if self.directory.is_dir() and any(self.directory.iterdir()):
-            run_id = self.run_id
-            moved = aside_path(self.directory, run_id[:8] if run_id else modified_tag(self.directory))
+            earlier = self.run_id
+            moved = aside_path(self.directory, earlier[:8] if earlier else modified_tag(self.directory))
             self.directory.rename(moved)
         self._clear_buffer()
         self._next_shard = 0
