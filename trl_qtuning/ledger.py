@@ -38,23 +38,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .vocabulary import TRAINED_DECISIONS
-
 __all__ = [
-    "DecisionLedger",
-    "read_ledger",
-    "open_for_run",
-    "is_fresh_run",
-    "aside_path",
-    "write_checkpoint_id",
-    "LEDGER_SCHEMA",
-    "LEDGER_DIRNAME",
-    "LEDGER_ID_FILE",
-    "LEDGER_INFO_FILE",
-    "TRAINED_DECISIONS",
-    "SHARD_GLOB",
-    "shard_name",
-]
+    "DecisionLedger", "LEDGER_DIRNAME", "LEDGER_ID_FILE", "LEDGER_INFO_FILE", "LEDGER_SCHEMA", "SHARD_GLOB", "aside_path",
+    "is_fresh_run", "modified_tag", "open_for_run", "read_ledger", "shard_name", "write_checkpoint_id",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 

@@ -20,18 +20,9 @@ from .decision import StepSelection
 from .vocabulary import QUADRANTS, Decision
 
 __all__ = [
-    "DECISION_NAMES",
-    "StepMetricsLog",
-    "correlation_from_moments",
-    "decision_codes",
-    "gather_ledger_columns",
-    "gather_step_sums",
-    "ledger_columns",
-    "plane_moments",
-    "realised_budgets",
-    "step_metrics",
-    "step_sums",
-]
+    "DECISION_NAMES", "StepMetricsLog", "correlation_from_moments", "decision_codes", "gather_ledger_columns",
+    "gather_step_sums", "ledger_columns", "plane_moments", "realised_budgets", "step_metrics", "step_sums",
+]  # fmt: skip
 
 logger = logging.getLogger("trl_qtuning.trainer")  # the warnings a user of the trainer filters by its name
 

@@ -33,7 +33,7 @@ from .events import DecisionListener, StepDecisions
 from .ledger import LEDGER_DIRNAME, DecisionLedger, is_fresh_run, open_for_run, write_checkpoint_id
 from .step_metrics import StepMetricsLog, gather_ledger_columns, gather_step_sums, ledger_columns, step_sums
 from .scoring import (
-    ScoredMicroBatch, Scorer, inference_tensor_error, is_inference_tensor_error, load_reference_model, reference_forward,
+    ScoredMicroBatch, Scorer, inference_tensor_error, load_reference_model, reference_forward,
 )  # fmt: skip
 from .teardown import end_at_exit, release_before_group_ends, unregister
 
@@ -332,8 +332,9 @@ class QTuningSFTTrainer(SFTTrainer):
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         except RuntimeError as error:
-            if self.args.qtuning_enabled and self._scores_in_inference_mode() and is_inference_tensor_error(error):
-                raise inference_tensor_error(error) from error
+            clearer = inference_tensor_error(error) if self.args.qtuning_enabled else None
+            if clearer is not None and self._scores_in_inference_mode():
+                raise clearer from error
             raise
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -362,7 +363,7 @@ class QTuningSFTTrainer(SFTTrainer):
             global_scope=self.args.triage_scope == "global",
         )  # fmt: skip
         if self.is_world_process_zero():
-            event = StepDecisions(number, epoch, self.args.process_index, columns, thresholds, scoring_seconds)
+            event = StepDecisions(number, columns, thresholds, scoring_seconds)
             for listener in self._decision_listeners:
                 listener(event)
 
