@@ -16,11 +16,7 @@ and the trainer writes the same id into every checkpoint (``qtuning_ledger_id.js
 
 The identity file starts with an underscore so that Parquet readers of the folder (pandas, pyarrow) skip it.
 
-Columns worth knowing: ``quadrant`` is 1-4 for Q1-Q4 and 0 for the mid band, for an invalid sample and for every
-sample of a baseline policy (baselines place no sample on the EU plane); ``epoch`` is the trainer's fractional epoch
-(``state.epoch``) at the step; ``decision`` is one of ``kept`` / ``token_pruned`` (some answer tokens lost their label;
-never at ``token_keep_ratio=1.0``) / ``filled`` / ``dropped`` / ``trimmed`` / ``invalid``; ``ppl`` and ``entropy`` are
-NaN where the policy skipped the scoring pass.
+The columns are described under :data:`LEDGER_SCHEMA`.
 """
 
 from __future__ import annotations
@@ -79,10 +75,13 @@ LEDGER_SCHEMA = pa.schema(
         ("pruned_positions", pa.list_(pa.int32())),
     ]
 )
-"""``decision`` is one of ``kept`` (Q2/Q4, all tokens), ``token_pruned`` (kept with some labels masked), ``filled``
-(kept by the under-fill rule), ``dropped``, ``trimmed`` (a Q2/Q4 sample dropped to enforce the budget) and
-``invalid`` (non-finite statistics). ``pruned_positions`` are offsets in the sample's ``input_ids`` whose label was
-masked (only with level ``full``)."""
+"""``quadrant`` is 1-4 for Q1-Q4 and 0 for the mid band, for an invalid sample and for every sample of a baseline
+policy (baselines place no sample on the EU plane); ``epoch`` is the trainer's fractional epoch (``state.epoch``) at
+the step; ``decision`` is one of ``kept`` (Q2/Q4, all tokens), ``token_pruned`` (kept with some labels masked; never
+at ``token_keep_ratio=1.0``), ``filled`` (kept by the under-fill rule), ``dropped``, ``trimmed`` (a Q2/Q4 sample
+dropped to enforce the budget) and ``invalid`` (non-finite statistics); ``ppl`` and ``entropy`` are NaN where the
+policy skipped the scoring pass; ``pruned_positions`` are offsets in the sample's ``input_ids`` whose label was masked
+(only with level ``full``)."""
 
 
 class DecisionLedger:
