@@ -55,14 +55,15 @@ def _pooled_label_share(ledger_dir: Path, max_step: int | None) -> float | None:
     """Kept answer tokens over all answer tokens of the steps up to ``max_step``, from the cell's ledger: the share
     a run-wide token budget (``token_budget_scope="run"``) reproduces, unlike the mean of per-step shares."""
     from ..ledger import read_ledger
+    from ..step_metrics import realised_budgets
 
     try:
         table = read_ledger(ledger_dir).select(["step", "response_tokens", "kept_tokens"]).to_pydict()
     except (OSError, ValueError):
         return None
     rows = [i for i, step in enumerate(table["step"]) if max_step is None or step <= max_step]
-    total = sum(table["response_tokens"][i] for i in rows)
-    return sum(table["kept_tokens"][i] for i in rows) / total if total else None
+    sums = {name: sum(table[name][i] for i in rows) for name in ("response_tokens", "kept_tokens")}
+    return realised_budgets(sums)["label_token_share"]
 
 
 def cell_targets(matrix: Matrix, cell: Cell) -> CellTargets:

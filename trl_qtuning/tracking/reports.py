@@ -14,6 +14,7 @@ from typing import Any
 
 from ..ledger import LEDGER_DIRNAME, SHARD_GLOB
 from ..vocabulary import DECISIONS, QUADRANT_KEYS
+from ..step_metrics import realised_budgets
 from .outputs import REPORT_FILE, SELECTION_DIR, SUMMARY_FILE, TRACKING_DIR
 from .recorder import DecisionAccumulator
 
@@ -55,6 +56,10 @@ def build_summary(
         for sid, n, d in ranked.head(top_dropped).itertuples(index=False)
     ]
     config = dict(config or {})
+    budgets = realised_budgets(
+        {"samples": samples, "kept": kept, "response_tokens": response, "kept_tokens": label_tokens,
+         "pruned_response": total["token_pruned_response"], "pruned_kept": total["token_pruned_kept"]}
+    )  # fmt: skip
     return {
         "method": config.get("method", "qtuning"),
         "config": config,
@@ -66,9 +71,7 @@ def build_summary(
         "quadrants": {name: {"count": total[name], "share": _ratio(total[name], samples)} for name in QUADRANT_KEYS},
         "decisions": {name: total[name] for name in DECISIONS},
         "realised": {
-            "sample_keep_ratio": _ratio(kept, samples),
-            "token_keep_ratio": _ratio(total["token_pruned_kept"], total["token_pruned_response"]),
-            "label_token_share": _ratio(label_tokens, response),
+            **{name: budgets[name] for name in ("sample_keep_ratio", "token_keep_ratio", "label_token_share")},
             "samples_trained": kept,
             "label_tokens_trained": label_tokens,
             "response_tokens_scored": response,
