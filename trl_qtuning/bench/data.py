@@ -93,7 +93,7 @@ def load_pool(source: str, options: dict[str, Any], *, path: str | None, size: i
         return load_math_pool(options.get("subjects"), options.get("max_level"), options.get("max_chars"))
     if source == "arithmetic":
         return _arithmetic_rows(size, seed, float(options.get("noisy_share", 0.2)))
-    from ..cli.sft import load_local_dataset
+    from ..inputs import load_local_dataset
 
     loaded = load_local_dataset(Path(path))
     dataset = loaded["train"] if hasattr(loaded, "keys") else loaded

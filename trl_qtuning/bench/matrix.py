@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_args
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError
 from pydantic_core import PydanticCustomError
 
-from ..cli.sft import CliError, one_line
+from ..errors import CliError, one_line
 
 __all__ = [
     "BASE_METHOD",

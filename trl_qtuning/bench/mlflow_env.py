@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli.sft import one_line
+from ..errors import one_line
 from .matrix import PROG, Cell, Matrix, budget_tag
 
 __all__ = ["cell_tags", "environ", "log_summary", "retire_old_run", "run_id_from_disk", "send", "tracking_env", "warn"]

@@ -61,7 +61,8 @@ def _load_dataset(args: argparse.Namespace):
             return split_pool(load_local_gsm8k_jsonl(path), args.eval_size, args.seed)
     from datasets import load_dataset
 
-    from ..cli.sft import CliError, load_local_dataset
+    from ..errors import CliError
+    from ..inputs import load_local_dataset
 
     if path.exists():
         try:
