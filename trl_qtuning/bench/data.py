@@ -37,7 +37,7 @@ def _first(dataset, size: int | None, seed: int, salt: str):
 
 def _arithmetic_rows(n: int, seed: int, noisy_share: float):
     """Tiny synthetic conversational prompt/completion rows with a uid and the final number as ``answer``."""
-    from ..testing import make_arithmetic_dataset
+    from ..demo.assets import make_arithmetic_dataset
 
     dataset = make_arithmetic_dataset(n, seed=seed, conversational=True, noisy_share=noisy_share)
 

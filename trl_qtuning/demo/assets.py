@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ __all__ = [
     "load_local_gsm8k_jsonl",
     "load_math500",
     "load_math_pool",
+    "make_arithmetic_dataset",
     "locate_smollm2_gguf",
     "split_pool",
 ]
@@ -511,6 +513,26 @@ def split_pool(dataset: Dataset, eval_size: int, seed: int) -> tuple[Dataset, Da
     keys = list(dataset["uid"]) if "uid" in dataset.column_names else [str(i) for i in range(n)]
     digests = [hashlib.sha256(f"{seed}:{key}".encode()).digest() for key in keys]
     heldout = set(sorted(range(n), key=digests.__getitem__)[:eval_size])
-    heldout_idx = sorted(heldout)
-    train_idx = [i for i in range(n) if i not in heldout]
-    return dataset.select(train_idx), dataset.select(heldout_idx)
+    return dataset.select([i for i in range(n) if i not in heldout]), dataset.select(sorted(heldout))
+
+
+def make_arithmetic_dataset(
+    n: int, *, seed: int = 0, conversational: bool = False, noisy_share: float = 0.2
+) -> Dataset:
+    """Prompt-completion sums in the tiny tokenizer's words (:mod:`trl_qtuning.testing`), for CPU smoke runs and the
+    bench's ``arithmetic`` source: easy and hard sums, short and long worked answers, and a share of deliberately
+    wrong answers, so the EU plane has something to separate."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        answer = rng.randint(0, 99) if rng.random() < noisy_share else a + b
+        prompt = f"what is {a} plus {b} ?"
+        completion = f"the answer is {answer} ."
+        if rng.random() >= 0.5:
+            completion = f"first number {a} then add {b} so we get {answer} . {completion}"
+        plain = {"prompt": prompt, "completion": " " + completion}
+        rows.append(_conversation(prompt, completion) if conversational else plain)
+    return Dataset.from_list(rows)
