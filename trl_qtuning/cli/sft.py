@@ -214,13 +214,6 @@ def _resume_value(value: str | bool | None) -> str | bool | None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _final_loss(log_history: list[dict[str, Any]], fallback: float | None) -> float | None:
-    for entry in reversed(log_history):
-        if "loss" in entry:
-            return float(entry["loss"])
-    return fallback
-
-
 def _realised_lines(realised: dict[str, Any], args) -> list[str]:
     """The budgets the run realised, each named for what it counts (the sums the ``qtuning/*`` metrics use)."""
     samples, kept_tokens = realised["sample_keep_ratio"], realised["kept_sample_token_share"]
@@ -243,8 +236,8 @@ def _realised_lines(realised: dict[str, Any], args) -> list[str]:
 def summary_lines(trainer, train_output, quantization=None) -> list[str]:
     """The few lines printed after training (``quantization``: the run's ``QuantizationPlan``, if any)."""
     args = trainer.args
-    history = trainer.state.log_history
-    loss = _final_loss(history, getattr(train_output, "training_loss", None))
+    logged = (float(entry["loss"]) for entry in reversed(trainer.state.log_history) if "loss" in entry)
+    loss = next(logged, getattr(train_output, "training_loss", None))
     loss_text = f"{loss:.4f}" if loss is not None else "n/a"
     lines = [f"Training completed: {trainer.state.global_step} optimizer steps, final loss {loss_text}."]
     if args.qtuning_enabled:
@@ -281,15 +274,11 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
     except QuantizationError as exc:
         raise CliError(one_line(exc), code=exc.code) from exc
 
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    if training_args.model_init_kwargs is not None:
-        model_init_kwargs.update(training_args.model_init_kwargs)
-    training_args.model_init_kwargs = model_init_kwargs
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }  # fmt: skip
 
     dataset = load_datasets(script_args, dataset_args)
     source = "the `datasets` mixture" if dataset_args.datasets else repr(script_args.dataset_name)
