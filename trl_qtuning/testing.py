@@ -6,8 +6,12 @@ lives in :mod:`trl_qtuning.demo.assets`, which the bench reads too.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .demo.assets import make_arithmetic_dataset
+
+if TYPE_CHECKING:  # transformers loads when a builder runs
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 __all__ = ["TINY_CHAT_TEMPLATE", "make_tiny_tokenizer", "make_tiny_model", "make_arithmetic_dataset", "save_tiny_model"]
 
@@ -27,7 +31,7 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_tokenizer():
+def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over digits and a few words, with a chat template that marks assistant turns."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -42,26 +46,21 @@ def make_tiny_tokenizer():
     return tokenizer
 
 
-def make_tiny_model(tokenizer=None, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, dropout: float = 0.0):
+def make_tiny_model(
+    tokenizer: PreTrainedTokenizerFast | None = None, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
+    dropout: float = 0.0,
+) -> LlamaForCausalLM:
     """A randomly initialised 2-layer Llama sized to the tiny tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tokenizer or make_tiny_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attention_dropout=dropout,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        attention_dropout=dropout, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
