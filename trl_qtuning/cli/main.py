@@ -39,24 +39,16 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command(
-        "sft", "Train with Q-Tuning from a YAML recipe and/or --flags, like `trl sft`.", "trl_qtuning.cli.sft:main"
-    ),
-    Command(
-        "demo", "Run the fully offline Q-Tuning demo (small pretrained model, math data).", "trl_qtuning.demo.run:main"
-    ),
-    Command(
-        "compare",
-        "Compare the runs of an MLflow experiment (Q-Tuning and plain SFT): table and figure.",
-        "trl_qtuning.tracking.compare:main",
-    ),
+    Command("sft", "Train with Q-Tuning from a YAML recipe and/or --flags, like `trl sft`.",
+            "trl_qtuning.cli.sft:main"),
+    Command("demo", "Run the fully offline Q-Tuning demo (small pretrained model, math data).",
+            "trl_qtuning.demo.run:main"),
+    Command("compare", "Compare the runs of an MLflow experiment (Q-Tuning and plain SFT): table and figure.",
+            "trl_qtuning.tracking.compare:main"),
     Command("bench", "Run a benchmark matrix (methods x budgets x seeds) and tabulate it.", "trl_qtuning.bench:main"),
-    Command(
-        "audit",
-        "Score every row of a dataset once on the EU plane: table, figure, most suspected rows, summary.",
-        "trl_qtuning.audit.cli:main",
-    ),
-)
+    Command("audit", "Score every row of a dataset once on the EU plane: table, figure, most suspected rows, summary.",
+            "trl_qtuning.audit.cli:main"),
+)  # fmt: skip
 
 
 def _build_parser() -> argparse.ArgumentParser:
