@@ -28,7 +28,7 @@ from typing import Any
 from ..errors import DEBUG_ENV, CliError, OneLineErrors, debug_enabled, one_line, run_reporting_errors
 from ..inputs import check_sft_columns, load_datasets, looks_like_path, select_split
 
-__all__ = ["accelerate_command", "main", "make_parser", "parse_args", "run"]
+__all__ = ["accelerate_command", "main", "make_parser", "parse_args", "run", "summary_lines"]
 
 PROG = "trl-qtuning sft"
 
@@ -170,8 +170,8 @@ def parse_args(argv: list[str]):
         raise CliError(f"unknown key(s) in the recipe: {keys} (see `{PROG} --help` for the valid names)")
     # TRL declares bf16 as `bool | None`, for which HfArgumentParser takes no bare flag; `--bf16` alone means true,
     # as for every other boolean.
-    bare = [i for i, arg in enumerate(argv) if arg == "--bf16" and (i + 1 == len(argv) or argv[i + 1].startswith("-"))]
-    argv = [f"{arg}=true" if i in bare else arg for i, arg in enumerate(argv)]
+    following = [*argv[1:], "-"]
+    argv = ["--bf16=true" if arg == "--bf16" and then.startswith("-") else arg for arg, then in zip(argv, following)]
     try:
         return parser.parse_args_into_dataclasses(argv)
     except (ValueError, TypeError) as exc:  # dataclass validation (QTuningConfig, SFTConfig, ModelConfig...)
