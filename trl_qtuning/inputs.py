@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CliError, debug_enabled, one_line
 
@@ -19,6 +20,10 @@ DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", 
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:  # `datasets` and TRL load when a dataset does
+    from datasets import DatasetDict
+    from trl import DatasetMixtureConfig, ScriptArguments
+
 
 def looks_like_path(name: str) -> bool:
     """A local path rather than a Hub id (``org/name`` or ``name``), so a missing one is "not found", not a download."""
@@ -27,7 +32,7 @@ def looks_like_path(name: str) -> bool:
     return name.count("/") > 1 or Path(name).suffix.lower() in DATA_FILE_BUILDERS
 
 
-def load_local_dataset(path: Path, config_name: str | None = None, streaming: bool = False):
+def load_local_dataset(path: Path, config_name: str | None = None, streaming: bool = False) -> DatasetDict:
     """A local dataset as a ``DatasetDict``: a ``save_to_disk`` folder, a folder of data files, or one data file."""
     import datasets
 
@@ -49,35 +54,27 @@ def load_local_dataset(path: Path, config_name: str | None = None, streaming: bo
     return datasets.load_dataset(builder, data_files=str(path), streaming=streaming)
 
 
-def load_datasets(script_args, dataset_args):
+def load_datasets(script_args: ScriptArguments, dataset_args: DatasetMixtureConfig) -> DatasetDict:
     """The ``DatasetDict`` to train on: the ``datasets:`` mixture if given, else ``dataset_name`` (Hub id or path)."""
     import datasets
     from trl import get_dataset
 
-    name = script_args.dataset_name
+    name, config, streaming = script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming
     path = Path(name).expanduser() if name else None
     if dataset_args.datasets:
         if name:
             logger.warning("Both `datasets` and `dataset_name` are given: using the `datasets` mixture.")
-        source, load = "the `datasets` mixture", lambda: get_dataset(dataset_args)
-    elif name and path.exists():
-        source = repr(name)
-
-        def load():
-            return load_local_dataset(path, script_args.dataset_config, script_args.dataset_streaming)
-    elif name and looks_like_path(name):
-        raise CliError(f"dataset not found: {name} (no such file or folder)", code=1)
-    elif name:
-        source = repr(name)
-
-        def load():
-            return datasets.load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
-    else:
+        source, load = "the `datasets` mixture", partial(get_dataset, dataset_args)
+    elif not name:
         raise CliError("no dataset given: set `dataset_name` (Hub id or local path) or a `datasets:` mixture")
+    elif path.exists():
+        source, load = repr(name), partial(load_local_dataset, path, config, streaming)
+    elif looks_like_path(name):
+        raise CliError(f"dataset not found: {name} (no such file or folder)", code=1)
+    else:
+        source, load = repr(name), partial(datasets.load_dataset, name, name=config, streaming=streaming)
     try:
         return load()
-    except CliError:
-        raise
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:
         if debug_enabled():
             raise
