@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 __all__ = ["ArgumentParser", "CliError", "OneLineErrors", "debug_enabled", "one_line", "run_reporting_errors"]
 
