@@ -15,14 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import ArgumentParser, run_reporting_errors
 from ..vocabulary import QUADRANT_LABELS, QUADRANTS, TRAINED_DECISIONS, Decision
 
 __all__ = ["main", "bf16_is_fast", "build_parser", "expected_duration", "print_expected_duration"]
 
+PROG = "trl-qtuning demo"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="trl-qtuning demo",
+    parser = ArgumentParser(
+        prog=PROG,
         description="Run Q-Tuning SFT end to end on the embedded default (no network), or on a model/dataset you name.",
     )
     parser.add_argument("--model", default=None, help="Hub name or local path (default: embedded SmolLM2-135M-Instruct).")
@@ -83,14 +86,10 @@ def _load_dataset(args: argparse.Namespace):
     return split["train"], split["test"]
 
 
-def _text_of(row: dict[str, Any], key: str) -> str:
-    value = row.get(key)
-    if isinstance(value, list):
-        return " ".join(m.get("content", "") for m in value)
-    return str(value or "")
-
-
-def _short(text: str, width: int = 110) -> str:
+def _short_prompt(row: dict[str, Any], width: int) -> str:
+    """The row's prompt (a conversation's contents joined) on one line of at most ``width`` characters."""
+    value = row.get("prompt")
+    text = " ".join(m.get("content", "") for m in value) if isinstance(value, list) else str(value or "")
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
 
@@ -270,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in ledger[ledger.quadrant == q].head(2).itertuples():
             example = dataset[index_of[int(row.sample_id)]]
             print(f"  {QUADRANT_LABELS[q]} | PPL {row.ppl:7.2f} ENT {row.entropy:5.2f} | {row.decision:<12} | "
-                  f"{_short(_text_of(example, 'prompt'), 80)}")
+                  f"{_short_prompt(example, 80)}")
     pruned_rows = ledger[ledger.decision == Decision.TOKEN_PRUNED]
     if len(pruned_rows):
         row = pruned_rows.iloc[0]
@@ -300,4 +299,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(run_reporting_errors(PROG, main))
