@@ -80,12 +80,9 @@ def _choose_precision(args: argparse.Namespace) -> None:
             "(or --use_cpu true to train in bf16 autocast on the CPU)"
         )
     if os.environ.get("RANK", "0") == "0":  # one line, not one per process
-        print(
-            f"{PROG}: warning: no GPU with bf16 support here: training in fp32 instead of TRL's default bf16=True "
-            "(pass --bf16 false to silence this, or --use_cpu true for bf16 autocast on the CPU)",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"{PROG}: warning: no GPU with bf16 support here: training in fp32 instead of TRL's default bf16=True "
+              "(pass --bf16 false to silence this, or --use_cpu true for bf16 autocast on the CPU)", file=sys.stderr,
+              flush=True)  # fmt: skip
     args.bf16 = False
 
 
@@ -199,13 +196,14 @@ def _check_model(model_args) -> None:
 
 
 def _resume_value(value: str | bool | None) -> str | bool | None:
-    if isinstance(value, str):
-        if value.strip().lower() in ("true", "last", "latest"):
-            return True
-        if value.strip().lower() in ("", "false", "none"):
-            return None
-        if not Path(value).expanduser().is_dir():
-            raise CliError(f"checkpoint not found: {value} (resume_from_checkpoint)", code=1)
+    """``resume_from_checkpoint`` for ``Trainer.train``: True (the last checkpoint in output_dir), None, or a folder."""
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in ("true", "last", "latest"):
+        return True
+    if word in ("", "false", "none"):
+        return None
+    if word is not None and not Path(value).expanduser().is_dir():
+        raise CliError(f"checkpoint not found: {value} (resume_from_checkpoint)", code=1)
     return value
 
 
