@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..cli.sft import CliError
+from ..errors import CliError
 
 __all__ = [
     "AuditInputError",
@@ -147,7 +147,7 @@ def load_audit_model(name: str, *, adapter: str | None = None, dtype: str = "flo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..cli.sft import _looks_like_path
+    from ..inputs import looks_like_path
 
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
@@ -180,7 +180,7 @@ def load_audit_model(name: str, *, adapter: str | None = None, dtype: str = "flo
                 return _with_adapter(model, str(path)), tokenizer, f"{base_description} + adapter {path}"
             if not (path / "config.json").is_file():
                 raise AuditInputError(f"not a model directory (no config.json or adapter_config.json): {name}", code=1)
-        elif _looks_like_path(name):
+        elif looks_like_path(name):
             raise AuditInputError(f"model path not found: {name}", code=1)
         try:
             tokenizer = _ensure_pad(AutoTokenizer.from_pretrained(name))
@@ -224,23 +224,21 @@ def load_audit_dataset(
         return pool.to_iterable_dataset() if streaming else pool
     from trl import DatasetMixtureConfig, ScriptArguments
 
-    from ..cli.sft import _split, load_datasets
+    from ..inputs import load_datasets, select_split
 
     script_args = ScriptArguments(dataset_name=name, dataset_config=config, dataset_streaming=streaming)
     try:
         loaded = load_datasets(script_args, DatasetMixtureConfig())
-        return _split(loaded, split, "dataset_split", repr(name))
+        return select_split(loaded, split, "dataset_split", repr(name))
     except CliError as exc:
         raise AuditInputError(str(exc), exc.code) from exc
 
 
 def _check_dataset(dataset: Any, settings: AuditSettings, source: str) -> None:
-    from types import SimpleNamespace
-
-    from ..cli.sft import _check_columns
+    from ..inputs import check_sft_columns
 
     try:
-        _check_columns(dataset, SimpleNamespace(dataset_text_field=settings.dataset_text_field), source)
+        check_sft_columns(dataset, settings.dataset_text_field, source)
     except CliError as exc:
         raise AuditInputError(str(exc), exc.code) from exc
     columns = getattr(dataset, "column_names", None) or []

@@ -33,7 +33,7 @@ def _first(dataset, size: int | None, seed: int, salt: str):
 
 def _arithmetic_rows(n: int, seed: int, noisy_share: float):
     """Tiny synthetic conversational prompt/completion rows with a uid and the final number as ``answer``."""
-    from ..testing import make_arithmetic_dataset
+    from ..demo.assets import make_arithmetic_dataset
 
     dataset = make_arithmetic_dataset(n, seed=seed, conversational=True, noisy_share=noisy_share)
 
@@ -89,7 +89,7 @@ def load_pool(source: str, options: dict[str, Any], *, path: str | None, size: i
         return load_math_pool(options.get("subjects"), options.get("max_level"), options.get("max_chars"))
     if source == "arithmetic":
         return _arithmetic_rows(size, seed, float(options.get("noisy_share", 0.2)))
-    from ..cli.sft import load_local_dataset
+    from ..inputs import load_local_dataset
 
     loaded = load_local_dataset(Path(path))
     dataset = loaded["train"] if hasattr(loaded, "keys") else loaded

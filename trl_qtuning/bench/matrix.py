@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_args
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 from pydantic_core import PydanticCustomError
 
-from ..cli.sft import CliError, one_line
+from ..errors import CliError, one_line
 
 __all__ = [
     "BASE_METHOD", "PROG", "BenchConfigError", "Cell", "EqualCompute", "EvalSpec", "Matrix", "Method", "TrainData",

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli.sft import one_line
+from ..errors import one_line
 from .matrix import PROG, Cell, Matrix, budget_tag
 
 __all__ = ["cell_tags", "log_summary", "retire_old_run", "run_id_from_disk", "send", "warn"]

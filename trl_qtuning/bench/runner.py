@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli.sft import debug_enabled, one_line
+from ..errors import debug_enabled, one_line
 from ..ledger import LEDGER_DIRNAME
 from .data import describe, prepare_data
 from .evaluate import CurveRecorder, curve_metrics, evaluate
