@@ -54,7 +54,7 @@ __all__ = [
     "BitsAndBytesUnavailable",
     "ModelNotQuantizable",
     "ModelReport",
-    "QTuningModelConfig",
+    "QuantizedModelConfig",
     "QuantizationError",
     "QuantizationPlan",
     "check_bitsandbytes",
@@ -107,7 +107,7 @@ class ModelNotQuantizable(QuantizationError):
 
 
 @dataclass
-class QTuningModelConfig(ModelConfig):
+class QuantizedModelConfig(ModelConfig):
     """``trl.ModelConfig`` plus ``quantization_fallback`` (what to do when 4-/8-bit loading cannot run)."""
 
     quantization_fallback: str = field(
@@ -130,8 +130,8 @@ class QTuningModelConfig(ModelConfig):
             )
 
 
-def qlora_model_config(model_name_or_path: str | None = None, **overrides: Any) -> QTuningModelConfig:
-    """A :class:`QTuningModelConfig` with the QLoRA settings of the recipes (and the paper's LoRA).
+def qlora_model_config(model_name_or_path: str | None = None, **overrides: Any) -> QuantizedModelConfig:
+    """A :class:`QuantizedModelConfig` with the QLoRA settings of the recipes (and the paper's LoRA).
 
     NF4 4-bit weights with double quantisation and bf16 compute, LoRA rank 8, alpha 16, dropout 0, on all linear
     layers. Feed it to ``trl.get_quantization_config`` / ``trl.get_peft_config`` or :func:`plan_quantization`.
@@ -149,7 +149,7 @@ def qlora_model_config(model_name_or_path: str | None = None, **overrides: Any) 
         lora_target_modules=["all-linear"],
     )
     values.update(overrides)
-    return QTuningModelConfig(**values)
+    return QuantizedModelConfig(**values)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

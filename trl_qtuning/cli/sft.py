@@ -75,21 +75,21 @@ def run_reporting_errors(prog: str, body: Callable[[], int]) -> int:
 
 
 def make_parser(prog: str = PROG):
-    """A ``trl.TrlParser`` over (ScriptArguments, QTuningConfig, QTuningModelConfig, DatasetMixtureConfig).
+    """A ``trl.TrlParser`` over (ScriptArguments, QTuningConfig, QuantizedModelConfig, DatasetMixtureConfig).
 
-    ``QTuningModelConfig`` is ``trl.ModelConfig`` plus ``quantization_fallback``.
+    ``QuantizedModelConfig`` is ``trl.ModelConfig`` plus ``quantization_fallback``.
     """
     from trl import DatasetMixtureConfig, ScriptArguments, TrlParser
 
     from trl_qtuning.config import QTuningConfig
-    from trl_qtuning.quantization import QTuningModelConfig
+    from trl_qtuning.quantization import QuantizedModelConfig
 
     class _Parser(TrlParser):
         def error(self, message: str):  # argparse's: usage of 400 options + exit(2); ours: one line
             raise CliError(f"{message} (see `{prog} --help`)")
 
     return _Parser(
-        (ScriptArguments, QTuningConfig, QTuningModelConfig, DatasetMixtureConfig),
+        (ScriptArguments, QTuningConfig, QuantizedModelConfig, DatasetMixtureConfig),
         prog=prog,
         usage=f"{prog} [--config RECIPE.yaml] [--<field> VALUE ...]",
         description=(
