@@ -219,7 +219,9 @@ def model_report_from_config(config: Any, name: str = "", *, trust_remote_code: 
     ]  # fmt: skip
     existing = getattr(config, "quantization_config", None)
     if existing is not None:
-        existing = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
+        existing = (
+            existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
+        )
         existing = str(getattr(existing, "value", existing)) if existing is not None else "unknown"
     return ModelReport(
         name=name or getattr(config, "_name_or_path", "") or type(model).__name__,
@@ -357,9 +359,11 @@ def plan_quantization(model_args: Any, training_args: Any, fallback: str | None 
         logger.warning(
             "quantization_fallback=lora: training PLAIN LoRA on unquantised %s weights instead of %s, because: %s "
             "Expect the memory of the unquantised model. Recorded as the MLflow tag %s=%s.",
-            getattr(model_args, "dtype", None) or "float32", mode, plan.fallback_reason, FALLBACK_TAG, FALLBACK_TAG_VALUE,
+            getattr(model_args, "dtype", None) or "float32", mode, plan.fallback_reason, FALLBACK_TAG,
+            FALLBACK_TAG_VALUE,
         )  # fmt: skip
-        if isinstance(exc, BitsAndBytesUnavailable) and ("bnb" in optim or "8bit" in optim or optim.startswith("paged_")):
+        bnb_optim = "bnb" in optim or "8bit" in optim or optim.startswith("paged_")
+        if isinstance(exc, BitsAndBytesUnavailable) and bnb_optim:
             training_args.optim = OptimizerNames.ADAMW_TORCH
             plan.tags[OPTIMIZER_FALLBACK_TAG] = "adamw_torch"
             logger.warning(
