@@ -151,7 +151,7 @@ class QTuningConfig(SFTConfig):
         default="response",
         metadata={
             "help": "Positions the sample entropy averages over: 'response' (trainable tokens, the paper's "
-            "definition) or 'all' (every attended position, as one early implementation did)."
+            "definition) or 'all' (every attended position)."
         },
     )
     eu_plane: str = field(
@@ -212,7 +212,8 @@ class QTuningConfig(SFTConfig):
         super().__post_init__()
 
     def _validate_qtuning(self) -> None:
-        types = {f.name: f.type for f in fields(self)}
+        # By annotation: "int" here, or the class once HfArgumentParser has resolved the field types in place.
+        types = {f.name: str(getattr(f.type, "__name__", f.type)) for f in fields(self)}
         for name, (rule, ok) in _RANGES.items():
             value, integer = getattr(self, name), types[name] == "int"
             kinds = (int,) if integer else (int, float)
@@ -327,16 +328,14 @@ class QTuningConfig(SFTConfig):
 QTUNING_FIELDS: tuple[str, ...] = tuple(
     f.name for f in fields(QTuningConfig) if f.name not in {g.name for g in fields(SFTConfig)}
 )
-"""Every Q-Tuning setting: the fields ``QTuningConfig`` adds to ``SFTConfig`` (the trainer rebuilds its machinery
-when one of them changes on ``trainer.args``; ``SelectionParams`` takes its knobs from them by name)."""
+"""The fields ``QTuningConfig`` adds to ``SFTConfig`` (the trainer rebuilds its machinery when one changes)."""
 
 METHOD_FIELDS: tuple[str, ...] = (
     "sample_policy", "token_policy", "sample_keep_ratio", "token_keep_ratio", "neighbor_lambda", "neighbor_mode",
     "triage_scope", "enforce_sample_budget", "token_budget_scope", "entropy_positions", "reverse_token_score",
     "prune_filled_q2_like", "token_prune_q4", "eu_plane", "fill_rule",
 )  # fmt: skip
-"""The settings that say which method ran, in the order MLflow tags them (``qtuning.<name>``) and the run summary's
-``config`` lists them. The other :data:`QTUNING_FIELDS` are in :data:`UNTAGGED_FIELDS`, with the reason."""
+"""The settings that say which method ran, in the order of the MLflow tags (``qtuning.<name>``) and the summary."""
 
 UNTAGGED_FIELDS: dict[str, str] = {
     "qtuning_enabled": "shown by the method tag itself ('sft' when off)",
@@ -362,7 +361,7 @@ LABEL_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("token_budget_scope", "run", "run-budget"),
     ("entropy_positions", "all", "entropy-all"),
 )
-"""``(field, value that is not the default, suffix of the run label)``: the variants :func:`run_label` names."""
+"""``(field, non-default value, label suffix)``: the variants :func:`run_label` names."""
 
 
 def run_label(args: Any) -> str:
