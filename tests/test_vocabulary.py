@@ -77,6 +77,7 @@ def test_decision_names_are_written_only_in_the_vocabulary():
         "step_metrics.py": {"kept", "filled", "trimmed", "invalid"},  # METRIC_SUMS entries: sample counts
         "tracking/reports.py": {"kept", "dropped"},  # the selection table's column, the summary's count
         "core/triage.py": {"filled", "trimmed", "invalid"},  # TriageResult's mask fields
+        "tracking/recorder.py": {"kept"},  # the per-step group-by's boolean column (trained or not)
     }
     found = _where(set(DECISIONS).__contains__)
     assert {path: hits - not_decisions.get(path, set()) for path, hits in found.items()} == {

@@ -87,14 +87,14 @@ def _choose_precision(args: argparse.Namespace) -> None:
 
 
 def make_parser(prog: str = PROG):
-    """A ``trl.TrlParser`` over (ScriptArguments, QTuningConfig, QTuningModelConfig, DatasetMixtureConfig).
+    """A ``trl.TrlParser`` over (ScriptArguments, QTuningConfig, QuantizedModelConfig, DatasetMixtureConfig).
 
-    ``QTuningModelConfig`` is ``trl.ModelConfig`` plus ``quantization_fallback``.
+    ``QuantizedModelConfig`` is ``trl.ModelConfig`` plus ``quantization_fallback``.
     """
     from trl import DatasetMixtureConfig, ScriptArguments, TrlParser
 
     from trl_qtuning.config import QTuningConfig
-    from trl_qtuning.quantization import QTuningModelConfig
+    from trl_qtuning.quantization import QuantizedModelConfig
 
     class _Parser(OneLineErrors, TrlParser):
         def parse_known_args(self, args=None, namespace=None):
@@ -108,7 +108,7 @@ def make_parser(prog: str = PROG):
             return namespace, rest
 
     return _Parser(
-        (ScriptArguments, QTuningConfig, QTuningModelConfig, DatasetMixtureConfig),
+        (ScriptArguments, QTuningConfig, QuantizedModelConfig, DatasetMixtureConfig),
         prog=prog,
         usage=f"{prog} [--config RECIPE.yaml] [--<field> VALUE ...]",
         description=(
