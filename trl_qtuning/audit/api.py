@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,6 @@ __all__ = [
     "load_audit_dataset",
     "load_audit_model",
 ]
-
-logger = logging.getLogger(__name__)
 
 ROW_ID = "audit_row_id"
 """The row's position in the dataset as given (a stream: its position in the stream)."""
@@ -229,8 +226,7 @@ def _check_dataset(dataset: Any, settings: AuditSettings, source: str) -> None:
         _check_columns(dataset, SimpleNamespace(dataset_text_field=settings.dataset_text_field), source)
     except CliError as exc:
         raise AuditInputError(str(exc), exc.code) from exc
-    columns = getattr(dataset, "column_names", None) or []
-    if ROW_ID in columns:
+    if ROW_ID in (getattr(dataset, "column_names", None) or []):
         raise AuditInputError(f"dataset {source} already has a column {ROW_ID!r}, which the audit adds: rename it")
 
 
@@ -366,17 +362,6 @@ class _ChunkScorer:
             "entropy": entropy, "answer_tokens": answer_tokens, "tokens": lengths.astype(np.int32),
             "truncated": full > lengths, "empty_answer": np.fromiter(map(self._empty, rows), dtype=bool, count=n),
         }  # fmt: skip
-
-
-_TEXT_COLUMNS = ("prompt", "completion", "messages")
-
-
-def _chunks(prepared: Any, chunk_size: int, columns: list[str]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """``(chunk index, rows)`` of consecutive rows sharing a chunk (``row id // chunk_size``), read in batches."""
-    source = prepared.select_columns(columns) if hasattr(prepared, "select_columns") else prepared
-    rows = (dict(zip(batch, values)) for batch in source.iter(batch_size=chunk_size) for values in zip(*batch.values()))
-    for chunk, group in itertools.groupby(rows, key=lambda row: row[ROW_ID] // chunk_size):
-        yield chunk, list(group)
 
 
 def _check_resume(output_dir: Path, meta: dict, overwrite: bool) -> None:
@@ -571,8 +556,7 @@ def _score_pending(
         pending = [c for c in range(math.ceil(rows / chunk)) if c not in done]
         with state.split_between_processes(pending) as mine:
             mine = list(mine)
-        spans = [np.arange(c * chunk, min(rows, (c + 1) * chunk)) for c in mine]
-        ids = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+        ids = np.flatnonzero(np.isin(np.arange(rows) // chunk, mine))
         to_score = raw.select(ids)
         total = int(ids.size)
     else:  # a stream: its length is unknown, so its chunks go round-robin
@@ -587,18 +571,19 @@ def _score_pending(
         return 0, 0.0
     score = _ChunkScorer(trainer, settings)
     prepared = trainer.train_dataset
-    columns = [c for c in (ROW_ID, "input_ids", "labels", *_TEXT_COLUMNS, settings.dataset_text_field)
-               if c in (getattr(prepared, "column_names", None) or [])]  # fmt: skip
+    text = ("prompt", "completion", "messages", settings.dataset_text_field)
+    known = getattr(prepared, "column_names", None) or []
+    columns = [c for c in (ROW_ID, "input_ids", "labels", *text) if c in known]
     if not columns:  # a stream whose features are unknown: read what its rows carry
-        text = (*_TEXT_COLUMNS, settings.dataset_text_field)
         columns = [ROW_ID, "input_ids", "labels"] + [c for c in next(iter(prepared)) if c in text]
+    source = prepared.select_columns(list(dict.fromkeys(columns))) if hasattr(prepared, "select_columns") else prepared
+    # Rows read in batches, then grouped into runs of one chunk (row id // chunk_size): a shard each.
+    rows = (dict(zip(batch, values)) for batch in source.iter(batch_size=chunk) for values in zip(*batch.values()))
     scored = 0
-    bar = tqdm(total=total, unit="rows", desc="audit", disable=not progress or not state.is_local_main_process,
-               dynamic_ncols=True)  # fmt: skip
-    try:
-        for chunk_index, chunk_rows in _chunks(prepared, chunk, list(dict.fromkeys(columns))):
-            _write_shard(shard_dir, chunk_index, score(chunk_rows, bar.update))
-            scored += len(chunk_rows)
-    finally:
-        bar.close()
+    with tqdm(total=total, unit="rows", desc="audit", disable=not progress or not state.is_local_main_process,
+              dynamic_ncols=True) as bar:  # fmt: skip
+        for chunk_index, group in itertools.groupby(rows, key=lambda row: row[ROW_ID] // chunk):
+            group = list(group)
+            _write_shard(shard_dir, chunk_index, score(group, bar.update))
+            scored += len(group)
     return scored, score.seconds
