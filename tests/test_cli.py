@@ -13,6 +13,7 @@ import pytest
 
 from trl_qtuning.cli import sft as sft_cli
 from trl_qtuning.cli.main import main
+from trl_qtuning.errors import CliError
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "qtuning" / "config_cpu.yaml"
 
@@ -337,6 +338,24 @@ def test_sft_end_to_end(tiny_inputs, tmp_path, capsys):
     assert ledger.num_rows == 3 * 4 * 2
     kept = sum(d in ("kept", "token_pruned", "filled") for d in ledger.column("decision").to_pylist())
     assert kept == ledger.num_rows // 2
+
+
+def test_eu_plane_interval_reaches_the_mlflow_tracking(tiny_inputs, tmp_path, monkeypatch, capsys):
+    """`--eu_plane_every` is the tracking's argument (no environment variable): it reaches `attach_tracking`."""
+    from trl_qtuning import tracking
+
+    seen = []
+
+    def attach(trainer, **options):  # the trainer attaches tracking itself first, without options
+        seen.append(options)
+        if options:
+            raise CliError("stop before training")
+
+    monkeypatch.setattr(tracking, "attach_tracking", attach)
+    model_dir, data = tiny_inputs
+    args = [*_sft_args(model_dir, data, tmp_path / "out"), "--report_to", "mlflow", "--eu_plane_every", "5"]
+    assert main(args) != 0 and "stop before training" in capsys.readouterr().err
+    assert seen[-1] == {"eu_plane_every": 5}
 
 
 def test_accelerate_config_spells_the_accelerate_launch_command(tmp_path, capsys):

@@ -20,6 +20,7 @@ that cannot be loaded): :mod:`trl_qtuning.errors`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -87,7 +88,8 @@ def _choose_precision(args: argparse.Namespace) -> None:
 
 
 def make_parser(prog: str = PROG):
-    """A ``trl.TrlParser`` over (ScriptArguments, QTuningConfig, QuantizedModelConfig, DatasetMixtureConfig).
+    """A ``trl.TrlParser`` over (ScriptArguments + ``eu_plane_every``, QTuningConfig, QuantizedModelConfig,
+    DatasetMixtureConfig).
 
     ``QuantizedModelConfig`` is ``trl.ModelConfig`` plus ``quantization_fallback``.
     """
@@ -95,6 +97,16 @@ def make_parser(prog: str = PROG):
 
     from trl_qtuning.config import QTuningConfig
     from trl_qtuning.quantization import QuantizedModelConfig
+
+    @dataclasses.dataclass
+    class SftScriptArguments(ScriptArguments):
+        """``trl.ScriptArguments`` plus the MLflow tracking's one setting a recipe may want to change."""
+
+        eu_plane_every: int | None = dataclasses.field(
+            default=None,
+            metadata={"help": "With report_to mlflow: draw the EU plane every N optimizer steps (and at the first "
+                              "and last step); 0 = never. Default: the tracking's own (50)."},
+        )  # fmt: skip
 
     class _Parser(OneLineErrors, TrlParser):
         def parse_known_args(self, args=None, namespace=None):
@@ -108,7 +120,7 @@ def make_parser(prog: str = PROG):
             return namespace, rest
 
     return _Parser(
-        (ScriptArguments, QTuningConfig, QuantizedModelConfig, DatasetMixtureConfig),
+        (SftScriptArguments, QTuningConfig, QuantizedModelConfig, DatasetMixtureConfig),
         prog=prog,
         usage=f"{prog} [--config RECIPE.yaml] [--<field> VALUE ...]",
         description=(
@@ -311,10 +323,13 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
         prepare_quantized_model(trainer.model, quantization)
     except QuantizationError as exc:
         raise CliError(one_line(exc), code=exc.code) from exc
-    if quantization.tags and "mlflow" in (training_args.report_to or []):
-        from trl_qtuning.tracking import attach_tracking
+    tracking = {"tags": quantization.tags} if quantization.tags else {}
+    if script_args.eu_plane_every is not None:
+        tracking["eu_plane_every"] = script_args.eu_plane_every
+    if tracking and "mlflow" in (training_args.report_to or []):
+        from trl_qtuning import tracking as mlflow_tracking
 
-        attach_tracking(trainer, tags=quantization.tags)
+        mlflow_tracking.attach_tracking(trainer, **tracking)
 
     train_output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
