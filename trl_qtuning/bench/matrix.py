@@ -12,7 +12,7 @@ import importlib.util
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 from pydantic_core import PydanticCustomError
@@ -33,8 +33,6 @@ NOISE_TYPES = ("swap", "numbers")
 """``data.train.label_noise_type`` (trl_qtuning/bench/data.py applies them)."""
 CONTRAST_KINDS = ("swap", "numbers")
 """``eval.contrast.kinds`` (trl_qtuning/bench/contrast.py)."""
-METHOD_BENCH_KEYS = ("budgets", "match_label_tokens")
-"""Keys of a method that are the bench's, not QTuningConfig fields."""
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 # Set by the bench for every cell; a matrix may not set them in `training:` or a method.
 OWNED_FIELDS = {
@@ -54,10 +52,6 @@ Budget = tuple[float, float]
 class BenchConfigError(CliError):
     """A mistake in the matrix file (exit code 2)."""
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Specs
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -147,10 +141,6 @@ def budget_label(budget: Budget | None) -> str:
     """``(0.25, 0.5)`` -> ``"25% x 50%"``; no budget -> ``"-"``."""
     return f"{_pct(budget[0])}% x {_pct(budget[1])}%" if budget else "-"
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Schema: what each mapping of the matrix file may hold
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 class _Spec(BaseModel):
@@ -444,10 +434,7 @@ def _schema_error(error: dict[str, Any], schema: type[BaseModel], value: Any, wh
     return field_error(".".join(names) or "the matrix", problem, fix)
 
 
-SpecT = TypeVar("SpecT", bound=BaseModel)
-
-
-def _check(schema: type[SpecT], value: Any, where: str) -> SpecT:
+def _check(schema: type[BaseModel], value: Any, where: str) -> Any:
     """``value`` validated by ``schema``; its first mistake raised as a :class:`BenchConfigError`."""
     try:
         return schema.model_validate(value)
@@ -495,13 +482,10 @@ def _check_fields(settings: dict[str, Any], where: str, fields: dict[str, Any]) 
             )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Cell configs
-# ----------------------------------------------------------------------------------------------------------------------
 
-
-def _default_training() -> dict[str, Any]:
-    """Bench defaults for every cell (a matrix's `training:` overrides them): what demo/run.py uses on a CPU."""
+def with_defaults(*layers: dict[str, Any]) -> dict[str, Any]:
+    """The bench defaults for every cell (what demo/run.py uses on a CPU) under the given settings (a set
+    `gradient_checkpointing` drops the default's alias)."""
     import torch
 
     from ..demo.run import bf16_is_fast
@@ -510,7 +494,7 @@ def _default_training() -> dict[str, Any]:
     # Newer transformers name it `activation_checkpointing` and warn at `gradient_checkpointing`; older ones know
     # only `gradient_checkpointing`.
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in _qtuning_fields() else "gradient_checkpointing"
-    return {
+    merged = {
         "use_cpu": not use_cuda,
         "bf16": bf16_is_fast(use_cuda),  # bf16 autocast only where the hardware makes it fast
         checkpointing: False,
@@ -520,11 +504,6 @@ def _default_training() -> dict[str, Any]:
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
     }
-
-
-def with_defaults(*layers: dict[str, Any]) -> dict[str, Any]:
-    """The bench defaults under the given settings (a set `gradient_checkpointing` drops the default's alias)."""
-    merged = _default_training()
     settings = {k: v for layer in layers for k, v in layer.items()}
     if {"gradient_checkpointing", "activation_checkpointing"} & set(settings):
         merged.pop("gradient_checkpointing", None)
@@ -570,10 +549,6 @@ def build_config(kwargs: dict[str, Any], where: str):
         raise field_error(where, one_line(exc)) from exc
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------------------
-
 
 def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     """Read and validate a matrix file. ``check_inputs``: also check model and data paths and build every cell's
@@ -606,7 +581,15 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
             raise field_error("model", f"not a model folder (no config.json): {model}", "give `demo` or a saved model folder")
 
     heldout_size = spec.data.heldout_size
-    train = _parse_train(spec.data.train, check_inputs)
+    source = spec.data.train.get("source")
+    if source not in TRAIN_SCHEMAS:
+        raise field_error("data.train.source", f"must be one of {', '.join(SOURCES)}, got {source!r}")
+    train = _check(TRAIN_SCHEMAS[source], spec.data.train, "data.train")
+    if "label_noise_type" in train.model_fields_set and not train.label_noise:
+        raise field_error("data.train.label_noise_type", "has no effect without label_noise",
+                          "set label_noise (e.g. 0.3), or remove label_noise_type")
+    if isinstance(train, (Gsm8kJsonlTrain, LocalTrain)):
+        train.path = _existing_path(train.path, "data.train.path", check=check_inputs)
     training = dict(spec.training or {})
     fields = _qtuning_fields()
     _check_fields(training, "training", fields)
@@ -621,13 +604,21 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     reference = spec.clean_reference
     if reference is not None:
         reference = _existing_path(reference, "clean_reference", check=check_inputs)
-
+    equal_compute = _parse_equal_compute(spec.equal_compute, methods, training)
+    names = [m.name for m in methods]
+    for i, name in enumerate(spec.baselines or []):
+        if name not in names:
+            raise field_error(f"baselines[{i}]", f"{name!r} is not a method of the matrix", f"name one of {', '.join(names)}")
+    baselines = list(spec.baselines) if spec.baselines is not None else [  # default: full data, and random samples
+        m.name for m in methods if not m.qtuning_enabled] + [  # with random tokens at their own budget
+        m.name for m in methods if m.qtuning_enabled and m.match_label_tokens is None
+        and _setting("sample_policy", training, m.overrides) == "random"
+        and _setting("token_policy", training, m.overrides) == "random"]  # fmt: skip
     matrix = Matrix(
         path=path, text=text, experiment=spec.experiment, output_dir=output_dir, report_to=report_to,
         tracking_uri=spec.tracking_uri, model=model, lora=spec.lora and spec.lora.model_dump(), train=train,
         heldout_size=heldout_size, training=training, eval=eval_spec, methods=methods, seeds=list(spec.seeds),
-        equal_compute=_parse_equal_compute(spec.equal_compute, methods, training),
-        baselines=_parse_baselines(spec.baselines, methods, training), clean_reference=reference,
+        equal_compute=equal_compute, baselines=baselines, clean_reference=reference,
     )  # fmt: skip
     if check_inputs:
         build_config({**with_defaults(training), "output_dir": str(output_dir / "_check")}, "training")
@@ -638,19 +629,6 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
                 share = None if method.match_label_tokens is None else (budget[0] * budget[1] if budget else None)
                 build_config(cell_config_kwargs(matrix, cell, method, matched_label_share=share), where)
     return matrix
-
-
-def _parse_train(raw: dict[str, Any], check_inputs: bool) -> TrainData:
-    source = raw.get("source")
-    if source not in TRAIN_SCHEMAS:
-        raise field_error("data.train.source", f"must be one of {', '.join(SOURCES)}, got {source!r}")
-    spec = _check(TRAIN_SCHEMAS[source], raw, "data.train")
-    if "label_noise_type" in spec.model_fields_set and not spec.label_noise:
-        raise field_error("data.train.label_noise_type", "has no effect without label_noise",
-                          "set label_noise (e.g. 0.3), or remove label_noise_type")
-    if isinstance(spec, (Gsm8kJsonlTrain, LocalTrain)):
-        spec.path = _existing_path(spec.path, "data.train.path", check=check_inputs)
-    return spec
 
 
 def _parse_eval(raw: EvalSpec, heldout_size: int, check_inputs: bool) -> EvalSpec:
@@ -670,21 +648,17 @@ def _parse_eval(raw: EvalSpec, heldout_size: int, check_inputs: bool) -> EvalSpe
     if raw.contrast is not None and heldout_size < 2:
         raise field_error("eval.contrast", f"compares held-out rows, but data.heldout_size is {heldout_size}",
                           "set data.heldout_size (e.g. 48), or remove eval.contrast")
-    raw.transfer = _parse_transfer(raw.transfer, check_inputs)
-    return raw
-
-
-def _parse_transfer(value: Any, check_inputs: bool) -> dict[str, Any] | None:
-    if value is None or value is False:
-        return None
-    spec = _check(TransferSpec, value, "eval.transfer")
-    out = {**spec.model_dump(include={"source", "size", "seed", "batch_size", "max_length"}),
-           **source_options(spec, spec.source)}  # fmt: skip
+    if raw.transfer is None or raw.transfer is False:
+        raw.transfer = None
+        return raw
+    spec = _check(TransferSpec, raw.transfer, "eval.transfer")
+    raw.transfer = {**spec.model_dump(include={"source", "size", "seed", "batch_size", "max_length"}),
+                    **source_options(spec, spec.source)}  # fmt: skip
     if spec.source in ("gsm8k_jsonl", "local"):
         if spec.path is None:
             raise field_error("eval.transfer.path", f"missing (source {spec.source} reads a local file)", FIXES["path"])
-        out["path"] = _existing_path(spec.path, "eval.transfer.path", check=check_inputs)
-    return out
+        raw.transfer["path"] = _existing_path(spec.path, "eval.transfer.path", check=check_inputs)
+    return raw
 
 
 def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: dict[str, Any]) -> list[Method]:
@@ -701,8 +675,7 @@ def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: dict[str,
             raise field_error(f"{where}.max_steps", "every method trains the same steps (the equal-steps point)",
                               "set training.max_steps, and equal_compute to train methods on to equal compute")
         keys = _check(MethodKeys, {k: overrides[k] for k in MethodKeys.model_fields if k in overrides}, where)
-        for key in METHOD_BENCH_KEYS:
-            overrides.pop(key, None)
+        overrides = {k: v for k, v in overrides.items() if k not in ("budgets", "match_label_tokens")}  # the bench's
         _check_fields(overrides, where, fields)
         enabled = default_enabled if keys.qtuning_enabled is None else keys.qtuning_enabled
         if not isinstance(enabled, bool):
@@ -779,21 +752,6 @@ def _parse_equal_compute(
             raise field_error(f"{where}.warmup_ratio", "a warmup share depends on the run's length",
                               "give warmup_steps as a whole number of steps")
     return spec
-
-
-def _parse_baselines(value: list[str] | None, methods: list[Method], training: dict[str, Any]) -> list[str]:
-    names = [m.name for m in methods]
-    if value is None:  # full data, and random samples with random tokens at their own budget
-        return [m.name for m in methods if not m.qtuning_enabled] + [
-            m.name for m in methods
-            if m.qtuning_enabled and m.match_label_tokens is None
-            and _setting("sample_policy", training, m.overrides) == "random"
-            and _setting("token_policy", training, m.overrides) == "random"
-        ]  # fmt: skip
-    for i, name in enumerate(value):
-        if name not in names:
-            raise field_error(f"baselines[{i}]", f"{name!r} is not a method of the matrix", f"name one of {', '.join(names)}")
-    return list(value)
 
 
 def plan_cells(matrix: Matrix, only: list[str] | None = None) -> list[Cell]:

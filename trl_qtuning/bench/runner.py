@@ -27,14 +27,10 @@ from .progress import CellProgress, duration
 from .provenance import code_state, fingerprint
 from .results import RESULT_FILE, cell_record, read_result, write_json
 
-__all__ = ["CellTargets", "cell_targets", "run_base_cell", "run_bench", "run_train_cell"]
+__all__ = ["cell_targets", "run_base_cell", "run_bench", "run_train_cell"]
 
 SUMMARY_METRICS = (("eval/nll", "NLL"), ("eval/nll_transfer", "transfer NLL"), ("eval/gsm8k_em", "GSM8K EM"),
                    ("eval/arc_easy_acc", "ARC-E acc"), ("eval/arc_challenge_acc", "ARC-C acc"))  # fmt: skip
-
-
-CellTargets = dict
-"""What a cell takes from cells run before it: ``compute`` (the equal-compute target) and ``label_share``."""
 
 
 def _realised(history: list[dict[str, Any]], qtuning_enabled: bool, max_step: int | None) -> dict[str, float | None]:
@@ -66,9 +62,10 @@ def _pooled_label_share(ledger_dir: Path, max_step: int | None) -> float | None:
     return realised_budgets(sums)["label_token_share"]
 
 
-def cell_targets(matrix: Matrix, cell: Cell) -> CellTargets:
-    """The targets a cell needs from finished cells of the same seed; a missing one is a clear error."""
-    targets = CellTargets()
+def cell_targets(matrix: Matrix, cell: Cell) -> dict[str, Any]:
+    """The targets a cell needs from finished cells of the same seed (``compute``: the equal-compute target;
+    ``label_share``: the matched label-token share); a missing one is a clear error."""
+    targets: dict[str, Any] = {}
     if cell.is_base:
         return targets
     method = matrix.method(cell.method)
@@ -155,7 +152,7 @@ def run_train_cell(
     cell: Cell,
     data: dict[str, Any],
     cell_dir: Path,
-    targets: CellTargets | None = None,
+    targets: dict[str, Any] | None = None,
     progress: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Seed, load a fresh model, train with ``QTuningSFTTrainer`` (counting compute, recording the curve, stopping
@@ -165,7 +162,7 @@ def run_train_cell(
     from ..compute import ComputeMeter
     from ..trainer import QTuningSFTTrainer
 
-    targets = targets if targets is not None else CellTargets()
+    targets = targets if targets is not None else {}
     method = matrix.method(cell.method)
     kwargs = cell_config_kwargs(matrix, cell, method, matched_label_share=targets.get("label_share"))
     set_seed(int(cell.seed or 0))
@@ -267,24 +264,13 @@ def _free_memory() -> None:
             torch.cuda.empty_cache()
 
 
-def _quiet_libraries() -> None:
+def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | None = None) -> int:
+    """Run every cell not yet finished, then write and print the table. Returns the exit code (1 if a cell failed)."""
     import warnings
 
     import datasets
     import transformers
 
-    warnings.filterwarnings("ignore", module=r"(transformers|trl|peft|torch|datasets|mlflow)")
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
-def _metric_summary(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{label} {metrics[key]:.4g}" for key, label in SUMMARY_METRICS if key in metrics)
-
-
-def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | None = None) -> int:
-    """Run every cell not yet finished, then write and print the table. Returns the exit code (1 if a cell failed)."""
     from . import runner  # cells are looked up on the module, so tests can replace them
     from .tables import render_results
 
@@ -294,7 +280,10 @@ def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | N
     code_state()  # the commit of the code this process runs, before any cell trains (results record it)
     matrix.output_dir.mkdir(parents=True, exist_ok=True)
     (matrix.output_dir / "matrix.yaml").write_text(matrix.text, encoding="utf-8")
-    _quiet_libraries()
+    warnings.filterwarnings("ignore", module=r"(transformers|trl|peft|torch|datasets|mlflow)")
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     print(f"== {PROG}: {len(cells)} cell(s), experiment {matrix.experiment!r}, output {matrix.output_dir} ==", flush=True)
     data = None
     failed: list[str] = []
@@ -349,7 +338,8 @@ def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | N
         steps = "" if cell.is_base else f"{record['global_step']} steps, "
         run = (record.get("mlflow") or {}).get("run_id")
         print(f"{prefix}: done ({steps}{timing}evaluated {record['eval_seconds']:.0f} s) "
-              f"{_metric_summary(record['metrics'])}" + (f" [MLflow run {run}]" if run else ""), flush=True)  # fmt: skip
+              + ", ".join(f"{label} {record['metrics'][key]:.4g}" for key, label in SUMMARY_METRICS if key in record["metrics"])
+              + (f" [MLflow run {run}]" if run else ""), flush=True)  # fmt: skip
     print()
     render_results(matrix, command=command)
     if failed:

@@ -41,10 +41,6 @@ PAIRED_LABELS = {"eval/nll": "NLL", "eval/nll_transfer": "transfer NLL", "eval/c
                  "eval/contrast_numbers": "arithmetic contrast"}  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Readings
-# ----------------------------------------------------------------------------------------------------------------------
-
 
 def reading(result: dict[str, Any], kind: str, equal_steps: int | None) -> dict[str, Any]:
     """A cell's metrics at equal steps (``training.max_steps``) or at equal compute (where its counted compute
@@ -74,10 +70,6 @@ def _fmt(value: float | None, kind: str) -> str:
     if value is None or not math.isfinite(value):
         return "-"
     return f"{value * 100:.1f}" if kind == "pct" else format(value, FORMATS[kind])
-
-
-def _mean_std(stats: dict[str, Any], kind: str) -> str:
-    return f"{_fmt(stats['mean'], kind)} ± {_fmt(stats['std'], kind)}"
 
 
 COUNTS = ("step", "compute")
@@ -245,14 +237,6 @@ def _pool_audits(audits_by_seed: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     return pooled
 
 
-def _baseline_row(rows: list[dict[str, Any]], baseline: str, budget: list[float] | None) -> dict[str, Any] | None:
-    candidates = [r for r in rows if r["method"] == baseline]
-    same = next((r for r in candidates if r["budget"] == budget), None)
-    if same is not None:
-        return same
-    return candidates[0] if len(candidates) == 1 and candidates[0]["budget"] is None else None
-
-
 def _paired(mine: dict[Any, dict[str, float]], theirs: dict[Any, dict[str, float]]) -> dict[str, Any]:
     """Per paired key both sides have: the per-seed differences with their interval (``mine`` and ``theirs`` map
     each seed to its metrics)."""
@@ -272,16 +256,14 @@ def _add_paired(matrix: Matrix, rows: list[dict[str, Any]], kinds: list[str]) ->
             continue
         for kind in kinds:
             row[kind]["paired"] = {}
-            for baseline in matrix.baselines:
-                base = _baseline_row(rows, baseline, row["budget"])
+            for baseline in matrix.baselines:  # the same budget, or the baseline's only row without one
+                candidates = [r for r in rows if r["method"] == baseline]
+                base = next((r for r in candidates if r["budget"] == row["budget"]), None) or (
+                    candidates[0] if len(candidates) == 1 and candidates[0]["budget"] is None else None)
                 if base is not None and base is not row:
                     if paired := _paired(row[kind]["per_seed"], base[kind]["per_seed"]):
                         row[kind]["paired"][baseline] = paired
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Markdown
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def _markdown(headers: list[str], body: list[list[str]], right_from: int = 2) -> str:
@@ -310,7 +292,7 @@ def format_table(rows: list[dict[str, Any]], kind: str = "equal_steps", *, final
         values = [row["method"], row["budget_label"], str(row["n"])]
         for key, _, fmt in metric_cols:
             stats = read.get("metrics", {}).get(key)
-            cell = _mean_std(stats, fmt) if stats else "-"
+            cell = f"{_fmt(stats['mean'], fmt)} ± {_fmt(stats['std'], fmt)}" if stats else "-"
             if stats and len(stats["values"]) < row["n"]:  # not every seed has it (e.g. read past its last step)
                 cell += f" (n={len(stats['values'])})"
             values.append(cell)
@@ -341,16 +323,6 @@ def against_reference(matrix: Matrix, rows: list[dict[str, Any]]) -> list[dict[s
         if paired:
             compared.append({"method": row["method"], "budget_label": row["budget_label"], "paired": paired})
     return compared
-
-
-def format_against_reference(compared: list[dict[str, Any]], reference: str) -> str | None:
-    """The table of :func:`against_reference`."""
-    keys = [k for k in PAIRED_KEYS if any(k in c["paired"] for c in compared)]
-    if not keys:
-        return None
-    headers = ["method", "budget (samples x tokens)", *[f"Δ {PAIRED_LABELS[k]} vs clean [95% CI]" for k in keys]]
-    body = [[c["method"], c["budget_label"], *[_format_difference(c["paired"].get(k)) for k in keys]] for c in compared]
-    return f"Reference: `{reference}`.\n\n" + _markdown(headers, body)
 
 
 def _format_difference(d: dict[str, Any] | None, scale: float = 1, verdicts: dict[str, str] | None = None) -> str:
@@ -577,7 +549,11 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         sections.append((f"Equal compute (the compute of `{ec.reference}`; at most {ec.max_steps} steps)",
                          [(None, table), (PAIRED_NOTE, format_paired(rows, "equal_compute", matrix.baselines))]))
     compared = against_reference(matrix, rows)
-    reference_table = format_against_reference(compared, matrix.clean_reference) if compared else None
+    keys = [k for k in PAIRED_KEYS if any(k in c["paired"] for c in compared)]
+    reference_table = (f"Reference: `{matrix.clean_reference}`.\n\n" + _markdown(
+        ["method", "budget (samples x tokens)", *[f"Δ {PAIRED_LABELS[k]} vs clean [95% CI]" for k in keys]],
+        [[c["method"], c["budget_label"], *[_format_difference(c["paired"].get(k)) for k in keys]] for c in compared],
+    )) if keys else None  # fmt: skip
     sections += [("Against the clean reference", [(REFERENCE_NOTE, reference_table)]),
                  ("Label noise audit", [(AUDIT_NOTE, format_audit(rows))])]
     sections = [(title, [(note, table) for note, table in parts if table]) for title, parts in sections]
