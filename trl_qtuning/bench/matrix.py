@@ -111,17 +111,12 @@ class Cell:
     def is_base(self) -> bool:
         return self.method == BASE_METHOD
 
-    @property
-    def id(self) -> str:
-        if self.is_base:
-            return BASE_METHOD
-        return f"{self.method}{'@' + budget_tag(self.budget) if self.budget else ''}/seed{self.seed}"
+    def _name(self, at: str, seed: str) -> str:
+        budget = at + budget_tag(self.budget) if self.budget else ""
+        return BASE_METHOD if self.is_base else f"{self.method}{budget}{seed}{self.seed}"
 
-    @property
-    def dirname(self) -> str:
-        if self.is_base:
-            return BASE_METHOD
-        return f"{self.method}{'_r' + budget_tag(self.budget) if self.budget else ''}_seed{self.seed}"
+    id = property(lambda self: self._name("@", "/seed"))
+    dirname = property(lambda self: self._name("_r", "_seed"))
 
     @property
     def row_key(self) -> tuple[str, Budget | None]:
@@ -593,7 +588,32 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     training = dict(spec.training or {})
     fields = _qtuning_fields()
     _check_fields(training, "training", fields)
-    eval_spec = _parse_eval(spec.eval or EvalSpec(), heldout_size, check_inputs)
+    eval_spec = spec.eval or EvalSpec()
+    if eval_spec.nll is not None and heldout_size < 1:
+        raise field_error("eval.nll", "needs held-out rows, but data.heldout_size is 0",
+                          "set data.heldout_size (e.g. 64), or eval.nll: false")
+    gsm8k = eval_spec.gsm8k
+    if gsm8k is not None:
+        gsm8k.source = gsm8k.source or ("gsm8k_jsonl" if gsm8k.path else "gsm8k_test")
+        if gsm8k.source == "gsm8k_jsonl":
+            if not gsm8k.path:
+                raise field_error("eval.gsm8k.path", "missing (source gsm8k_jsonl)", "give the test jsonl's path")
+            gsm8k.path = _existing_path(gsm8k.path, "eval.gsm8k.path", check=check_inputs)
+    if eval_spec.every_steps is not None and eval_spec.nll is None:
+        raise field_error("eval.every_steps", "the learning curve is the held-out NLL, but eval.nll is off",
+                          "set eval.nll: true (and data.heldout_size), or remove every_steps")
+    if eval_spec.contrast is not None and heldout_size < 2:
+        raise field_error("eval.contrast", f"compares held-out rows, but data.heldout_size is {heldout_size}",
+                          "set data.heldout_size (e.g. 48), or remove eval.contrast")
+    off = eval_spec.transfer is None or eval_spec.transfer is False
+    transfer = None if off else _check(TransferSpec, eval_spec.transfer, "eval.transfer")
+    eval_spec.transfer = transfer and {
+        **transfer.model_dump(include={"source", "size", "seed", "batch_size", "max_length"}),
+        **source_options(transfer, transfer.source)}  # fmt: skip
+    if transfer is not None and transfer.source in ("gsm8k_jsonl", "local"):
+        if transfer.path is None:
+            raise field_error("eval.transfer.path", f"missing (source {transfer.source} reads a local file)", FIXES["path"])
+        eval_spec.transfer["path"] = _existing_path(transfer.path, "eval.transfer.path", check=check_inputs)
     methods = _parse_methods(spec, training, fields)
     if train.label_noise:
         for method in methods:
@@ -629,36 +649,6 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
                 share = None if method.match_label_tokens is None else (budget[0] * budget[1] if budget else None)
                 build_config(cell_config_kwargs(matrix, cell, method, matched_label_share=share), where)
     return matrix
-
-
-def _parse_eval(raw: EvalSpec, heldout_size: int, check_inputs: bool) -> EvalSpec:
-    if raw.nll is not None and heldout_size < 1:
-        raise field_error("eval.nll", "needs held-out rows, but data.heldout_size is 0",
-                          "set data.heldout_size (e.g. 64), or eval.nll: false")
-    gsm8k = raw.gsm8k
-    if gsm8k is not None:
-        gsm8k.source = gsm8k.source or ("gsm8k_jsonl" if gsm8k.path else "gsm8k_test")
-        if gsm8k.source == "gsm8k_jsonl":
-            if not gsm8k.path:
-                raise field_error("eval.gsm8k.path", "missing (source gsm8k_jsonl)", "give the test jsonl's path")
-            gsm8k.path = _existing_path(gsm8k.path, "eval.gsm8k.path", check=check_inputs)
-    if raw.every_steps is not None and raw.nll is None:
-        raise field_error("eval.every_steps", "the learning curve is the held-out NLL, but eval.nll is off",
-                          "set eval.nll: true (and data.heldout_size), or remove every_steps")
-    if raw.contrast is not None and heldout_size < 2:
-        raise field_error("eval.contrast", f"compares held-out rows, but data.heldout_size is {heldout_size}",
-                          "set data.heldout_size (e.g. 48), or remove eval.contrast")
-    if raw.transfer is None or raw.transfer is False:
-        raw.transfer = None
-        return raw
-    spec = _check(TransferSpec, raw.transfer, "eval.transfer")
-    raw.transfer = {**spec.model_dump(include={"source", "size", "seed", "batch_size", "max_length"}),
-                    **source_options(spec, spec.source)}  # fmt: skip
-    if spec.source in ("gsm8k_jsonl", "local"):
-        if spec.path is None:
-            raise field_error("eval.transfer.path", f"missing (source {spec.source} reads a local file)", FIXES["path"])
-        raw.transfer["path"] = _existing_path(spec.path, "eval.transfer.path", check=check_inputs)
-    return raw
 
 
 def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: dict[str, Any]) -> list[Method]:
@@ -716,17 +706,15 @@ def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: dict[str,
     return methods
 
 
-def _parse_equal_compute(
-    spec: EqualCompute | None, methods: list[Method], training: dict[str, Any]
-) -> EqualCompute | None:
+def _parse_equal_compute(spec: EqualCompute | None, methods: list[Method], training: dict[str, Any]) -> EqualCompute | None:
     if spec is None:
         return None
     reference, max_steps = spec.reference, spec.max_steps
-    names = [m.name for m in methods]
-    if reference not in names:
+    by_name = {m.name: m for m in methods}
+    if reference not in by_name:
         raise field_error("equal_compute.reference", f"{reference!r} is not a method of the matrix",
-                   f"name one of {', '.join(names)} (add it to `methods:`)")
-    if len(next(m for m in methods if m.name == reference).budgets) != 1:
+                   f"name one of {', '.join(by_name)} (add it to `methods:`)")
+    if len(by_name[reference].budgets) != 1:
         raise field_error("equal_compute.reference", f"method {reference!r} has several budgets, so its compute is ambiguous",
                    "use a method with one budget (e.g. full data)")
     steps = training.get("max_steps")
@@ -736,7 +724,7 @@ def _parse_equal_compute(
     if max_steps < steps:
         raise field_error("equal_compute.max_steps", f"{max_steps} < training.max_steps {steps}",
                    "allow at least as many steps as the equal-steps point")
-    if next(m for m in methods if m.name == reference).match_label_tokens is not None:
+    if by_name[reference].match_label_tokens is not None:
         raise field_error("equal_compute.reference", f"method {reference!r} trains at another method's token share, "
                           "which runs after the reference", "use a method with its own budget (e.g. full data)")
     for method in methods:
