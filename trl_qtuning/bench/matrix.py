@@ -28,7 +28,6 @@ __all__ = [
 PROG = "trl-qtuning bench"
 BASE_METHOD = "base"
 
-SOURCES = ("gsm8k_jsonl", "demo_math", "arithmetic", "local")
 NOISE_TYPES = ("swap", "numbers")
 """``data.train.label_noise_type`` (trl_qtuning/bench/data.py applies them)."""
 CONTRAST_KINDS = ("swap", "numbers")
@@ -240,14 +239,13 @@ TRAIN_SCHEMAS: dict[str, type[TrainData]] = {
     "gsm8k_jsonl": Gsm8kJsonlTrain, "demo_math": DemoMathTrain, "arithmetic": ArithmeticTrain, "local": LocalTrain,
 }  # fmt: skip
 """``data.train``: the keys of its source only."""
-SOURCE_OPTIONS = {source: tuple(k for k in schema.model_fields if k not in TrainData.model_fields and k != "path")
-                  for source, schema in TRAIN_SCHEMAS.items()}  # fmt: skip
-"""Each source's own keys (passed to the data loader, which has their defaults)."""
 
 
 def source_options(spec: BaseModel, source: str) -> dict[str, Any]:
-    """The source's own keys, as far as the file sets them (hashed as written: unset keys stay out)."""
-    return {k: getattr(spec, k) for k in SOURCE_OPTIONS[source] if k in spec.model_fields_set}
+    """The source's own keys (passed to the data loader, which has their defaults), as far as the file sets them
+    (hashed as written: unset keys stay out)."""
+    return {k: getattr(spec, k) for k in TRAIN_SCHEMAS[source].model_fields
+            if k not in TrainData.model_fields and k != "path" and k in spec.model_fields_set}  # fmt: skip
 
 
 class DataSpec(_Spec):
@@ -259,7 +257,7 @@ class DataSpec(_Spec):
 class TransferSpec(_Spec):
     """``eval.transfer``: every source's keys (its source's are used)."""
 
-    source: Literal[SOURCES] = "demo_math"
+    source: Literal[tuple(TRAIN_SCHEMAS)] = "demo_math"
     size: Positive = 64
     seed: int = 0
     batch_size: Positive = 8
@@ -465,11 +463,11 @@ def _setting(name: str, *layers: dict[str, Any]) -> Any:
     return next((layer[name] for layer in reversed(layers) if name in layer), _qtuning_fields().get(name))
 
 
-def _check_fields(settings: dict[str, Any], where: str, fields: dict[str, Any]) -> None:
+def _check_fields(settings: dict[str, Any], where: str) -> None:
     for key in settings:
         if key in OWNED_FIELDS:
             raise field_error(f"{where}.{key}", "is set by the bench for every cell", f"set it through {OWNED_FIELDS[key]}")
-        if key not in fields:
+        if key not in _qtuning_fields():
             raise field_error(
                 f"{where}.{key}", "unknown QTuningConfig field",
                 "check the spelling; valid keys are the fields of QTuningConfig / trl.SFTConfig "
@@ -537,7 +535,7 @@ def cell_config_kwargs(
 def build_config(kwargs: dict[str, Any], where: str):
     from ..config import QTuningConfig
 
-    _check_fields({k: v for k, v in kwargs.items() if k not in OWNED_FIELDS}, where, _qtuning_fields())
+    _check_fields({k: v for k, v in kwargs.items() if k not in OWNED_FIELDS}, where)
     try:
         return QTuningConfig(**kwargs)
     except ValueError as exc:  # QTuningConfig / SFTConfig / TrainingArguments validation
@@ -578,7 +576,7 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     heldout_size = spec.data.heldout_size
     source = spec.data.train.get("source")
     if source not in TRAIN_SCHEMAS:
-        raise field_error("data.train.source", f"must be one of {', '.join(SOURCES)}, got {source!r}")
+        raise field_error("data.train.source", f"must be one of {', '.join(TRAIN_SCHEMAS)}, got {source!r}")
     train = _check(TRAIN_SCHEMAS[source], spec.data.train, "data.train")
     if "label_noise_type" in train.model_fields_set and not train.label_noise:
         raise field_error("data.train.label_noise_type", "has no effect without label_noise",
@@ -586,8 +584,7 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     if isinstance(train, (Gsm8kJsonlTrain, LocalTrain)):
         train.path = _existing_path(train.path, "data.train.path", check=check_inputs)
     training = dict(spec.training or {})
-    fields = _qtuning_fields()
-    _check_fields(training, "training", fields)
+    _check_fields(training, "training")
     eval_spec = spec.eval or EvalSpec()
     if eval_spec.nll is not None and heldout_size < 1:
         raise field_error("eval.nll", "needs held-out rows, but data.heldout_size is 0",
@@ -614,7 +611,7 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
         if transfer.path is None:
             raise field_error("eval.transfer.path", f"missing (source {transfer.source} reads a local file)", FIXES["path"])
         eval_spec.transfer["path"] = _existing_path(transfer.path, "eval.transfer.path", check=check_inputs)
-    methods = _parse_methods(spec, training, fields)
+    methods = _parse_methods(spec, training)
     if train.label_noise:
         for method in methods:
             if method.qtuning_enabled and _setting("qtuning_ledger", training, method.overrides) == "none":
@@ -651,7 +648,7 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     return matrix
 
 
-def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: dict[str, Any]) -> list[Method]:
+def _parse_methods(spec: MatrixSpec, training: dict[str, Any]) -> list[Method]:
     default_enabled = _setting("qtuning_enabled", training)
     methods: list[Method] = []
     for name, overrides in spec.methods.items():
@@ -666,7 +663,7 @@ def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: dict[str,
                               "set training.max_steps, and equal_compute to train methods on to equal compute")
         keys = _check(MethodKeys, {k: overrides[k] for k in MethodKeys.model_fields if k in overrides}, where)
         overrides = {k: v for k, v in overrides.items() if k not in ("budgets", "match_label_tokens")}  # the bench's
-        _check_fields(overrides, where, fields)
+        _check_fields(overrides, where)
         enabled = default_enabled if keys.qtuning_enabled is None else keys.qtuning_enabled
         if not isinstance(enabled, bool):
             raise field_error("training.qtuning_enabled", f"must be true or false, got {enabled!r}")
@@ -757,10 +754,7 @@ def plan_cells(matrix: Matrix, only: list[str] | None = None) -> list[Cell]:
             cells.extend(Cell(method.name, budget, seed) for budget in method.budgets)
     if only:
         names = {BASE_METHOD} | {m.name for m in matrix.methods}
-        unknown = [name for name in only if name not in names]
-        if unknown:
-            raise BenchConfigError(
-                f"--only {unknown[0]}: no such method in the matrix (methods: {', '.join(sorted(names))})"
-            )
+        if unknown := [name for name in only if name not in names]:
+            raise BenchConfigError(f"--only {unknown[0]}: no such method in the matrix (methods: {', '.join(sorted(names))})")
         cells = [c for c in cells if c.method in only]
     return cells

@@ -242,7 +242,7 @@ def run_train_cell(
                 extra["bench/noise_trained_share_corrupted"] = audit["trained_share_corrupted"]
             run_id = send(sink, {**metrics, **extra}, step=final_step)
         mlflow_info = {"run_id": run_id or run_id_from_disk(cell_dir), "experiment": matrix.experiment}
-    record = cell_record(
+    return cell_record(
         matrix, cell, metrics=metrics, train_seconds=train_seconds, eval_seconds=eval_seconds,
         global_step=final_step, train_loss=getattr(train_output, "training_loss", None),
         qtuning_enabled=bool(config.qtuning_enabled), overrides=method.overrides, realised=realised,
@@ -252,7 +252,6 @@ def run_train_cell(
         curve=curve.points if curve else None, noise_audit=audit,
         corrupted_ids=data.get("corrupted_ids") or None, noise_type=data.get("noise_type"),
     )  # fmt: skip
-    return record
 
 
 def _free_memory() -> None:

@@ -72,6 +72,10 @@ def _fmt(value: float | None, kind: str) -> str:
     return f"{value * 100:.1f}" if kind == "pct" else format(value, FORMATS[kind])
 
 
+def _fmt_mean(stats: dict[str, Any] | None, kind: str) -> str:
+    return _fmt(stats["mean"], kind) if stats else "-"
+
+
 COUNTS = ("step", "compute")
 """Columns that are whole numbers (their values stay integers in results.json)."""
 
@@ -296,14 +300,10 @@ def format_table(rows: list[dict[str, Any]], kind: str = "equal_steps", *, final
             if stats and len(stats["values"]) < row["n"]:  # not every seed has it (e.g. read past its last step)
                 cell += f" (n={len(stats['values'])})"
             values.append(cell)
-        for key in ("realised_sample_keep_ratio", "realised_label_token_share"):
-            stats = read.get(key) or row.get(key)
-            values.append(_fmt(stats["mean"], "share") if stats else "-")
-        if with_compute:
-            values.append(_fmt(read["step"]["mean"], "count") if read.get("step") else "-")
-            values.append(_fmt(read["compute"]["mean"], "count") if read.get("compute") else "-")
-        values.append(_fmt(row["train_seconds"]["mean"], "seconds") if row.get("train_seconds") else "-")
-        body.append(values)
+        values += [_fmt_mean(read.get(k) or row.get(k), "share")
+                   for k in ("realised_sample_keep_ratio", "realised_label_token_share")]
+        values += [_fmt_mean(read.get("step"), "count"), _fmt_mean(read.get("compute"), "count")] if with_compute else []
+        body.append([*values, _fmt_mean(row.get("train_seconds"), "seconds")])
     return _markdown(headers, body)
 
 
@@ -316,13 +316,9 @@ def against_reference(matrix: Matrix, rows: list[dict[str, Any]]) -> list[dict[s
         return []
     reference_rows, _, _ = collect_rows(load_matrix(matrix.clean_reference, check_inputs=False))
     found = {(r["method"], r["budget_label"]): r for r in reference_rows if r["budget_label"] != "(untrained)"}
-    compared = []
-    for row in rows:
-        theirs = found.get((row["method"], row["budget_label"]))
-        paired = theirs and _paired(row["equal_steps"]["per_seed"], theirs["equal_steps"]["per_seed"])
-        if paired:
-            compared.append({"method": row["method"], "budget_label": row["budget_label"], "paired": paired})
-    return compared
+    pairs = ((row, found.get((row["method"], row["budget_label"]))) for row in rows)
+    return [{"method": row["method"], "budget_label": row["budget_label"], "paired": paired} for row, theirs in pairs
+            if theirs and (paired := _paired(row["equal_steps"]["per_seed"], theirs["equal_steps"]["per_seed"]))]
 
 
 def _format_difference(d: dict[str, Any] | None, scale: float = 1, verdicts: dict[str, str] | None = None) -> str:
@@ -343,15 +339,8 @@ def format_paired(rows: list[dict[str, Any]], kind: str, baselines: list[str]) -
     if not cols:
         return None
     headers = ["method", "budget (samples x tokens)", *[f"Δ {PAIRED_LABELS[k]} vs {b} [95% CI]" for b, k in cols]]
-    body = []
-    for row in rows:
-        paired = row.get(kind, {}).get("paired")
-        if not paired:
-            continue
-        values = [row["method"], row["budget_label"]]
-        for baseline, key in cols:
-            values.append(_format_difference((paired.get(baseline) or {}).get(key)))
-        body.append(values)
+    body = [[row["method"], row["budget_label"], *[_format_difference((paired.get(b) or {}).get(k)) for b, k in cols]]
+            for row in rows if (paired := row.get(kind, {}).get("paired"))]  # fmt: skip
     return _markdown(headers, body) if body else None
 
 
@@ -371,29 +360,20 @@ def format_audit(rows: list[dict[str, Any]]) -> str | None:
     audited = [r for r in rows if r.get("noise_audit")]
     if not audited:
         return None
-    quadrants = sorted({q for r in audited for q in r["noise_audit"]["by_quadrant"]})
-    decisions = sorted({d for r in audited for d in r["noise_audit"]["by_decision"]})
+    groups = {g: sorted({n for r in audited for n in r["noise_audit"][g]}) for g in ("by_quadrant", "by_decision")}
 
     def share(entry: dict[str, int] | None) -> str:
-        if not entry or not entry["corrupted"] + entry["clean"]:
-            return "-"
-        total = entry["corrupted"] + entry["clean"]
-        return f"{entry['corrupted'] / total:.0%} of {total}"
+        total = entry["corrupted"] + entry["clean"] if entry else 0
+        return f"{entry['corrupted'] / total:.0%} of {total}" if total else "-"
 
     headers = ["method", "budget (samples x tokens)", "seeds", "corrupted trained", "clean trained",
-               SELECTIVITY_HEADER, *[f"corrupted in {q}" for q in quadrants],
-               *[f"corrupted in {d}" for d in decisions]]  # fmt: skip
-    body = []
-    for row in audited:
-        audit = row["noise_audit"]
-        values = [row["method"], row["budget_label"], str(audit["seeds"])]
-        for key in ("trained_share_corrupted", "trained_share_clean"):
-            values.append(_fmt(audit[key]["mean"], "share") if audit.get(key) else "-")
-        values.append(format_selectivity(audit.get("selectivity")))
-        values += [share(audit["by_quadrant"].get(q)) for q in quadrants]
-        values += [share(audit["by_decision"].get(d)) for d in decisions]
-        body.append(values)
-    return _markdown(headers, body, right_from=2)
+               SELECTIVITY_HEADER, *[f"corrupted in {n}" for names in groups.values() for n in names]]  # fmt: skip
+    body = [[row["method"], row["budget_label"], str(audit["seeds"]),
+             *[_fmt_mean(audit.get(k), "share") for k in ("trained_share_corrupted", "trained_share_clean")],
+             format_selectivity(audit.get("selectivity")),
+             *[share(audit[g].get(n)) for g, names in groups.items() for n in names]]
+            for row in audited for audit in [row["noise_audit"]]]  # fmt: skip
+    return _markdown(headers, body)
 
 
 TABLE_NOTE = (
