@@ -442,10 +442,8 @@ def _existing_path(text: str, where: str, *, check: bool, kind: str = "file") ->
     path = Path(text).expanduser()
     resolved = (path if path.is_absolute() else Path.cwd() / path).resolve()
     if check and not resolved.exists():
-        raise field_error(
-            where, f"{kind} not found: {text}",
-            f"relative paths resolve against the current directory {Path.cwd()}; give an existing path",
-        )
+        raise field_error(where, f"{kind} not found: {text}",
+                          f"relative paths resolve against the current directory {Path.cwd()}; give an existing path")
     return str(path)
 
 

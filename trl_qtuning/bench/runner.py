@@ -147,14 +147,8 @@ def _noise_audit(matrix: Matrix, data: dict[str, Any], cell_dir: Path, qtuning_e
         return {"error": one_line(exc), "trained_share_corrupted": None, "by_quadrant": {}, "by_decision": {}}
 
 
-def run_train_cell(
-    matrix: Matrix,
-    cell: Cell,
-    data: dict[str, Any],
-    cell_dir: Path,
-    targets: dict[str, Any] | None = None,
-    progress: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def run_train_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Path,
+                   targets: dict[str, Any] | None = None, progress: dict[str, Any] | None = None) -> dict[str, Any]:
     """Seed, load a fresh model, train with ``QTuningSFTTrainer`` (counting compute, recording the curve, stopping
     at the equal-compute target), evaluate, log to the training's MLflow run."""
     from transformers import PrinterCallback, set_seed
@@ -187,14 +181,11 @@ def run_train_cell(
     def log_point(metrics: dict[str, float], step: int) -> None:
         """To the cell's MLflow run; the step-0 point comes before the run exists and waits for it."""
         pending.append((metrics, step))
-        sink = getattr(tracking, "sink", None)
-        if sink is None:
-            return
-        with contextlib.suppress(Exception):  # tracking never stops training
-            while pending:
-                values, at = pending[0]
-                sink.log_metrics(values, step=at)
-                pending.pop(0)
+        if (sink := getattr(tracking, "sink", None)) is not None:
+            with contextlib.suppress(Exception):  # tracking never stops training
+                while pending:
+                    sink.log_metrics(pending[0][0], step=pending[0][1])
+                    pending.pop(0)
 
     curve = CurveRecorder(
         measure=lambda m: curve_metrics(m, trainer.processing_class, matrix, data, bf16=bf16), meter=meter,
@@ -293,8 +284,7 @@ def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | N
         done = read_result(cell_dir, cell)
         if done is not None:
             stale = "" if done.get("fingerprint") == fingerprint(matrix, cell) else (
-                " -- made with other settings than the matrix's now; delete the folder to rerun"
-            )
+                " -- made with other settings than the matrix's now; delete the folder to rerun")
             print(f"{prefix}: skipped (done){stale}", flush=True)
             continue
         try:

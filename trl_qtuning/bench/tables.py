@@ -182,9 +182,7 @@ def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[
     return rows, missing, results
 
 
-def stale_results(
-    matrix: Matrix, cells: list[Cell], results: dict[str, dict[str, Any] | None]
-) -> dict[str, str]:
+def stale_results(matrix: Matrix, cells: list[Cell], results: dict[str, dict[str, Any] | None]) -> dict[str, str]:
     """Finished cells that no longer belong to the matrix, with the reason: made with other settings (their
     fingerprint), or trained against a target (equal-compute reference's compute, matched label-token share) that
     is not the one the finished source cell now gives."""
@@ -216,7 +214,6 @@ def stale_results(
     return stale
 
 
-
 def _pool_audits(audits_by_seed: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     """Mean over seeds of the trained shares; counts summed over seeds; and the selectivity: per seed, the share of
     corrupted sample-steps trained on minus the share of clean ones, with its 95% t interval (below 0: the method
@@ -224,11 +221,8 @@ def _pool_audits(audits_by_seed: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     a ledger (full data trains everything by definition) have no selectivity."""
     shares = pd.DataFrame(list(audits_by_seed.values()), columns=["trained_share_corrupted", "trained_share_clean"])
     pooled: dict[str, Any] = {"seeds": len(audits_by_seed), **_summaries(shares.assign(all=0), ["all"])[0]}
-    ledgered = {
-        seed: a for seed, a in audits_by_seed.items()
-        if a.get("sample_steps") and a.get("trained_share_corrupted") is not None
-        and a.get("trained_share_clean") is not None
-    }  # fmt: skip
+    ledgered = {seed: a for seed, a in audits_by_seed.items() if a.get("sample_steps")
+                and a.get("trained_share_corrupted") is not None and a.get("trained_share_clean") is not None}  # fmt: skip
     pooled["selectivity"] = paired_difference(
         {seed: a["trained_share_corrupted"] for seed, a in ledgered.items()},
         {seed: a["trained_share_clean"] for seed, a in ledgered.items()},
@@ -426,14 +420,11 @@ def _cell_versions_line(results: list[dict[str, Any]]) -> str | None:
             if version:
                 seen.setdefault(library, Counter())[version] += 1
     recorded = sum(bool(result.get("versions")) for result in results)
-    parts = []
-    for library, counts in seen.items():
-        if len(counts) == 1 and counts.total() == recorded:
-            parts.append(f"{library} {next(iter(counts))}")
-        else:
-            by_version = sorted(counts.items(), key=_version_key)
-            parts.append(f"{library} " + " / ".join(f"{v} ({_cells(n)})" for v, n in by_version))
-    return ", ".join(parts) or None
+    return ", ".join(
+        f"{library} {next(iter(counts))}" if len(counts) == 1 and counts.total() == recorded
+        else f"{library} " + " / ".join(f"{v} ({_cells(n)})" for v, n in sorted(counts.items(), key=_version_key))
+        for library, counts in seen.items()
+    ) or None  # fmt: skip
 
 
 def _version_key(item: tuple[str, int]) -> tuple:
@@ -513,7 +504,6 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
     status = f"{total - len(missing)} of {total} cells finished"
     if missing:
         status += f"; missing: {', '.join(missing)}"
-    gpu = machine.get("gpu") or "none"
     numerics = untrained_readings(results)
     untrained = _untrained_line(numerics)
     sections: list[tuple[str, list[tuple[str | None, str | None]]]] = [  # title, [(note, table), ...]
@@ -555,7 +545,7 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         f"- commit: {commit_text}" + (f"; cells ran at {', '.join(commits)}" if commits else ""),
         f"- date: {now}",
         (f"- machine: {machine.get('cpu')}, {machine.get('cpu_count')} CPU cores, torch threads "
-         f"{machine.get('torch_threads', '?')}, GPU {gpu}; {machine.get('platform')}"),
+         f"{machine.get('torch_threads', '?')}, GPU {machine.get('gpu') or 'none'}; {machine.get('platform')}"),
         *([f"- cells ran on: {machines}"] if machines else []),
         *([untrained] if untrained else []),
         *([f"- cells ran with: {cell_versions}"] if (cell_versions := _cell_versions_line(results)) else []),
