@@ -40,17 +40,14 @@ def curve_metrics(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf1
     metrics: dict[str, float] = {}
     with torch.no_grad(), _autocast(model, bf16):
         if ev.nll:
-            out = evaluation.answer_nll(
-                model, tokenizer, data["heldout"], batch_size=ev.nll.batch_size, max_length=ev.nll.max_length
-            )
+            out = evaluation.answer_nll(model, tokenizer, data["heldout"], batch_size=ev.nll.batch_size,
+                                        max_length=ev.nll.max_length)  # fmt: skip
             metrics["eval/nll"] = float(out["nll"])
             metrics["eval/nll_tokens"] = float(out["tokens"])
             metrics["eval/nll_samples"] = float(out["samples"])
         if ev.transfer and "transfer" in data:
-            t = ev.transfer
-            out = evaluation.answer_nll(
-                model, tokenizer, data["transfer"], batch_size=t["batch_size"], max_length=t["max_length"]
-            )
+            out = evaluation.answer_nll(model, tokenizer, data["transfer"], batch_size=ev.transfer["batch_size"],
+                                        max_length=ev.transfer["max_length"])  # fmt: skip
             metrics["eval/nll_transfer"] = float(out["nll"])
             metrics["eval/nll_transfer_tokens"] = float(out["tokens"])
     return metrics
@@ -77,10 +74,8 @@ def evaluate(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf16: bo
                 metrics.update(answer_contrasts(model, tokenizer, data["heldout"], kinds=c.kinds, seed=ev.seed,
                                                 batch_size=c.batch_size, max_length=c.max_length))  # fmt: skip
             if ev.gsm8k:
-                g = ev.gsm8k
-                out = evaluation.gsm8k_exact_match(
-                    model, tokenizer, data["gsm8k"], max_new_tokens=g.max_new_tokens, batch_size=g.batch_size
-                )
+                out = evaluation.gsm8k_exact_match(model, tokenizer, data["gsm8k"], max_new_tokens=ev.gsm8k.max_new_tokens,
+                                                   batch_size=ev.gsm8k.batch_size)  # fmt: skip
                 metrics["eval/gsm8k_em"] = float(out["exact_match"])
                 metrics["eval/gsm8k_n"] = float(out["n"])
                 with contextlib.suppress(OSError), (cell_dir / "gsm8k_predictions.jsonl").open("w", encoding="utf-8") as fh:
@@ -88,11 +83,9 @@ def evaluate(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf16: bo
                         fh.write(json.dumps({"uid": row.get("uid"), "answer": row.get("answer"),
                                              "prediction": prediction}, default=str) + "\n")  # fmt: skip
             for name in ("arc_easy", "arc_challenge"):
-                a = getattr(ev, name)
-                if a:
-                    out = evaluation.multiple_choice_accuracy(
-                        model, tokenizer, data[name], batch_size=a.batch_size, max_length=a.max_length
-                    )
+                if a := getattr(ev, name):
+                    out = evaluation.multiple_choice_accuracy(model, tokenizer, data[name], batch_size=a.batch_size,
+                                                              max_length=a.max_length)  # fmt: skip
                     metrics[f"eval/{name}_acc"] = float(out["accuracy"])
                     metrics[f"eval/{name}_acc_norm"] = float(out["accuracy_norm"])
                     metrics[f"eval/{name}_n"] = float(out["n"])

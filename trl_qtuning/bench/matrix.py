@@ -12,7 +12,7 @@ import importlib.util
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 from pydantic_core import PydanticCustomError
@@ -28,13 +28,10 @@ __all__ = [
 PROG = "trl-qtuning bench"
 BASE_METHOD = "base"
 
-SOURCES = ("gsm8k_jsonl", "demo_math", "arithmetic", "local")
 NOISE_TYPES = ("swap", "numbers")
 """``data.train.label_noise_type`` (trl_qtuning/bench/data.py applies them)."""
 CONTRAST_KINDS = ("swap", "numbers")
 """``eval.contrast.kinds`` (trl_qtuning/bench/contrast.py)."""
-METHOD_BENCH_KEYS = ("budgets", "match_label_tokens")
-"""Keys of a method that are the bench's, not QTuningConfig fields."""
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 # Set by the bench for every cell; a matrix may not set them in `training:` or a method.
 OWNED_FIELDS = {
@@ -54,10 +51,6 @@ Budget = tuple[float, float]
 class BenchConfigError(CliError):
     """A mistake in the matrix file (exit code 2)."""
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Specs
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -117,17 +110,12 @@ class Cell:
     def is_base(self) -> bool:
         return self.method == BASE_METHOD
 
-    @property
-    def id(self) -> str:
-        if self.is_base:
-            return BASE_METHOD
-        return f"{self.method}{'@' + budget_tag(self.budget) if self.budget else ''}/seed{self.seed}"
+    def _name(self, at: str, seed: str) -> str:
+        budget = at + budget_tag(self.budget) if self.budget else ""
+        return BASE_METHOD if self.is_base else f"{self.method}{budget}{seed}{self.seed}"
 
-    @property
-    def dirname(self) -> str:
-        if self.is_base:
-            return BASE_METHOD
-        return f"{self.method}{'_r' + budget_tag(self.budget) if self.budget else ''}_seed{self.seed}"
+    id = property(lambda self: self._name("@", "/seed"))
+    dirname = property(lambda self: self._name("_r", "_seed"))
 
     @property
     def row_key(self) -> tuple[str, Budget | None]:
@@ -147,10 +135,6 @@ def budget_label(budget: Budget | None) -> str:
     """``(0.25, 0.5)`` -> ``"25% x 50%"``; no budget -> ``"-"``."""
     return f"{_pct(budget[0])}% x {_pct(budget[1])}%" if budget else "-"
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Schema: what each mapping of the matrix file may hold
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 class _Spec(BaseModel):
@@ -255,14 +239,13 @@ TRAIN_SCHEMAS: dict[str, type[TrainData]] = {
     "gsm8k_jsonl": Gsm8kJsonlTrain, "demo_math": DemoMathTrain, "arithmetic": ArithmeticTrain, "local": LocalTrain,
 }  # fmt: skip
 """``data.train``: the keys of its source only."""
-SOURCE_OPTIONS = {source: tuple(k for k in schema.model_fields if k not in TrainData.model_fields and k != "path")
-                  for source, schema in TRAIN_SCHEMAS.items()}  # fmt: skip
-"""Each source's own keys (passed to the data loader, which has their defaults)."""
 
 
 def source_options(spec: BaseModel, source: str) -> dict[str, Any]:
-    """The source's own keys, as far as the file sets them (hashed as written: unset keys stay out)."""
-    return {k: getattr(spec, k) for k in SOURCE_OPTIONS[source] if k in spec.model_fields_set}
+    """The source's own keys (passed to the data loader, which has their defaults), as far as the file sets them
+    (hashed as written: unset keys stay out)."""
+    return {k: getattr(spec, k) for k in TRAIN_SCHEMAS[source].model_fields
+            if k not in TrainData.model_fields and k != "path" and k in spec.model_fields_set}  # fmt: skip
 
 
 class DataSpec(_Spec):
@@ -274,7 +257,7 @@ class DataSpec(_Spec):
 class TransferSpec(_Spec):
     """``eval.transfer``: every source's keys (its source's are used)."""
 
-    source: Literal[SOURCES] = "demo_math"
+    source: Literal[tuple(TRAIN_SCHEMAS)] = "demo_math"
     size: Positive = 64
     seed: int = 0
     batch_size: Positive = 8
@@ -444,10 +427,7 @@ def _schema_error(error: dict[str, Any], schema: type[BaseModel], value: Any, wh
     return field_error(".".join(names) or "the matrix", problem, fix)
 
 
-SpecT = TypeVar("SpecT", bound=BaseModel)
-
-
-def _check(schema: type[SpecT], value: Any, where: str) -> SpecT:
+def _check(schema: type[BaseModel], value: Any, where: str) -> Any:
     """``value`` validated by ``schema``; its first mistake raised as a :class:`BenchConfigError`."""
     try:
         return schema.model_validate(value)
@@ -462,10 +442,8 @@ def _existing_path(text: str, where: str, *, check: bool, kind: str = "file") ->
     path = Path(text).expanduser()
     resolved = (path if path.is_absolute() else Path.cwd() / path).resolve()
     if check and not resolved.exists():
-        raise field_error(
-            where, f"{kind} not found: {text}",
-            f"relative paths resolve against the current directory {Path.cwd()}; give an existing path",
-        )
+        raise field_error(where, f"{kind} not found: {text}",
+                          f"relative paths resolve against the current directory {Path.cwd()}; give an existing path")
     return str(path)
 
 
@@ -483,11 +461,11 @@ def _setting(name: str, *layers: dict[str, Any]) -> Any:
     return next((layer[name] for layer in reversed(layers) if name in layer), _qtuning_fields().get(name))
 
 
-def _check_fields(settings: dict[str, Any], where: str, fields: dict[str, Any]) -> None:
+def _check_fields(settings: dict[str, Any], where: str) -> None:
     for key in settings:
         if key in OWNED_FIELDS:
             raise field_error(f"{where}.{key}", "is set by the bench for every cell", f"set it through {OWNED_FIELDS[key]}")
-        if key not in fields:
+        if key not in _qtuning_fields():
             raise field_error(
                 f"{where}.{key}", "unknown QTuningConfig field",
                 "check the spelling; valid keys are the fields of QTuningConfig / trl.SFTConfig "
@@ -495,13 +473,10 @@ def _check_fields(settings: dict[str, Any], where: str, fields: dict[str, Any]) 
             )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Cell configs
-# ----------------------------------------------------------------------------------------------------------------------
 
-
-def _default_training() -> dict[str, Any]:
-    """Bench defaults for every cell (a matrix's `training:` overrides them): what demo/run.py uses on a CPU."""
+def with_defaults(*layers: dict[str, Any]) -> dict[str, Any]:
+    """The bench defaults for every cell (what demo/run.py uses on a CPU) under the given settings (a set
+    `gradient_checkpointing` drops the default's alias)."""
     import torch
 
     from ..demo.run import bf16_is_fast
@@ -510,7 +485,7 @@ def _default_training() -> dict[str, Any]:
     # Newer transformers name it `activation_checkpointing` and warn at `gradient_checkpointing`; older ones know
     # only `gradient_checkpointing`.
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in _qtuning_fields() else "gradient_checkpointing"
-    return {
+    merged = {
         "use_cpu": not use_cuda,
         "bf16": bf16_is_fast(use_cuda),  # bf16 autocast only where the hardware makes it fast
         checkpointing: False,
@@ -520,11 +495,6 @@ def _default_training() -> dict[str, Any]:
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
     }
-
-
-def with_defaults(*layers: dict[str, Any]) -> dict[str, Any]:
-    """The bench defaults under the given settings (a set `gradient_checkpointing` drops the default's alias)."""
-    merged = _default_training()
     settings = {k: v for layer in layers for k, v in layer.items()}
     if {"gradient_checkpointing", "activation_checkpointing"} & set(settings):
         merged.pop("gradient_checkpointing", None)
@@ -563,16 +533,12 @@ def cell_config_kwargs(
 def build_config(kwargs: dict[str, Any], where: str):
     from ..config import QTuningConfig
 
-    _check_fields({k: v for k, v in kwargs.items() if k not in OWNED_FIELDS}, where, _qtuning_fields())
+    _check_fields({k: v for k, v in kwargs.items() if k not in OWNED_FIELDS}, where)
     try:
         return QTuningConfig(**kwargs)
     except ValueError as exc:  # QTuningConfig / SFTConfig / TrainingArguments validation
         raise field_error(where, one_line(exc)) from exc
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
@@ -606,12 +572,44 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
             raise field_error("model", f"not a model folder (no config.json): {model}", "give `demo` or a saved model folder")
 
     heldout_size = spec.data.heldout_size
-    train = _parse_train(spec.data.train, check_inputs)
+    source = spec.data.train.get("source")
+    if source not in TRAIN_SCHEMAS:
+        raise field_error("data.train.source", f"must be one of {', '.join(TRAIN_SCHEMAS)}, got {source!r}")
+    train = _check(TRAIN_SCHEMAS[source], spec.data.train, "data.train")
+    if "label_noise_type" in train.model_fields_set and not train.label_noise:
+        raise field_error("data.train.label_noise_type", "has no effect without label_noise",
+                          "set label_noise (e.g. 0.3), or remove label_noise_type")
+    if isinstance(train, (Gsm8kJsonlTrain, LocalTrain)):
+        train.path = _existing_path(train.path, "data.train.path", check=check_inputs)
     training = dict(spec.training or {})
-    fields = _qtuning_fields()
-    _check_fields(training, "training", fields)
-    eval_spec = _parse_eval(spec.eval or EvalSpec(), heldout_size, check_inputs)
-    methods = _parse_methods(spec, training, fields)
+    _check_fields(training, "training")
+    eval_spec = spec.eval or EvalSpec()
+    if eval_spec.nll is not None and heldout_size < 1:
+        raise field_error("eval.nll", "needs held-out rows, but data.heldout_size is 0",
+                          "set data.heldout_size (e.g. 64), or eval.nll: false")
+    gsm8k = eval_spec.gsm8k
+    if gsm8k is not None:
+        gsm8k.source = gsm8k.source or ("gsm8k_jsonl" if gsm8k.path else "gsm8k_test")
+        if gsm8k.source == "gsm8k_jsonl":
+            if not gsm8k.path:
+                raise field_error("eval.gsm8k.path", "missing (source gsm8k_jsonl)", "give the test jsonl's path")
+            gsm8k.path = _existing_path(gsm8k.path, "eval.gsm8k.path", check=check_inputs)
+    if eval_spec.every_steps is not None and eval_spec.nll is None:
+        raise field_error("eval.every_steps", "the learning curve is the held-out NLL, but eval.nll is off",
+                          "set eval.nll: true (and data.heldout_size), or remove every_steps")
+    if eval_spec.contrast is not None and heldout_size < 2:
+        raise field_error("eval.contrast", f"compares held-out rows, but data.heldout_size is {heldout_size}",
+                          "set data.heldout_size (e.g. 48), or remove eval.contrast")
+    off = eval_spec.transfer is None or eval_spec.transfer is False
+    transfer = None if off else _check(TransferSpec, eval_spec.transfer, "eval.transfer")
+    eval_spec.transfer = transfer and {
+        **transfer.model_dump(include={"source", "size", "seed", "batch_size", "max_length"}),
+        **source_options(transfer, transfer.source)}  # fmt: skip
+    if transfer is not None and transfer.source in ("gsm8k_jsonl", "local"):
+        if transfer.path is None:
+            raise field_error("eval.transfer.path", f"missing (source {transfer.source} reads a local file)", FIXES["path"])
+        eval_spec.transfer["path"] = _existing_path(transfer.path, "eval.transfer.path", check=check_inputs)
+    methods = _parse_methods(spec, training)
     if train.label_noise:
         for method in methods:
             if method.qtuning_enabled and _setting("qtuning_ledger", training, method.overrides) == "none":
@@ -621,13 +619,21 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     reference = spec.clean_reference
     if reference is not None:
         reference = _existing_path(reference, "clean_reference", check=check_inputs)
-
+    equal_compute = _parse_equal_compute(spec.equal_compute, methods, training)
+    names = [m.name for m in methods]
+    for i, name in enumerate(spec.baselines or []):
+        if name not in names:
+            raise field_error(f"baselines[{i}]", f"{name!r} is not a method of the matrix", f"name one of {', '.join(names)}")
+    baselines = list(spec.baselines) if spec.baselines is not None else [  # default: full data, and random samples
+        m.name for m in methods if not m.qtuning_enabled] + [  # with random tokens at their own budget
+        m.name for m in methods if m.qtuning_enabled and m.match_label_tokens is None
+        and _setting("sample_policy", training, m.overrides) == "random"
+        and _setting("token_policy", training, m.overrides) == "random"]  # fmt: skip
     matrix = Matrix(
         path=path, text=text, experiment=spec.experiment, output_dir=output_dir, report_to=report_to,
         tracking_uri=spec.tracking_uri, model=model, lora=spec.lora and spec.lora.model_dump(), train=train,
         heldout_size=heldout_size, training=training, eval=eval_spec, methods=methods, seeds=list(spec.seeds),
-        equal_compute=_parse_equal_compute(spec.equal_compute, methods, training),
-        baselines=_parse_baselines(spec.baselines, methods, training), clean_reference=reference,
+        equal_compute=equal_compute, baselines=baselines, clean_reference=reference,
     )  # fmt: skip
     if check_inputs:
         build_config({**with_defaults(training), "output_dir": str(output_dir / "_check")}, "training")
@@ -640,54 +646,7 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     return matrix
 
 
-def _parse_train(raw: dict[str, Any], check_inputs: bool) -> TrainData:
-    source = raw.get("source")
-    if source not in TRAIN_SCHEMAS:
-        raise field_error("data.train.source", f"must be one of {', '.join(SOURCES)}, got {source!r}")
-    spec = _check(TRAIN_SCHEMAS[source], raw, "data.train")
-    if "label_noise_type" in spec.model_fields_set and not spec.label_noise:
-        raise field_error("data.train.label_noise_type", "has no effect without label_noise",
-                          "set label_noise (e.g. 0.3), or remove label_noise_type")
-    if isinstance(spec, (Gsm8kJsonlTrain, LocalTrain)):
-        spec.path = _existing_path(spec.path, "data.train.path", check=check_inputs)
-    return spec
-
-
-def _parse_eval(raw: EvalSpec, heldout_size: int, check_inputs: bool) -> EvalSpec:
-    if raw.nll is not None and heldout_size < 1:
-        raise field_error("eval.nll", "needs held-out rows, but data.heldout_size is 0",
-                          "set data.heldout_size (e.g. 64), or eval.nll: false")
-    gsm8k = raw.gsm8k
-    if gsm8k is not None:
-        gsm8k.source = gsm8k.source or ("gsm8k_jsonl" if gsm8k.path else "gsm8k_test")
-        if gsm8k.source == "gsm8k_jsonl":
-            if not gsm8k.path:
-                raise field_error("eval.gsm8k.path", "missing (source gsm8k_jsonl)", "give the test jsonl's path")
-            gsm8k.path = _existing_path(gsm8k.path, "eval.gsm8k.path", check=check_inputs)
-    if raw.every_steps is not None and raw.nll is None:
-        raise field_error("eval.every_steps", "the learning curve is the held-out NLL, but eval.nll is off",
-                          "set eval.nll: true (and data.heldout_size), or remove every_steps")
-    if raw.contrast is not None and heldout_size < 2:
-        raise field_error("eval.contrast", f"compares held-out rows, but data.heldout_size is {heldout_size}",
-                          "set data.heldout_size (e.g. 48), or remove eval.contrast")
-    raw.transfer = _parse_transfer(raw.transfer, check_inputs)
-    return raw
-
-
-def _parse_transfer(value: Any, check_inputs: bool) -> dict[str, Any] | None:
-    if value is None or value is False:
-        return None
-    spec = _check(TransferSpec, value, "eval.transfer")
-    out = {**spec.model_dump(include={"source", "size", "seed", "batch_size", "max_length"}),
-           **source_options(spec, spec.source)}  # fmt: skip
-    if spec.source in ("gsm8k_jsonl", "local"):
-        if spec.path is None:
-            raise field_error("eval.transfer.path", f"missing (source {spec.source} reads a local file)", FIXES["path"])
-        out["path"] = _existing_path(spec.path, "eval.transfer.path", check=check_inputs)
-    return out
-
-
-def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: dict[str, Any]) -> list[Method]:
+def _parse_methods(spec: MatrixSpec, training: dict[str, Any]) -> list[Method]:
     default_enabled = _setting("qtuning_enabled", training)
     methods: list[Method] = []
     for name, overrides in spec.methods.items():
@@ -701,9 +660,8 @@ def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: dict[str,
             raise field_error(f"{where}.max_steps", "every method trains the same steps (the equal-steps point)",
                               "set training.max_steps, and equal_compute to train methods on to equal compute")
         keys = _check(MethodKeys, {k: overrides[k] for k in MethodKeys.model_fields if k in overrides}, where)
-        for key in METHOD_BENCH_KEYS:
-            overrides.pop(key, None)
-        _check_fields(overrides, where, fields)
+        overrides = {k: v for k, v in overrides.items() if k not in ("budgets", "match_label_tokens")}  # the bench's
+        _check_fields(overrides, where)
         enabled = default_enabled if keys.qtuning_enabled is None else keys.qtuning_enabled
         if not isinstance(enabled, bool):
             raise field_error("training.qtuning_enabled", f"must be true or false, got {enabled!r}")
@@ -743,17 +701,15 @@ def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: dict[str,
     return methods
 
 
-def _parse_equal_compute(
-    spec: EqualCompute | None, methods: list[Method], training: dict[str, Any]
-) -> EqualCompute | None:
+def _parse_equal_compute(spec: EqualCompute | None, methods: list[Method], training: dict[str, Any]) -> EqualCompute | None:
     if spec is None:
         return None
     reference, max_steps = spec.reference, spec.max_steps
-    names = [m.name for m in methods]
-    if reference not in names:
+    by_name = {m.name: m for m in methods}
+    if reference not in by_name:
         raise field_error("equal_compute.reference", f"{reference!r} is not a method of the matrix",
-                   f"name one of {', '.join(names)} (add it to `methods:`)")
-    if len(next(m for m in methods if m.name == reference).budgets) != 1:
+                   f"name one of {', '.join(by_name)} (add it to `methods:`)")
+    if len(by_name[reference].budgets) != 1:
         raise field_error("equal_compute.reference", f"method {reference!r} has several budgets, so its compute is ambiguous",
                    "use a method with one budget (e.g. full data)")
     steps = training.get("max_steps")
@@ -763,7 +719,7 @@ def _parse_equal_compute(
     if max_steps < steps:
         raise field_error("equal_compute.max_steps", f"{max_steps} < training.max_steps {steps}",
                    "allow at least as many steps as the equal-steps point")
-    if next(m for m in methods if m.name == reference).match_label_tokens is not None:
+    if by_name[reference].match_label_tokens is not None:
         raise field_error("equal_compute.reference", f"method {reference!r} trains at another method's token share, "
                           "which runs after the reference", "use a method with its own budget (e.g. full data)")
     for method in methods:
@@ -781,21 +737,6 @@ def _parse_equal_compute(
     return spec
 
 
-def _parse_baselines(value: list[str] | None, methods: list[Method], training: dict[str, Any]) -> list[str]:
-    names = [m.name for m in methods]
-    if value is None:  # full data, and random samples with random tokens at their own budget
-        return [m.name for m in methods if not m.qtuning_enabled] + [
-            m.name for m in methods
-            if m.qtuning_enabled and m.match_label_tokens is None
-            and _setting("sample_policy", training, m.overrides) == "random"
-            and _setting("token_policy", training, m.overrides) == "random"
-        ]  # fmt: skip
-    for i, name in enumerate(value):
-        if name not in names:
-            raise field_error(f"baselines[{i}]", f"{name!r} is not a method of the matrix", f"name one of {', '.join(names)}")
-    return list(value)
-
-
 def plan_cells(matrix: Matrix, only: list[str] | None = None) -> list[Cell]:
     """Every cell in run order: ``base`` (if ``eval.base`` and an evaluation is enabled), then seed by seed, each
     method's budgets, so a bench stopped early still has every method at the first seeds. Within a seed the
@@ -811,10 +752,7 @@ def plan_cells(matrix: Matrix, only: list[str] | None = None) -> list[Cell]:
             cells.extend(Cell(method.name, budget, seed) for budget in method.budgets)
     if only:
         names = {BASE_METHOD} | {m.name for m in matrix.methods}
-        unknown = [name for name in only if name not in names]
-        if unknown:
-            raise BenchConfigError(
-                f"--only {unknown[0]}: no such method in the matrix (methods: {', '.join(sorted(names))})"
-            )
+        if unknown := [name for name in only if name not in names]:
+            raise BenchConfigError(f"--only {unknown[0]}: no such method in the matrix (methods: {', '.join(sorted(names))})")
         cells = [c for c in cells if c.method in only]
     return cells

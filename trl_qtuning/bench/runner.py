@@ -27,14 +27,10 @@ from .progress import CellProgress, duration
 from .provenance import code_state, fingerprint
 from .results import RESULT_FILE, cell_record, read_result, write_json
 
-__all__ = ["CellTargets", "cell_targets", "run_base_cell", "run_bench", "run_train_cell"]
+__all__ = ["cell_targets", "run_base_cell", "run_bench", "run_train_cell"]
 
 SUMMARY_METRICS = (("eval/nll", "NLL"), ("eval/nll_transfer", "transfer NLL"), ("eval/gsm8k_em", "GSM8K EM"),
                    ("eval/arc_easy_acc", "ARC-E acc"), ("eval/arc_challenge_acc", "ARC-C acc"))  # fmt: skip
-
-
-CellTargets = dict
-"""What a cell takes from cells run before it: ``compute`` (the equal-compute target) and ``label_share``."""
 
 
 def _realised(history: list[dict[str, Any]], qtuning_enabled: bool, max_step: int | None) -> dict[str, float | None]:
@@ -66,9 +62,10 @@ def _pooled_label_share(ledger_dir: Path, max_step: int | None) -> float | None:
     return realised_budgets(sums)["label_token_share"]
 
 
-def cell_targets(matrix: Matrix, cell: Cell) -> CellTargets:
-    """The targets a cell needs from finished cells of the same seed; a missing one is a clear error."""
-    targets = CellTargets()
+def cell_targets(matrix: Matrix, cell: Cell) -> dict[str, Any]:
+    """The targets a cell needs from finished cells of the same seed (``compute``: the equal-compute target;
+    ``label_share``: the matched label-token share); a missing one is a clear error."""
+    targets: dict[str, Any] = {}
     if cell.is_base:
         return targets
     method = matrix.method(cell.method)
@@ -150,14 +147,8 @@ def _noise_audit(matrix: Matrix, data: dict[str, Any], cell_dir: Path, qtuning_e
         return {"error": one_line(exc), "trained_share_corrupted": None, "by_quadrant": {}, "by_decision": {}}
 
 
-def run_train_cell(
-    matrix: Matrix,
-    cell: Cell,
-    data: dict[str, Any],
-    cell_dir: Path,
-    targets: CellTargets | None = None,
-    progress: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def run_train_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Path,
+                   targets: dict[str, Any] | None = None, progress: dict[str, Any] | None = None) -> dict[str, Any]:
     """Seed, load a fresh model, train with ``QTuningSFTTrainer`` (counting compute, recording the curve, stopping
     at the equal-compute target), evaluate, log to the training's MLflow run."""
     from transformers import PrinterCallback, set_seed
@@ -165,7 +156,7 @@ def run_train_cell(
     from ..compute import ComputeMeter
     from ..trainer import QTuningSFTTrainer
 
-    targets = targets if targets is not None else CellTargets()
+    targets = targets if targets is not None else {}
     method = matrix.method(cell.method)
     kwargs = cell_config_kwargs(matrix, cell, method, matched_label_share=targets.get("label_share"))
     set_seed(int(cell.seed or 0))
@@ -190,14 +181,11 @@ def run_train_cell(
     def log_point(metrics: dict[str, float], step: int) -> None:
         """To the cell's MLflow run; the step-0 point comes before the run exists and waits for it."""
         pending.append((metrics, step))
-        sink = getattr(tracking, "sink", None)
-        if sink is None:
-            return
-        with contextlib.suppress(Exception):  # tracking never stops training
-            while pending:
-                values, at = pending[0]
-                sink.log_metrics(values, step=at)
-                pending.pop(0)
+        if (sink := getattr(tracking, "sink", None)) is not None:
+            with contextlib.suppress(Exception):  # tracking never stops training
+                while pending:
+                    sink.log_metrics(pending[0][0], step=pending[0][1])
+                    pending.pop(0)
 
     curve = CurveRecorder(
         measure=lambda m: curve_metrics(m, trainer.processing_class, matrix, data, bf16=bf16), meter=meter,
@@ -245,7 +233,7 @@ def run_train_cell(
                 extra["bench/noise_trained_share_corrupted"] = audit["trained_share_corrupted"]
             run_id = send(sink, {**metrics, **extra}, step=final_step)
         mlflow_info = {"run_id": run_id or run_id_from_disk(cell_dir), "experiment": matrix.experiment}
-    record = cell_record(
+    return cell_record(
         matrix, cell, metrics=metrics, train_seconds=train_seconds, eval_seconds=eval_seconds,
         global_step=final_step, train_loss=getattr(train_output, "training_loss", None),
         qtuning_enabled=bool(config.qtuning_enabled), overrides=method.overrides, realised=realised,
@@ -255,7 +243,6 @@ def run_train_cell(
         curve=curve.points if curve else None, noise_audit=audit,
         corrupted_ids=data.get("corrupted_ids") or None, noise_type=data.get("noise_type"),
     )  # fmt: skip
-    return record
 
 
 def _free_memory() -> None:
@@ -267,24 +254,13 @@ def _free_memory() -> None:
             torch.cuda.empty_cache()
 
 
-def _quiet_libraries() -> None:
+def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | None = None) -> int:
+    """Run every cell not yet finished, then write and print the table. Returns the exit code (1 if a cell failed)."""
     import warnings
 
     import datasets
     import transformers
 
-    warnings.filterwarnings("ignore", module=r"(transformers|trl|peft|torch|datasets|mlflow)")
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
-def _metric_summary(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{label} {metrics[key]:.4g}" for key, label in SUMMARY_METRICS if key in metrics)
-
-
-def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | None = None) -> int:
-    """Run every cell not yet finished, then write and print the table. Returns the exit code (1 if a cell failed)."""
     from . import runner  # cells are looked up on the module, so tests can replace them
     from .tables import render_results
 
@@ -294,7 +270,10 @@ def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | N
     code_state()  # the commit of the code this process runs, before any cell trains (results record it)
     matrix.output_dir.mkdir(parents=True, exist_ok=True)
     (matrix.output_dir / "matrix.yaml").write_text(matrix.text, encoding="utf-8")
-    _quiet_libraries()
+    warnings.filterwarnings("ignore", module=r"(transformers|trl|peft|torch|datasets|mlflow)")
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     print(f"== {PROG}: {len(cells)} cell(s), experiment {matrix.experiment!r}, output {matrix.output_dir} ==", flush=True)
     data = None
     failed: list[str] = []
@@ -305,8 +284,7 @@ def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | N
         done = read_result(cell_dir, cell)
         if done is not None:
             stale = "" if done.get("fingerprint") == fingerprint(matrix, cell) else (
-                " -- made with other settings than the matrix's now; delete the folder to rerun"
-            )
+                " -- made with other settings than the matrix's now; delete the folder to rerun")
             print(f"{prefix}: skipped (done){stale}", flush=True)
             continue
         try:
@@ -349,7 +327,8 @@ def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | N
         steps = "" if cell.is_base else f"{record['global_step']} steps, "
         run = (record.get("mlflow") or {}).get("run_id")
         print(f"{prefix}: done ({steps}{timing}evaluated {record['eval_seconds']:.0f} s) "
-              f"{_metric_summary(record['metrics'])}" + (f" [MLflow run {run}]" if run else ""), flush=True)  # fmt: skip
+              + ", ".join(f"{label} {record['metrics'][key]:.4g}" for key, label in SUMMARY_METRICS if key in record["metrics"])
+              + (f" [MLflow run {run}]" if run else ""), flush=True)  # fmt: skip
     print()
     render_results(matrix, command=command)
     if failed:

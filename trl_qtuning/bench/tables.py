@@ -41,10 +41,6 @@ PAIRED_LABELS = {"eval/nll": "NLL", "eval/nll_transfer": "transfer NLL", "eval/c
                  "eval/contrast_numbers": "arithmetic contrast"}  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Readings
-# ----------------------------------------------------------------------------------------------------------------------
-
 
 def reading(result: dict[str, Any], kind: str, equal_steps: int | None) -> dict[str, Any]:
     """A cell's metrics at equal steps (``training.max_steps``) or at equal compute (where its counted compute
@@ -76,8 +72,8 @@ def _fmt(value: float | None, kind: str) -> str:
     return f"{value * 100:.1f}" if kind == "pct" else format(value, FORMATS[kind])
 
 
-def _mean_std(stats: dict[str, Any], kind: str) -> str:
-    return f"{_fmt(stats['mean'], kind)} ± {_fmt(stats['std'], kind)}"
+def _fmt_mean(stats: dict[str, Any] | None, kind: str) -> str:
+    return _fmt(stats["mean"], kind) if stats else "-"
 
 
 COUNTS = ("step", "compute")
@@ -186,9 +182,7 @@ def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[
     return rows, missing, results
 
 
-def stale_results(
-    matrix: Matrix, cells: list[Cell], results: dict[str, dict[str, Any] | None]
-) -> dict[str, str]:
+def stale_results(matrix: Matrix, cells: list[Cell], results: dict[str, dict[str, Any] | None]) -> dict[str, str]:
     """Finished cells that no longer belong to the matrix, with the reason: made with other settings (their
     fingerprint), or trained against a target (equal-compute reference's compute, matched label-token share) that
     is not the one the finished source cell now gives."""
@@ -220,7 +214,6 @@ def stale_results(
     return stale
 
 
-
 def _pool_audits(audits_by_seed: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     """Mean over seeds of the trained shares; counts summed over seeds; and the selectivity: per seed, the share of
     corrupted sample-steps trained on minus the share of clean ones, with its 95% t interval (below 0: the method
@@ -228,11 +221,8 @@ def _pool_audits(audits_by_seed: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     a ledger (full data trains everything by definition) have no selectivity."""
     shares = pd.DataFrame(list(audits_by_seed.values()), columns=["trained_share_corrupted", "trained_share_clean"])
     pooled: dict[str, Any] = {"seeds": len(audits_by_seed), **_summaries(shares.assign(all=0), ["all"])[0]}
-    ledgered = {
-        seed: a for seed, a in audits_by_seed.items()
-        if a.get("sample_steps") and a.get("trained_share_corrupted") is not None
-        and a.get("trained_share_clean") is not None
-    }  # fmt: skip
+    ledgered = {seed: a for seed, a in audits_by_seed.items() if a.get("sample_steps")
+                and a.get("trained_share_corrupted") is not None and a.get("trained_share_clean") is not None}  # fmt: skip
     pooled["selectivity"] = paired_difference(
         {seed: a["trained_share_corrupted"] for seed, a in ledgered.items()},
         {seed: a["trained_share_clean"] for seed, a in ledgered.items()},
@@ -243,14 +233,6 @@ def _pool_audits(audits_by_seed: dict[Any, dict[str, Any]]) -> dict[str, Any]:
                               columns=["name", "corrupted", "clean"])  # fmt: skip
         pooled[group] = counts.groupby("name", sort=False).sum().to_dict("index")
     return pooled
-
-
-def _baseline_row(rows: list[dict[str, Any]], baseline: str, budget: list[float] | None) -> dict[str, Any] | None:
-    candidates = [r for r in rows if r["method"] == baseline]
-    same = next((r for r in candidates if r["budget"] == budget), None)
-    if same is not None:
-        return same
-    return candidates[0] if len(candidates) == 1 and candidates[0]["budget"] is None else None
 
 
 def _paired(mine: dict[Any, dict[str, float]], theirs: dict[Any, dict[str, float]]) -> dict[str, Any]:
@@ -272,16 +254,14 @@ def _add_paired(matrix: Matrix, rows: list[dict[str, Any]], kinds: list[str]) ->
             continue
         for kind in kinds:
             row[kind]["paired"] = {}
-            for baseline in matrix.baselines:
-                base = _baseline_row(rows, baseline, row["budget"])
+            for baseline in matrix.baselines:  # the same budget, or the baseline's only row without one
+                candidates = [r for r in rows if r["method"] == baseline]
+                base = next((r for r in candidates if r["budget"] == row["budget"]), None) or (
+                    candidates[0] if len(candidates) == 1 and candidates[0]["budget"] is None else None)
                 if base is not None and base is not row:
                     if paired := _paired(row[kind]["per_seed"], base[kind]["per_seed"]):
                         row[kind]["paired"][baseline] = paired
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Markdown
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def _markdown(headers: list[str], body: list[list[str]], right_from: int = 2) -> str:
@@ -310,18 +290,14 @@ def format_table(rows: list[dict[str, Any]], kind: str = "equal_steps", *, final
         values = [row["method"], row["budget_label"], str(row["n"])]
         for key, _, fmt in metric_cols:
             stats = read.get("metrics", {}).get(key)
-            cell = _mean_std(stats, fmt) if stats else "-"
+            cell = f"{_fmt(stats['mean'], fmt)} ± {_fmt(stats['std'], fmt)}" if stats else "-"
             if stats and len(stats["values"]) < row["n"]:  # not every seed has it (e.g. read past its last step)
                 cell += f" (n={len(stats['values'])})"
             values.append(cell)
-        for key in ("realised_sample_keep_ratio", "realised_label_token_share"):
-            stats = read.get(key) or row.get(key)
-            values.append(_fmt(stats["mean"], "share") if stats else "-")
-        if with_compute:
-            values.append(_fmt(read["step"]["mean"], "count") if read.get("step") else "-")
-            values.append(_fmt(read["compute"]["mean"], "count") if read.get("compute") else "-")
-        values.append(_fmt(row["train_seconds"]["mean"], "seconds") if row.get("train_seconds") else "-")
-        body.append(values)
+        values += [_fmt_mean(read.get(k) or row.get(k), "share")
+                   for k in ("realised_sample_keep_ratio", "realised_label_token_share")]
+        values += [_fmt_mean(read.get("step"), "count"), _fmt_mean(read.get("compute"), "count")] if with_compute else []
+        body.append([*values, _fmt_mean(row.get("train_seconds"), "seconds")])
     return _markdown(headers, body)
 
 
@@ -334,23 +310,9 @@ def against_reference(matrix: Matrix, rows: list[dict[str, Any]]) -> list[dict[s
         return []
     reference_rows, _, _ = collect_rows(load_matrix(matrix.clean_reference, check_inputs=False))
     found = {(r["method"], r["budget_label"]): r for r in reference_rows if r["budget_label"] != "(untrained)"}
-    compared = []
-    for row in rows:
-        theirs = found.get((row["method"], row["budget_label"]))
-        paired = theirs and _paired(row["equal_steps"]["per_seed"], theirs["equal_steps"]["per_seed"])
-        if paired:
-            compared.append({"method": row["method"], "budget_label": row["budget_label"], "paired": paired})
-    return compared
-
-
-def format_against_reference(compared: list[dict[str, Any]], reference: str) -> str | None:
-    """The table of :func:`against_reference`."""
-    keys = [k for k in PAIRED_KEYS if any(k in c["paired"] for c in compared)]
-    if not keys:
-        return None
-    headers = ["method", "budget (samples x tokens)", *[f"Δ {PAIRED_LABELS[k]} vs clean [95% CI]" for k in keys]]
-    body = [[c["method"], c["budget_label"], *[_format_difference(c["paired"].get(k)) for k in keys]] for c in compared]
-    return f"Reference: `{reference}`.\n\n" + _markdown(headers, body)
+    pairs = ((row, found.get((row["method"], row["budget_label"]))) for row in rows)
+    return [{"method": row["method"], "budget_label": row["budget_label"], "paired": paired} for row, theirs in pairs
+            if theirs and (paired := _paired(row["equal_steps"]["per_seed"], theirs["equal_steps"]["per_seed"]))]
 
 
 def _format_difference(d: dict[str, Any] | None, scale: float = 1, verdicts: dict[str, str] | None = None) -> str:
@@ -371,15 +333,8 @@ def format_paired(rows: list[dict[str, Any]], kind: str, baselines: list[str]) -
     if not cols:
         return None
     headers = ["method", "budget (samples x tokens)", *[f"Δ {PAIRED_LABELS[k]} vs {b} [95% CI]" for b, k in cols]]
-    body = []
-    for row in rows:
-        paired = row.get(kind, {}).get("paired")
-        if not paired:
-            continue
-        values = [row["method"], row["budget_label"]]
-        for baseline, key in cols:
-            values.append(_format_difference((paired.get(baseline) or {}).get(key)))
-        body.append(values)
+    body = [[row["method"], row["budget_label"], *[_format_difference((paired.get(b) or {}).get(k)) for b, k in cols]]
+            for row in rows if (paired := row.get(kind, {}).get("paired"))]  # fmt: skip
     return _markdown(headers, body) if body else None
 
 
@@ -399,29 +354,20 @@ def format_audit(rows: list[dict[str, Any]]) -> str | None:
     audited = [r for r in rows if r.get("noise_audit")]
     if not audited:
         return None
-    quadrants = sorted({q for r in audited for q in r["noise_audit"]["by_quadrant"]})
-    decisions = sorted({d for r in audited for d in r["noise_audit"]["by_decision"]})
+    groups = {g: sorted({n for r in audited for n in r["noise_audit"][g]}) for g in ("by_quadrant", "by_decision")}
 
     def share(entry: dict[str, int] | None) -> str:
-        if not entry or not entry["corrupted"] + entry["clean"]:
-            return "-"
-        total = entry["corrupted"] + entry["clean"]
-        return f"{entry['corrupted'] / total:.0%} of {total}"
+        total = entry["corrupted"] + entry["clean"] if entry else 0
+        return f"{entry['corrupted'] / total:.0%} of {total}" if total else "-"
 
     headers = ["method", "budget (samples x tokens)", "seeds", "corrupted trained", "clean trained",
-               SELECTIVITY_HEADER, *[f"corrupted in {q}" for q in quadrants],
-               *[f"corrupted in {d}" for d in decisions]]  # fmt: skip
-    body = []
-    for row in audited:
-        audit = row["noise_audit"]
-        values = [row["method"], row["budget_label"], str(audit["seeds"])]
-        for key in ("trained_share_corrupted", "trained_share_clean"):
-            values.append(_fmt(audit[key]["mean"], "share") if audit.get(key) else "-")
-        values.append(format_selectivity(audit.get("selectivity")))
-        values += [share(audit["by_quadrant"].get(q)) for q in quadrants]
-        values += [share(audit["by_decision"].get(d)) for d in decisions]
-        body.append(values)
-    return _markdown(headers, body, right_from=2)
+               SELECTIVITY_HEADER, *[f"corrupted in {n}" for names in groups.values() for n in names]]  # fmt: skip
+    body = [[row["method"], row["budget_label"], str(audit["seeds"]),
+             *[_fmt_mean(audit.get(k), "share") for k in ("trained_share_corrupted", "trained_share_clean")],
+             format_selectivity(audit.get("selectivity")),
+             *[share(audit[g].get(n)) for g, names in groups.items() for n in names]]
+            for row in audited for audit in [row["noise_audit"]]]  # fmt: skip
+    return _markdown(headers, body)
 
 
 TABLE_NOTE = (
@@ -474,14 +420,11 @@ def _cell_versions_line(results: list[dict[str, Any]]) -> str | None:
             if version:
                 seen.setdefault(library, Counter())[version] += 1
     recorded = sum(bool(result.get("versions")) for result in results)
-    parts = []
-    for library, counts in seen.items():
-        if len(counts) == 1 and counts.total() == recorded:
-            parts.append(f"{library} {next(iter(counts))}")
-        else:
-            by_version = sorted(counts.items(), key=_version_key)
-            parts.append(f"{library} " + " / ".join(f"{v} ({_cells(n)})" for v, n in by_version))
-    return ", ".join(parts) or None
+    return ", ".join(
+        f"{library} {next(iter(counts))}" if len(counts) == 1 and counts.total() == recorded
+        else f"{library} " + " / ".join(f"{v} ({_cells(n)})" for v, n in sorted(counts.items(), key=_version_key))
+        for library, counts in seen.items()
+    ) or None  # fmt: skip
 
 
 def _version_key(item: tuple[str, int]) -> tuple:
@@ -561,7 +504,6 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
     status = f"{total - len(missing)} of {total} cells finished"
     if missing:
         status += f"; missing: {', '.join(missing)}"
-    gpu = machine.get("gpu") or "none"
     numerics = untrained_readings(results)
     untrained = _untrained_line(numerics)
     sections: list[tuple[str, list[tuple[str | None, str | None]]]] = [  # title, [(note, table), ...]
@@ -577,7 +519,11 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         sections.append((f"Equal compute (the compute of `{ec.reference}`; at most {ec.max_steps} steps)",
                          [(None, table), (PAIRED_NOTE, format_paired(rows, "equal_compute", matrix.baselines))]))
     compared = against_reference(matrix, rows)
-    reference_table = format_against_reference(compared, matrix.clean_reference) if compared else None
+    keys = [k for k in PAIRED_KEYS if any(k in c["paired"] for c in compared)]
+    reference_table = (f"Reference: `{matrix.clean_reference}`.\n\n" + _markdown(
+        ["method", "budget (samples x tokens)", *[f"Δ {PAIRED_LABELS[k]} vs clean [95% CI]" for k in keys]],
+        [[c["method"], c["budget_label"], *[_format_difference(c["paired"].get(k)) for k in keys]] for c in compared],
+    )) if keys else None  # fmt: skip
     sections += [("Against the clean reference", [(REFERENCE_NOTE, reference_table)]),
                  ("Label noise audit", [(AUDIT_NOTE, format_audit(rows))])]
     sections = [(title, [(note, table) for note, table in parts if table]) for title, parts in sections]
@@ -599,7 +545,7 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         f"- commit: {commit_text}" + (f"; cells ran at {', '.join(commits)}" if commits else ""),
         f"- date: {now}",
         (f"- machine: {machine.get('cpu')}, {machine.get('cpu_count')} CPU cores, torch threads "
-         f"{machine.get('torch_threads', '?')}, GPU {gpu}; {machine.get('platform')}"),
+         f"{machine.get('torch_threads', '?')}, GPU {machine.get('gpu') or 'none'}; {machine.get('platform')}"),
         *([f"- cells ran on: {machines}"] if machines else []),
         *([untrained] if untrained else []),
         *([f"- cells ran with: {cell_versions}"] if (cell_versions := _cell_versions_line(results)) else []),
