@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from trl_qtuning.batch import LOSS_WEIGHT_COLUMN, apply_decisions, has_rows, placeholder, runnable_micro_batches
-from trl_qtuning.scoring import RowLayout, Scorer
+from trl_qtuning.step.batch import LOSS_WEIGHT_COLUMN, apply_decisions, has_rows, placeholder, runnable_micro_batches
+from trl_qtuning.step.scoring import RowLayout, Scorer
 
 
 def _padded() -> dict:

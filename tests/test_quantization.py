@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trl_qtuning import quantization
+from trl_qtuning.integrations import quantization
 from trl_qtuning.cli import sft as sft_cli
 from trl_qtuning.cli.main import main
 
@@ -250,7 +250,7 @@ def test_fallback_to_plain_lora_is_opt_in_warned_and_tagged(tiny_inputs, tmp_pat
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "qlora-fallback")
     mlflow.MlflowClient().create_experiment("qlora-fallback", artifact_location=(tmp_path / "artifacts").as_uri())
     captured = _capture_trainer(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="trl_qtuning.quantization"):
+    with caplog.at_level(logging.WARNING, logger="trl_qtuning.integrations.quantization"):
         args = _sft_args(model_dir, data, tmp_path / "out", "--quantization_fallback", "lora", "--report_to", "mlflow")
         assert main(args) == 0
     assert any("PLAIN LoRA" in r.getMessage() and "not installed" in r.getMessage() for r in caplog.records)
@@ -416,7 +416,7 @@ def test_large_model_in_4bit_on_cpu_warns(tmp_path, bitsandbytes_ok, caplog):
         vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
         num_key_value_heads=32, tie_word_embeddings=True, architectures=["LlamaForCausalLM"],
     ).save_pretrained(tmp_path)  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="trl_qtuning.quantization"):
+    with caplog.at_level(logging.WARNING, logger="trl_qtuning.integrations.quantization"):
         plan = quantization.plan_quantization(quantization.qlora_model_config(str(tmp_path)), _args())
     assert plan.mode == "4-bit" and plan.report.total_params == 1_711_376_384
     assert any("(1.7B parameters) in 4-bit on the CPU" in r.getMessage() for r in caplog.records)

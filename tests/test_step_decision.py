@@ -10,10 +10,10 @@ import torch
 
 from trl_qtuning import select_qtuning
 from trl_qtuning.core import SelectionParams, decorrelated_entropy, plane_correlation
-from trl_qtuning.decision import StepDecider
+from trl_qtuning.step.decision import StepDecider
 from trl_qtuning.policies import build_policy
-from trl_qtuning.scoring import RowLayout, ScoredMicroBatch
-from trl_qtuning.step_metrics import (
+from trl_qtuning.step.scoring import RowLayout, ScoredMicroBatch
+from trl_qtuning.step.metrics import (
     DECISION_NAMES,
     correlation_from_moments,
     decision_codes,
@@ -149,7 +149,7 @@ def test_metrics_log_pools_the_token_keep_ratio_over_the_window_and_warns(caplog
     import logging
     from collections import defaultdict
 
-    from trl_qtuning.step_metrics import StepMetricsLog
+    from trl_qtuning.step.metrics import StepMetricsLog
 
     names = step_sums(_step("step", SelectionParams(sample_keep_ratio=0.5))[1])
 
@@ -174,7 +174,7 @@ def test_metrics_log_pools_the_token_keep_ratio_over_the_window_and_warns(caplog
 def test_one_process_gathers_nothing():
     from types import SimpleNamespace
 
-    from trl_qtuning.step_metrics import gather_ledger_columns, gather_step_sums
+    from trl_qtuning.step.metrics import gather_ledger_columns, gather_step_sums
 
     sums = {"samples": 3.0}
     assert gather_step_sums(SimpleNamespace(num_processes=1), sums, 1.5, True) == (sums, 1.5, True)

@@ -74,7 +74,7 @@ def test_decision_names_are_written_only_in_the_vocabulary():
     """Other names that happen to be spelt like a decision (a count, a column, a field) are listed with what they
     are; a decision compared or listed anywhere else fails."""
     not_decisions = {
-        "step_metrics.py": {"kept", "filled", "trimmed", "invalid"},  # METRIC_SUMS entries: sample counts
+        "step/metrics.py": {"kept", "filled", "trimmed", "invalid"},  # step_sums keys: sample counts
         "tracking/reports.py": {"kept", "dropped"},  # the selection table's column, the summary's count
         "core/triage.py": {"filled", "trimmed", "invalid"},  # TriageResult's mask fields
         "tracking/recorder.py": {"kept"},  # the per-step group-by's boolean column (trained or not)

@@ -2,9 +2,9 @@
 
 Where it hooks in (transformers' training loop): ``get_batch_samples`` fetches the micro-batches of one optimizer step
 and counts the loss normaliser. This trainer fetches them, scores every sample with the current model
-(:mod:`~trl_qtuning.scoring`), decides which samples stay and which labels are kept (:mod:`~trl_qtuning.decision`,
-the policies of :mod:`~trl_qtuning.policies`), applies that to the micro-batches (:mod:`~trl_qtuning.batch`), and only
-then counts the normaliser; :mod:`~trl_qtuning.step_metrics` says what the step did. The loss of the step is therefore
+(:mod:`~trl_qtuning.step.scoring`), decides which samples stay and which labels are kept (:mod:`~trl_qtuning.step.decision`,
+the policies of :mod:`~trl_qtuning.policies`), applies that to the micro-batches (:mod:`~trl_qtuning.step.batch`), and only
+then counts the normaliser; :mod:`~trl_qtuning.step.metrics` says what the step did. The loss of the step is therefore
 ``sum(NLL over kept tokens) / kept token count``, exactly, under gradient accumulation. It returns as many
 micro-batches as it fetched (an emptied one is skipped in ``training_step``).
 """
@@ -23,19 +23,19 @@ from transformers import DefaultFlowCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 from trl import SFTTrainer
 
-from .batch import LOSS_WEIGHT_COLUMN, WeightedLogProbs, apply_decisions, has_rows, runnable_micro_batches
-from .collator import (
+from .step.batch import LOSS_WEIGHT_COLUMN, WeightedLogProbs, apply_decisions, has_rows, runnable_micro_batches
+from .step.collator import (
     SAMPLE_ID_COLUMN, QTuningDataCollator, check_prepared_dataset, pad_token_id, sized_length, with_sample_ids,
 )  # fmt: skip
 from .config import QTUNING_FIELDS, QTuningConfig, require_qtuning_config
-from .decision import StepDecider, StepSelection
-from .events import DecisionListener, StepDecisions
+from .step.decision import StepDecider, StepSelection
+from .step.events import DecisionListener, StepDecisions
 from .ledger import LEDGER_DIRNAME, DecisionLedger, is_fresh_run, open_for_run, write_checkpoint_id
-from .step_metrics import StepMetricsLog, gather_ledger_columns, gather_step_sums, ledger_columns, step_sums
-from .scoring import (
+from .step.metrics import StepMetricsLog, gather_ledger_columns, gather_step_sums, ledger_columns, step_sums
+from .step.scoring import (
     ScoredMicroBatch, Scorer, inference_tensor_error, load_reference_model, reference_forward,
 )  # fmt: skip
-from .teardown import end_at_exit, release_before_group_ends, unregister
+from .integrations.teardown import end_at_exit, release_before_group_ends, unregister
 
 __all__ = ["QTuningSFTTrainer"]
 
@@ -133,7 +133,7 @@ class QTuningSFTTrainer(SFTTrainer):
 
             require_mlflow()  # before transformers' own MLflowCallback fails with a less helpful message
         super().__init__(**call, **extra)
-        from .quantization import keep_4bit_trainable_on_cpu
+        from .integrations.quantization import keep_4bit_trainable_on_cpu
 
         # bitsandbytes' CPU backend repacks 4-bit weights for inference on an eval forward (our scoring pass), which
         # silently cuts gradients: keep them trainable (a no-op without bitsandbytes or on CUDA).
@@ -244,7 +244,7 @@ class QTuningSFTTrainer(SFTTrainer):
     @property
     def qtuning_realised_budgets(self) -> dict[str, float | int | None]:
         """What the steps of this trainer's ``train()`` calls realised so far
-        (:func:`~trl_qtuning.step_metrics.realised_budgets` of their sums, every rank's) and ``steps``."""
+        (:func:`~trl_qtuning.step.metrics.realised_budgets` of their sums, every rank's) and ``steps``."""
         return self._metrics_log.realised_budgets()
 
     @property
@@ -296,7 +296,7 @@ class QTuningSFTTrainer(SFTTrainer):
         return not (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
 
     def _runnable(self, pruned: list[dict[str, Any]], fetched: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The micro-batches to run (:func:`~trl_qtuning.batch.runnable_micro_batches`)."""
+        """The micro-batches to run (:func:`~trl_qtuning.step.batch.runnable_micro_batches`)."""
 
         def most_across_ranks(value: int) -> int:
             return int(self.accelerator.gather(torch.tensor([value], device=self.args.device)).max())
@@ -420,7 +420,7 @@ class QTuningSFTTrainer(SFTTrainer):
     def end(self) -> None:
         """Finish the trackers and destroy the process group, letting go of the distributed wrapper first.
 
-        Optional: a script that does not call it is ended at exit the same way (:mod:`~trl_qtuning.teardown`, which
+        Optional: a script that does not call it is ended at exit the same way (:mod:`~trl_qtuning.integrations.teardown`, which
         says why the wrapper must go first).
         """
         release_before_group_ends(self)  # and the wrappers of other trainers, which lose the group too

@@ -3,7 +3,7 @@
 Why it is built this way:
 
 * **The trainer's own numbers.** Rows go through ``SFTTrainer``'s preparation and every batch through
-  :class:`~trl_qtuning.scoring.Scorer`, the scoring forward ``QTuningSFTTrainer`` runs before each step, so a row's
+  :class:`~trl_qtuning.step.scoring.Scorer`, the scoring forward ``QTuningSFTTrainer`` runs before each step, so a row's
   PPL and entropy are what the trainer would see for it at that model.
 * **Every row accounted for.** TRL would drop a row that truncation leaves without an answer token; the audit
   truncates the same way but keeps the row, with NaN statistics, and counts it.
@@ -312,7 +312,7 @@ class _ChunkScorer:
     """Scores one chunk of prepared rows with the trainer's scorer; returns the shard's columns."""
 
     def __init__(self, trainer: Any, settings: AuditSettings):
-        from ..scoring import Scorer
+        from ..step.scoring import Scorer
 
         self.settings = settings
         self.model = trainer.model

@@ -1,6 +1,6 @@
 """Evaluation glue: every enabled evaluation of a model, and the learning curve recorded while a cell trains.
 
-The curve is the held-out answer NLL of :func:`trl_qtuning.evaluation.answer_nll` (a token-weighted mean over all
+The curve is the held-out answer NLL of :func:`trl_qtuning.bench.evaluation.answer_nll` (a token-weighted mean over all
 answer tokens), measured by a callback at the steps it is due. The Trainer's own ``eval_loss`` is not used for it:
 transformers' evaluation loop averages per-batch means weighted by rows, not by answer tokens, so its number moves with
 the eval batch size when rows differ in length, and TRL also scores the EOS token it appends (both tested in
@@ -34,7 +34,7 @@ def curve_metrics(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf1
     """The learning curve's metrics: held-out NLL (and the transfer set's NLL when configured)."""
     import torch
 
-    from .. import evaluation
+    from . import evaluation
 
     ev = matrix.eval
     metrics: dict[str, float] = {}
@@ -59,7 +59,7 @@ def evaluate(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf16: bo
         return {}
     import torch
 
-    from .. import evaluation
+    from . import evaluation
 
     ev = matrix.eval
     was_training = model.training
@@ -100,7 +100,7 @@ class CurveRecorder(TrainerCallback):
 
     Due: every ``every_steps`` steps, at the equal-steps point, at the first step whose compute reaches the
     equal-compute target, and at the last step. Each point also goes to the cell's MLflow run (``log``), so MLflow
-    draws the curve over steps. Runs after the :class:`~trl_qtuning.compute.ComputeMeter` of the same trainer.
+    draws the curve over steps. Runs after the :class:`~trl_qtuning.bench.compute.ComputeMeter` of the same trainer.
     """
 
     measure: Callable[[Any], dict[str, float]]

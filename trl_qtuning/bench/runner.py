@@ -51,7 +51,7 @@ def _pooled_label_share(ledger_dir: Path, max_step: int | None) -> float | None:
     """Kept answer tokens over all answer tokens of the steps up to ``max_step``, from the cell's ledger: the share
     a run-wide token budget (``token_budget_scope="run"``) reproduces, unlike the mean of per-step shares."""
     from ..ledger import read_ledger
-    from ..step_metrics import realised_budgets
+    from ..step.metrics import realised_budgets
 
     try:
         table = read_ledger(ledger_dir).select(["step", "response_tokens", "kept_tokens"]).to_pydict()
@@ -153,7 +153,7 @@ def run_train_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: P
     at the equal-compute target), evaluate, log to the training's MLflow run."""
     from transformers import PrinterCallback, set_seed
 
-    from ..compute import ComputeMeter
+    from .compute import ComputeMeter
     from ..trainer import QTuningSFTTrainer
 
     targets = targets if targets is not None else {}

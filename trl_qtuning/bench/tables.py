@@ -377,7 +377,7 @@ TABLE_NOTE = (
     "accuracy in %. Kept samples / label tokens: realised share of the step's samples trained on, and of all answer "
     "tokens that kept their label (means over the logged steps up to the equal-steps point; 100% for plain "
     "fine-tuning by definition). Compute: counted forward-token equivalents (scoring 1 per token, training 3 per "
-    "token for full fine-tuning, 2 for LoRA; `trl_qtuning.compute`). Train s: mean wall-clock training seconds per "
+    "token for full fine-tuning, 2 for LoRA; `trl_qtuning.bench.compute`). Train s: mean wall-clock training seconds per "
     "cell (evaluation excluded; machine-dependent, compare compute instead)."
 )
 PAIRED_NOTE = (

@@ -4,7 +4,7 @@
 
 Arguments are the fields of ``trl.ScriptArguments``, :class:`~trl_qtuning.QTuningConfig` (``trl.SFTConfig`` plus the
 Q-Tuning budgets), ``trl.ModelConfig`` (model, LoRA, quantisation; plus ``quantization_fallback``, see
-:mod:`trl_qtuning.quantization`) and ``trl.DatasetMixtureConfig``, parsed by ``trl.TrlParser``. A YAML recipe
+:mod:`trl_qtuning.integrations.quantization`) and ``trl.DatasetMixtureConfig``, parsed by ``trl.TrlParser``. A YAML recipe
 (``--config``) sets their values and may carry an ``env:`` mapping of environment variables; flags on the command
 line override the recipe. ``dataset_name`` is a Hub dataset id or a local path (:mod:`trl_qtuning.inputs`).
 
@@ -96,7 +96,7 @@ def make_parser(prog: str = PROG):
     from trl import DatasetMixtureConfig, ScriptArguments, TrlParser
 
     from trl_qtuning.config import QTuningConfig
-    from trl_qtuning.quantization import QuantizedModelConfig
+    from trl_qtuning.integrations.quantization import QuantizedModelConfig
 
     @dataclasses.dataclass
     class SftScriptArguments(ScriptArguments):
@@ -272,7 +272,7 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
     """Train with the parsed arguments (the body of ``trl sft``'s script, with ``QTuningSFTTrainer``)."""
     from trl import get_peft_config
 
-    from trl_qtuning.quantization import QuantizationError, plan_quantization, prepare_quantized_model
+    from trl_qtuning.integrations.quantization import QuantizationError, plan_quantization, prepare_quantized_model
     from trl_qtuning.trainer import QTuningSFTTrainer
 
     _check_model(model_args)

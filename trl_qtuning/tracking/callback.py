@@ -22,7 +22,7 @@ from typing import Any
 
 from transformers.integrations import MLflowCallback
 
-from ..events import StepDecisions
+from ..step.events import StepDecisions
 from ..vocabulary import Decision
 from .outputs import TRACKING_DIR
 from .recorder import DecisionAccumulator
@@ -229,7 +229,7 @@ class QTuningMLflowCallback(MLflowCallback):
 
         import mlflow.data
 
-        from ..collator import SAMPLE_ID_COLUMN
+        from ..step.collator import SAMPLE_ID_COLUMN
 
         trainer = self.trainer
         dataset = getattr(trainer, "train_dataset", None)

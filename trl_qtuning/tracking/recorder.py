@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..events import StepDecisions
+from ..step.events import StepDecisions
 from ..vocabulary import DECISIONS, QUADRANT_KEYS, TRAINED_DECISIONS, Decision
 
 __all__ = ["DecisionAccumulator"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..ledger import LEDGER_DIRNAME, SHARD_GLOB
 from ..vocabulary import DECISIONS, QUADRANT_KEYS
-from ..step_metrics import realised_budgets
+from ..step.metrics import realised_budgets
 from .outputs import REPORT_FILE, SELECTION_DIR, SUMMARY_FILE, TRACKING_DIR
 from .recorder import DecisionAccumulator
 
@@ -302,7 +302,7 @@ def _summary_and_selection(
 
 def _samples_page(sink: Any, output_dir: Path, token_pruned: list[dict[str, Any]], dataset: Any, tokenizer: Any) -> None:
     """The most recent token-pruned samples, read back from ``dataset`` by their sample id."""
-    from ..collator import SAMPLE_ID_COLUMN
+    from ..step.collator import SAMPLE_ID_COLUMN
 
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
     if tokenizer is None or dataset is None:

@@ -2,7 +2,7 @@
 
 Pruned labels become -100, dropped samples' rows (padded) or segments (padding-free) are physically removed, padding
 columns no kept row needs are trimmed, InfoBatch's loss weights ride along as a column, and a one-row fully masked
-placeholder stands in where a micro-batch must still run. Re-packing the kept rows is in :mod:`trl_qtuning.packing`.
+placeholder stands in where a micro-batch must still run. Re-packing the kept rows is in :mod:`trl_qtuning.step.packing`.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .core.selection import share_of_tokens
-from .policies import Policy, SampleDecision
-from .policies.base import reference_sample_ppl
+from ..core.selection import share_of_tokens
+from ..policies import Policy, SampleDecision
+from ..policies.base import reference_sample_ppl
 from .scoring import ScoredMicroBatch
 
 __all__ = ["StepSelection", "StepDecider"]

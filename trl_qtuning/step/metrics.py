@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .decision import StepSelection
-from .vocabulary import QUADRANTS, Decision
+from ..vocabulary import QUADRANTS, Decision
 
 __all__ = [
     "DECISION_NAMES", "StepMetricsLog", "correlation_from_moments", "decision_codes", "gather_ledger_columns",

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .core.stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
+from ..core.stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
 
 try:  # Internal TRL API (1.16+): checked here so a TRL change fails at import with a clear message.
     from trl.trainer.utils import FusedCausalLMOutput
