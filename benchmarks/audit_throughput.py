@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,16 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from trl_qtuning.audit import audit_dataset, load_audit_dataset, load_audit_model
-    from trl_qtuning.audit.api import AuditSettings, _sft_trainer, _with_row_ids
+    from trl_qtuning.audit.api import AuditSettings, prepared_rows
 
     model, tokenizer, description = load_audit_model(args.model)
     dataset = load_audit_dataset(args.dataset)
     dataset = dataset.select(range(min(args.rows, len(dataset))))
     settings = AuditSettings(max_length=args.max_length, batch_size=args.batch_size)
-    with tempfile.TemporaryDirectory() as tmp:  # the same preparation as the audit's, for the plain loop's rows
-        trainer = _sft_trainer(model, tokenizer, _with_row_ids(dataset), settings, __import__("pathlib").Path(tmp))
-        cut = settings.truncation()
-        rows = [{"input_ids": r["input_ids"][cut], "labels": r["labels"][cut]} for r in trainer.train_dataset]
+    rows = prepared_rows(model, tokenizer, dataset, settings)  # the plain loop scores exactly the audit's tokens
     device = next(model.parameters()).device
     tokens = sum(len(r["input_ids"]) for r in rows)
     print(f"{description}, {len(rows)} rows ({tokens} tokens), batch {args.batch_size}, device {device}, "

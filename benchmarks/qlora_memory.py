@@ -179,7 +179,7 @@ def count_params(arch: Architecture, recipe: dict[str, Any]) -> ParamCounts:
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    from trl_qtuning.quantization import model_report_from_config
+    from trl_qtuning.integrations.quantization import model_report_from_config
 
     config = build_config(arch)
     report = model_report_from_config(config, arch.hub_id)
@@ -370,9 +370,9 @@ def _split_recipe(recipe: dict[str, Any]):
     from trl import SFTConfig
 
     from trl_qtuning.config import QTuningConfig
-    from trl_qtuning.quantization import QTuningModelConfig
+    from trl_qtuning.integrations.quantization import QuantizedModelConfig
 
-    model_keys = {f.name for f in fields(QTuningModelConfig)}
+    model_keys = {f.name for f in fields(QuantizedModelConfig)}
     sft_keys = {f.name for f in fields(SFTConfig) if f.init}
     qtuning_keys = {f.name for f in fields(QTuningConfig) if f.init} - sft_keys
     model_kwargs = {k: v for k, v in recipe.items() if k in model_keys}
@@ -422,14 +422,14 @@ def measure(
     from trl import SFTConfig, SFTTrainer, get_peft_config, get_quantization_config
 
     from trl_qtuning.config import QTuningConfig
-    from trl_qtuning.quantization import QTuningModelConfig, prepare_quantized_model
+    from trl_qtuning.integrations.quantization import QuantizedModelConfig, prepare_quantized_model
     from trl_qtuning.testing import make_tiny_tokenizer
     from trl_qtuning.trainer import QTuningSFTTrainer
 
     config = config if config is not None else build_config(arch)
     state_dict = state_dict if state_dict is not None else _random_state_dict(config)
     model_kwargs, sft_kwargs, qtuning_kwargs = _split_recipe(recipe)
-    model_args = QTuningModelConfig(**model_kwargs)
+    model_args = QuantizedModelConfig(**model_kwargs)
     cls = getattr(transformers, config.architectures[0])
     model = cls.from_pretrained(
         None,
@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         return refused
     import torch
 
-    from trl_qtuning.quantization import QuantizationError, check_bitsandbytes
+    from trl_qtuning.integrations.quantization import QuantizationError, check_bitsandbytes
 
     try:
         check_bitsandbytes("cuda")

@@ -17,9 +17,10 @@ import pandas as pd
 import pytest
 
 from tests.trainer_helpers import build_trainer
-from trl_qtuning.audit import AuditInputError, audit_dataset, auroc, precision_at
+from trl_qtuning.audit import AuditInputError, AuditSettings, audit_dataset, auroc, precision_at
+from trl_qtuning.audit.api import prepared_rows
 from trl_qtuning.audit import api as audit_api
-from trl_qtuning.audit.detection import average_ranks, candidate_scores
+from trl_qtuning.audit.detection import candidate_scores
 from trl_qtuning.testing import make_arithmetic_dataset, make_tiny_model, make_tiny_tokenizer, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,11 +28,6 @@ STATS = ["audit_row_id", "ppl", "entropy", "answer_tokens", "tokens", "truncated
 
 
 # ---------------------------------------------------------------------------------------------------- detection
-def test_average_ranks_share_ties():
-    assert average_ranks(np.array([10.0, 20.0, 20.0, 5.0])).tolist() == [2.0, 3.5, 3.5, 1.0]
-    assert average_ranks(np.array([7.0, 7.0, 7.0])).tolist() == [2.0, 2.0, 2.0]
-
-
 def test_auroc_hand_computed():
     # bad {0.35, 0.8} vs good {0.1, 0.4}: 0.35 > 0.1, 0.35 < 0.4, 0.8 > both -> 3 of 4 pairs
     assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
@@ -160,6 +156,10 @@ def test_outputs_and_counts(tmp_path):
     assert "## The 4 most suspected rows" in page and f"### 1. row {int(top['audit_row_id'])}" in page
     assert "## Q1 harmful noise" in page and "truncated" in page
     assert json.loads((tmp_path / "summary.json").read_text())["rows"] == 30
+    # the rows another scorer is handed are the audit's own, truncation included
+    prepared = prepared_rows(model, tokenizer, Dataset.from_list(rows), AuditSettings(max_length=40))
+    assert [len(r["input_ids"]) for r in prepared] == table["tokens"].tolist()
+    assert [sum(label != -100 for label in r["labels"][1:]) for r in prepared] == table["answer_tokens"].tolist()
 
 
 def test_stream_gives_the_same_table(tmp_path):

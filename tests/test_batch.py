@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from trl_qtuning.batch import LOSS_WEIGHT_COLUMN, apply_decisions, has_rows, placeholder, runnable_micro_batches
-from trl_qtuning.scoring import RowLayout, Scorer
+from trl_qtuning.step.batch import LOSS_WEIGHT_COLUMN, apply_decisions, has_rows, placeholder, runnable_micro_batches
+from trl_qtuning.step.scoring import RowLayout, Scorer
 
 
 def _padded() -> dict:
@@ -99,10 +99,12 @@ def test_loss_weights_follow_their_samples():
 def test_placeholder_is_one_fully_masked_row():
     for batch, padding_free, n in ((_padded(), False, None), (_flat(), True, 2)):
         scored = _layout_only(batch, padding_free=padding_free, n=n)
-        out = placeholder(batch, scored)
+        out = placeholder(batch)
         assert has_rows(out) and bool((out["labels"] == -100).all())
         rows = int((out["position_ids"] == 0).sum()) if padding_free else out["input_ids"].shape[0]
         assert rows == 1
+        first = apply_decisions(batch, scored, torch.arange(scored.num_samples) == 0, torch.zeros_like(scored.response))
+        assert out["input_ids"].tolist() == first["input_ids"].tolist(), "the first row, trimmed like a kept one"
 
 
 def test_row_layout_of_a_padded_batch_has_no_segments():
@@ -125,9 +127,9 @@ def test_runnable_one_process_skips_emptied_micro_batches_but_runs_a_synchronisi
     scored = _layout_only(batch, padding_free=False)
     pruned = [_emptied(batch, scored, [True, False, True]), _emptied(batch, scored, [False] * 3)]
     options = {"pack_size": None, "padding_free": False, "pad_token_id": 0, "most_across_ranks": None}
-    skipped = runnable_micro_batches(pruned, [batch] * 2, [scored] * 2, run_last=False, **options)
+    skipped = runnable_micro_batches(pruned, [batch] * 2, run_last=False, **options)
     assert _rows(skipped) == [2, 0] and skipped[0] is pruned[0]
-    kept_last = runnable_micro_batches(pruned, [batch] * 2, [scored] * 2, run_last=True, **options)
+    kept_last = runnable_micro_batches(pruned, [batch] * 2, run_last=True, **options)
     assert _rows(kept_last) == [2, 1] and bool((kept_last[1]["labels"] == -100).all())
     assert not has_rows(pruned[1]), "the caller's list is not modified"
 
@@ -136,15 +138,15 @@ def test_runnable_several_processes_run_every_slot_and_pack_to_the_busiest_rank(
     batch = _padded()
     scored = _layout_only(batch, padding_free=False)
     pruned = [_emptied(batch, scored, [False] * 3), _emptied(batch, scored, [True, False, False])]
-    fetched, scores = [batch] * 2, [scored] * 2
+    fetched = [batch] * 2
     unpacked = runnable_micro_batches(
-        pruned, fetched, scores, pack_size=None, padding_free=False, pad_token_id=0, run_last=True,
+        pruned, fetched, pack_size=None, padding_free=False, pad_token_id=0, run_last=True,
         most_across_ranks=lambda n: n,
     )  # fmt: skip
     assert _rows(unpacked) == [1, 1] and bool((unpacked[0]["labels"] == -100).all())
     asked = []
     packed = runnable_micro_batches(
-        pruned, fetched, scores, pack_size=3, padding_free=False, pad_token_id=0, run_last=True,
+        pruned, fetched, pack_size=3, padding_free=False, pad_token_id=0, run_last=True,
         most_across_ranks=lambda n: asked.append(n) or 2,  # another rank needs two micro-batches
     )  # fmt: skip
     assert asked == [1], "this rank's kept row fits one packed micro-batch"

@@ -249,6 +249,21 @@ def test_table_mean_and_std_over_seeds(tmp_path, model_dir):
     assert full["train_seconds"]["mean"] == pytest.approx(10.5)
 
 
+def test_row_statistics_read_finite_values_only():
+    """A row's mean and sample std (n - 1) read the finite values of its cells: a missing or infinite value is left
+    out, one value has no std, none is no statistic; steps and compute stay whole numbers."""
+    import pandas as pd
+
+    from trl_qtuning.bench.tables import _summaries
+
+    frame = pd.DataFrame({"row": [0, 0, 0, 1], "kind": ["cell"] * 4, "train_seconds": [1.0, None, float("inf"), 2.0],
+                          "step": [4, 6, None, None]})  # fmt: skip
+    stats = _summaries(frame, ["row", "kind"])
+    assert stats[0, "cell"]["train_seconds"] == {"mean": 1.0, "std": None, "values": [1.0]}
+    assert stats[0, "cell"]["step"] == {"mean": 5.0, "std": pytest.approx(2**0.5), "values": [4, 6]}
+    assert all(isinstance(v, int) for v in stats[0, "cell"]["step"]["values"]) and stats[1, "cell"]["step"] is None
+
+
 def test_cell_names():
     cell = bench.Cell("qtuning", (0.25, 0.5), 0)
     assert cell.id == "qtuning@25x50/seed0" and cell.dirname == "qtuning_r25x50_seed0"

@@ -60,7 +60,7 @@ def test_a_solution_without_annotations_moves_its_final_number_everywhere():
 
 
 def test_every_train_row_gets_a_different_final_answer():
-    from trl_qtuning.evaluation import extract_final_number
+    from trl_qtuning.bench.evaluation import extract_final_number
 
     root = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
     if not root.exists():
@@ -80,7 +80,7 @@ def test_row_rng_is_seeded_by_seed_and_key():
 
 def test_numbers_noise_corrupts_the_rows_a_swap_would():
     from trl_qtuning.bench.data import _arithmetic_rows, corrupt_answers, corrupt_numbers
-    from trl_qtuning.evaluation import extract_final_number
+    from trl_qtuning.bench.evaluation import extract_final_number
 
     train = _arithmetic_rows(20, 0, 0.0)
     swapped, swapped_ids = corrupt_answers(train, 0.3, seed=4)
@@ -119,7 +119,7 @@ def test_contrast_is_the_per_token_log_likelihood_ratio_of_true_and_wrong_answer
 
     from trl_qtuning.bench.contrast import answer_contrasts, contrast_rows
     from trl_qtuning.bench.data import _arithmetic_rows
-    from trl_qtuning.evaluation import answer_logprob_sums
+    from trl_qtuning.bench.evaluation import answer_logprob_sums
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     rows = [dict(r) for r in _arithmetic_rows(6, 3, 0.0)]

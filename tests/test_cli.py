@@ -13,6 +13,7 @@ import pytest
 
 from trl_qtuning.cli import sft as sft_cli
 from trl_qtuning.cli.main import main
+from trl_qtuning.errors import CliError
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "qtuning" / "config_cpu.yaml"
 
@@ -74,6 +75,41 @@ def test_demo_missing_module_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "trl_qtuning.demo.run", None)  # makes the import fail
     assert main(["demo"]) == 1
     assert "trl-qtuning demo" in _error_line(capsys)
+
+
+def test_every_command_reports_errors_as_one_line(capsys):
+    from trl_qtuning.errors import CliError, run_reporting_errors
+
+    def fail(error: BaseException):
+        def body():
+            raise error
+
+        return body
+
+    assert run_reporting_errors("cmd", fail(CliError("bad --x: pass --x 1", code=1))) == 1
+    assert _error_line(capsys) == "cmd: error: bad --x: pass --x 1"
+    assert run_reporting_errors("cmd", fail(KeyboardInterrupt())) == 130
+    assert run_reporting_errors("cmd", fail(SystemExit(0))) == 0  # --help
+    with pytest.raises(SystemExit, match="a message"):  # Python prints it
+        run_reporting_errors("cmd", fail(SystemExit("a message")))
+
+
+def test_library_modules_import_no_command_and_not_testing():
+    """Error types and inputs live outside ``cli/``; ``trl_qtuning.testing`` is for tests and recipes only."""
+    import ast
+
+    import trl_qtuning
+
+    root = Path(trl_qtuning.__file__).parent
+    for path in root.rglob("*.py"):
+        module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                package = module.rsplit(".", node.level)[0] if node.level else ""
+                name = f"{package}.{node.module or ''}".strip(".")
+                assert not name.startswith("trl_qtuning.testing"), path
+                if not module.startswith("trl_qtuning.cli"):
+                    assert not name.startswith("trl_qtuning.cli"), path
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -261,20 +297,21 @@ def test_no_dataset(tiny_inputs, tmp_path, capsys):
 def test_local_dataset_formats(tmp_path):
     from trl import DatasetMixtureConfig, ScriptArguments
 
+    from trl_qtuning.inputs import load_datasets
     from trl_qtuning.testing import make_arithmetic_dataset
 
     ds = make_arithmetic_dataset(6)
     ds.save_to_disk(str(tmp_path / "saved"))
     ds.to_parquet(str(tmp_path / "data.parquet"))
     for name in ("saved", "data.parquet"):
-        loaded = sft_cli.load_datasets(ScriptArguments(dataset_name=str(tmp_path / name)), DatasetMixtureConfig())
+        loaded = load_datasets(ScriptArguments(dataset_name=str(tmp_path / name)), DatasetMixtureConfig())
         assert list(loaded) == ["train"] and loaded["train"].num_rows == 6
         assert set(loaded["train"].column_names) == {"prompt", "completion"}
     mixture = DatasetMixtureConfig(
         datasets=[{"path": "parquet", "data_files": str(tmp_path / "data.parquet"), "columns": ["prompt"]}],
         test_split_size=2,
     )
-    loaded = sft_cli.load_datasets(ScriptArguments(), mixture)
+    loaded = load_datasets(ScriptArguments(), mixture)
     assert sorted(loaded) == ["test", "train"] and loaded["train"].column_names == ["prompt"]
 
 
@@ -301,6 +338,24 @@ def test_sft_end_to_end(tiny_inputs, tmp_path, capsys):
     assert ledger.num_rows == 3 * 4 * 2
     kept = sum(d in ("kept", "token_pruned", "filled") for d in ledger.column("decision").to_pylist())
     assert kept == ledger.num_rows // 2
+
+
+def test_eu_plane_interval_reaches_the_mlflow_tracking(tiny_inputs, tmp_path, monkeypatch, capsys):
+    """`--eu_plane_every` is the tracking's argument (no environment variable): it reaches `attach_tracking`."""
+    from trl_qtuning import tracking
+
+    seen = []
+
+    def attach(trainer, **options):  # the trainer attaches tracking itself first, without options
+        seen.append(options)
+        if options:
+            raise CliError("stop before training")
+
+    monkeypatch.setattr(tracking, "attach_tracking", attach)
+    model_dir, data = tiny_inputs
+    args = [*_sft_args(model_dir, data, tmp_path / "out"), "--report_to", "mlflow", "--eu_plane_every", "5"]
+    assert main(args) != 0 and "stop before training" in capsys.readouterr().err
+    assert seen[-1] == {"eu_plane_every": 5}
 
 
 def test_accelerate_config_spells_the_accelerate_launch_command(tmp_path, capsys):

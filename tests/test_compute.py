@@ -1,4 +1,4 @@
-"""Compute accounting (``trl_qtuning.compute``) against counts rebuilt by hand from the ledger and the tokenized
+"""Compute accounting (``trl_qtuning.bench.compute``) against counts rebuilt by hand from the ledger and the tokenized
 rows, and the scoring pass skipped for policies that read no statistics."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trl_qtuning import read_ledger
-from trl_qtuning.compute import TRAIN_COST_FULL, TRAIN_COST_LORA, ComputeMeter
+from trl_qtuning.bench.compute import TRAIN_COST_FULL, TRAIN_COST_LORA, ComputeMeter
 
 from .trainer_helpers import KEPT_DECISIONS, build_trainer
 

@@ -123,7 +123,9 @@ def test_a_group_of_one_sample_is_refused():
     QTuningConfig(**BASE, per_device_train_batch_size=1, gradient_accumulation_steps=1, qtuning_enabled=False
                   ).check_sample_budget()  # fmt: skip
     QTuningConfig(**BASE, per_device_train_batch_size=1, gradient_accumulation_steps=8).check_sample_budget()
-    assert QTuningConfig(**BASE, per_device_train_batch_size=2, triage_scope="global").triage_group_size(4) == 8
+    # triage_scope="global" triages every rank's samples together: 4 ranks of one sample make a group of 4.
+    QTuningConfig(**BASE, per_device_train_batch_size=1, gradient_accumulation_steps=1, triage_scope="global"
+                  ).check_sample_budget(4)  # fmt: skip
 
 
 def test_the_trainer_refuses_a_group_of_one_at_construction(tmp_path):

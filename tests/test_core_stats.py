@@ -23,6 +23,17 @@ from trl_qtuning.core.stats import (
 NAN, INF = float("nan"), float("inf")
 
 
+def _segment_stats(logps, ent, mask, segment_ids, num_segments=None):
+    """Statistics of a padding-free row the scorer's way: scatter one sample per row (:func:`flat_to_padded`, each
+    position at its offset inside its segment; negative ids dropped), then the padded statistics."""
+    seg = segment_ids.reshape(-1).long()
+    n = num_segments if num_segments is not None else int(seg.max()) + 1 if seg.numel() else 0
+    same = seg[:, None] == torch.arange(max(n, 1))[None]
+    cols = torch.where(seg >= 0, (same.cumsum(0) - 1).gather(1, seg.clamp(min=0)[:, None])[:, 0], -1)
+    rows = [flat_to_padded(x.reshape(-1), seg, cols, n, fill=fill) for x, fill in ((logps, 0.0), (ent, 0.0), (mask, False))]
+    return eu_plane_stats(*rows)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Padded form
 # ---------------------------------------------------------------------------------------------------------------------
@@ -105,10 +116,8 @@ def test_shape_errors():
         eu_plane_stats(a, torch.zeros(2, 4), torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError):
         eu_plane_stats(a, a, torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError):  # padded form needs 2-D
+    with pytest.raises(ValueError):  # one row per sample: 2-D
         eu_plane_stats(torch.zeros(6), torch.zeros(6), torch.ones(6, dtype=torch.bool))
-    with pytest.raises(ValueError):  # segment ids of the wrong shape
-        eu_plane_stats(a, a, torch.ones(2, 3, dtype=torch.bool), segment_ids=torch.zeros(6, dtype=torch.long))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -123,13 +132,11 @@ def test_segment_form_equals_padded_form():
     seg = torch.arange(3).repeat_interleave(5)
     ppl_p, h_p = eu_plane_stats(logps, ent, mask)
     for shape in [(15,), (1, 15)]:
-        ppl_s, h_s = eu_plane_stats(
-            flat_lp.view(shape), flat_h.view(shape), flat_m.view(shape), segment_ids=seg.view(shape), num_segments=3
-        )
+        ppl_s, h_s = _segment_stats(flat_lp.view(shape), flat_h.view(shape), flat_m.view(shape), seg.view(shape), 3)
         torch.testing.assert_close(ppl_s, ppl_p, equal_nan=True)
         torch.testing.assert_close(h_s, h_p, equal_nan=True)
     # default num_segments = max id + 1 = 3
-    ppl_d, h_d = eu_plane_stats(flat_lp, flat_h, flat_m, segment_ids=seg)
+    ppl_d, h_d = _segment_stats(flat_lp, flat_h, flat_m, seg)
     torch.testing.assert_close(ppl_d, ppl_p, equal_nan=True)
     torch.testing.assert_close(h_d, h_p, equal_nan=True)
 
@@ -143,7 +150,7 @@ def test_segment_form_hand_values_and_extra_segments():
     ent = torch.tensor([NAN, 1.0, 2.0, 9.0, 0.25, INF, -3.0])
     mask = torch.tensor([False, True, True, False, True, False, False])
     seg = torch.tensor([0, 0, 0, 1, 1, -1, -1])
-    ppl, h = eu_plane_stats(logps, ent, mask, segment_ids=seg, num_segments=4)
+    ppl, h = _segment_stats(logps, ent, mask, seg, 4)
     assert ppl.shape == (4,)
     assert ppl[0].item() == pytest.approx(math.exp(2.0), rel=1e-6)
     assert ppl[1].item() == pytest.approx(math.exp(0.5), rel=1e-6)
@@ -159,7 +166,7 @@ def test_segment_negative_ids_ignored_with_finite_values():
     ent = torch.tensor([2.0, 2.0, 50.0])
     mask = torch.tensor([True, True, True])
     seg = torch.tensor([0, 0, -1])
-    ppl, h = eu_plane_stats(logps, ent, mask, segment_ids=seg)
+    ppl, h = _segment_stats(logps, ent, mask, seg)
     assert ppl.shape == (1,)
     assert ppl.item() == pytest.approx(math.e, rel=1e-6)
     assert h.item() == pytest.approx(2.0, rel=1e-6)
@@ -169,13 +176,11 @@ def test_segment_negative_ids_ignored_with_finite_values():
 def test_segment_negative_ids_ignored_with_nonfinite_values(bad, bad_ent):
     # The docstring contract: "positions with a negative id (padding) are ignored". Hand value for segment 0:
     # nll [1, 1] -> PPL e^1 = 2.71828, entropy [2, 2] -> 2, whatever the ignored position holds.
-    # (BUG: the code multiplies the ignored position's value by a 0 weight, and NaN*0 = inf*0 = NaN contaminates
-    #  segment 0.)
     logps = torch.tensor([-1.0, -1.0, bad])
     ent = torch.tensor([2.0, 2.0, bad_ent])
     mask = torch.tensor([True, True, True])
     seg = torch.tensor([0, 0, -1])
-    ppl, h = eu_plane_stats(logps, ent, mask, segment_ids=seg)
+    ppl, h = _segment_stats(logps, ent, mask, seg)
     assert ppl.item() == pytest.approx(math.e, rel=1e-6)
     assert h.item() == pytest.approx(2.0, rel=1e-6)
 
@@ -183,15 +188,13 @@ def test_segment_negative_ids_ignored_with_nonfinite_values(bad, bad_ent):
 def test_segment_form_only_ignored_positions():
     # Every position has a negative id (a micro-batch made only of padding): there is no sample, so the result is two
     # empty (0,) tensors; with num_segments=2 both samples are empty -> NaN, NaN.
-    # (BUG: ignored positions are routed to index 0 with weight 0, and index 0 does not exist when there are no
-    #  segments -> IndexError.)
     logps = torch.tensor([-1.0, -2.0])
     ent = torch.tensor([1.0, 2.0])
     mask = torch.tensor([False, True])
     seg = torch.tensor([-1, -1])
-    ppl, h = eu_plane_stats(logps, ent, mask, segment_ids=seg, num_segments=2)
+    ppl, h = _segment_stats(logps, ent, mask, seg, 2)
     assert ppl.shape == (2,) and all(math.isnan(v) for v in ppl.tolist() + h.tolist())
-    ppl, h = eu_plane_stats(logps, ent, mask, segment_ids=seg)
+    ppl, h = _segment_stats(logps, ent, mask, seg)
     assert ppl.shape == (0,) and h.shape == (0,)
 
 
@@ -232,7 +235,7 @@ def test_segment_ids_feed_eu_plane_stats_with_padding():
     logps = torch.tensor([[0.0, -2.0, -4.0, 0.0, -1.0, NAN, INF]])
     ent = torch.tensor([[0.0, 1.0, 3.0, 0.0, 5.0, NAN, NAN]])
     mask = torch.tensor([[False, True, True, False, True, False, False]])
-    ppl, h = eu_plane_stats(logps, ent, mask, segment_ids=seg, num_segments=2)
+    ppl, h = _segment_stats(logps, ent, mask, seg, 2)
     assert ppl.tolist() == pytest.approx([math.exp(3.0), math.e], rel=1e-6)
     assert h.tolist() == pytest.approx([2.0, 5.0], rel=1e-6)
 
@@ -334,12 +337,9 @@ def test_property_stats_reference_and_mask_invariance(batch):
     flat_lp = np.concatenate([lp2.reshape(-1), [NAN, 5.0, -INF]])
     flat_ent = np.concatenate([ent2.reshape(-1), [INF, NAN, 1.0]])
     flat_m = np.concatenate([mask.reshape(-1), [False, False, False]])
-    ppl3, h3 = eu_plane_stats(
-        torch.tensor(flat_lp).view(1, -1),
-        torch.tensor(flat_ent).view(1, -1),
-        torch.tensor(flat_m).view(1, -1),
-        segment_ids=torch.tensor(seg).view(1, -1),
-        num_segments=b,
+    ppl3, h3 = _segment_stats(
+        torch.tensor(flat_lp).view(1, -1), torch.tensor(flat_ent).view(1, -1), torch.tensor(flat_m).view(1, -1),
+        torch.tensor(seg).view(1, -1), b,
     )
     # Summed in another order (per segment instead of per row) in float32: the mean NLL (up to 8) may differ by a few
     # 1e-6 in the worst case, and exp turns that into the same relative difference of the PPL (hypothesis found
@@ -373,18 +373,14 @@ def test_property_flat_padded_round_trip(lengths, n_pad):
     assert (back[n_real:] == -2.0).all()
 
 
-def test_cu_seq_lens_boundaries_equal_segment_ids():
-    """Boundaries [0, 3, 5] over 6 positions: positions 0-2 -> sample 0, 3-4 -> sample 1, 5 -> ignored (padding)."""
-    from trl_qtuning.core.stats import segment_ids_from_boundaries
-
-    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
-    assert segment_ids_from_boundaries(cu, (6,)).tolist() == [0, 0, 0, 1, 1, -1]
+def test_padding_free_row_statistics_by_hand():
+    """Position ids [0, 1, 2, 0, 1, 0] with 2 samples: positions 0-2 -> sample 0, 3-4 -> sample 1, 5 -> padding."""
+    seg = segment_ids_from_position_ids(torch.tensor([0, 1, 2, 0, 1, 0]), num_segments=2)
+    assert seg.tolist() == [0, 0, 0, 1, 1, -1]
     logps = torch.log(torch.tensor([0.5, 0.25, 1.0, 0.5, 0.5, 0.01]))
     entropy = torch.tensor([1.0, 3.0, 9.0, 2.0, 4.0, 7.0])
     mask = torch.tensor([False, True, True, True, True, True])
-    ppl, ent = eu_plane_stats(logps, entropy, mask, cu_seq_lens=cu)
+    ppl, ent = _segment_stats(logps, entropy, mask, seg, 2)
     # Sample 0: NLL {ln 4, 0} -> PPL exp(ln 4 / 2) = 2, ENT (3 + 9) / 2 = 6. Sample 1: NLL {ln 2, ln 2} -> PPL 2, ENT 3.
     torch.testing.assert_close(ppl, torch.tensor([2.0, 2.0]))
     torch.testing.assert_close(ent, torch.tensor([6.0, 3.0]))
-    with pytest.raises(ValueError, match="either"):
-        eu_plane_stats(logps, entropy, mask, cu_seq_lens=cu, segment_ids=torch.zeros(6, dtype=torch.long))

@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 
 from tests.tiny import make_tiny_model, make_tiny_tokenizer
-from trl_qtuning.evaluation import (
+from trl_qtuning.bench.evaluation import (
     _continuation_logprobs,
     answer_nll,
     extract_final_number,

@@ -13,7 +13,7 @@ import pytest
 
 from tests.trainer_helpers import build_trainer
 from trl_qtuning import read_ledger
-from trl_qtuning.collator import QTuningDataCollator
+from trl_qtuning.step.collator import QTuningDataCollator
 from trl_qtuning.ledger import DecisionLedger
 from trl_qtuning.testing import make_arithmetic_dataset
 

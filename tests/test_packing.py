@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.trainer_helpers import GradCapture, build_trainer
-from trl_qtuning.packing import empty_like, pack_padded, pack_padding_free
+from trl_qtuning.step.packing import empty_like, pack_padded, pack_padding_free
 
 
 def _padded(rows: list[list[int]], first_label: int = -100) -> dict:

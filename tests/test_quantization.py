@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trl_qtuning import quantization
+from trl_qtuning.integrations import quantization
 from trl_qtuning.cli import sft as sft_cli
 from trl_qtuning.cli.main import main
 
@@ -250,7 +250,7 @@ def test_fallback_to_plain_lora_is_opt_in_warned_and_tagged(tiny_inputs, tmp_pat
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "qlora-fallback")
     mlflow.MlflowClient().create_experiment("qlora-fallback", artifact_location=(tmp_path / "artifacts").as_uri())
     captured = _capture_trainer(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="trl_qtuning.quantization"):
+    with caplog.at_level(logging.WARNING, logger="trl_qtuning.integrations.quantization"):
         args = _sft_args(model_dir, data, tmp_path / "out", "--quantization_fallback", "lora", "--report_to", "mlflow")
         assert main(args) == 0
     assert any("PLAIN LoRA" in r.getMessage() and "not installed" in r.getMessage() for r in caplog.records)
@@ -260,7 +260,7 @@ def test_fallback_to_plain_lora_is_opt_in_warned_and_tagged(tiny_inputs, tmp_pat
         quantization.FALLBACK_TAG: quantization.FALLBACK_TAG_VALUE,
         "qtuning.optimizer_fallback": "adamw_torch",
     }
-    assert json.loads(os.environ["MLFLOW_TAGS"]) == expected_tags
+    assert json.loads(os.environ["MLFLOW_TAGS"]) == {"team": "nlp"}  # the user's variable is left as it was
     out = capsys.readouterr().out
     assert "Quantisation fallback: trained plain LoRA on unquantised weights instead of 4-bit" in out
     trainer = captured["trainer"]
@@ -375,7 +375,7 @@ def test_model_type_that_cannot_be_quantised(bigram_dir, bitsandbytes_ok, monkey
     assert "qtuning_test_bigram" in plan.fallback_reason
     assert not model_args.load_in_4bit  # the saved arguments tell the truth
     # bitsandbytes itself works here, so its optimizer is kept; only the quantisation falls back.
-    assert json.loads(os.environ["MLFLOW_TAGS"]) == {quantization.FALLBACK_TAG: "plain_lora"}
+    assert plan.tags == {quantization.FALLBACK_TAG: "plain_lora"} and "MLFLOW_TAGS" not in os.environ
 
 
 def test_already_quantised_checkpoint_is_refused(tmp_path, bitsandbytes_ok):
@@ -416,7 +416,7 @@ def test_large_model_in_4bit_on_cpu_warns(tmp_path, bitsandbytes_ok, caplog):
         vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
         num_key_value_heads=32, tie_word_embeddings=True, architectures=["LlamaForCausalLM"],
     ).save_pretrained(tmp_path)  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="trl_qtuning.quantization"):
+    with caplog.at_level(logging.WARNING, logger="trl_qtuning.integrations.quantization"):
         plan = quantization.plan_quantization(quantization.qlora_model_config(str(tmp_path)), _args())
     assert plan.mode == "4-bit" and plan.report.total_params == 1_711_376_384
     assert any("(1.7B parameters) in 4-bit on the CPU" in r.getMessage() for r in caplog.records)
@@ -467,18 +467,6 @@ def test_cpu_repacking_guard_keeps_gradients_flowing(bnb, tmp_path):
     # q_proj's adapter only reaches the loss through o_proj (4-bit): a gradient here crossed a 4-bit layer.
     q_lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert q_lora_a.grad is not None and bool(q_lora_a.grad.abs().sum() > 0)
-
-
-def test_mlflow_tags_merge(monkeypatch):
-    monkeypatch.setenv("MLFLOW_TAGS", '{"a": "1"}')
-    assert quantization.merge_mlflow_tags({"b": "2"}) == {"a": "1", "b": "2"}
-    assert json.loads(os.environ["MLFLOW_TAGS"]) == {"a": "1", "b": "2"}
-    monkeypatch.delenv("MLFLOW_TAGS")
-    quantization.merge_mlflow_tags({"c": "3"})
-    assert json.loads(os.environ["MLFLOW_TAGS"]) == {"c": "3"}
-    monkeypatch.setenv("MLFLOW_TAGS", "not json")
-    with pytest.raises(quantization.QuantizationError, match="MLFLOW_TAGS is not valid JSON"):
-        quantization.merge_mlflow_tags({"d": "4"})
 
 
 # ----------------------------------------------------------------------------------------------------------------------

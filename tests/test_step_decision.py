@@ -10,16 +10,16 @@ import torch
 
 from trl_qtuning import select_qtuning
 from trl_qtuning.core import SelectionParams, decorrelated_entropy, plane_correlation
-from trl_qtuning.decision import StepDecider
+from trl_qtuning.step.decision import StepDecider
 from trl_qtuning.policies import build_policy
-from trl_qtuning.scoring import RowLayout, ScoredMicroBatch
-from trl_qtuning.step_metrics import (
+from trl_qtuning.step.scoring import RowLayout, ScoredMicroBatch
+from trl_qtuning.step.metrics import (
     DECISION_NAMES,
     correlation_from_moments,
     decision_codes,
     ledger_columns,
-    named_sums,
     plane_moments,
+    realised_budgets,
     step_metrics,
     step_sums,
 )
@@ -55,8 +55,8 @@ def test_select_qtuning_is_the_trainers_decision_for_one_group():
         torch.cat([s.ppl for s in scored]), torch.cat([s.entropy for s in scored]),
         torch.cat([s.token_logps for s in scored]), torch.cat([s.response for s in scored]), params,
     )  # fmt: skip
-    assert torch.equal(torch.cat([d.keep for d in step.micro_batches]), expected.keep)
-    assert torch.equal(torch.cat([d.label_keep for d in step.micro_batches]), expected.label_keep)
+    assert torch.equal(step.keep, expected.keep) and torch.equal(step.label_keep, expected.label_keep)
+    assert step.offsets == [0, 4, 8] and torch.equal(step.of_micro_batch(1)[0], expected.keep[4:])
     assert len(step.thresholds) == 1 and step.thresholds[0]["q"] == expected.triage.q
 
 
@@ -64,24 +64,25 @@ def test_micro_batch_scope_decides_each_micro_batch_alone():
     params = SelectionParams(sample_keep_ratio=0.5, token_keep_ratio=0.5)
     scored, step = _step("micro_batch", params)
     assert len(step.thresholds) == 2
-    for s, d in zip(scored, step.micro_batches, strict=True):
+    for i, s in enumerate(scored):
         alone = select_qtuning(s.ppl, s.entropy, s.token_logps, s.response, params)
-        assert torch.equal(d.keep, alone.keep) and int(d.keep.sum()) == 2
+        keep, label_keep, _ = step.of_micro_batch(i)
+        assert torch.equal(keep, alone.keep) and int(keep.sum()) == 2 and torch.equal(label_keep, alone.label_keep)
 
 
 def test_the_decorrelated_plane_axis_is_the_one_the_triage_ran_on():
     params = SelectionParams(sample_keep_ratio=0.5, eu_plane="decorrelated")
     scored, step = _step("micro_batch", params)
-    for s, d in zip(scored, step.micro_batches, strict=True):
-        torch.testing.assert_close(d.plane_axis, decorrelated_entropy(s.ppl, s.entropy))
-    assert _step("micro_batch", SelectionParams(sample_keep_ratio=0.5))[1].micro_batches[0].plane_axis is None
+    for i, s in enumerate(scored):
+        torch.testing.assert_close(step.plane_axis[step.rows(i)], decorrelated_entropy(s.ppl, s.entropy))
+    assert _step("micro_batch", SelectionParams(sample_keep_ratio=0.5))[1].plane_axis is None
 
 
 def test_random_sample_and_token_draws_repeat_and_use_distinct_streams():
     params = SelectionParams(sample_keep_ratio=0.5, token_keep_ratio=0.5)
     first = _step("step", params, "random", "random")[1]
     again = _step("step", params, "random", "random")[1]
-    assert all(torch.equal(a.label_keep, b.label_keep) for a, b in zip(first.micro_batches, again.micro_batches))
+    assert torch.equal(first.label_keep, again.label_keep)
     decider = StepDecider(build_policy("random", "random", params), triage_scope="global", seed=3)
     decider.step = 1
     samples = torch.rand(8, generator=decider.generator(0, per_rank=False))
@@ -97,7 +98,7 @@ def test_run_budget_carries_the_shortfall_to_the_next_step():
         scored = [_micro_batch(slice(0, 3), width=3)]
         step = decider.decide(scored, number)
         seen += int(scored[0].response.sum())
-        kept += int(step.micro_batches[0].label_keep.sum())
+        kept += int(step.label_keep.sum())
         assert kept == math.floor(0.5 * seen + 0.5), "the run keeps round(r * tokens seen) in all"
     assert (decider.run_tokens_seen, decider.run_tokens_kept) == (seen, kept)
 
@@ -105,11 +106,12 @@ def test_run_budget_carries_the_shortfall_to_the_next_step():
 def test_decision_codes_follow_the_ledger_order():
     params = SelectionParams(sample_keep_ratio=0.5, token_keep_ratio=0.5)
     scored, step = _step("step", params)
-    names = [DECISION_NAMES[c] for d in step.micro_batches for c in decision_codes(d).tolist()]
-    keep = torch.cat([d.keep for d in step.micro_batches]).tolist()
+    names = [DECISION_NAMES[c] for c in decision_codes(step).tolist()]
+    keep = step.keep.tolist()
     assert [n in ("kept", "token_pruned", "filled") for n in names] == keep
-    columns = ledger_columns(scored, step.micro_batches, step=1, epoch=0.5, rank=0, reweights=False)
+    columns = ledger_columns(step, number=1, epoch=0.5, rank=0, reweights=False)
     assert columns["decision"] == names and columns["sample_id"] == list(range(8))
+    assert columns["micro_batch"] == [0] * 4 + [1] * 4
     pruned = [len(p) for p in columns["pruned_positions"]]
     assert pruned == [r - k if kept else 0 for r, k, kept in zip(columns["response_tokens"], columns["kept_tokens"], keep)]
 
@@ -117,10 +119,10 @@ def test_decision_codes_follow_the_ledger_order():
 def test_metrics_from_sums_match_a_count_by_hand():
     params = SelectionParams(sample_keep_ratio=0.5, token_keep_ratio=0.5)
     scored, step = _step("step", params)
-    sums = step_sums(scored, step.micro_batches, step.thresholds)
-    metrics = step_metrics(named_sums(sums), uses_eu_plane=True, reweights=False)
-    keep = torch.cat([d.keep for d in step.micro_batches])
-    kept_tokens = torch.cat([d.label_keep.sum(1) for d in step.micro_batches]).double()
+    sums = step_sums(step)
+    metrics = step_metrics(sums, uses_eu_plane=True, reweights=False)
+    keep = step.keep
+    kept_tokens = step.label_keep.sum(1).double()
     response = torch.cat([s.response.sum(1) for s in scored]).double()
     assert metrics["qtuning/sample_keep_ratio"] == 0.5
     assert metrics["qtuning/label_token_share"] == pytest.approx(float(kept_tokens.sum() / response.sum()))
@@ -130,18 +132,29 @@ def test_metrics_from_sums_match_a_count_by_hand():
     assert metrics["qtuning/eu_correlation"] == pytest.approx(plane_correlation(torch.tensor(PPL), torch.tensor(ENT)))
     assert sum(metrics[f"qtuning/q{q}_share"] for q in range(1, 5)) + metrics["qtuning/mid_band_share"] == 1.0
     # Two ranks' sums add up: the metrics describe both ranks' samples.
-    doubled = step_metrics(named_sums(sums * 2), uses_eu_plane=True, reweights=False)
+    doubled = step_metrics({k: 2 * v for k, v in sums.items()}, uses_eu_plane=True, reweights=False)
     assert doubled["qtuning/sample_keep_ratio"] == 0.5 and doubled["qtuning/ppl_mean"] == metrics["qtuning/ppl_mean"]
+    budgets = realised_budgets(sums)
+    assert budgets["label_token_share"] == metrics["qtuning/label_token_share"]
+    assert budgets["kept_sample_token_share"] == metrics["qtuning/kept_sample_token_share"]
+
+
+def test_realised_budgets_are_ratios_of_sums_and_none_where_nothing_was_counted():
+    budgets = realised_budgets({"samples": 8, "kept": 2, "pruned_kept": 3, "pruned_response": 6, "response_tokens": 0})
+    assert budgets == {"sample_keep_ratio": 0.25, "kept_sample_token_share": None, "token_keep_ratio": 0.5,
+                       "label_token_share": None}  # fmt: skip
 
 
 def test_metrics_log_pools_the_token_keep_ratio_over_the_window_and_warns(caplog):
     import logging
     from collections import defaultdict
 
-    from trl_qtuning.step_metrics import METRIC_SUMS, StepMetricsLog
+    from trl_qtuning.step.metrics import StepMetricsLog
+
+    names = step_sums(_step("step", SelectionParams(sample_keep_ratio=0.5))[1])
 
     def sums(**values: float) -> dict[str, float]:
-        return {**dict.fromkeys(METRIC_SUMS, 0.0), "samples": 4.0, "kept": 2.0, **values}
+        return {**dict.fromkeys(names, 0.0), "samples": 4.0, "kept": 2.0, **values}
 
     log, metrics = StepMetricsLog(uses_eu_plane=True, reweights=False), defaultdict(list)
     log.append(metrics, sums(pruned_kept=1.0, pruned_response=2.0, before_tokens=10.0), 0.5, step=1)
@@ -154,14 +167,16 @@ def test_metrics_log_pools_the_token_keep_ratio_over_the_window_and_warns(caplog
         log.append(metrics, sums(invalid=2.0), 0.0, step=4)
     assert "step 3 kept no sample (1 of 4 had non-finite statistics)" in caplog.text
     assert "2 sample(s) of step 4 had no finite statistics" in caplog.text
+    assert log.realised_budgets() == {"steps": 4, "sample_keep_ratio": 6 / 16, "kept_sample_token_share": None,
+                                      "token_keep_ratio": 0.5, "label_token_share": None}  # fmt: skip
 
 
 def test_one_process_gathers_nothing():
     from types import SimpleNamespace
 
-    from trl_qtuning.step_metrics import gather_ledger_columns, gather_step_sums
+    from trl_qtuning.step.metrics import gather_ledger_columns, gather_step_sums
 
-    sums = torch.arange(3.0)
+    sums = {"samples": 3.0}
     assert gather_step_sums(SimpleNamespace(num_processes=1), sums, 1.5, True) == (sums, 1.5, True)
     columns, thresholds = {"step": [1, 1]}, [{"q": 0.5}]
     assert gather_ledger_columns(columns, thresholds, several=False, global_scope=False) == (columns, thresholds)
@@ -179,14 +194,14 @@ def test_correlation_from_moments_equals_the_plane_correlation():
 @pytest.mark.parametrize("ledger", ["none", "summary"])
 def test_per_sample_columns_are_built_only_for_a_listener(tmp_path, monkeypatch, ledger):
     """With no ledger and no tracking a step builds no per-sample lists; with a ledger it does, once per step."""
-    import trl_qtuning.step_metrics as module
+    import trl_qtuning.trainer as module
     from tests.trainer_helpers import build_trainer
 
     calls = []
     original = module.ledger_columns
 
     def counting(*args, **kwargs):
-        calls.append(kwargs["step"])
+        calls.append(kwargs["number"])
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, "ledger_columns", counting)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from trl_qtuning import teardown
+from trl_qtuning.integrations import teardown
 
 
 class _Trainer:
@@ -75,7 +75,7 @@ def test_a_failing_end_at_exit_is_logged_not_raised(_no_real_hook, caplog):
     broken, fine = _Trainer(processes=2, fails=True), _Trainer(processes=2)
     teardown.end_at_exit(broken)
     teardown.end_at_exit(fine)
-    with caplog.at_level(logging.WARNING, logger="trl_qtuning.teardown"):
+    with caplog.at_level(logging.WARNING, logger="trl_qtuning.integrations.teardown"):
         _no_real_hook[0]()
     assert broken.ended == 1 and fine.ended == 1
     assert "ending the trainer at exit failed: tracker gone" in caplog.text

@@ -270,6 +270,34 @@ def test_a_run_we_did_not_create_gets_the_qtuning_tags(tracking, tmp_path, monke
     assert [r.info.run_id for r in found] == [run.info.run_id]
 
 
+def test_arguments_win_over_the_mlflow_variables_and_leave_them_alone(tracking, tmp_path, monkeypatch):
+    """What the bench and the quantisation fallback pass: tags set after MLFLOW_TAGS's, an experiment and a run name
+    of their own, and a new run whatever MLFLOW_RUN_ID says; no variable is read back or rewritten."""
+    import os
+
+    client, experiment = tracking
+    existing = client.create_run(client.get_experiment_by_name(experiment).experiment_id)
+    monkeypatch.setenv("MLFLOW_RUN_ID", existing.info.run_id)
+    monkeypatch.setenv("MLFLOW_TAGS", json.dumps({"team": "nlp", "stage": "env"}))
+    other = f"{experiment}-other"
+    client.create_experiment(other, artifact_location=str(tmp_path / "artifacts"))
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    trainer = build_trainer(tmp_path, report_to=["mlflow"], max_steps=1, run_name="from-args")
+    callback = attach_tracking(
+        trainer, tracking_uri=client.tracking_uri, experiment=other, tags={"stage": "arg"}, new_run=True
+    )
+    with pytest.raises(TypeError, match="unknown tracking option"):
+        attach_tracking(trainer, experiment_name="typo")
+    trainer.train()
+    run = client.get_run(callback.run_id)
+    assert run.info.run_id != existing.info.run_id and run.info.run_name == "from-args"
+    assert run.info.experiment_id == client.get_experiment_by_name(other).experiment_id
+    assert run.data.tags["team"] == "nlp" and run.data.tags["stage"] == "arg"
+    assert run.data.tags["qtuning.method"] == "qtuning"
+    assert run.data.params["sample_keep_ratio"] == str(trainer.args.sample_keep_ratio)
+    assert {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")} == before
+
+
 def _dead_uri() -> str:
     import socket
 
@@ -403,27 +431,22 @@ def test_eu_plane_figure_of_a_baseline_step_warns_nothing():
     assert "q =" not in fig.axes[0].get_title()
 
 
-def _fake_run(name: str, start: int, metrics: dict, tags: dict | None = None):
-    from types import SimpleNamespace
-
-    info = SimpleNamespace(run_id=f"id-{name}", run_name=name, status="FINISHED", start_time=start, end_time=start + 1)
-    return SimpleNamespace(info=info, data=SimpleNamespace(tags=tags or {}, params={}, metrics=metrics))
-
-
-def test_compare_picks_eval_columns_by_meaning_and_the_newest_runs():
+def test_compare_picks_eval_columns_by_meaning_and_the_newest_runs(tracking):
     from trl_qtuning.tracking.compare import collect_rows, eval_columns
 
-    runs = [_fake_run(f"r{i}", i, {"eval_num_tokens": 5.0, "eval_accuracy": 0.5, "eval_loss": 1.0 + i,
-                                   "eval_runtime": 3.0, "eval/nll": 2.0, "eval_samples_per_second": 9.0})
-            for i in range(5)]  # fmt: skip
+    client, experiment = tracking
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    for i in range(5):
+        run = client.create_run(experiment_id, start_time=1000 * (i + 1), run_name=f"r{i}")
+        for key, value in {"eval_num_tokens": 5.0, "eval_accuracy": 0.5, "eval_loss": 1.0 + i, "eval_runtime": 3.0,
+                           "eval/nll": 2.0, "eval_samples_per_second": 9.0}.items():  # fmt: skip
+            client.log_metric(run.info.run_id, key, value)
+    client.create_run(experiment_id, start_time=9000, tags={"qtuning.kind": "comparison"})  # never compared
 
-    class Client:
-        def search_runs(self, ids, max_results, order_by):
-            newest = sorted(runs, key=lambda r: r.info.start_time, reverse="DESC" in order_by[0])
-            return newest[:max_results]
-
-    rows = collect_rows(Client(), "0", max_runs=2)
-    assert [r["run_name"] for r in rows] == ["r3", "r4"]  # the two newest, oldest first
+    rows = collect_rows(experiment_id, max_runs=3)
+    assert [r["run_name"] for r in rows] == ["r3", "r4"]  # the newest, oldest first, the comparison run left out
+    assert [r["eval"]["eval_loss"] for r in rows] == [4.0, 5.0] and rows[0]["method"] == "sft"
+    assert rows[0]["realised_sample_keep"] == 1.0 and rows[0]["sample_keep_ratio"] is None
     assert eval_columns(rows) == ["eval_loss", "eval/nll", "eval_accuracy"]  # loss first; counters and timings out
 
 
@@ -460,11 +483,11 @@ def test_compare_figure_plots_held_out_loss_when_runs_have_it(tmp_path):
 )
 def test_method_labels_show_the_pair_and_every_ablation(tmp_path, settings, label):
     from trl_qtuning.config import run_label
-    from trl_qtuning.tracking.callback import QTuningMLflowCallback
+    from trl_qtuning.tracking.callback import run_tags
 
     args = tiny_config(tmp_path, **settings)
     assert run_label(args) == label
-    tags = QTuningMLflowCallback()._tags(args)
+    tags = run_tags(args)
     assert tags["qtuning.method"] == label and "qtuning.eu_plane" in tags and "qtuning.token_prune_q4" in tags
 
 

@@ -111,7 +111,7 @@ def test_scoring_projects_only_the_positions_it_reads(tmp_path, monkeypatch, ent
     """On CPU, TRL's fused head projects every position; scoring asks it for the labelled ones only, same numbers."""
     import trl.trainer.utils as trl_utils
 
-    import trl_qtuning.scoring as scoring
+    import trl_qtuning.step.scoring as scoring
 
     trainer = build_trainer(tmp_path, per_device_train_batch_size=8, entropy_positions=entropy_positions)
     batch = next(iter(trainer.get_train_dataloader()))

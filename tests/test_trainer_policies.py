@@ -293,11 +293,11 @@ def test_a_trl_without_the_compaction_switch_warns_once(monkeypatch, caplog):
 
     import trl.trainer.utils as trl_utils
 
-    import trl_qtuning.scoring as scoring
+    import trl_qtuning.step.scoring as scoring
 
     monkeypatch.delattr(trl_utils, "_use_triton")
     monkeypatch.setattr(scoring, "_warned_no_compaction", False)
-    with caplog.at_level(logging.WARNING, logger="trl_qtuning.scoring"):
+    with caplog.at_level(logging.WARNING, logger="trl_qtuning.step.scoring"):
         for _ in range(3):
             with scoring.project_labelled_positions_only():
                 pass

@@ -74,9 +74,10 @@ def test_decision_names_are_written_only_in_the_vocabulary():
     """Other names that happen to be spelt like a decision (a count, a column, a field) are listed with what they
     are; a decision compared or listed anywhere else fails."""
     not_decisions = {
-        "step_metrics.py": {"kept", "filled", "trimmed", "invalid"},  # METRIC_SUMS entries: sample counts
+        "step/metrics.py": {"kept", "filled", "trimmed", "invalid"},  # step_sums keys: sample counts
         "tracking/reports.py": {"kept", "dropped"},  # the selection table's column, the summary's count
         "core/triage.py": {"filled", "trimmed", "invalid"},  # TriageResult's mask fields
+        "tracking/recorder.py": {"kept"},  # the per-step group-by's boolean column (trained or not)
     }
     found = _where(set(DECISIONS).__contains__)
     assert {path: hits - not_decisions.get(path, set()) for path, hits in found.items()} == {
@@ -92,7 +93,7 @@ def test_the_ledger_folder_and_shard_names_are_written_only_in_the_ledger_module
     assert not fnmatch.fnmatch(shard_name(3, 12), shard_name(1, "*"))
     assert _where(lambda s: "ledger-rank" in s, home="ledger.py") == {}
     # The setting `qtuning_ledger` shares the folder's name: its validation, the bench's matrix and the summary name it.
-    setting = {"config.py", "bench/matrix.py", "tracking/callback.py"}
+    setting = {"config.py", "bench/matrix.py", "tracking/reports.py"}
     assert set(_where(LEDGER_DIRNAME.__eq__, home="ledger.py")) <= setting
 
 
@@ -115,10 +116,10 @@ def test_tags_and_selection_params_are_read_from_the_field_list(tmp_path, settin
     from tests.trainer_helpers import tiny_config
 
     from trl_qtuning.config import METHOD_FIELDS
-    from trl_qtuning.tracking.callback import QTuningMLflowCallback
+    from trl_qtuning.tracking.callback import run_tags
 
     args = tiny_config(tmp_path, **settings)
-    tags = QTuningMLflowCallback()._tags(args)
+    tags = run_tags(args)
     assert [t for t in tags if t not in ("qtuning.method", "qtuning.version")] == [f"qtuning.{n}" for n in METHOD_FIELDS]
     assert all(tags[f"qtuning.{name}"] == str(getattr(args, name)) for name in METHOD_FIELDS)
     params = args.selection_params()

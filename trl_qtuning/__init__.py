@@ -35,7 +35,7 @@ def __getattr__(name: str):
 
         return QTuningSFTTrainer
     if name == "QTuningDataCollator":
-        from .collator import QTuningDataCollator
+        from .step.collator import QTuningDataCollator
 
         return QTuningDataCollator
     if name == "read_ledger":

@@ -19,26 +19,15 @@ __all__ = [
     "run_label",
 ]  # fmt: skip
 
-_NUMBERS: tuple[tuple[str, str, Callable[[float], bool], bool], ...] = (
-    ("sample_keep_ratio", "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, False),
-    ("token_keep_ratio", "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, False),
-    ("neighbor_lambda", "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0, False),
-    ("triage_max_iter", "an integer >= 1", lambda v: v >= 1, True),
-    ("triage_tol", "a number in (0, 1)", lambda v: 0.0 < v < 1.0, False),
-    ("qtuning_ledger_rows_per_shard", "an integer >= 1", lambda v: v >= 1, True),
-)
-"""Numeric fields: name, rule, check, integer. A string such as '0.3' is refused, not stored."""
-
-_BOOLEANS = (
-    "qtuning_enabled",
-    "token_prune_q4",
-    "enforce_sample_budget",
-    "prune_filled_q2_like",
-    "reverse_token_score",
-    "scoring_inference_mode",
-    "pack_kept_rows",
-)
-"""On/off fields: True or False only. A string such as 'false' is refused (it is truthy), not stored."""
+_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "sample_keep_ratio": ("a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
+    "token_keep_ratio": ("a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
+    "neighbor_lambda": ("a number in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+    "triage_max_iter": ("an integer >= 1", lambda v: v >= 1),
+    "triage_tol": ("a number in (0, 1)", lambda v: 0.0 < v < 1.0),
+    "qtuning_ledger_rows_per_shard": ("an integer >= 1", lambda v: v >= 1),
+}
+"""Allowed range of each numeric field (int or float by its annotation). A string such as '0.3' is refused."""
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "triage_scope": ("micro_batch", "step", "global"),
@@ -162,7 +151,7 @@ class QTuningConfig(SFTConfig):
         default="response",
         metadata={
             "help": "Positions the sample entropy averages over: 'response' (trainable tokens, the paper's "
-            "definition) or 'all' (every attended position, as one early implementation did)."
+            "definition) or 'all' (every attended position)."
         },
     )
     eu_plane: str = field(
@@ -223,14 +212,16 @@ class QTuningConfig(SFTConfig):
         super().__post_init__()
 
     def _validate_qtuning(self) -> None:
-        for name, rule, ok, integer in _NUMBERS:
-            value = getattr(self, name)
+        # By annotation: "int" here, or the class once HfArgumentParser has resolved the field types in place.
+        types = {f.name: str(getattr(f.type, "__name__", f.type)) for f in fields(self)}
+        for name, (rule, ok) in _RANGES.items():
+            value, integer = getattr(self, name), types[name] == "int"
             kinds = (int,) if integer else (int, float)
             if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or not ok(value):
                 given = f"{value!r} (a {type(value).__name__})" if isinstance(value, (str, type(None))) else repr(value)
                 raise ValueError(f"`{name}` must be {rule}, got {given}.")
             setattr(self, name, int(value) if integer else float(value))
-        for name in _BOOLEANS:
+        for name in (name for name in QTUNING_FIELDS if types[name] == "bool"):  # 'false' is truthy: refuse it
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(
@@ -241,7 +232,25 @@ class QTuningConfig(SFTConfig):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {getattr(self, name)!r}.")
         policy = self.build_policy()  # unknown policy names fail here, with the allowed names
-        self._warn_on_settings_without_effect(policy)
+        # Settings the chosen policy never reads are accepted but said, so an ablation that does nothing is not run.
+        ignored = [f"`{n}={getattr(self, n)!r}`" for n in ("eu_plane", "fill_rule") if getattr(self, n) != "paper"]
+        ignored += [f"`{name}=True`" for name in ("token_prune_q4", "prune_filled_q2_like") if getattr(self, name)]
+        if ignored and not policy.samples.uses_eu_plane:
+            warnings.warn(
+                f"{', '.join(ignored)} has no effect with `sample_policy={self.sample_policy!r}`: only the 'qtuning' "
+                "sample policy triages on the EU plane.", UserWarning, stacklevel=3,
+            )  # fmt: skip
+        if self.reverse_token_score and self.token_policy != "qtuning":
+            warnings.warn(
+                f"`reverse_token_score=True` has no effect with token_policy={self.token_policy!r}: it only changes "
+                "the 'qtuning' token policy.", UserWarning, stacklevel=3,
+            )  # fmt: skip
+        if not policy.tokens.prunes and self.token_keep_ratio < 1.0:
+            warnings.warn(
+                f"`token_keep_ratio={self.token_keep_ratio}` has no effect with token_policy='none', which keeps "
+                "every answer token of the kept samples (set token_keep_ratio=1.0 to say so).", UserWarning,
+                stacklevel=3,
+            )  # fmt: skip
         if policy.tokens.needs_reference and not self.reference_model_path:
             raise ValueError(
                 f"`token_policy={self.token_policy!r}` scores tokens against a reference model: set "
@@ -259,14 +268,6 @@ class QTuningConfig(SFTConfig):
                 f"`sample_policy={self.sample_policy!r}` rescales sample losses, which is defined for "
                 f"`loss_type='nll'` only (got loss_type={self.loss_type!r}): use loss_type='nll' or another policy."
             )
-        for name in ("eu_plane", "fill_rule"):
-            if getattr(self, name) != "paper" and not policy.samples.uses_eu_plane:
-                warnings.warn(
-                    f"`{name}={getattr(self, name)!r}` has no effect with `sample_policy={self.sample_policy!r}`: only "
-                    "the 'qtuning' sample policy triages on the EU plane.",
-                    UserWarning,
-                    stacklevel=3,
-                )
         if self.reference_model_path and not policy.needs_reference:
             raise ValueError(
                 f"`reference_model_path` is only used by `token_policy='rho1'` and `sample_policy='tailsft'` (got "
@@ -286,43 +287,16 @@ class QTuningConfig(SFTConfig):
                 "`qtuning_enabled=False`."
             )
 
-    def _warn_on_settings_without_effect(self, policy: Policy) -> None:
-        """Settings a chosen policy never reads: accepted, but said, so an ablation that does nothing is not run."""
-        ignored = []
-        if not policy.samples.uses_eu_plane:
-            ignored += [f"`{name}=True`" for name in ("token_prune_q4", "prune_filled_q2_like") if getattr(self, name)]
-        if self.reverse_token_score and self.token_policy != "qtuning":
-            ignored.append("`reverse_token_score=True`")
-        if ignored:
-            warnings.warn(
-                f"{', '.join(ignored)} has no effect with sample_policy={self.sample_policy!r}, token_policy="
-                f"{self.token_policy!r}: token_prune_q4 and prune_filled_q2_like only change the 'qtuning' sample "
-                "policy, reverse_token_score only the 'qtuning' token policy.", UserWarning, stacklevel=4,
-            )  # fmt: skip
-        if not policy.tokens.prunes and self.token_keep_ratio < 1.0:
-            warnings.warn(
-                f"`token_keep_ratio={self.token_keep_ratio}` has no effect with token_policy='none', which keeps "
-                "every answer token of the kept samples (set token_keep_ratio=1.0 to say so).", UserWarning,
-                stacklevel=4,
-            )  # fmt: skip
-
-    def triage_group_size(self, world_size: int = 1) -> int:
-        """How many samples are triaged together: a micro-batch, an optimizer step's micro-batches, or (``global``)
-        the step's samples of every process."""
-        size = int(self.per_device_train_batch_size)
-        if self.triage_scope != "micro_batch":
-            size *= int(self.gradient_accumulation_steps)
-        return size * (int(world_size) if self.triage_scope == "global" else 1)
-
     def check_sample_budget(self, world_size: int = 1) -> None:
-        """Refuse a sample budget nothing can meet (a group of one sample) and warn when the group is too small to
-        realise ``sample_keep_ratio``: a group of B keeps ``max(1, round(r * B))`` samples, so batch 3 at r = 0.1
-        trains on a third of the data and still pays the scoring pass for all of it."""
+        """Refuse a triage group of one sample (nothing can be pruned) and warn when the group is too small to realise
+        ``sample_keep_ratio``: a group of B keeps ``max(1, round(r * B))``, so batch 3 at r = 0.1 trains on a third."""
         if not self.qtuning_enabled or self.sample_policy == "all" or self.sample_keep_ratio >= 1.0:
             return
         from .core.triage import target_keep_count
 
-        group = self.triage_group_size(world_size)
+        group = int(self.per_device_train_batch_size)
+        group *= 1 if self.triage_scope == "micro_batch" else int(self.gradient_accumulation_steps)
+        group *= int(world_size) if self.triage_scope == "global" else 1
         fix = ("raise gradient_accumulation_steps (a step's micro-batches are triaged together)"
                if self.triage_scope == "step" else "use triage_scope='step' (or 'global') or a larger micro-batch")  # fmt: skip
         if group <= 1:
@@ -345,8 +319,7 @@ class QTuningConfig(SFTConfig):
         return build_policy(self.sample_policy, self.token_policy, self.selection_params())
 
     def selection_params(self) -> SelectionParams:
-        """The method's settings as the pure core takes them: each ``SelectionParams`` field is the setting of its
-        name (numbers that YAML or a sweep may give as int made float, and the reverse)."""
+        """The settings of ``SelectionParams``' field names, numbers cast (a sweep may set an int on ``args``)."""
         cast: dict[str, Callable[[Any], Any]] = {"neighbor_lambda": float, "triage_max_iter": int, "triage_tol": float}
         knobs = {f.name: cast.get(f.name, lambda v: v)(getattr(self, f.name)) for f in fields(SelectionParams)}
         return SelectionParams(**knobs)
@@ -355,16 +328,14 @@ class QTuningConfig(SFTConfig):
 QTUNING_FIELDS: tuple[str, ...] = tuple(
     f.name for f in fields(QTuningConfig) if f.name not in {g.name for g in fields(SFTConfig)}
 )
-"""Every Q-Tuning setting: the fields ``QTuningConfig`` adds to ``SFTConfig`` (the trainer rebuilds its machinery
-when one of them changes on ``trainer.args``; ``SelectionParams`` takes its knobs from them by name)."""
+"""The fields ``QTuningConfig`` adds to ``SFTConfig`` (the trainer rebuilds its machinery when one changes)."""
 
 METHOD_FIELDS: tuple[str, ...] = (
     "sample_policy", "token_policy", "sample_keep_ratio", "token_keep_ratio", "neighbor_lambda", "neighbor_mode",
     "triage_scope", "enforce_sample_budget", "token_budget_scope", "entropy_positions", "reverse_token_score",
     "prune_filled_q2_like", "token_prune_q4", "eu_plane", "fill_rule",
 )  # fmt: skip
-"""The settings that say which method ran, in the order MLflow tags them (``qtuning.<name>``) and the run summary's
-``config`` lists them. The other :data:`QTUNING_FIELDS` are in :data:`UNTAGGED_FIELDS`, with the reason."""
+"""The settings that say which method ran, in the order of the MLflow tags (``qtuning.<name>``) and the summary."""
 
 UNTAGGED_FIELDS: dict[str, str] = {
     "qtuning_enabled": "shown by the method tag itself ('sft' when off)",
@@ -390,7 +361,7 @@ LABEL_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("token_budget_scope", "run", "run-budget"),
     ("entropy_positions", "all", "entropy-all"),
 )
-"""``(field, value that is not the default, suffix of the run label)``: the variants :func:`run_label` names."""
+"""``(field, non-default value, label suffix)``: the variants :func:`run_label` names."""
 
 
 def run_label(args: Any) -> str:
@@ -402,7 +373,6 @@ def run_label(args: Any) -> str:
 
 
 def require_qtuning_config(config: Any) -> QTuningConfig:
-    """``args`` of ``QTuningSFTTrainer``, which must be a :class:`QTuningConfig` (the Q-Tuning budgets live there)."""
     if config is None:
         raise ValueError("QTuningSFTTrainer needs `args=QTuningConfig(...)` (the Q-Tuning budgets live there).")
     if not isinstance(config, QTuningConfig):

@@ -16,11 +16,7 @@ and the trainer writes the same id into every checkpoint (``qtuning_ledger_id.js
 
 The identity file starts with an underscore so that Parquet readers of the folder (pandas, pyarrow) skip it.
 
-Columns worth knowing: ``quadrant`` is 1-4 for Q1-Q4 and 0 for the mid band, for an invalid sample and for every
-sample of a baseline policy (baselines place no sample on the EU plane); ``epoch`` is the trainer's fractional epoch
-(``state.epoch``) at the step; ``decision`` is one of ``kept`` / ``token_pruned`` (some answer tokens lost their label;
-never at ``token_keep_ratio=1.0``) / ``filled`` / ``dropped`` / ``trimmed`` / ``invalid``; ``ppl`` and ``entropy`` are
-NaN where the policy skipped the scoring pass.
+The columns are described under :data:`LEDGER_SCHEMA`.
 """
 
 from __future__ import annotations
@@ -35,26 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .vocabulary import TRAINED_DECISIONS
-
 __all__ = [
-    "DecisionLedger",
-    "read_ledger",
-    "open_for_run",
-    "is_fresh_run",
-    "aside_path",
-    "write_checkpoint_id",
-    "LEDGER_SCHEMA",
-    "LEDGER_DIRNAME",
-    "LEDGER_ID_FILE",
-    "LEDGER_INFO_FILE",
-    "TRAINED_DECISIONS",
-    "SHARD_GLOB",
-    "shard_name",
-]
+    "DecisionLedger", "LEDGER_DIRNAME", "LEDGER_ID_FILE", "LEDGER_INFO_FILE", "LEDGER_SCHEMA", "SHARD_GLOB", "aside_path",
+    "is_fresh_run", "modified_tag", "open_for_run", "read_ledger", "shard_name", "write_checkpoint_id",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +75,13 @@ LEDGER_SCHEMA = pa.schema(
         ("pruned_positions", pa.list_(pa.int32())),
     ]
 )
-"""``decision`` is one of ``kept`` (Q2/Q4, all tokens), ``token_pruned`` (kept with some labels masked), ``filled``
-(kept by the under-fill rule), ``dropped``, ``trimmed`` (a Q2/Q4 sample dropped to enforce the budget) and
-``invalid`` (non-finite statistics). ``pruned_positions`` are offsets in the sample's ``input_ids`` whose label was
-masked (only with level ``full``)."""
+"""``quadrant`` is 1-4 for Q1-Q4 and 0 for the mid band, for an invalid sample and for every sample of a baseline
+policy (baselines place no sample on the EU plane); ``epoch`` is the trainer's fractional epoch (``state.epoch``) at
+the step; ``decision`` is one of ``kept`` (Q2/Q4, all tokens), ``token_pruned`` (kept with some labels masked; never
+at ``token_keep_ratio=1.0``), ``filled`` (kept by the under-fill rule), ``dropped``, ``trimmed`` (a Q2/Q4 sample
+dropped to enforce the budget) and ``invalid`` (non-finite statistics); ``ppl`` and ``entropy`` are NaN where the
+policy skipped the scoring pass; ``pruned_positions`` are offsets in the sample's ``input_ids`` whose label was masked
+(only with level ``full``)."""
 
 
 class DecisionLedger:
@@ -121,8 +107,7 @@ class DecisionLedger:
         return int(existing[-1].stem.rsplit("-", 1)[-1]) + 1 if existing else 0
 
     def info(self) -> dict[str, Any] | None:
-        """The folder's identity (``run_id``, ``created``), or None where it has none (no folder yet, or a ledger
-        written before ledgers had one)."""
+        """The folder's identity (``run_id``, ``created``), or None where it has none (no folder yet)."""
         try:
             info = json.loads((self.directory / LEDGER_INFO_FILE).read_text())
         except (OSError, ValueError):
@@ -135,10 +120,6 @@ class DecisionLedger:
         info = self.info()
         return info["run_id"] if info else None
 
-    def has_rows(self) -> bool:
-        """Whether the folder holds a shard (of any rank)."""
-        return self.directory.is_dir() and any(self.directory.glob(SHARD_GLOB))
-
     def start(self, run_id: str) -> Path | None:
         """Start a fresh ledger for run ``run_id``; returns where an earlier ledger was moved (None if there was none).
 
@@ -147,7 +128,8 @@ class DecisionLedger:
         """
         moved = None
         if self.directory.is_dir() and any(self.directory.iterdir()):
-            moved = self._aside_path()
+            earlier = self.run_id
+            moved = aside_path(self.directory, earlier[:8] if earlier else modified_tag(self.directory))
             self.directory.rename(moved)
         self._clear_buffer()
         self._next_shard = 0
@@ -164,10 +146,6 @@ class DecisionLedger:
         tmp.write_text(json.dumps(info, indent=2) + "\n")
         os.replace(tmp, self.directory / LEDGER_INFO_FILE)
 
-    def _aside_path(self) -> Path:
-        run_id = self.run_id
-        return aside_path(self.directory, run_id[:8] if run_id else modified_tag(self.directory))
-
     def _clear_buffer(self) -> None:
         self._buffer = {name: [] for name in LEDGER_SCHEMA.names}
         self._buffered = 0
@@ -176,17 +154,14 @@ class DecisionLedger:
         """Remove this rank's rows of steps after ``step`` (a run resumed from that checkpoint redoes them)."""
         self._clear_buffer()
         for shard in sorted(self.directory.glob(shard_name(self.rank, "*"))):
-            table = pq.read_table(shard, schema=LEDGER_SCHEMA)
-            keep = pc.less_equal(table["step"], step)
-            if pc.all(keep).as_py():
+            table = ds.dataset(shard, schema=LEDGER_SCHEMA).to_table()
+            kept = table.filter(ds.field("step") <= step)
+            if kept.num_rows == table.num_rows:
                 continue
-            kept = table.filter(keep)
             if kept.num_rows == 0:
                 shard.unlink()
-                continue
-            tmp = shard.with_suffix(".parquet.tmp")
-            pq.write_table(kept, tmp)
-            os.replace(tmp, shard)
+            else:
+                _write_atomically(kept, shard)
         self._next_shard = self._first_free_shard()
 
     def append(self, columns: dict[str, list[Any]]) -> None:
@@ -204,19 +179,23 @@ class DecisionLedger:
             self.flush()
 
     def flush(self) -> Path | None:
-        """Write buffered rows as one shard (atomically: temp file then rename); returns its path."""
+        """Write buffered rows as one shard; returns its path."""
         if self._buffered == 0:
             return None
         self.directory.mkdir(parents=True, exist_ok=True)
-        table = pa.table(self._buffer, schema=LEDGER_SCHEMA)
         path = self.directory / shard_name(self.rank, self._next_shard)
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        _write_atomically(pa.table(self._buffer, schema=LEDGER_SCHEMA), path)
         self._next_shard += 1
-        self._buffer = {name: [] for name in LEDGER_SCHEMA.names}
-        self._buffered = 0
+        self._clear_buffer()
         return path
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    """A temporary file renamed over ``path``, so a process killed mid-write leaves no half shard (which is also why
+    shards are not written with ``pyarrow.dataset.write_dataset``: it writes in place)."""
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
 
 
 def _is_ledger_folder(folder: Path) -> bool:
@@ -254,7 +233,7 @@ def read_ledger(path: str | os.PathLike) -> pa.Table:
         files = sorted(folder.glob(SHARD_GLOB))
         if not files:
             return LEDGER_SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(f, schema=LEDGER_SCHEMA) for f in files])
+    table = ds.dataset([str(f) for f in files], schema=LEDGER_SCHEMA, format="parquet").to_table()
     return table.sort_by([("step", "ascending"), ("rank", "ascending"), ("micro_batch", "ascending"), ("sample_id", "ascending")])
 
 
@@ -323,14 +302,9 @@ def open_for_run(ledger: DecisionLedger, resume_from_checkpoint: str | bool | No
         raise ValueError(_mismatched_ledger_message(ledger, checkpoint, checkpoint_id, step))
     if checkpoint_id is None:
         logger.warning(
-            "Q-Tuning: checkpoint %s carries no ledger run id (saved by an older trl-qtuning, or interrupted "
-            "while saving): cannot check that %s is the ledger of its run. Continuing it; rows of steps after %d "
-            "are dropped.", checkpoint, ledger_dir, step,
-        )  # fmt: skip
-    elif ledger_id is None and ledger.has_rows():
-        logger.warning(
-            "Q-Tuning: %s has no run id (written by an older trl-qtuning): cannot check that it is the ledger of "
-            "checkpoint %s's run. Continuing it; rows of steps after %d are dropped.", ledger_dir, checkpoint, step,
+            "Q-Tuning: checkpoint %s carries no ledger run id (saved without a ledger, or interrupted while saving): "
+            "cannot check that %s is the ledger of its run. Continuing it; rows of steps after %d are dropped.",
+            checkpoint, ledger_dir, step,
         )  # fmt: skip
     elif ledger_id is None and step > 0:
         logger.warning(

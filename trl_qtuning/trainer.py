@@ -2,9 +2,9 @@
 
 Where it hooks in (transformers' training loop): ``get_batch_samples`` fetches the micro-batches of one optimizer step
 and counts the loss normaliser. This trainer fetches them, scores every sample with the current model
-(:mod:`~trl_qtuning.scoring`), decides which samples stay and which labels are kept (:mod:`~trl_qtuning.decision`,
-the policies of :mod:`~trl_qtuning.policies`), applies that to the micro-batches (:mod:`~trl_qtuning.batch`), and only
-then counts the normaliser; :mod:`~trl_qtuning.step_metrics` says what the step did. The loss of the step is therefore
+(:mod:`~trl_qtuning.step.scoring`), decides which samples stay and which labels are kept (:mod:`~trl_qtuning.step.decision`,
+the policies of :mod:`~trl_qtuning.policies`), applies that to the micro-batches (:mod:`~trl_qtuning.step.batch`), and only
+then counts the normaliser; :mod:`~trl_qtuning.step.metrics` says what the step did. The loss of the step is therefore
 ``sum(NLL over kept tokens) / kept token count``, exactly, under gradient accumulation. It returns as many
 micro-batches as it fetched (an emptied one is skipped in ``training_step``).
 """
@@ -19,22 +19,23 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
-from transformers import TrainerCallback
+from transformers import DefaultFlowCallback, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 from trl import SFTTrainer
 
-from . import step_metrics
-from .batch import LOSS_WEIGHT_COLUMN, WeightedLogProbs, apply_decisions, has_rows, runnable_micro_batches
-from .collator import (
+from .step.batch import LOSS_WEIGHT_COLUMN, WeightedLogProbs, apply_decisions, has_rows, runnable_micro_batches
+from .step.collator import (
     SAMPLE_ID_COLUMN, QTuningDataCollator, check_prepared_dataset, pad_token_id, sized_length, with_sample_ids,
 )  # fmt: skip
 from .config import QTUNING_FIELDS, QTuningConfig, require_qtuning_config
-from .decision import StepDecider
-from .events import DecisionListener, StepDecisions
+from .step.decision import StepDecider, StepSelection
+from .step.events import DecisionListener, StepDecisions
 from .ledger import LEDGER_DIRNAME, DecisionLedger, is_fresh_run, open_for_run, write_checkpoint_id
-from .scoring import (
-    ScoredMicroBatch, Scorer, inference_tensor_error, is_inference_tensor_error, load_reference_model, reference_forward,
+from .step.metrics import StepMetricsLog, gather_ledger_columns, gather_step_sums, ledger_columns, step_sums
+from .step.scoring import (
+    ScoredMicroBatch, Scorer, inference_tensor_error, load_reference_model, reference_forward,
 )  # fmt: skip
-from .teardown import end_at_exit, release_before_group_ends, unregister
+from .integrations.teardown import end_at_exit, release_before_group_ends, unregister
 
 __all__ = ["QTuningSFTTrainer"]
 
@@ -70,11 +71,40 @@ def _warn_if_adapters_are_trained(model: torch.nn.Module) -> None:
         )  # fmt: skip
 
 
-class _LedgerFlush(TrainerCallback):
-    """Writes the buffered ledger rows when training ends, before other callbacks upload or read them."""
+class LedgerCallback(TrainerCallback):
+    """The decision ledger's life in the training loop: it takes each step's rows (a decision listener), opens the
+    run's ledger (:meth:`open`: the resume checks, before anything is touched), writes the buffered rows before each
+    checkpoint (so a checkpoint never holds steps the ledger has lost) and at the end, and records the ledger's run id
+    in each checkpoint.
+
+    It sits right after transformers' ``DefaultFlowCallback``, which decides whether the step saves, and before the
+    reporting callbacks, which upload or read the ledger when training ends.
+    """
 
     def __init__(self, ledger: DecisionLedger):
         self.ledger = ledger
+
+    def __call__(self, event: StepDecisions) -> None:
+        self.ledger.append(event.columns)
+
+    def open(self, resume_from_checkpoint: str | bool | None, output_dir: str) -> Path | None:
+        return open_for_run(self.ledger, resume_from_checkpoint, output_dir)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.ledger.flush()
+
+    on_epoch_end = on_step_end
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if args.save_strategy == SaveStrategy.BEST:  # the save follows if the metric improved
+            self.ledger.flush()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.ledger.flush()  # a save a later callback asked for
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if self.ledger.run_id is not None and folder.is_dir():
+            write_checkpoint_id(folder, self.ledger.run_id, state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.ledger.flush()
@@ -103,7 +133,7 @@ class QTuningSFTTrainer(SFTTrainer):
 
             require_mlflow()  # before transformers' own MLflowCallback fails with a less helpful message
         super().__init__(**call, **extra)
-        from .quantization import keep_4bit_trainable_on_cpu
+        from .integrations.quantization import keep_4bit_trainable_on_cpu
 
         # bitsandbytes' CPU backend repacks 4-bit weights for inference on an eval forward (our scoring pass), which
         # silently cuts gradients: keep them trainable (a no-op without bitsandbytes or on CUDA).
@@ -128,8 +158,7 @@ class QTuningSFTTrainer(SFTTrainer):
         # The normaliser is counted after pruning and passed to every micro-batch's loss, which divides by it.
         self.loss_is_scaled_for_ga = True
         self._decision_listeners: list[DecisionListener] = []
-        self._ledger: DecisionLedger | None = None
-        self._ledger_hooks: tuple[DecisionListener, TrainerCallback] | None = None
+        self._ledger: LedgerCallback | None = None
         self._reference_model = None
         self._reference_from: str | None = None
         self._build_qtuning(config)
@@ -165,25 +194,23 @@ class QTuningSFTTrainer(SFTTrainer):
             self._policy, triage_scope=config.triage_scope, seed=config.seed, rank=config.process_index,
             accelerator=self.accelerator,
         )  # fmt: skip
-        self._metrics_log = step_metrics.StepMetricsLog(
+        self._metrics_log = StepMetricsLog(
             uses_eu_plane=self._policy.samples.uses_eu_plane, reweights=self._policy.samples.reweights
         )
-        if self._ledger_hooks is not None:  # a rebuild: the previous ledger's listener and flush go
-            listener, flush = self._ledger_hooks
-            self._decision_listeners.remove(listener)
-            self.callback_handler.remove_callback(flush)
-            self._ledger, self._ledger_hooks = None, None
+        if self._ledger is not None:  # a rebuild: the previous ledger goes
+            self._decision_listeners.remove(self._ledger)
+            self.callback_handler.remove_callback(self._ledger)
+            self._ledger = None
         if config.qtuning_ledger != "none" and self.is_world_process_zero():
             # One writer: with several processes every rank's rows are gathered to the main process each step.
-            ledger = DecisionLedger(
+            self._ledger = LedgerCallback(DecisionLedger(
                 Path(config.output_dir) / LEDGER_DIRNAME, level=config.qtuning_ledger, rank=config.process_index,
                 rows_per_shard=config.qtuning_ledger_rows_per_shard,
-            )  # fmt: skip
-            self._ledger = ledger
-            self._ledger_hooks = (lambda event: ledger.append(event.columns), _LedgerFlush(ledger))
-            self.add_decision_listener(self._ledger_hooks[0])
-            # First in line, so listeners that read the ledger at the end of training see every row.
-            self.callback_handler.callbacks.insert(0, self._ledger_hooks[1])
+            ))  # fmt: skip
+            self.add_decision_listener(self._ledger)
+            callbacks = self.callback_handler.callbacks
+            after_flow = next((i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
+            callbacks.insert(after_flow, self._ledger)
 
     def _qtuning_settings(self) -> dict[str, Any]:
         """The values of ``trainer.args`` the Q-Tuning machinery was built from."""
@@ -216,8 +243,8 @@ class QTuningSFTTrainer(SFTTrainer):
 
     @property
     def qtuning_realised_budgets(self) -> dict[str, float | int | None]:
-        """What the steps of this trainer's ``train()`` calls realised so far (see
-        :meth:`~trl_qtuning.step_metrics.StepMetricsLog.realised_budgets`): the numbers the metrics are made of."""
+        """What the steps of this trainer's ``train()`` calls realised so far
+        (:func:`~trl_qtuning.step.metrics.realised_budgets` of their sums, every rank's) and ``steps``."""
         return self._metrics_log.realised_budgets()
 
     @property
@@ -251,12 +278,9 @@ class QTuningSFTTrainer(SFTTrainer):
         scored = [self._score(mb, ids) for mb, ids in zip(batch_samples, sample_ids, strict=True)]
         scoring_seconds = time.perf_counter() - start
         step = self._decider.decide(scored, self.state.global_step + 1)
-        pruned = [
-            apply_decisions(mb, s, d.keep, d.label_keep, d.loss_weight)
-            for mb, s, d in zip(batch_samples, scored, step.micro_batches, strict=True)
-        ]
-        self._record(scored, step, scoring_seconds)
-        return self._runnable(pruned, batch_samples, scored)
+        pruned = [apply_decisions(mb, s, *step.of_micro_batch(i)) for i, (mb, s) in enumerate(zip(batch_samples, scored))]
+        self._record(step, scoring_seconds)
+        return self._runnable(pruned, batch_samples)
 
     def _score(self, batch: dict[str, Any], sample_ids: torch.Tensor | None) -> ScoredMicroBatch:
         return self._scorer.score(self.model_wrapped, batch, sample_ids, inference_mode=self._scores_in_inference_mode())
@@ -271,16 +295,14 @@ class QTuningSFTTrainer(SFTTrainer):
             return False
         return not (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
 
-    def _runnable(
-        self, pruned: list[dict[str, Any]], fetched: list[dict[str, Any]], scored: list[ScoredMicroBatch]
-    ) -> list[dict[str, Any]]:
-        """The micro-batches to run (:func:`~trl_qtuning.batch.runnable_micro_batches`)."""
+    def _runnable(self, pruned: list[dict[str, Any]], fetched: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The micro-batches to run (:func:`~trl_qtuning.step.batch.runnable_micro_batches`)."""
 
         def most_across_ranks(value: int) -> int:
             return int(self.accelerator.gather(torch.tensor([value], device=self.args.device)).max())
 
         return runnable_micro_batches(
-            pruned, fetched, scored, padding_free=self._scorer.padding_free,
+            pruned, fetched, padding_free=self._scorer.padding_free,
             pack_size=self.args.per_device_train_batch_size if self.args.pack_kept_rows else None,
             pad_token_id=pad_token_id(self.data_collator), run_last=self._must_run_last_micro_batch(),
             most_across_ranks=most_across_ranks if self._must_run_every_micro_batch() else None,
@@ -310,8 +332,9 @@ class QTuningSFTTrainer(SFTTrainer):
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         except RuntimeError as error:
-            if self.args.qtuning_enabled and self._scores_in_inference_mode() and is_inference_tensor_error(error):
-                raise inference_tensor_error(error) from error
+            clearer = inference_tensor_error(error) if self.args.qtuning_enabled else None
+            if clearer is not None and self._scores_in_inference_mode():
+                raise clearer from error
             raise
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -322,27 +345,25 @@ class QTuningSFTTrainer(SFTTrainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     # ------------------------------------------------------------------ metrics and ledger
-    def _record(self, scored: list[ScoredMicroBatch], step, scoring_seconds: float) -> None:
+    def _record(self, step: StepSelection, scoring_seconds: float) -> None:
         """Log the step's metrics over every rank's samples; hand its decisions to the listeners, if any."""
-        sums = step_metrics.step_sums(scored, step.micro_batches, step.thresholds)
         wants_columns = bool(self._decision_listeners) and self.is_world_process_zero()
-        sums, scoring_seconds, wants_columns = step_metrics.gather_step_sums(
-            self.accelerator, sums, scoring_seconds, wants_columns
+        sums, scoring_seconds, wants_columns = gather_step_sums(
+            self.accelerator, step_sums(step), scoring_seconds, wants_columns
         )
         number, epoch = self.state.global_step + 1, float(self.state.epoch or 0.0)
-        self._metrics_log.append(self._metrics["train"], step_metrics.named_sums(sums), scoring_seconds, number)
+        self._metrics_log.append(self._metrics["train"], sums, scoring_seconds, number)
         if not wants_columns:  # the same answer on every rank: all or none take part in the gather below
             return
-        columns = step_metrics.ledger_columns(
-            scored, step.micro_batches, step=number, epoch=epoch, rank=self.args.process_index,
-            reweights=self._policy.samples.reweights,
-        )  # fmt: skip
-        columns, thresholds = step_metrics.gather_ledger_columns(
+        columns = ledger_columns(
+            step, number=number, epoch=epoch, rank=self.args.process_index, reweights=self._policy.samples.reweights
+        )
+        columns, thresholds = gather_ledger_columns(
             columns, step.thresholds, several=self.accelerator.num_processes > 1,
             global_scope=self.args.triage_scope == "global",
         )  # fmt: skip
         if self.is_world_process_zero():
-            event = StepDecisions(number, epoch, self.args.process_index, columns, thresholds, scoring_seconds)
+            event = StepDecisions(number, columns, thresholds, scoring_seconds)
             for listener in self._decision_listeners:
                 listener(event)
 
@@ -363,18 +384,6 @@ class QTuningSFTTrainer(SFTTrainer):
         self._decision_listeners.append(listener)
 
     # ------------------------------------------------------------------ persistence
-    def _save_checkpoint(self, model, trial):
-        ledger = self._ledger if self.args.qtuning_enabled else None
-        if ledger is not None:
-            ledger.flush()
-        super()._save_checkpoint(model, trial)
-        if ledger is not None and ledger.run_id is not None:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            if folder.is_dir():
-                write_checkpoint_id(folder, ledger.run_id, self.state.global_step)
-
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         self._apply_changed_settings()
         ledger = self._ledger if self.args.qtuning_enabled else None
@@ -383,21 +392,21 @@ class QTuningSFTTrainer(SFTTrainer):
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
-            if ledger is not None:
-                ledger.flush()
+            if ledger is not None:  # what an interrupted train() decided is kept
+                ledger.ledger.flush()
 
-    def _open_outputs(self, ledger: DecisionLedger | None, resume_from_checkpoint: str | bool | None) -> None:
+    def _open_outputs(self, ledger: LedgerCallback | None, resume_from_checkpoint: str | bool | None) -> None:
         """The ledger of this run (:func:`~trl_qtuning.ledger.open_for_run`); for a fresh run, an earlier run's
         tracking outputs moved aside like its ledger (:mod:`~trl_qtuning.tracking.outputs`)."""
         from .tracking.outputs import TRACKING_DIR, set_aside_earlier_outputs
 
         output_dir = self.args.output_dir
         try:
-            moved = open_for_run(ledger, resume_from_checkpoint, output_dir) if ledger is not None else None
+            moved = ledger.open(resume_from_checkpoint, output_dir) if ledger is not None else None
             if is_fresh_run(resume_from_checkpoint, output_dir):
                 # Tracking that already started (an evaluate() before train()) writes this run's own folder.
                 started = any(getattr(cb, "sink", None) is not None for cb in self.callback_handler.callbacks)
-                set_aside_earlier_outputs(output_dir, None if moved is None else (ledger.directory, moved),
+                set_aside_earlier_outputs(output_dir, None if moved is None else (ledger.ledger.directory, moved),
                                           keep=(TRACKING_DIR,) if started else ())  # fmt: skip
         except OSError as error:
             ledger_hint = (
@@ -411,7 +420,7 @@ class QTuningSFTTrainer(SFTTrainer):
     def end(self) -> None:
         """Finish the trackers and destroy the process group, letting go of the distributed wrapper first.
 
-        Optional: a script that does not call it is ended at exit the same way (:mod:`~trl_qtuning.teardown`, which
+        Optional: a script that does not call it is ended at exit the same way (:mod:`~trl_qtuning.integrations.teardown`, which
         says why the wrapper must go first).
         """
         release_before_group_ends(self)  # and the wrappers of other trainers, which lose the group too

@@ -11,15 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "DECISIONS",
-    "Decision",
-    "QUADRANTS",
-    "QUADRANT_KEYS",
-    "QUADRANT_LABELS",
-    "QUADRANT_SHORT_LABELS",
-    "Quadrant",
+    "DECISIONS", "Decision", "QUADRANTS", "QUADRANT_KEYS", "QUADRANT_LABELS", "QUADRANT_SHORT_LABELS", "Quadrant",
     "TRAINED_DECISIONS",
-]
+]  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -2,38 +2,34 @@
 
 Why it is built this way:
 
-* **The trainer's own numbers.** The dataset goes through ``SFTTrainer``'s preparation (prompt-completion,
-  conversational with the chat template, plain text, EOS, labels) and every batch through
-  :class:`~trl_qtuning.scoring.Scorer`, the scoring forward ``QTuningSFTTrainer`` runs before each step (fused LM
-  head, eval mode, inference mode, answer positions only, the trainer's autocast). A row's PPL and entropy are what
-  the trainer would see for it at that model.
+* **The trainer's own numbers.** Rows go through ``SFTTrainer``'s preparation and every batch through
+  :class:`~trl_qtuning.step.scoring.Scorer`, the scoring forward ``QTuningSFTTrainer`` runs before each step, so a row's
+  PPL and entropy are what the trainer would see for it at that model.
 * **Every row accounted for.** TRL would drop a row that truncation leaves without an answer token; the audit
-  truncates the same way (``truncation_mode``'s slice) but keeps the row, with NaN statistics, and counts it, with
-  the truncated rows and the empty answers.
-* **Bounded and resumable.** Rows are scored in chunks of ``chunk_size`` consecutive rows (a stream is never held
-  whole); inside a chunk they are sorted by length and batched, which cuts padding. Each finished chunk is written
-  as one Parquet shard (atomically), so an interrupted audit resumes at the first missing chunk. Under
-  ``accelerate launch`` each process scores its share of the chunks (accelerate's ``split_between_processes``).
-* **Derived columns once, at the end.** Quadrants, ranks and the suspicion score depend on the whole dataset, so
-  the main process computes them from the shards when every chunk is in (:mod:`trl_qtuning.audit.outputs`).
+  truncates the same way but keeps the row, with NaN statistics, and counts it.
+* **Bounded and resumable.** Rows are scored in chunks of ``chunk_size`` consecutive rows (length-sorted batches
+  inside a chunk), each written atomically as one Parquet shard, so an interrupted audit resumes at the first
+  missing chunk; under ``accelerate launch`` each process scores its share of the chunks.
+* **Derived columns once, at the end.** Quadrants, ranks and the suspicion score depend on the whole dataset: the
+  main process computes them from the shards (:mod:`trl_qtuning.audit.outputs`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..cli.sft import CliError
+from ..errors import CliError
 
 __all__ = [
     "AuditInputError",
@@ -47,8 +43,6 @@ __all__ = [
     "load_audit_model",
 ]
 
-logger = logging.getLogger(__name__)
-
 ROW_ID = "audit_row_id"
 """The row's position in the dataset as given (a stream: its position in the stream)."""
 DEMO_MODEL = "demo"
@@ -56,8 +50,7 @@ DEMO_DATASET = "demo"
 SHARD_DIR = "shards"
 META_FILE = "audit_meta.json"
 _FORMAT_VERSION = 1
-# The demo's own pool (trl_qtuning/demo/run.py): MATH prealgebra and algebra, levels 1-2, problem + solution <= 400
-# characters.
+# The demo's own pool (trl_qtuning/demo/run.py).
 DEMO_POOL = {"subjects": ["prealgebra", "algebra"], "max_level": 2, "max_chars": 400}
 
 
@@ -121,21 +114,10 @@ class AuditResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Inputs
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 def _ensure_pad(tokenizer: Any) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _offline_hint() -> str:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return " (HF_HUB_OFFLINE is set: only local or cached models can load)"
-    return ""
 
 
 def load_audit_model(name: str, *, adapter: str | None = None, dtype: str = "float32") -> tuple[Any, Any, str]:
@@ -147,7 +129,7 @@ def load_audit_model(name: str, *, adapter: str | None = None, dtype: str = "flo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..cli.sft import _looks_like_path
+    from ..inputs import looks_like_path
 
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
@@ -180,14 +162,15 @@ def load_audit_model(name: str, *, adapter: str | None = None, dtype: str = "flo
                 return _with_adapter(model, str(path)), tokenizer, f"{base_description} + adapter {path}"
             if not (path / "config.json").is_file():
                 raise AuditInputError(f"not a model directory (no config.json or adapter_config.json): {name}", code=1)
-        elif _looks_like_path(name):
+        elif looks_like_path(name):
             raise AuditInputError(f"model path not found: {name}", code=1)
         try:
             tokenizer = _ensure_pad(AutoTokenizer.from_pretrained(name))
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
-            detail = " ".join(str(exc).split())
-            raise AuditInputError(f"cannot load model {name!r}{_offline_hint()}: {detail}", code=1) from exc
+            offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+            hint = " (HF_HUB_OFFLINE is set: only local or cached models can load)" if offline else ""
+            raise AuditInputError(f"cannot load model {name!r}{hint}: {' '.join(str(exc).split())}", code=1) from exc
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if adapter is not None:
@@ -224,27 +207,24 @@ def load_audit_dataset(
         return pool.to_iterable_dataset() if streaming else pool
     from trl import DatasetMixtureConfig, ScriptArguments
 
-    from ..cli.sft import _split, load_datasets
+    from ..inputs import load_datasets, select_split
 
     script_args = ScriptArguments(dataset_name=name, dataset_config=config, dataset_streaming=streaming)
     try:
         loaded = load_datasets(script_args, DatasetMixtureConfig())
-        return _split(loaded, split, "dataset_split", repr(name))
+        return select_split(loaded, split, "dataset_split", repr(name))
     except CliError as exc:
         raise AuditInputError(str(exc), exc.code) from exc
 
 
 def _check_dataset(dataset: Any, settings: AuditSettings, source: str) -> None:
-    from types import SimpleNamespace
-
-    from ..cli.sft import _check_columns
+    from ..inputs import check_sft_columns
 
     try:
-        _check_columns(dataset, SimpleNamespace(dataset_text_field=settings.dataset_text_field), source)
+        check_sft_columns(dataset, settings.dataset_text_field, source)
     except CliError as exc:
         raise AuditInputError(str(exc), exc.code) from exc
-    columns = getattr(dataset, "column_names", None) or []
-    if ROW_ID in columns:
+    if ROW_ID in (getattr(dataset, "column_names", None) or []):
         raise AuditInputError(f"dataset {source} already has a column {ROW_ID!r}, which the audit adds: rename it")
 
 
@@ -262,21 +242,10 @@ def _with_row_ids(dataset: Any) -> Any:
     return dataset.map(lambda _, index: {ROW_ID: index}, with_indices=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Text of a row (for empty answers and excerpts)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 def _content(value: Any, with_roles: bool) -> str:
-    if isinstance(value, str):
-        return value
     if isinstance(value, list):
-        parts = []
-        for message in value:
-            if isinstance(message, dict):
-                text = str(message.get("content") or "")
-                parts.append(f"{message.get('role', '?')}: {text}" if with_roles else text)
-        return "\n".join(parts)
+        texts = [(m.get("role", "?"), str(m.get("content") or "")) for m in value if isinstance(m, dict)]
+        return "\n".join(f"{role}: {text}" if with_roles else text for role, text in texts)
     return "" if value is None else str(value)
 
 
@@ -285,19 +254,13 @@ def row_text(row: dict[str, Any], text_field: str = "text") -> tuple[str, str]:
     the answer) or plain text (all answer)."""
     if "prompt" in row and "completion" in row:
         return _content(row["prompt"], True), _content(row["completion"], False)
-    if isinstance(row.get("messages"), list):
-        messages = row["messages"]
+    messages = row.get("messages")
+    if isinstance(messages, list):
         turns = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
-        last = turns[-1] if turns else None
-        if last is None:
+        if not turns:
             return _content(messages, True), ""
-        return _content(messages[:last], True), _content(messages[last]["content"], False)
+        return _content(messages[: turns[-1]], True), _content(messages[turns[-1]]["content"], False)
     return "", _content(row.get(text_field), False)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Shards
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def shard_schema():
@@ -309,14 +272,8 @@ def shard_schema():
     ])  # fmt: skip
 
 
-def _shard_path(directory: Path, chunk: int) -> Path:
-    return directory / f"chunk-{chunk:09d}.parquet"
-
-
 def done_chunks(directory: Path) -> set[int]:
     """Chunks whose shard is complete (written atomically, so a present file is a finished chunk)."""
-    if not directory.is_dir():
-        return set()
     return {int(p.stem.split("-", 1)[1]) for p in directory.glob("chunk-*.parquet")}
 
 
@@ -324,10 +281,9 @@ def _write_shard(directory: Path, chunk: int, columns: dict[str, np.ndarray]) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pydict(columns, schema=shard_schema())
-    target = _shard_path(directory, chunk)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
+    target = directory / f"chunk-{chunk:09d}.parquet"
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # dot-named: no reader sees an unfinished shard
+    pq.write_table(pa.Table.from_pydict(columns, schema=shard_schema()), tmp)
     os.replace(tmp, target)
 
 
@@ -335,30 +291,18 @@ def read_shards(directory: Path):
     """Every shard as one Arrow table, sorted by row id."""
     import pyarrow.dataset as ds
 
-    files = sorted(str(p) for p in directory.glob("chunk-*.parquet"))
-    if not files:
-        return shard_schema().empty_table()
-    return ds.dataset(files, format="parquet", schema=shard_schema()).to_table().sort_by(ROW_ID)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Scoring
-# ----------------------------------------------------------------------------------------------------------------------
+    return ds.dataset(str(directory), format="parquet", schema=shard_schema()).to_table().sort_by(ROW_ID)
 
 
 def length_batches(lengths: np.ndarray, batch_size: int, max_batch_tokens: int | None) -> list[np.ndarray]:
-    """Row indices in batches of similar length (longest first: a batch too big for memory fails at once).
-
-    A batch takes up to ``batch_size`` rows and, with ``max_batch_tokens``, no more rows than keep
-    ``rows x longest row`` within it (at least one row).
-    """
+    """Row indices in batches of similar length, longest first (a batch too big for memory fails at once): up to
+    ``batch_size`` rows and, with ``max_batch_tokens``, ``rows x longest row`` within it (at least one row)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
     if max_batch_tokens is None:
         return [order[i : i + batch_size] for i in range(0, order.size, batch_size)]
     batches, start = [], 0
     while start < order.size:
-        longest = int(lengths[order[start]])
-        rows = max(1, min(batch_size, max_batch_tokens // max(1, longest)))
+        rows = max(1, min(batch_size, max_batch_tokens // max(1, int(lengths[order[start]]))))
         batches.append(order[start : start + rows])
         start += rows
     return batches
@@ -368,9 +312,8 @@ class _ChunkScorer:
     """Scores one chunk of prepared rows with the trainer's scorer; returns the shard's columns."""
 
     def __init__(self, trainer: Any, settings: AuditSettings):
-        from ..scoring import Scorer
+        from ..step.scoring import Scorer
 
-        self.trainer = trainer
         self.settings = settings
         self.model = trainer.model
         self.collate = trainer.data_collator
@@ -384,14 +327,14 @@ class _ChunkScorer:
         answer = row_text(row, self.settings.dataset_text_field)[1]
         return not (answer.replace(self.eos, "") if self.eos else answer).strip()
 
-    def __call__(self, rows: dict[str, list[Any]], on_rows: Any = None) -> dict[str, np.ndarray]:
+    def __call__(self, rows: list[dict[str, Any]], on_rows: Any = None) -> dict[str, np.ndarray]:
         """The shard's columns for ``rows``; ``on_rows(count)`` after each batch (the progress bar)."""
         settings = self.settings
         cut = settings.truncation()
-        input_ids = [ids[cut] for ids in rows["input_ids"]]
-        labels = [lab[cut] for lab in rows["labels"]]
-        n = len(input_ids)
-        full = np.fromiter((len(ids) for ids in rows["input_ids"]), dtype=np.int64, count=n)
+        input_ids = [row["input_ids"][cut] for row in rows]
+        labels = [row["labels"][cut] for row in rows]
+        n = len(rows)
+        full = np.fromiter((len(row["input_ids"]) for row in rows), dtype=np.int64, count=n)
         lengths = np.fromiter((len(ids) for ids in input_ids), dtype=np.int64, count=n)
         # An answer token is a label other than -100 past the first position (the first predicts nothing).
         has_answer = np.fromiter((any(t != -100 for t in lab[1:]) for lab in labels), dtype=bool, count=n)
@@ -412,56 +355,11 @@ class _ChunkScorer:
         if on_rows is not None and n > scored_rows.size:
             on_rows(n - scored_rows.size)  # rows without an answer token: no forward
         self.seconds += time.perf_counter() - start
-        empty = np.fromiter((self._empty(row) for row in _rows_of(rows)), dtype=bool, count=n)
         return {
-            ROW_ID: np.asarray(rows[ROW_ID], dtype=np.int64), "ppl": ppl, "entropy": entropy,
-            "answer_tokens": answer_tokens, "tokens": lengths.astype(np.int32),
-            "truncated": full > lengths, "empty_answer": empty,
+            ROW_ID: np.fromiter((row[ROW_ID] for row in rows), dtype=np.int64, count=n), "ppl": ppl,
+            "entropy": entropy, "answer_tokens": answer_tokens, "tokens": lengths.astype(np.int32),
+            "truncated": full > lengths, "empty_answer": np.fromiter(map(self._empty, rows), dtype=bool, count=n),
         }  # fmt: skip
-
-
-_TEXT_COLUMNS = ("prompt", "completion", "messages")
-
-
-def _rows_of(columns: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
-    names = [c for c in columns if c not in ("input_ids", "labels")]
-    for values in zip(*(columns[c] for c in names), strict=True):
-        yield dict(zip(names, values, strict=True))
-
-
-def _chunks(prepared: Any, chunk_size: int, columns: Sequence[str]) -> Iterator[tuple[int, dict[str, list[Any]]]]:
-    """``(chunk index, columns)`` of consecutive rows sharing a chunk (``row id // chunk_size``)."""
-    current: int | None = None
-    buffer: dict[str, list[Any]] = {c: [] for c in columns}
-    source = prepared.select_columns(list(columns)) if hasattr(prepared, "select_columns") else prepared
-    for batch in source.iter(batch_size=chunk_size):
-        chunk_of = np.asarray(batch[ROW_ID], dtype=np.int64) // chunk_size
-        starts = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1]]) if chunk_of.size else []
-        for start, end in zip(starts, [*starts[1:], chunk_of.size]):  # runs of rows of one chunk
-            chunk = int(chunk_of[start])
-            if current is not None and chunk != current:
-                yield current, buffer
-                buffer = {c: [] for c in columns}
-            current = chunk
-            for c in columns:
-                buffer[c].extend(batch[c][start:end])
-    if current is not None and buffer[ROW_ID]:
-        yield current, buffer
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The audit
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _describe_model(model: Any) -> str:
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    return f"{type(model).__name__}({name})" if name else type(model).__name__
-
-
-def _meta(model_description: str, dataset_description: str, rows: int | None, settings: AuditSettings) -> dict:
-    return {"format_version": _FORMAT_VERSION, "model": model_description, "dataset": dataset_description,
-            "rows": rows, "settings": asdict(settings)}  # fmt: skip
 
 
 def _check_resume(output_dir: Path, meta: dict, overwrite: bool) -> None:
@@ -478,12 +376,9 @@ def _check_resume(output_dir: Path, meta: dict, overwrite: bool) -> None:
     previous = json.loads(path.read_text())
     if previous == meta:
         return
-    differ = [key for key in meta if previous.get(key) != meta[key]]
-    if "settings" in differ:
-        settings = previous.get("settings") or {}
-        differ = [k for k in differ if k != "settings"] + [
-            f"settings.{k}" for k in meta["settings"] if settings.get(k) != meta["settings"][k]
-        ]
+    settings = previous.get("settings") or {}
+    differ = [key for key in meta if key != "settings" and previous.get(key) != meta[key]]
+    differ += [f"settings.{k}" for k in meta["settings"] if settings.get(k) != meta["settings"][k]]
     raise AuditInputError(
         f"{output_dir} holds an audit with other inputs or settings ({', '.join(differ)} differ), so it cannot be "
         "resumed: choose another output_dir, or pass overwrite=True (--overwrite) to start it over"
@@ -507,6 +402,15 @@ def _sft_trainer(model: Any, tokenizer: Any, dataset: Any, settings: AuditSettin
         dataloader_num_workers=0, max_steps=1,  # never trained; a stream has no length to infer steps from
     )  # fmt: skip
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
+def prepared_rows(model: Any, tokenizer: Any, dataset: Any, settings: AuditSettings) -> list[dict[str, list[int]]]:
+    """The rows as the audit scores them (SFTTrainer's preparation, the audit's truncation): ``input_ids`` and
+    ``labels`` each. For comparing the audit with another scorer over exactly the same tokens."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _sft_trainer(model, _ensure_pad(tokenizer), _with_row_ids(dataset), settings, Path(tmp))
+        cut = settings.truncation()
+        return [{"input_ids": row["input_ids"][cut], "labels": row["labels"][cut]} for row in trainer.train_dataset]
 
 
 def audit_dataset(
@@ -575,7 +479,9 @@ def audit_dataset(
         tokenizer = _ensure_pad(tokenizer)
         if adapter is not None:
             model = _with_adapter(model, adapter)
-        model_description = _describe_model(model) + (f" + adapter {adapter}" if adapter else "")
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+        model_description = type(model).__name__ + (f"({name})" if name else "")
+        model_description += f" + adapter {adapter}" if adapter else ""
     if isinstance(dataset, str):
         dataset_description = dataset if dataset != DEMO_DATASET else "demo (MATH pool, prealgebra+algebra, levels 1-2)"
         source = repr(dataset)
@@ -593,7 +499,8 @@ def audit_dataset(
         output_dir = temporary.name
     out = Path(output_dir).expanduser()
     try:
-        meta = _meta(model_description, dataset_description, rows, settings)
+        meta = {"format_version": _FORMAT_VERSION, "model": model_description, "dataset": dataset_description,
+                "rows": rows, "settings": asdict(settings)}  # fmt: skip
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             _check_resume(out, meta, overwrite)
@@ -607,11 +514,8 @@ def audit_dataset(
         state.wait_for_everyone()  # every process read the same finished chunks before any writes a new one
 
         start = time.perf_counter()
-        scored_rows, scoring_seconds = _score_pending(
-            raw, rows, done, settings, model, tokenizer, shard_dir, state, progress
-        )
-        elapsed = time.perf_counter() - start
-        timing = [scored_rows, scoring_seconds, elapsed]
+        timing = [*_score_pending(raw, rows, done, settings, model, tokenizer, shard_dir, state, progress)]
+        timing.append(time.perf_counter() - start)
         if state.num_processes > 1:
             from accelerate.utils import gather_object
 
@@ -650,8 +554,7 @@ def _score_pending(
         pending = [c for c in range(math.ceil(rows / chunk)) if c not in done]
         with state.split_between_processes(pending) as mine:
             mine = list(mine)
-        spans = [np.arange(c * chunk, min(rows, (c + 1) * chunk)) for c in mine]
-        ids = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+        ids = np.flatnonzero(np.isin(np.arange(rows) // chunk, mine))
         to_score = raw.select(ids)
         total = int(ids.size)
     else:  # a stream: its length is unknown, so its chunks go round-robin
@@ -666,18 +569,19 @@ def _score_pending(
         return 0, 0.0
     score = _ChunkScorer(trainer, settings)
     prepared = trainer.train_dataset
-    columns = [c for c in (ROW_ID, "input_ids", "labels", *_TEXT_COLUMNS, settings.dataset_text_field)
-               if c in (getattr(prepared, "column_names", None) or [])]  # fmt: skip
+    text = ("prompt", "completion", "messages", settings.dataset_text_field)
+    known = getattr(prepared, "column_names", None) or []
+    columns = [c for c in (ROW_ID, "input_ids", "labels", *text) if c in known]
     if not columns:  # a stream whose features are unknown: read what its rows carry
-        text = (*_TEXT_COLUMNS, settings.dataset_text_field)
         columns = [ROW_ID, "input_ids", "labels"] + [c for c in next(iter(prepared)) if c in text]
+    source = prepared.select_columns(list(dict.fromkeys(columns))) if hasattr(prepared, "select_columns") else prepared
+    # Rows read in batches, then grouped into runs of one chunk (row id // chunk_size): a shard each.
+    rows = (dict(zip(batch, values)) for batch in source.iter(batch_size=chunk) for values in zip(*batch.values()))
     scored = 0
-    bar = tqdm(total=total, unit="rows", desc="audit", disable=not progress or not state.is_local_main_process,
-               dynamic_ncols=True)  # fmt: skip
-    try:
-        for chunk_index, chunk_rows in _chunks(prepared, chunk, list(dict.fromkeys(columns))):
-            _write_shard(shard_dir, chunk_index, score(chunk_rows, bar.update))
-            scored += len(chunk_rows[ROW_ID])
-    finally:
-        bar.close()
+    with tqdm(total=total, unit="rows", desc="audit", disable=not progress or not state.is_local_main_process,
+              dynamic_ncols=True) as bar:  # fmt: skip
+        for chunk_index, group in itertools.groupby(rows, key=lambda row: row[ROW_ID] // chunk):
+            group = list(group)
+            _write_shard(shard_dir, chunk_index, score(group, bar.update))
+            scored += len(group)
     return scored, score.seconds

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli.sft import CliError, run_reporting_errors
+from ..errors import ArgumentParser, CliError, run_reporting_errors
 
 __all__ = ["build_parser", "main"]
 
@@ -30,16 +30,11 @@ def _bool(value: str) -> bool:
     return value.strip().lower() in ("true", "yes", "y", "t", "1")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like `sft`
-        raise CliError(f"{message} (see `{PROG} --help`)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .api import AuditSettings
 
     d = AuditSettings()
-    p = _Parser(prog=PROG, allow_abbrev=False, description=(
+    p = ArgumentParser(prog=PROG, allow_abbrev=False, description=(
         "Score every row of an SFT dataset once with a model (the trainer's own scoring forward) and write a table of "
         "PPL, entropy, quadrant and a noise-suspicion score per row (Parquet), the EU plane figure, a page of the most "
         "suspected rows and a summary. An interrupted audit resumes where it stopped when run again with the same "

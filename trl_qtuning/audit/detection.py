@@ -1,47 +1,25 @@
 """How well a per-row score finds known bad rows: AUROC and precision among the top-ranked rows.
 
 The audit does not know which rows are bad; where noise was injected (the bench's swapped answers, or any list of
-row ids), these measure each candidate score against it. Everything is vectorised numpy; NaN scores (rows without
-an answer token) are left out of the measurement, and said so in the count.
+row ids), these measure each candidate score against it. NaN scores (rows without an answer token) are left out of
+the measurement, and said so in the count.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
+import pandas as pd
 
-__all__ = [
-    "CANDIDATE_SCORES",
-    "RECOMMENDED_SCORE",
-    "auroc",
-    "average_ranks",
-    "candidate_scores",
-    "detection_table",
-    "precision_at",
-]
+__all__ = ["CANDIDATE_SCORES", "RECOMMENDED_SCORE", "auroc", "candidate_scores", "detection_table", "precision_at"]
 
 CANDIDATE_SCORES = ("ppl", "entropy", "rank_sum", "decorrelated", "suspicion")
 """The scores measured: PPL; mean entropy; rank(PPL) + rank(entropy); the entropy's residual after a least-squares fit
 on log PPL (:func:`trl_qtuning.core.decorrelated_entropy`); the recommended ``suspicion``."""
 RECOMMENDED_SCORE = "rank_sum"
 """What the ``suspicion`` column is: the rank sum (see docs/audit.md for the measurements behind the choice)."""
-
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``values`` (ascending), tied values sharing the mean of their ranks (as Mann-Whitney needs)."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return values.copy()
-    order = np.argsort(values, kind="stable")
-    sorted_values = values[order]
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    counts = np.diff(np.r_[starts, values.size])
-    mean_rank = starts + (counts + 1) / 2.0  # ranks start+1 .. start+count, their mean
-    ranks = np.empty(values.size, dtype=np.float64)
-    ranks[order] = np.repeat(mean_rank, counts)
-    return ranks
 
 
 def _finite(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,33 +32,28 @@ def _finite(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Probability that a random bad row scores above a random good one (ties count one half).
-
-    Mann-Whitney U from average ranks: ``(sum of the bad rows' ranks - n_bad (n_bad + 1) / 2) / (n_bad n_good)``.
-    NaN when either class is empty (after leaving out non-finite scores).
+    """Probability that a random bad row scores above a random good one (ties count one half): Mann-Whitney U over
+    average ranks, divided by ``n_bad n_good``. NaN when either class is empty (after leaving out non-finite scores).
     """
     scores, labels = _finite(scores, labels)
     n_bad = int(labels.sum())
     n_good = labels.size - n_bad
     if n_bad == 0 or n_good == 0:
         return math.nan
-    u = average_ranks(scores)[labels].sum() - n_bad * (n_bad + 1) / 2.0
+    u = pd.Series(scores).rank().to_numpy()[labels].sum() - n_bad * (n_bad + 1) / 2.0
     return float(u / (n_bad * n_good))
 
 
 def precision_at(scores: np.ndarray, labels: np.ndarray, share: float = 0.1) -> float:
-    """Share of bad rows among the ``ceil(share * n)`` highest-scored rows (ties: the earlier row first).
-
-    NaN when no row has a finite score.
-    """
+    """Share of bad rows among the ``ceil(share * n)`` highest-scored rows (ties: the earlier row first); NaN when no
+    row has a finite score."""
     if not 0.0 < share <= 1.0:
         raise ValueError(f"share must be in (0, 1], got {share}")
     scores, labels = _finite(scores, labels)
     if scores.size == 0:
         return math.nan
     count = max(1, math.ceil(share * scores.size - 1e-9))
-    top = np.argsort(-scores, kind="stable")[:count]
-    return float(labels[top].mean())
+    return float(labels[np.argsort(-scores, kind="stable")[:count]].mean())
 
 
 def candidate_scores(ppl: np.ndarray, entropy: np.ndarray) -> dict[str, np.ndarray]:
@@ -92,17 +65,14 @@ def candidate_scores(ppl: np.ndarray, entropy: np.ndarray) -> dict[str, np.ndarr
     ppl = np.asarray(ppl, dtype=np.float64)
     entropy = np.asarray(entropy, dtype=np.float64)
     valid = np.isfinite(ppl) & np.isfinite(entropy) & (ppl > 0)
-    rank_sum = np.full(ppl.shape, np.nan)
-    if valid.any():
-        # Percentile ranks in (0, 1], so the sum is in (0, 2] whatever the row count.
-        n = valid.sum()
-        rank_sum[valid] = (average_ranks(ppl[valid]) + average_ranks(entropy[valid])) / n
-    residual = decorrelated_entropy(torch.from_numpy(ppl.copy()), torch.from_numpy(entropy.copy())).numpy()
+    axes = pd.DataFrame({"ppl": np.where(valid, ppl, np.nan), "entropy": np.where(valid, entropy, np.nan)})
+    ranks = axes.rank()  # average ranks; NaN rows stay NaN
     scores = {
-        "ppl": np.where(valid, ppl, np.nan),
-        "entropy": np.where(valid, entropy, np.nan),
-        "rank_sum": rank_sum,
-        "decorrelated": residual,
+        "ppl": axes["ppl"].to_numpy(),
+        "entropy": axes["entropy"].to_numpy(),
+        # Percentile ranks in (0, 1], so the sum is in (0, 2] whatever the row count.
+        "rank_sum": ((ranks["ppl"] + ranks["entropy"]) / max(1, valid.sum())).to_numpy(),
+        "decorrelated": decorrelated_entropy(torch.from_numpy(ppl.copy()), torch.from_numpy(entropy.copy())).numpy(),
     }
     scores["suspicion"] = scores[RECOMMENDED_SCORE].copy()
     return scores
@@ -123,8 +93,3 @@ def detection_table(
             "rows": int(finite.sum()), "bad_rows": int(bad[finite].sum()),
         })  # fmt: skip
     return rows
-
-
-def bad_mask(row_ids: np.ndarray, bad_rows: Iterable[int]) -> np.ndarray:
-    """True for the rows whose id is in ``bad_rows``."""
-    return np.isin(np.asarray(row_ids), np.fromiter((int(r) for r in bad_rows), dtype=np.int64))

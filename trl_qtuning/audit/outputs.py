@@ -11,15 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ..vocabulary import QUADRANT_LABELS
-from .api import ROW_ID, SHARD_DIR, AuditResult, AuditSettings, read_shards, row_text
-from .detection import RECOMMENDED_SCORE, bad_mask, candidate_scores, detection_table
+from .api import ROW_ID, SHARD_DIR, AuditResult, AuditSettings, _is_sized, read_shards, row_text
+from .detection import RECOMMENDED_SCORE, candidate_scores, detection_table
 
 __all__ = [
     "FILES", "build_table", "describe", "finalize", "log_to_mlflow", "plot_plane", "read_outputs",
@@ -57,14 +59,9 @@ def build_table(shards: Any, keep_ratio: float, noisy_rows: Any = None) -> tuple
     df["entropy_residual"] = scores["decorrelated"]
     df["rank_sum"] = scores["rank_sum"]
     df["suspicion"] = scores["suspicion"]
-    order = np.argsort(np.where(valid, -scores["suspicion"], np.inf), kind="stable")
-    rank = np.empty(len(df), dtype=np.float64)
-    rank[order] = np.arange(1, len(df) + 1)
-    df["suspicion_rank"] = rank
-    df.loc[~valid, "suspicion_rank"] = np.nan
-    df["suspicion_rank"] = df["suspicion_rank"].astype("Int64")
+    df["suspicion_rank"] = df["suspicion"].rank(ascending=False, method="first").astype("Int64")  # ties: earlier row
     if noisy_rows is not None:
-        df["noisy"] = bad_mask(df[ROW_ID].to_numpy(), noisy_rows)
+        df["noisy"] = np.isin(df[ROW_ID].to_numpy(), np.asarray(noisy_rows, dtype=np.int64))
     return df, triage
 
 
@@ -81,16 +78,14 @@ def summarise(df: Any, triage: Any, settings: AuditSettings, noisy_rows: Any = N
     import torch
 
     from ..core.plane import plane_correlation
-    from .detection import average_ranks
 
     ppl, entropy = df["ppl"].to_numpy(np.float64), df["entropy"].to_numpy(np.float64)
     valid = np.isfinite(ppl) & np.isfinite(entropy)
-    quadrants = {name: int(((df["quadrant"] == q) & valid).sum()) for q, name in QUADRANT_LABELS.items()}
+    in_quadrant = {name: (df["quadrant"] == q).to_numpy() & valid for q, name in QUADRANT_LABELS.items()}
     spearman = math.nan
-    if valid.sum() >= 2:
-        rp, re = average_ranks(ppl[valid]), average_ranks(entropy[valid])
-        if rp.std() > 0 and re.std() > 0:
-            spearman = float(np.corrcoef(rp, re)[0, 1])
+    rp, re = (pd.Series(values[valid]).rank().to_numpy() for values in (ppl, entropy))
+    if valid.sum() >= 2 and rp.std() > 0 and re.std() > 0:
+        spearman = float(np.corrcoef(rp, re)[0, 1])
     summary: dict[str, Any] = {
         "rows": int(len(df)),
         "rows_scored": int(valid.sum()),
@@ -99,7 +94,7 @@ def summarise(df: Any, triage: Any, settings: AuditSettings, noisy_rows: Any = N
         "truncated_rows": int(df["truncated"].sum()),
         "max_length": settings.max_length,
         "truncation_mode": settings.truncation_mode,
-        "quadrants": quadrants,
+        "quadrants": {name: int(mask.sum()) for name, mask in in_quadrant.items()},
         "quadrant_rule": (
             f"the trainer's triage (sample_keep_ratio={settings.keep_ratio}) over the whole dataset as one group; "
             "mid band: between the thresholds on either axis"
@@ -121,24 +116,15 @@ def summarise(df: Any, triage: Any, settings: AuditSettings, noisy_rows: Any = N
     }
     if noisy_rows is not None:
         bad = df["noisy"].to_numpy()
-        scores = {"ppl": df["ppl"].to_numpy(np.float64), "entropy": df["entropy"].to_numpy(np.float64),
-                  "rank_sum": df["rank_sum"].to_numpy(np.float64),
-                  "decorrelated": df["entropy_residual"].to_numpy(np.float64),
-                  "suspicion": df["suspicion"].to_numpy(np.float64)}  # fmt: skip
+        columns = {"ppl": "ppl", "entropy": "entropy", "rank_sum": "rank_sum", "decorrelated": "entropy_residual",
+                   "suspicion": "suspicion"}  # fmt: skip
         summary["detection"] = detection_table(
-            {name: np.where(valid, values, np.nan) for name, values in scores.items()}, bad
+            {name: np.where(valid, df[column].to_numpy(np.float64), np.nan) for name, column in columns.items()}, bad
         )
         summary["noisy_by_quadrant"] = {
-            name: {"rows": int(((df["quadrant"] == q) & valid).sum()),
-                   "noisy": int(((df["quadrant"] == q) & valid & bad).sum())}
-            for q, name in QUADRANT_LABELS.items()
-        }  # fmt: skip
+            name: {"rows": int(mask.sum()), "noisy": int((mask & bad).sum())} for name, mask in in_quadrant.items()
+        }
     return summary
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Figure and page
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def plot_plane(df: Any, triage: Any, path: Path, top_k: int, title: str) -> bool:
@@ -149,6 +135,7 @@ def plot_plane(df: Any, triage: Any, path: Path, top_k: int, title: str) -> bool
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         logger.warning("trl-qtuning audit: matplotlib is missing, so no figure (pip install 'trl-qtuning[mlflow]').")
         return False
@@ -157,7 +144,10 @@ def plot_plane(df: Any, triage: Any, path: Path, top_k: int, title: str) -> bool
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     if x.size:
         hb = ax.hexbin(x, y, gridsize=30, mincnt=1, cmap="Blues", bins="log")
-        fig.colorbar(hb, ax=ax, label="rows (log scale)")
+        counts = fig.colorbar(hb, ax=ax, label="rows (log scale)").ax.yaxis
+        # plain row counts (1, 2, 5, 10, ...) rather than matplotlib's "4x10^0" on the log scale's minor ticks
+        counts.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        counts.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:g}"[0] in "25" else ""))
     if triage is not None and all(math.isfinite(v) for v in triage.thresholds.values()):
         for value in (triage.thresholds["ppl_lo"], triage.thresholds["ppl_hi"]):
             ax.axvline(math.log(value), color="0.3", lw=0.8, ls="--")
@@ -171,8 +161,6 @@ def plot_plane(df: Any, triage: Any, path: Path, top_k: int, title: str) -> bool
     ax.scatter(x[top], y[top], s=40, facecolors="none", edgecolors="tab:red", lw=1.0, label=f"top {top_k} suspected")
     ax.set_xlabel("log PPL (error)")
     ax.set_ylabel("mean token entropy (uncertainty)")
-    import textwrap
-
     ax.set_title(textwrap.fill(title, 70), fontsize=8)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -192,40 +180,33 @@ def _fetch_rows(raw: Any, ids: list[int]) -> dict[int, dict[str, Any]]:
     """The raw rows with these ids: by index in a sized dataset, by one pass that stops early over a stream."""
     if not ids:
         return {}
-    try:
-        len(raw)
+    if _is_sized(raw):
         return {int(row[ROW_ID]): row for row in raw.select(sorted(ids))}
-    except TypeError:
-        wanted, found = set(ids), {}
-        for row in raw:
-            if int(row[ROW_ID]) in wanted:
-                found[int(row[ROW_ID])] = row
-                if len(found) == len(wanted):
-                    break
-        return found
+    wanted, found = set(ids), {}
+    for row in raw:
+        if int(row[ROW_ID]) in wanted:
+            found[int(row[ROW_ID])] = row
+            if len(found) == len(wanted):
+                break
+    return found
 
 
-def _typical(df: Any, quadrant: int, count: int) -> list[int]:
-    """The rows of a quadrant nearest its median point, in percentile ranks of the two axes."""
-    rows = df[(df["quadrant"] == quadrant) & df["suspicion_rank"].notna()]
-    if rows.empty:
-        return []
-    from .detection import average_ranks
-
-    valid = df["suspicion_rank"].notna()
-    n = max(1, int(valid.sum()))
-    rp = average_ranks(df.loc[valid, "ppl"].to_numpy()) / n
-    re = average_ranks(df.loc[valid, "entropy"].to_numpy()) / n
-    ranks = {"p": dict(zip(df.loc[valid, ROW_ID], rp)), "e": dict(zip(df.loc[valid, ROW_ID], re))}
-    p = np.array([ranks["p"][i] for i in rows[ROW_ID]])
-    e = np.array([ranks["e"][i] for i in rows[ROW_ID]])
-    distance = (p - np.median(p)) ** 2 + (e - np.median(e)) ** 2
-    return [int(i) for i in rows[ROW_ID].to_numpy()[np.argsort(distance, kind="stable")[:count]]]
+def _typical(df: Any, count: int) -> dict[int, list[int]]:
+    """Per quadrant, the rows nearest its median point, in percentile ranks of the two axes."""
+    valid = df[df["suspicion_rank"].notna()]
+    ranks = valid[["ppl", "entropy"]].rank().to_numpy() / max(1, len(valid))
+    typical = {}
+    for q in QUADRANT_LABELS:
+        mine = (valid["quadrant"] == q).to_numpy()
+        p, e = ranks[mine, 0], ranks[mine, 1]
+        distance = (p - np.median(p)) ** 2 + (e - np.median(e)) ** 2 if mine.any() else p
+        typical[q] = [int(i) for i in valid[ROW_ID].to_numpy()[mine][np.argsort(distance, kind="stable")[:count]]]
+    return typical
 
 
 def write_page(df: Any, summary: dict[str, Any], raw: Any, settings: AuditSettings, path: Path, figure: bool) -> None:
     top = df[df["suspicion_rank"].notna()].sort_values("suspicion_rank").head(settings.top_k)
-    typical = {q: _typical(df, q, 3) for q in QUADRANT_LABELS}
+    typical = _typical(df, 3)
     ids = set(int(i) for i in top[ROW_ID]) | {i for rows in typical.values() for i in rows}
     rows = _fetch_rows(raw, sorted(ids))
     by_id = df.set_index(ROW_ID)
@@ -278,11 +259,6 @@ def write_page(df: Any, summary: dict[str, Any], raw: Any, settings: AuditSettin
     path.write_text("\n".join(lines))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Finalize
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -306,12 +282,9 @@ def finalize(
                "settings": json.loads(json.dumps(settings.__dict__))}  # fmt: skip
     files: dict[str, Path] = {}
     if write_files:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         files["table"] = out / FILES["table"]
         tmp = files["table"].with_name(".audit.parquet.tmp")
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
+        df.to_parquet(tmp, index=False)
         tmp.replace(files["table"])
         figure = plot_plane(df, triage, out / FILES["figure"], settings.top_k,
                             f"{model_description} on {dataset_description}: {len(df)} rows")  # fmt: skip
@@ -334,8 +307,6 @@ def finalize(
 
 def read_outputs(out: Path) -> AuditResult:
     """An audit's written outputs (what the other processes return once the main one has finalized)."""
-    import pandas as pd
-
     summary = json.loads((out / FILES["summary"]).read_text())
     files = {k: out / name for k, name in FILES.items() if (out / name).is_file()}
     return AuditResult(pd.read_parquet(out / FILES["table"]), summary, out, files)
@@ -345,19 +316,11 @@ def log_to_mlflow(files: dict[str, Path], summary: dict[str, Any], tracking_uri:
     """One MLflow run: the settings as parameters, the counts and detection numbers as metrics, the files as
     artifacts. Returns the run id. Through a client of its own: the process's MLflow tracking URI and active
     experiment stay what they were (a training run started after the audit must not land in the audit's store)."""
-    from ..tracking.sink import fast_fail_http
-
-    with fast_fail_http():  # an unreachable server fails in seconds, not after MLflow's minutes of retries
-        return _log_run(files, summary, tracking_uri, experiment)
-
-
-def _log_run(files: dict[str, Path], summary: dict[str, Any], tracking_uri: str | None, experiment: str) -> str:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+    from ..tracking.sink import fast_fail_http
+
     metrics = {"rows": summary["rows"], "rows_scored": summary["rows_scored"],
                "empty_answers": summary["empty_answers"], "truncated_rows": summary["truncated_rows"]}  # fmt: skip
     metrics.update({f"quadrant/{name.split()[0]}": count for name, count in summary["quadrants"].items()})
@@ -370,18 +333,21 @@ def _log_run(files: dict[str, Path], summary: dict[str, Any], tracking_uri: str 
                 metrics[f"detection/{row['score']}/{key}"] = row[key]
     params = {"model": summary["model"][:500], "dataset": summary["dataset"][:500],
               **{k: str(v) for k, v in summary["settings"].items()}}  # fmt: skip
-    run = client.create_run(experiment_id, run_name="trl-qtuning audit")
-    run_id = run.info.run_id
-    try:
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                         params=[Param(k, v) for k, v in params.items()])  # fmt: skip
-        for path in files.values():
-            client.log_artifact(run_id, str(path))
-    except Exception:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id)
+    with fast_fail_http():  # an unreachable server fails in seconds, not after MLflow's minutes of retries
+        client = MlflowClient(tracking_uri=tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+        run_id = client.create_run(experiment_id, run_name="trl-qtuning audit").info.run_id
+        try:
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                             params=[Param(k, v) for k, v in params.items()])  # fmt: skip
+            for path in files.values():
+                client.log_artifact(run_id, str(path))
+        except Exception:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.set_terminated(run_id)
     return run_id
 
 

@@ -5,8 +5,8 @@
     trl-qtuning bench --config recipes/bench/gsm8k_smollm2_cpu.yaml --table-only
 
 Every cell (a method, a budget, a seed) trains a fresh copy of the model with :class:`QTuningSFTTrainer`, counting its
-compute (:mod:`trl_qtuning.compute`) and recording a held-out learning curve, and is then evaluated (held-out answer
-NLL, GSM8K exact match, ARC accuracy: :mod:`trl_qtuning.evaluation`). Its result is
+compute (:mod:`trl_qtuning.bench.compute`) and recording a held-out learning curve, and is then evaluated (held-out answer
+NLL, GSM8K exact match, ARC accuracy: :mod:`trl_qtuning.bench.evaluation`). Its result is
 written to ``<output_dir>/<cell folder>/result.json``; a cell whose ``result.json`` is complete is skipped on the next
 run, and a cell folder without one (an interrupted cell) is cleaned and run again. One extra ``base`` cell
 evaluates the untrained model once. The evaluation metrics go into the same MLflow run as the cell's training.
@@ -54,49 +54,14 @@ from __future__ import annotations
 
 from . import runner
 from .cli import build_parser, main
-from .matrix import (
-    BASE_METHOD,
-    PROG,
-    BenchConfigError,
-    Cell,
-    EqualCompute,
-    EvalSpec,
-    Matrix,
-    Method,
-    TrainData,
-    budget_label,
-    budget_tag,
-    cell_config_kwargs,
-    load_matrix,
-    plan_cells,
-)
+from .matrix import (BASE_METHOD, PROG, BenchConfigError, Cell, EqualCompute, EvalSpec, Matrix, Method, TrainData,
+                     budget_label, budget_tag, cell_config_kwargs, load_matrix, plan_cells)
 from .results import RESULT_FILE, cell_record, read_result, write_json
 from .runner import run_bench
 from .tables import collect_rows, render_results
 
 __all__ = [
-    "BASE_METHOD",
-    "PROG",
-    "RESULT_FILE",
-    "BenchConfigError",
-    "Cell",
-    "EqualCompute",
-    "EvalSpec",
-    "Matrix",
-    "Method",
-    "TrainData",
-    "budget_label",
-    "budget_tag",
-    "build_parser",
-    "cell_config_kwargs",
-    "cell_record",
-    "collect_rows",
-    "load_matrix",
-    "main",
-    "plan_cells",
-    "read_result",
-    "render_results",
-    "run_bench",
-    "runner",
-    "write_json",
-]
+    "BASE_METHOD", "PROG", "RESULT_FILE", "BenchConfigError", "Cell", "EqualCompute", "EvalSpec", "Matrix", "Method",
+    "TrainData", "budget_label", "budget_tag", "build_parser", "cell_config_kwargs", "cell_record", "collect_rows",
+    "load_matrix", "main", "plan_cells", "read_result", "render_results", "run_bench", "runner", "write_json",
+]  # fmt: skip

@@ -8,9 +8,10 @@ how many sample-steps were corrupted vs clean, and what share of the corrupted s
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from ..vocabulary import QUADRANT_SHORT_LABELS, TRAINED_DECISIONS
 
@@ -22,32 +23,26 @@ def audit_rows(
     *, max_step: int | None = None,
 ) -> dict[str, Any]:
     """The audit over ledger rows (one row per sample and step), up to ``max_step`` (the equal-steps point)."""
-    by_quadrant: dict[str, Counter] = {}
-    by_decision: dict[str, Counter] = {}
-    totals: Counter = Counter()
-    for sample, quadrant, decision, step in zip(sample_ids, quadrants, decisions, steps, strict=True):
-        if max_step is not None and step > max_step:
-            continue
-        kind = "corrupted" if sample in corrupted else "clean"
-        by_quadrant.setdefault(QUADRANT_SHORT_LABELS.get(int(quadrant), str(quadrant)), Counter())[kind] += 1
-        by_decision.setdefault(decision, Counter())[kind] += 1
-        totals[kind] += 1
-        if decision in TRAINED_DECISIONS:
-            totals[f"{kind}_trained"] += 1
+    rows = pd.DataFrame({"sample": sample_ids, "quadrant": quadrants, "decision": decisions, "step": steps})
+    rows = rows[rows["step"] <= max_step] if max_step is not None else rows
+    rows = rows.assign(quadrant=[QUADRANT_SHORT_LABELS.get(int(q), str(q)) for q in rows["quadrant"]],
+                       corrupted=rows["sample"].isin(corrupted), trained=rows["decision"].isin(TRAINED_DECISIONS))
+    by_kind = rows.groupby("corrupted")["trained"].agg(["count", "sum"])
 
-    def table(groups: dict[str, Counter]) -> dict[str, dict[str, Any]]:
-        return {
-            name: {"corrupted": c["corrupted"], "clean": c["clean"],
-                   "corrupted_share": c["corrupted"] / (c["corrupted"] + c["clean"]) if c["corrupted"] + c["clean"] else None}
-            for name, c in sorted(groups.items())
-        }  # fmt: skip
+    def count(kind: bool, column: str = "count") -> int:
+        return int(by_kind[column].get(kind, 0))
+
+    def table(column: str) -> dict[str, dict[str, Any]]:
+        counts = rows.groupby(column)["corrupted"].agg(["sum", "count"])
+        return {name: {"corrupted": int(c), "clean": int(n - c), "corrupted_share": float(c / n)}
+                for name, (c, n) in counts.iterrows()}  # fmt: skip
 
     return {
-        "sample_steps": {"corrupted": totals["corrupted"], "clean": totals["clean"]},
-        "by_quadrant": table(by_quadrant),
-        "by_decision": table(by_decision),
-        "trained_share_corrupted": totals["corrupted_trained"] / totals["corrupted"] if totals["corrupted"] else None,
-        "trained_share_clean": totals["clean_trained"] / totals["clean"] if totals["clean"] else None,
+        "sample_steps": {"corrupted": count(True), "clean": count(False)},
+        "by_quadrant": table("quadrant"),
+        "by_decision": table("decision"),
+        "trained_share_corrupted": count(True, "sum") / count(True) if count(True) else None,
+        "trained_share_clean": count(False, "sum") / count(False) if count(False) else None,
         "max_step": max_step,
     }
 

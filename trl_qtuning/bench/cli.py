@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli.sft import CliError, run_reporting_errors
+from ..errors import ArgumentParser, CliError, run_reporting_errors
 from .matrix import PROG, BenchConfigError, load_matrix
 from .runner import run_bench
 from .tables import collect_rows, render_results
@@ -14,11 +14,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    class _Parser(argparse.ArgumentParser):
-        def error(self, message: str):
-            raise BenchConfigError(f"{message} (see `{PROG} --help`)")
-
-    parser = _Parser(
+    parser = ArgumentParser(
         prog=PROG,
         description="Run a benchmark matrix (methods x budgets x seeds), one MLflow run per cell, resumable; then "
         "print and write the comparison tables (equal steps, equal compute, paired intervals, noise audit). "

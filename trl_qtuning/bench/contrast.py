@@ -48,7 +48,7 @@ def answer_contrasts(
     model, tokenizer, dataset, *, kinds: list[str], seed: int, batch_size: int = 8, max_length: int = 1024
 ) -> dict[str, float]:
     """``eval/contrast_<kind>``, ``eval/contrast_<kind>_win`` and ``eval/contrast_<kind>_n`` for each kind."""
-    from ..evaluation import answer_logprob_sums
+    from .evaluation import answer_logprob_sums
 
     rows = [dict(row) for row in dataset]
     true_sums, true_counts = answer_logprob_sums(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)

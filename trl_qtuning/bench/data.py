@@ -13,18 +13,14 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from .matrix import Matrix, TrainData, field_error
+from .matrix import Matrix, field_error
 
 __all__ = ["corrupt_answers", "corrupt_numbers", "describe", "load_pool", "prepare_data"]
 
 
-def _ranked(dataset, seed: int, salt: str):
-    """The rows ranked by ``sha256(seed:salt:uid)`` (row index without a uid column): same for every cell and
-    library version."""
-    return dataset.select(_rank_order(dataset, seed, salt))
-
-
 def _rank_order(dataset, seed: int, salt: str) -> list[int]:
+    """Row indices ranked by ``sha256(seed:salt:uid)`` (row index without a uid column): the same for every cell
+    and library version."""
     keys = list(dataset["uid"]) if "uid" in dataset.column_names else [str(i) for i in range(len(dataset))]
     return sorted(range(len(dataset)), key=lambda i: hashlib.sha256(f"{seed}:{salt}:{keys[i]}".encode()).digest())
 
@@ -32,12 +28,12 @@ def _rank_order(dataset, seed: int, salt: str) -> list[int]:
 def _first(dataset, size: int | None, seed: int, salt: str):
     if size is None or size >= len(dataset):
         return dataset
-    return _ranked(dataset, seed, salt).select(range(size))
+    return dataset.select(_rank_order(dataset, seed, salt)[:size])
 
 
 def _arithmetic_rows(n: int, seed: int, noisy_share: float):
     """Tiny synthetic conversational prompt/completion rows with a uid and the final number as ``answer``."""
-    from ..testing import make_arithmetic_dataset
+    from ..demo.assets import make_arithmetic_dataset
 
     dataset = make_arithmetic_dataset(n, seed=seed, conversational=True, noisy_share=noisy_share)
 
@@ -93,18 +89,11 @@ def load_pool(source: str, options: dict[str, Any], *, path: str | None, size: i
         return load_math_pool(options.get("subjects"), options.get("max_level"), options.get("max_chars"))
     if source == "arithmetic":
         return _arithmetic_rows(size, seed, float(options.get("noisy_share", 0.2)))
-    from ..cli.sft import load_local_dataset
+    from ..inputs import load_local_dataset
 
     loaded = load_local_dataset(Path(path))
     dataset = loaded["train"] if hasattr(loaded, "keys") else loaded
     return _as_prompt_completion(dataset, where)
-
-
-def load_train_pool(matrix: Matrix):
-    """The training pool of ``data.train`` before the held-out split."""
-    spec: TrainData = matrix.train
-    return load_pool(spec.source, spec.options, path=getattr(spec, "path", None), size=(spec.size or 64) + matrix.heldout_size,
-                     seed=spec.seed, where="data.train.path")  # fmt: skip
 
 
 def corrupt_answers(train, share: float, seed: int) -> tuple[Any, list[int]]:
@@ -164,8 +153,9 @@ def prepare_data(matrix: Matrix) -> dict[str, Any]:
     """Train subset, held-out rows and evaluation subsets: the same for every cell."""
     from ..demo.assets import split_pool
 
-    pool = load_train_pool(matrix)
     spec = matrix.train
+    pool = load_pool(spec.source, spec.options, path=getattr(spec, "path", None), seed=spec.seed,
+                     size=(spec.size or 64) + matrix.heldout_size, where="data.train.path")  # fmt: skip
     if matrix.heldout_size >= len(pool):
         raise field_error("data.heldout_size", f"{matrix.heldout_size} >= the {len(pool)} rows of the training pool",
                    "use a smaller held-out size")
@@ -185,27 +175,27 @@ def prepare_data(matrix: Matrix) -> dict[str, Any]:
     ev, seed = matrix.eval, matrix.eval.seed
     if ev.gsm8k:
         g = ev.gsm8k
-        if g["source"] == "arithmetic":
-            pool_g = _arithmetic_rows(g["size"], 10_000 + seed, 0.0)
-        elif g["source"] == "gsm8k_jsonl":
+        if g.source == "arithmetic":
+            pool_g = _arithmetic_rows(g.size, 10_000 + seed, 0.0)
+        elif g.source == "gsm8k_jsonl":
             from ..demo.assets import load_local_gsm8k_jsonl
 
-            pool_g = load_local_gsm8k_jsonl(g["path"])
+            pool_g = load_local_gsm8k_jsonl(g.path)
         else:
             from ..demo.assets import load_gsm8k_test
 
             pool_g = load_gsm8k_test()
-        data["gsm8k"] = _first(pool_g, g["size"], seed, "gsm8k")
+        data["gsm8k"] = _first(pool_g, g.size, seed, "gsm8k")
     for name in ("arc_easy", "arc_challenge"):
         a = getattr(ev, name)
         if a:
-            if a["source"] == "arithmetic":
-                pool_a = _arithmetic_choices(a["size"], 20_000 + seed + (name == "arc_challenge"))
+            if a.source == "arithmetic":
+                pool_a = _arithmetic_choices(a.size, 20_000 + seed + (name == "arc_challenge"))
             else:
                 from ..demo.assets import load_arc
 
-                pool_a = load_arc(name.removeprefix("arc_"), a["subset"])  # type: ignore[arg-type]
-            data[name] = _first(pool_a, a["size"], seed, name)
+                pool_a = load_arc(name.removeprefix("arc_"), a.subset)  # type: ignore[arg-type]
+            data[name] = _first(pool_a, a.size, seed, name)
     if ev.transfer:
         t = ev.transfer
         pool_t = load_pool(t["source"], t, path=t.get("path"), size=t["size"], seed=30_000 + t["seed"],

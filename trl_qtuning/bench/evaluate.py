@@ -1,6 +1,6 @@
 """Evaluation glue: every enabled evaluation of a model, and the learning curve recorded while a cell trains.
 
-The curve is the held-out answer NLL of :func:`trl_qtuning.evaluation.answer_nll` (a token-weighted mean over all
+The curve is the held-out answer NLL of :func:`trl_qtuning.bench.evaluation.answer_nll` (a token-weighted mean over all
 answer tokens), measured by a callback at the steps it is due. The Trainer's own ``eval_loss`` is not used for it:
 transformers' evaluation loop averages per-batch means weighted by rows, not by answer tokens, so its number moves with
 the eval batch size when rows differ in length, and TRL also scores the EOS token it appends (both tested in
@@ -34,23 +34,20 @@ def curve_metrics(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf1
     """The learning curve's metrics: held-out NLL (and the transfer set's NLL when configured)."""
     import torch
 
-    from .. import evaluation
+    from . import evaluation
 
     ev = matrix.eval
     metrics: dict[str, float] = {}
     with torch.no_grad(), _autocast(model, bf16):
         if ev.nll:
-            out = evaluation.answer_nll(
-                model, tokenizer, data["heldout"], batch_size=ev.nll["batch_size"], max_length=ev.nll["max_length"]
-            )
+            out = evaluation.answer_nll(model, tokenizer, data["heldout"], batch_size=ev.nll.batch_size,
+                                        max_length=ev.nll.max_length)  # fmt: skip
             metrics["eval/nll"] = float(out["nll"])
             metrics["eval/nll_tokens"] = float(out["tokens"])
             metrics["eval/nll_samples"] = float(out["samples"])
         if ev.transfer and "transfer" in data:
-            t = ev.transfer
-            out = evaluation.answer_nll(
-                model, tokenizer, data["transfer"], batch_size=t["batch_size"], max_length=t["max_length"]
-            )
+            out = evaluation.answer_nll(model, tokenizer, data["transfer"], batch_size=ev.transfer["batch_size"],
+                                        max_length=ev.transfer["max_length"])  # fmt: skip
             metrics["eval/nll_transfer"] = float(out["nll"])
             metrics["eval/nll_transfer_tokens"] = float(out["tokens"])
     return metrics
@@ -62,7 +59,7 @@ def evaluate(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf16: bo
         return {}
     import torch
 
-    from .. import evaluation
+    from . import evaluation
 
     ev = matrix.eval
     was_training = model.training
@@ -74,13 +71,11 @@ def evaluate(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf16: bo
                 from .contrast import answer_contrasts
 
                 c = ev.contrast
-                metrics.update(answer_contrasts(model, tokenizer, data["heldout"], kinds=c["kinds"], seed=ev.seed,
-                                                batch_size=c["batch_size"], max_length=c["max_length"]))  # fmt: skip
+                metrics.update(answer_contrasts(model, tokenizer, data["heldout"], kinds=c.kinds, seed=ev.seed,
+                                                batch_size=c.batch_size, max_length=c.max_length))  # fmt: skip
             if ev.gsm8k:
-                g = ev.gsm8k
-                out = evaluation.gsm8k_exact_match(
-                    model, tokenizer, data["gsm8k"], max_new_tokens=g["max_new_tokens"], batch_size=g["batch_size"]
-                )
+                out = evaluation.gsm8k_exact_match(model, tokenizer, data["gsm8k"], max_new_tokens=ev.gsm8k.max_new_tokens,
+                                                   batch_size=ev.gsm8k.batch_size)  # fmt: skip
                 metrics["eval/gsm8k_em"] = float(out["exact_match"])
                 metrics["eval/gsm8k_n"] = float(out["n"])
                 with contextlib.suppress(OSError), (cell_dir / "gsm8k_predictions.jsonl").open("w", encoding="utf-8") as fh:
@@ -88,11 +83,9 @@ def evaluate(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf16: bo
                         fh.write(json.dumps({"uid": row.get("uid"), "answer": row.get("answer"),
                                              "prediction": prediction}, default=str) + "\n")  # fmt: skip
             for name in ("arc_easy", "arc_challenge"):
-                a = getattr(ev, name)
-                if a:
-                    out = evaluation.multiple_choice_accuracy(
-                        model, tokenizer, data[name], batch_size=a["batch_size"], max_length=a["max_length"]
-                    )
+                if a := getattr(ev, name):
+                    out = evaluation.multiple_choice_accuracy(model, tokenizer, data[name], batch_size=a.batch_size,
+                                                              max_length=a.max_length)  # fmt: skip
                     metrics[f"eval/{name}_acc"] = float(out["accuracy"])
                     metrics[f"eval/{name}_acc_norm"] = float(out["accuracy_norm"])
                     metrics[f"eval/{name}_n"] = float(out["n"])
@@ -107,7 +100,7 @@ class CurveRecorder(TrainerCallback):
 
     Due: every ``every_steps`` steps, at the equal-steps point, at the first step whose compute reaches the
     equal-compute target, and at the last step. Each point also goes to the cell's MLflow run (``log``), so MLflow
-    draws the curve over steps. Runs after the :class:`~trl_qtuning.compute.ComputeMeter` of the same trainer.
+    draws the curve over steps. Runs after the :class:`~trl_qtuning.bench.compute.ComputeMeter` of the same trainer.
     """
 
     measure: Callable[[Any], dict[str, float]]

@@ -25,10 +25,8 @@ def curve_series(results: list[dict[str, Any]], metric: str, axis: str) -> dict[
         if len(points) < 2:
             continue
         budget = result.get("budget")
-        label = result["method"] + (
-            f" {budget_label((budget['sample_keep_ratio'], budget['token_keep_ratio']))}" if budget else ""
-        )
-        series.setdefault(label, []).append(points)
+        label = f" {budget_label((budget['sample_keep_ratio'], budget['token_keep_ratio']))}" if budget else ""
+        series.setdefault(result["method"] + label, []).append(points)
     return series
 
 

@@ -7,47 +7,31 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 from pydantic_core import PydanticCustomError
 
-from ..cli.sft import CliError, one_line
+from ..errors import CliError, one_line
 
 __all__ = [
-    "BASE_METHOD",
-    "PROG",
-    "BenchConfigError",
-    "Cell",
-    "EqualCompute",
-    "EvalSpec",
-    "Matrix",
-    "Method",
-    "TrainData",
-    "budget_label",
-    "budget_tag",
-    "build_config",
-    "cell_config_kwargs",
-    "field_error",
-    "load_matrix",
-    "plan_cells",
+    "BASE_METHOD", "PROG", "BenchConfigError", "Cell", "EqualCompute", "EvalSpec", "Matrix", "Method", "TrainData",
+    "budget_label", "budget_tag", "build_config", "cell_config_kwargs", "field_error", "load_matrix", "plan_cells",
     "with_defaults",
-]
+]  # fmt: skip
 
 PROG = "trl-qtuning bench"
 BASE_METHOD = "base"
 
-SOURCES = ("gsm8k_jsonl", "demo_math", "arithmetic", "local")
 NOISE_TYPES = ("swap", "numbers")
 """``data.train.label_noise_type`` (trl_qtuning/bench/data.py applies them)."""
 CONTRAST_KINDS = ("swap", "numbers")
 """``eval.contrast.kinds`` (trl_qtuning/bench/contrast.py)."""
-METHOD_BENCH_KEYS = ("budgets", "match_label_tokens")
-"""Keys of a method that are the bench's, not QTuningConfig fields."""
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 # Set by the bench for every cell; a matrix may not set them in `training:` or a method.
 OWNED_FIELDS = {
@@ -67,10 +51,6 @@ Budget = tuple[float, float]
 class BenchConfigError(CliError):
     """A mistake in the matrix file (exit code 2)."""
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Specs
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -130,17 +110,12 @@ class Cell:
     def is_base(self) -> bool:
         return self.method == BASE_METHOD
 
-    @property
-    def id(self) -> str:
-        if self.is_base:
-            return BASE_METHOD
-        return f"{self.method}{'@' + budget_tag(self.budget) if self.budget else ''}/seed{self.seed}"
+    def _name(self, at: str, seed: str) -> str:
+        budget = at + budget_tag(self.budget) if self.budget else ""
+        return BASE_METHOD if self.is_base else f"{self.method}{budget}{seed}{self.seed}"
 
-    @property
-    def dirname(self) -> str:
-        if self.is_base:
-            return BASE_METHOD
-        return f"{self.method}{'_r' + budget_tag(self.budget) if self.budget else ''}_seed{self.seed}"
+    id = property(lambda self: self._name("@", "/seed"))
+    dirname = property(lambda self: self._name("_r", "_seed"))
 
     @property
     def row_key(self) -> tuple[str, Budget | None]:
@@ -161,10 +136,6 @@ def budget_label(budget: Budget | None) -> str:
     return f"{_pct(budget[0])}% x {_pct(budget[1])}%" if budget else "-"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Schema: what each mapping of the matrix file may hold
-# ----------------------------------------------------------------------------------------------------------------------
-
 
 class _Spec(BaseModel):
     """A mapping of the matrix file. Strict: no unknown key, no coercion (``"8"`` or ``8.0`` is not an integer,
@@ -182,11 +153,14 @@ def _within(message: str, test: Callable[[Any], bool]) -> AfterValidator:
     return AfterValidator(check)
 
 
-def _distinct(budgets: list[Budget]) -> list[Budget]:
-    twice = next((b for i, b in enumerate(budgets) if b in budgets[:i]), None)
-    if twice is not None:
-        raise PydanticCustomError("duplicate", "lists the budget {budget} twice", {"budget": budget_label(twice)})
-    return budgets
+def _distinct(what: str, label: Callable[[Any], str] = str) -> AfterValidator:
+    def check(values: list[Any]) -> list[Any]:
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise PydanticCustomError("duplicate", f"lists the {what} {{value}} twice", {"value": label(twice)})
+        return values
+
+    return AfterValidator(check)
 
 
 Text = Annotated[str, Field(pattern=r"\S")]
@@ -194,7 +168,9 @@ Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 Share = Annotated[float, _within("must be a share in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
 Ratio = Annotated[float, _within("must be in (0, 1]", lambda v: 0.0 < v <= 1.0)]
-Budgets = Annotated[list[Annotated[tuple[Ratio, Ratio], Strict(False)]], Field(min_length=1), AfterValidator(_distinct)]
+Budgets = Annotated[
+    list[Annotated[tuple[Ratio, Ratio], Strict(False)]], Field(min_length=1), _distinct("budget", budget_label)
+]
 """``[[0.25, 0.5], ...]`` (YAML lists, read as tuples; strict elements)."""
 BUDGET_NAMES = ("sample_keep_ratio", "token_keep_ratio")
 """The names of a budget pair's two positions (error messages name them)."""
@@ -224,13 +200,14 @@ class TrainData(_Spec):
         return source_options(self, self.source)
 
     def as_dict(self) -> dict[str, Any]:
-        """The ``data.train`` mapping as written (fingerprints hash it; clean data hashes as before noise existed)."""
+        """The ``data.train`` mapping as written, for the fingerprints: default noise settings (none; ``swap``) stay
+        out, so the committed cells, which were fingerprinted without them, keep their fingerprints."""
         out: dict[str, Any] = {"source": self.source, **self.options, "size": self.size, "seed": self.seed}
         if getattr(self, "path", None) is not None:  # the sources that read a local file
             out["path"] = self.path
         if self.label_noise:
             out["label_noise"] = self.label_noise
-            if self.label_noise_type != "swap":  # swap hashes as before the noise type existed
+            if self.label_noise_type != "swap":
                 out["label_noise_type"] = self.label_noise_type
         return out
 
@@ -262,14 +239,13 @@ TRAIN_SCHEMAS: dict[str, type[TrainData]] = {
     "gsm8k_jsonl": Gsm8kJsonlTrain, "demo_math": DemoMathTrain, "arithmetic": ArithmeticTrain, "local": LocalTrain,
 }  # fmt: skip
 """``data.train``: the keys of its source only."""
-SOURCE_OPTIONS = {"gsm8k_jsonl": ("strip_calculator",), "demo_math": ("subjects", "max_level", "max_chars"),
-                  "arithmetic": ("noisy_share",), "local": ()}  # fmt: skip
-"""Each source's own keys (passed to the data loader, which has their defaults)."""
 
 
 def source_options(spec: BaseModel, source: str) -> dict[str, Any]:
-    """The source's own keys, as far as the file sets them (hashed as written: unset keys stay out)."""
-    return {k: getattr(spec, k) for k in SOURCE_OPTIONS[source] if k in spec.model_fields_set}
+    """The source's own keys (passed to the data loader, which has their defaults), as far as the file sets them
+    (hashed as written: unset keys stay out)."""
+    return {k: getattr(spec, k) for k in TRAIN_SCHEMAS[source].model_fields
+            if k not in TrainData.model_fields and k != "path" and k in spec.model_fields_set}  # fmt: skip
 
 
 class DataSpec(_Spec):
@@ -281,7 +257,7 @@ class DataSpec(_Spec):
 class TransferSpec(_Spec):
     """``eval.transfer``: every source's keys (its source's are used)."""
 
-    source: Literal[SOURCES] = "demo_math"
+    source: Literal[tuple(TRAIN_SCHEMAS)] = "demo_math"
     size: Positive = 64
     seed: int = 0
     batch_size: Positive = 8
@@ -322,22 +298,27 @@ class ContrastSpec(_Spec):
     max_length: Positive = 1024
 
 
-class EvalSpec(_Spec):
-    """``eval``: the evaluations of every trained model, and the learning curve's cadence. A block is off
-    (false/null), on with its defaults (``true``, for nll and contrast) or a mapping checked by its own spec; loading
-    replaces it by its settings (a dict) or None."""
+Off = BeforeValidator(lambda value: None if value is False else value)
+"""An evaluation block: off (false or null) or a mapping."""
+OnOff = BeforeValidator(lambda value: None if value is False else {} if value is True else value)
+"""An evaluation block that may also be ``true``: on with its defaults."""
 
-    nll: Any = True
-    gsm8k: Any = None
-    arc_easy: Any = None
-    arc_challenge: Any = None
+
+class EvalSpec(_Spec):
+    """``eval``: the evaluations of every trained model, and the learning curve's cadence."""
+
+    nll: Annotated[NllSpec | None, OnOff] = Field(default_factory=NllSpec)
+    gsm8k: Annotated[GenerationSpec | None, Off] = None
+    arc_easy: Annotated[ChoiceSpec | None, Off] = None
+    arc_challenge: Annotated[ChoiceSpec | None, Off] = None
     seed: int = 0
     base: bool = True
     every_steps: Positive | None = None
     """Held-out NLL every N optimizer steps and at the end (the learning curve); None: at the end only."""
     transfer: Any = None
-    """A second held-out set from another distribution (its NLL is logged with the curve)."""
-    contrast: Any = None
+    """A second held-out set from another distribution (its NLL is logged with the curve): a :class:`TransferSpec`
+    mapping, replaced on loading by its source's settings (a dict) or None."""
+    contrast: Annotated[ContrastSpec | None, OnOff] = None
     """Held-out contrasts of true against wrong answers (``kinds``, ``batch_size``, ``max_length``), at the end."""
 
     @property
@@ -345,14 +326,8 @@ class EvalSpec(_Spec):
         return any((self.nll, self.gsm8k, self.arc_easy, self.arc_challenge, self.transfer, self.contrast))
 
     def as_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in ("seed", "base", "nll", "gsm8k", "arc_easy", "arc_challenge")}
-        if self.every_steps is not None:
-            out["every_steps"] = self.every_steps
-        if self.transfer is not None:
-            out["transfer"] = self.transfer
-        if self.contrast is not None:
-            out["contrast"] = self.contrast
-        return out
+        """The settings the fingerprints hash (the optional blocks only where set)."""
+        return self.model_dump(exclude={k for k in ("every_steps", "transfer", "contrast") if getattr(self, k) is None})
 
 
 class EqualCompute(_Spec):
@@ -382,7 +357,7 @@ class MatrixSpec(_Spec):
     eval: EvalSpec | None = None
     methods: Annotated[dict[str, dict[str, Any] | None], Field(min_length=1)]
     budgets: Budgets | None = None
-    seeds: Annotated[list[NonNegative], Field(min_length=1)] = [0]
+    seeds: Annotated[list[NonNegative], Field(min_length=1), _distinct("seed")] = [0]
     equal_compute: EqualCompute | None = None
     baselines: list[Text] | None = None
     clean_reference: Text | None = None
@@ -452,10 +427,7 @@ def _schema_error(error: dict[str, Any], schema: type[BaseModel], value: Any, wh
     return field_error(".".join(names) or "the matrix", problem, fix)
 
 
-SpecT = TypeVar("SpecT", bound=BaseModel)
-
-
-def _check(schema: type[SpecT], value: Any, where: str) -> SpecT:
+def _check(schema: type[BaseModel], value: Any, where: str) -> Any:
     """``value`` validated by ``schema``; its first mistake raised as a :class:`BenchConfigError`."""
     try:
         return schema.model_validate(value)
@@ -470,24 +442,30 @@ def _existing_path(text: str, where: str, *, check: bool, kind: str = "file") ->
     path = Path(text).expanduser()
     resolved = (path if path.is_absolute() else Path.cwd() / path).resolve()
     if check and not resolved.exists():
-        raise field_error(
-            where, f"{kind} not found: {text}",
-            f"relative paths resolve against the current directory {Path.cwd()}; give an existing path",
-        )
+        raise field_error(where, f"{kind} not found: {text}",
+                          f"relative paths resolve against the current directory {Path.cwd()}; give an existing path")
     return str(path)
 
 
-def _qtuning_fields() -> set[str]:
+@functools.cache
+def _qtuning_fields() -> dict[str, Any]:
+    """QTuningConfig's fields and their defaults (``dataclasses.MISSING`` where a factory makes it)."""
     from ..config import QTuningConfig
 
-    return {f.name for f in dataclasses.fields(QTuningConfig) if f.init}
+    return {f.name: f.default for f in dataclasses.fields(QTuningConfig) if f.init}
 
 
-def _check_fields(settings: dict[str, Any], where: str, fields: set[str]) -> None:
+def _setting(name: str, *layers: dict[str, Any]) -> Any:
+    """A QTuningConfig field as a cell gets it: the last of ``layers`` that sets it, else QTuningConfig's default
+    (None for a field this transformers version lacks)."""
+    return next((layer[name] for layer in reversed(layers) if name in layer), _qtuning_fields().get(name))
+
+
+def _check_fields(settings: dict[str, Any], where: str) -> None:
     for key in settings:
         if key in OWNED_FIELDS:
             raise field_error(f"{where}.{key}", "is set by the bench for every cell", f"set it through {OWNED_FIELDS[key]}")
-        if key not in fields:
+        if key not in _qtuning_fields():
             raise field_error(
                 f"{where}.{key}", "unknown QTuningConfig field",
                 "check the spelling; valid keys are the fields of QTuningConfig / trl.SFTConfig "
@@ -495,21 +473,19 @@ def _check_fields(settings: dict[str, Any], where: str, fields: set[str]) -> Non
             )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Cell configs
-# ----------------------------------------------------------------------------------------------------------------------
 
-
-def _default_training() -> dict[str, Any]:
-    """Bench defaults for every cell (a matrix's `training:` overrides them): what demo/run.py uses on a CPU."""
+def with_defaults(*layers: dict[str, Any]) -> dict[str, Any]:
+    """The bench defaults for every cell (what demo/run.py uses on a CPU) under the given settings (a set
+    `gradient_checkpointing` drops the default's alias)."""
     import torch
 
     from ..demo.run import bf16_is_fast
 
     use_cuda = torch.cuda.is_available()
-    # transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns).
+    # Newer transformers name it `activation_checkpointing` and warn at `gradient_checkpointing`; older ones know
+    # only `gradient_checkpointing`.
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in _qtuning_fields() else "gradient_checkpointing"
-    return {
+    merged = {
         "use_cpu": not use_cuda,
         "bf16": bf16_is_fast(use_cuda),  # bf16 autocast only where the hardware makes it fast
         checkpointing: False,
@@ -519,11 +495,6 @@ def _default_training() -> dict[str, Any]:
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
     }
-
-
-def with_defaults(*layers: dict[str, Any]) -> dict[str, Any]:
-    """The bench defaults under the given settings (a set `gradient_checkpointing` drops the default's alias)."""
-    merged = _default_training()
     settings = {k: v for layer in layers for k, v in layer.items()}
     if {"gradient_checkpointing", "activation_checkpointing"} & set(settings):
         merged.pop("gradient_checkpointing", None)
@@ -562,16 +533,12 @@ def cell_config_kwargs(
 def build_config(kwargs: dict[str, Any], where: str):
     from ..config import QTuningConfig
 
-    _check_fields({k: v for k, v in kwargs.items() if k not in OWNED_FIELDS}, where, _qtuning_fields())
+    _check_fields({k: v for k, v in kwargs.items() if k not in OWNED_FIELDS}, where)
     try:
         return QTuningConfig(**kwargs)
     except ValueError as exc:  # QTuningConfig / SFTConfig / TrainingArguments validation
         raise field_error(where, one_line(exc)) from exc
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
@@ -605,31 +572,68 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
             raise field_error("model", f"not a model folder (no config.json): {model}", "give `demo` or a saved model folder")
 
     heldout_size = spec.data.heldout_size
-    train = _parse_train(spec.data.train, check_inputs)
+    source = spec.data.train.get("source")
+    if source not in TRAIN_SCHEMAS:
+        raise field_error("data.train.source", f"must be one of {', '.join(TRAIN_SCHEMAS)}, got {source!r}")
+    train = _check(TRAIN_SCHEMAS[source], spec.data.train, "data.train")
+    if "label_noise_type" in train.model_fields_set and not train.label_noise:
+        raise field_error("data.train.label_noise_type", "has no effect without label_noise",
+                          "set label_noise (e.g. 0.3), or remove label_noise_type")
+    if isinstance(train, (Gsm8kJsonlTrain, LocalTrain)):
+        train.path = _existing_path(train.path, "data.train.path", check=check_inputs)
     training = dict(spec.training or {})
-    fields = _qtuning_fields()
-    _check_fields(training, "training", fields)
-    eval_spec = _parse_eval(spec.eval or EvalSpec(), heldout_size, check_inputs)
-    methods = _parse_methods(spec, training, fields)
-    if len(set(spec.seeds)) != len(spec.seeds):
-        raise field_error("seeds", f"duplicate seeds in {spec.seeds}", FIXES["seeds"])
+    _check_fields(training, "training")
+    eval_spec = spec.eval or EvalSpec()
+    if eval_spec.nll is not None and heldout_size < 1:
+        raise field_error("eval.nll", "needs held-out rows, but data.heldout_size is 0",
+                          "set data.heldout_size (e.g. 64), or eval.nll: false")
+    gsm8k = eval_spec.gsm8k
+    if gsm8k is not None:
+        gsm8k.source = gsm8k.source or ("gsm8k_jsonl" if gsm8k.path else "gsm8k_test")
+        if gsm8k.source == "gsm8k_jsonl":
+            if not gsm8k.path:
+                raise field_error("eval.gsm8k.path", "missing (source gsm8k_jsonl)", "give the test jsonl's path")
+            gsm8k.path = _existing_path(gsm8k.path, "eval.gsm8k.path", check=check_inputs)
+    if eval_spec.every_steps is not None and eval_spec.nll is None:
+        raise field_error("eval.every_steps", "the learning curve is the held-out NLL, but eval.nll is off",
+                          "set eval.nll: true (and data.heldout_size), or remove every_steps")
+    if eval_spec.contrast is not None and heldout_size < 2:
+        raise field_error("eval.contrast", f"compares held-out rows, but data.heldout_size is {heldout_size}",
+                          "set data.heldout_size (e.g. 48), or remove eval.contrast")
+    off = eval_spec.transfer is None or eval_spec.transfer is False
+    transfer = None if off else _check(TransferSpec, eval_spec.transfer, "eval.transfer")
+    eval_spec.transfer = transfer and {
+        **transfer.model_dump(include={"source", "size", "seed", "batch_size", "max_length"}),
+        **source_options(transfer, transfer.source)}  # fmt: skip
+    if transfer is not None and transfer.source in ("gsm8k_jsonl", "local"):
+        if transfer.path is None:
+            raise field_error("eval.transfer.path", f"missing (source {transfer.source} reads a local file)", FIXES["path"])
+        eval_spec.transfer["path"] = _existing_path(transfer.path, "eval.transfer.path", check=check_inputs)
+    methods = _parse_methods(spec, training)
     if train.label_noise:
         for method in methods:
-            level = method.overrides.get("qtuning_ledger", training.get("qtuning_ledger", "full"))
-            if method.qtuning_enabled and level == "none":
+            if method.qtuning_enabled and _setting("qtuning_ledger", training, method.overrides) == "none":
                 where = f"methods.{method.name}" if "qtuning_ledger" in method.overrides else "training"
                 raise field_error(f"{where}.qtuning_ledger", "label noise is audited from the ledger, which is off",
                                   "use qtuning_ledger: summary (or full)")
     reference = spec.clean_reference
     if reference is not None:
         reference = _existing_path(reference, "clean_reference", check=check_inputs)
-
+    equal_compute = _parse_equal_compute(spec.equal_compute, methods, training)
+    names = [m.name for m in methods]
+    for i, name in enumerate(spec.baselines or []):
+        if name not in names:
+            raise field_error(f"baselines[{i}]", f"{name!r} is not a method of the matrix", f"name one of {', '.join(names)}")
+    baselines = list(spec.baselines) if spec.baselines is not None else [  # default: full data, and random samples
+        m.name for m in methods if not m.qtuning_enabled] + [  # with random tokens at their own budget
+        m.name for m in methods if m.qtuning_enabled and m.match_label_tokens is None
+        and _setting("sample_policy", training, m.overrides) == "random"
+        and _setting("token_policy", training, m.overrides) == "random"]  # fmt: skip
     matrix = Matrix(
         path=path, text=text, experiment=spec.experiment, output_dir=output_dir, report_to=report_to,
         tracking_uri=spec.tracking_uri, model=model, lora=spec.lora and spec.lora.model_dump(), train=train,
         heldout_size=heldout_size, training=training, eval=eval_spec, methods=methods, seeds=list(spec.seeds),
-        equal_compute=_parse_equal_compute(spec.equal_compute, methods, training),
-        baselines=_parse_baselines(spec.baselines, methods, training), clean_reference=reference,
+        equal_compute=equal_compute, baselines=baselines, clean_reference=reference,
     )  # fmt: skip
     if check_inputs:
         build_config({**with_defaults(training), "output_dir": str(output_dir / "_check")}, "training")
@@ -642,70 +646,8 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     return matrix
 
 
-def _parse_train(raw: dict[str, Any], check_inputs: bool) -> TrainData:
-    source = raw.get("source")
-    if source not in TRAIN_SCHEMAS:
-        raise field_error("data.train.source", f"must be one of {', '.join(SOURCES)}, got {source!r}")
-    spec = _check(TRAIN_SCHEMAS[source], raw, "data.train")
-    if "label_noise_type" in spec.model_fields_set and not spec.label_noise:
-        raise field_error("data.train.label_noise_type", "has no effect without label_noise",
-                          "set label_noise (e.g. 0.3), or remove label_noise_type")
-    if isinstance(spec, (Gsm8kJsonlTrain, LocalTrain)):
-        spec.path = _existing_path(spec.path, "data.train.path", check=check_inputs)
-    return spec
-
-
-def _block(schema: type[SpecT], value: Any, where: str, *, true_ok: bool = False) -> SpecT | None:
-    """An evaluation block: off (false or null), on with its defaults (``true``, where ``true_ok``), or a mapping."""
-    if value is None or value is False:
-        return None
-    return schema() if value is True and true_ok else _check(schema, value, where)
-
-
-def _parse_eval(raw: EvalSpec, heldout_size: int, check_inputs: bool) -> EvalSpec:
-    nll = _block(NllSpec, raw.nll, "eval.nll", true_ok=True)
-    if nll is not None and heldout_size < 1:
-        raise field_error("eval.nll", "needs held-out rows, but data.heldout_size is 0",
-                          "set data.heldout_size (e.g. 64), or eval.nll: false")
-    gsm8k = _block(GenerationSpec, raw.gsm8k, "eval.gsm8k")
-    if gsm8k is not None:
-        gsm8k.source = gsm8k.source or ("gsm8k_jsonl" if gsm8k.path else "gsm8k_test")
-        if gsm8k.source == "gsm8k_jsonl":
-            if not gsm8k.path:
-                raise field_error("eval.gsm8k.path", "missing (source gsm8k_jsonl)", "give the test jsonl's path")
-            gsm8k.path = _existing_path(gsm8k.path, "eval.gsm8k.path", check=check_inputs)
-    arcs = {name: _block(ChoiceSpec, getattr(raw, name), f"eval.{name}") for name in ("arc_easy", "arc_challenge")}
-    if raw.every_steps is not None and nll is None:
-        raise field_error("eval.every_steps", "the learning curve is the held-out NLL, but eval.nll is off",
-                          "set eval.nll: true (and data.heldout_size), or remove every_steps")
-    contrast = _block(ContrastSpec, raw.contrast, "eval.contrast", true_ok=True)
-    if contrast is not None and heldout_size < 2:
-        raise field_error("eval.contrast", f"compares held-out rows, but data.heldout_size is {heldout_size}",
-                          "set data.heldout_size (e.g. 48), or remove eval.contrast")
-    for name, block in {"nll": nll, "gsm8k": gsm8k, "contrast": contrast, **arcs}.items():
-        setattr(raw, name, None if block is None else block.model_dump())
-    raw.transfer = _parse_transfer(raw.transfer, check_inputs)
-    if check_inputs and raw.enabled and importlib.util.find_spec("trl_qtuning.evaluation") is None:
-        raise field_error("eval", "the evaluation module trl_qtuning.evaluation is not available in this installation",
-                          "update trl-qtuning, or disable every evaluation (nll: false, no gsm8k/arc_easy/arc_challenge)")
-    return raw
-
-
-def _parse_transfer(value: Any, check_inputs: bool) -> dict[str, Any] | None:
-    spec = _block(TransferSpec, value, "eval.transfer")
-    if spec is None:
-        return None
-    out = {**spec.model_dump(include={"source", "size", "seed", "batch_size", "max_length"}),
-           **source_options(spec, spec.source)}  # fmt: skip
-    if spec.source in ("gsm8k_jsonl", "local"):
-        if spec.path is None:
-            raise field_error("eval.transfer.path", f"missing (source {spec.source} reads a local file)", FIXES["path"])
-        out["path"] = _existing_path(spec.path, "eval.transfer.path", check=check_inputs)
-    return out
-
-
-def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: set[str]) -> list[Method]:
-    default_enabled = training.get("qtuning_enabled", True)
+def _parse_methods(spec: MatrixSpec, training: dict[str, Any]) -> list[Method]:
+    default_enabled = _setting("qtuning_enabled", training)
     methods: list[Method] = []
     for name, overrides in spec.methods.items():
         where = f"methods.{name}"
@@ -718,9 +660,8 @@ def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: set[str])
             raise field_error(f"{where}.max_steps", "every method trains the same steps (the equal-steps point)",
                               "set training.max_steps, and equal_compute to train methods on to equal compute")
         keys = _check(MethodKeys, {k: overrides[k] for k in MethodKeys.model_fields if k in overrides}, where)
-        for key in METHOD_BENCH_KEYS:
-            overrides.pop(key, None)
-        _check_fields(overrides, where, fields)
+        overrides = {k: v for k, v in overrides.items() if k not in ("budgets", "match_label_tokens")}  # the bench's
+        _check_fields(overrides, where)
         enabled = default_enabled if keys.qtuning_enabled is None else keys.qtuning_enabled
         if not isinstance(enabled, bool):
             raise field_error("training.qtuning_enabled", f"must be true or false, got {enabled!r}")
@@ -754,23 +695,21 @@ def _parse_methods(spec: MatrixSpec, training: dict[str, Any], fields: set[str])
         if missing:
             raise field_error(where, f"method {target.name!r} has no budget {budget_label(missing[0])}",
                        "give both methods the same budgets")
-        if {**training, **method.overrides}.get("token_policy", "qtuning") == "none":
+        if _setting("token_policy", training, method.overrides) == "none":
             raise field_error(where, "token_policy none keeps every token, so no label-token share can be matched",
                        "use token_policy random (or another pruning token policy)")
     return methods
 
 
-def _parse_equal_compute(
-    spec: EqualCompute | None, methods: list[Method], training: dict[str, Any]
-) -> EqualCompute | None:
+def _parse_equal_compute(spec: EqualCompute | None, methods: list[Method], training: dict[str, Any]) -> EqualCompute | None:
     if spec is None:
         return None
     reference, max_steps = spec.reference, spec.max_steps
-    names = [m.name for m in methods]
-    if reference not in names:
+    by_name = {m.name: m for m in methods}
+    if reference not in by_name:
         raise field_error("equal_compute.reference", f"{reference!r} is not a method of the matrix",
-                   f"name one of {', '.join(names)} (add it to `methods:`)")
-    if len(next(m for m in methods if m.name == reference).budgets) != 1:
+                   f"name one of {', '.join(by_name)} (add it to `methods:`)")
+    if len(by_name[reference].budgets) != 1:
         raise field_error("equal_compute.reference", f"method {reference!r} has several budgets, so its compute is ambiguous",
                    "use a method with one budget (e.g. full data)")
     steps = training.get("max_steps")
@@ -780,38 +719,22 @@ def _parse_equal_compute(
     if max_steps < steps:
         raise field_error("equal_compute.max_steps", f"{max_steps} < training.max_steps {steps}",
                    "allow at least as many steps as the equal-steps point")
-    if next(m for m in methods if m.name == reference).match_label_tokens is not None:
+    if by_name[reference].match_label_tokens is not None:
         raise field_error("equal_compute.reference", f"method {reference!r} trains at another method's token share, "
                           "which runs after the reference", "use a method with its own budget (e.g. full data)")
     for method in methods:
-        settings = {**training, **method.overrides}
         where = "training" if all(k not in method.overrides for k in ("lr_scheduler_type", "warmup_ratio",
                                                                        "warmup_steps")) else f"methods.{method.name}"  # fmt: skip
-        schedule = settings.get("lr_scheduler_type", "linear")
+        schedule = _setting("lr_scheduler_type", training, method.overrides)
         if schedule not in CONSTANT_SCHEDULES:
             raise field_error(f"{where}.lr_scheduler_type", f"{schedule!r} decays with the run's length, so a cell "
                               "trained on to equal compute would follow another schedule",
                               "use constant or constant_with_warmup")  # fmt: skip
-        warmup = settings.get("warmup_steps", 0)
-        if settings.get("warmup_ratio") or (isinstance(warmup, float) and 0 < warmup < 1):
+        warmup = _setting("warmup_steps", training, method.overrides)
+        if _setting("warmup_ratio", training, method.overrides) or (isinstance(warmup, float) and 0 < warmup < 1):
             raise field_error(f"{where}.warmup_ratio", "a warmup share depends on the run's length",
                               "give warmup_steps as a whole number of steps")
     return spec
-
-
-def _parse_baselines(value: list[str] | None, methods: list[Method], training: dict[str, Any]) -> list[str]:
-    names = [m.name for m in methods]
-    if value is None:  # full data, and random samples with random tokens at their own budget
-        return [m.name for m in methods if not m.qtuning_enabled] + [
-            m.name for m in methods
-            if m.qtuning_enabled and m.match_label_tokens is None
-            and {**training, **m.overrides}.get("sample_policy") == "random"
-            and {**training, **m.overrides}.get("token_policy") == "random"
-        ]  # fmt: skip
-    for i, name in enumerate(value):
-        if name not in names:
-            raise field_error(f"baselines[{i}]", f"{name!r} is not a method of the matrix", f"name one of {', '.join(names)}")
-    return list(value)
 
 
 def plan_cells(matrix: Matrix, only: list[str] | None = None) -> list[Cell]:
@@ -829,10 +752,7 @@ def plan_cells(matrix: Matrix, only: list[str] | None = None) -> list[Cell]:
             cells.extend(Cell(method.name, budget, seed) for budget in method.budgets)
     if only:
         names = {BASE_METHOD} | {m.name for m in matrix.methods}
-        unknown = [name for name in only if name not in names]
-        if unknown:
-            raise BenchConfigError(
-                f"--only {unknown[0]}: no such method in the matrix (methods: {', '.join(sorted(names))})"
-            )
+        if unknown := [name for name in only if name not in names]:
+            raise BenchConfigError(f"--only {unknown[0]}: no such method in the matrix (methods: {', '.join(sorted(names))})")
         cells = [c for c in cells if c.method in only]
     return cells

@@ -1,4 +1,4 @@
-"""The bench's MLflow side: cell tags, fault-tolerant sends, and the variables the trainer's tracking callback reads.
+"""The bench's MLflow side: cell tags, fault-tolerant sends, an interrupted cell's run retired, the results page.
 
 Tracking never stops the bench: an outage keeps metrics in the run's ``pending.jsonl`` and says so on stderr.
 """
@@ -7,53 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
-from ..cli.sft import one_line
+from ..errors import one_line
 from .matrix import PROG, Cell, Matrix, budget_tag
 
-__all__ = ["cell_tags", "environ", "log_summary", "retire_old_run", "run_id_from_disk", "send", "tracking_env", "warn"]
-
-
-def apply_environ(values: dict[str, str | None]) -> None:
-    """Set each variable, or unset it where the value is None."""
-    for name, value in values.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
-@contextlib.contextmanager
-def environ(updates: dict[str, str | None]):
-    saved = {name: os.environ.get(name) for name in updates}
-    try:
-        apply_environ(updates)
-        yield
-    finally:
-        apply_environ(saved)
-
-
-def tracking_env(matrix: Matrix, tags: dict[str, str]) -> dict[str, str | None]:
-    """What the trainer's tracking callback reads (it has no arguments for them): the experiment, the store, extra
-    tags (the caller's ``MLFLOW_TAGS`` kept); never an inherited run id."""
-    if matrix.report_to != "mlflow":
-        return {}
-    extra: dict[str, Any] = {}
-    with contextlib.suppress(ValueError, TypeError):
-        extra = json.loads(os.environ.get("MLFLOW_TAGS") or "{}")
-    env: dict[str, str | None] = {
-        "MLFLOW_EXPERIMENT_NAME": matrix.experiment,
-        "MLFLOW_RUN_ID": None,
-        "MLFLOW_NESTED_RUN": None,
-        "MLFLOW_TAGS": json.dumps({**extra, **tags}),
-    }
-    if matrix.tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = matrix.tracking_uri
-    return env
+__all__ = ["cell_tags", "log_summary", "retire_old_run", "run_id_from_disk", "send", "warn"]
 
 
 def cell_tags(matrix: Matrix, cell: Cell) -> dict[str, str]:
@@ -70,11 +30,9 @@ def warn(message: str) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
 
 
-def send(sink, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None) -> str | None:
+def send(sink, metrics: dict[str, float], step: int) -> str | None:
     """Queue eval metrics in the run's fault-tolerant writer and send; an outage keeps them in pending.jsonl."""
     try:
-        if tags:
-            sink.set_tags(tags)
         sink.log_metrics(metrics, step=step)
         if not sink.flush(force=True):
             path = sink.persist()
@@ -86,12 +44,17 @@ def send(sink, metrics: dict[str, float], step: int, tags: dict[str, str] | None
         return getattr(sink, "run_id", None)
 
 
-def run_id_from_disk(cell_dir: Path) -> str | None:
-    from ..tracking.callback import TRACKING_DIR
+def _run_file(cell_dir: Path) -> dict[str, str]:
+    """The cell's ``run.json`` (run id and tracking URI), written by its sink once the run exists."""
+    from ..tracking.outputs import TRACKING_DIR
     from ..tracking.sink import RUN_FILE
 
+    return json.loads((cell_dir / TRACKING_DIR / RUN_FILE).read_text())
+
+
+def run_id_from_disk(cell_dir: Path) -> str | None:
     with contextlib.suppress(OSError, ValueError):
-        return json.loads((cell_dir / TRACKING_DIR / RUN_FILE).read_text()).get("run_id")
+        return _run_file(cell_dir).get("run_id")
     return None
 
 
@@ -100,11 +63,8 @@ def retire_old_run(matrix: Matrix, cell_dir: Path) -> None:
     if matrix.report_to != "mlflow":
         return
     try:
-        from ..tracking.callback import TRACKING_DIR
-        from ..tracking.sink import RUN_FILE
-
-        info = json.loads((cell_dir / TRACKING_DIR / RUN_FILE).read_text())
-    except (OSError, ValueError, ImportError):
+        info = _run_file(cell_dir)
+    except (OSError, ValueError):
         return
     try:
         from mlflow import MlflowClient
@@ -114,7 +74,6 @@ def retire_old_run(matrix: Matrix, cell_dir: Path) -> None:
         client.set_terminated(info["run_id"], "FAILED")
     except Exception as exc:  # best effort: the store may be down or the run gone
         warn(f"could not mark the interrupted cell's MLflow run {info.get('run_id')} as FAILED ({type(exc).__name__})")
-
 
 
 SUMMARY_RUN = "bench-summary"

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .matrix import Matrix
 
 __all__ = ["load_model_and_tokenizer", "peft_config"]
-
-
-def _model_path(matrix: Matrix) -> Path:
-    if matrix.model == "demo":
-        from ..demo.assets import demo_model_path
-
-        return demo_model_path()
-    return Path(matrix.model)
 
 
 def load_model_and_tokenizer(matrix: Matrix):
@@ -23,7 +13,7 @@ def load_model_and_tokenizer(matrix: Matrix):
     if matrix.model == "demo":
         from ..demo.assets import load_demo_model_and_tokenizer
 
-        return load_demo_model_and_tokenizer(_model_path(matrix))
+        return load_demo_model_and_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(matrix.model)

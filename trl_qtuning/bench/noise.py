@@ -19,7 +19,7 @@ import math
 import operator
 import random
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 __all__ = ["completion_text", "perturb_solution", "row_rng", "with_text"]
@@ -134,7 +134,7 @@ def _carry_slip(solution: str, rng: random.Random) -> str | None:
 
 def _move_final(solution: str, rng: random.Random) -> str | None:
     """The final number (after ``####``, else the last one) moved, with every mention of it."""
-    head, sep, tail = solution.rpartition("####")
+    _, sep, tail = solution.rpartition("####")
     numbers = _NUMBER.findall(tail if sep else solution)
     if not numbers:
         return None
@@ -157,12 +157,5 @@ def perturb_solution(solution: str, rng: random.Random) -> str | None:
 
 def _final(solution: str) -> str | None:
     _, sep, tail = solution.rpartition("####")
-    if not sep:
-        return None
-    numbers = _NUMBER.findall(tail)
-    if not numbers:
-        return None
-    try:
-        return str(Decimal(_key(numbers[0])).normalize())
-    except InvalidOperation:
-        return None
+    numbers = _NUMBER.findall(tail) if sep else []
+    return str(Decimal(_key(numbers[0])).normalize()) if numbers else None  # (a _NUMBER match is always a Decimal)

@@ -7,30 +7,11 @@ interval; a method "wins" against a baseline only where the interval excludes 0 
 
 from __future__ import annotations
 
-import math
-import statistics
 from typing import Any
 
-__all__ = ["paired_difference", "t_interval", "t_quantile"]
+import pandas as pd
 
-
-def t_quantile(p: float, df: int) -> float:
-    """The Student t quantile (scipy's; the bench's intervals need the ``bench`` extra)."""
-    try:
-        from scipy.stats import t
-    except ImportError:
-        raise ImportError("the bench's 95% intervals need scipy: pip install 'trl-qtuning[bench]'") from None
-    return float(t.ppf(p, df))
-
-
-def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float] | None:
-    """``(mean, low, high)`` of the Student t interval for the mean of ``values`` (None with fewer than 2)."""
-    clean = [v for v in values if v is not None and math.isfinite(v)]
-    if len(clean) < 2:
-        return None
-    mean = statistics.fmean(clean)
-    half = t_quantile(0.5 + confidence / 2, len(clean) - 1) * statistics.stdev(clean) / math.sqrt(len(clean))
-    return mean, mean - half, mean + half
+__all__ = ["paired_difference"]
 
 
 def paired_difference(method: dict[int, float], baseline: dict[int, float], *, lower_is_better: bool = True) -> dict[str, Any] | None:
@@ -38,15 +19,18 @@ def paired_difference(method: dict[int, float], baseline: dict[int, float], *, l
     seeds = sorted(set(method) & set(baseline))
     if not seeds:
         return None
-    diffs = [method[s] - baseline[s] for s in seeds]
-    interval = t_interval(diffs)
+    diffs = pd.Series(method)[seeds] - pd.Series(baseline)[seeds]
+    finite = diffs[diffs.abs() < float("inf")]
+    low = high = None
     verdict = "n < 2"
-    if interval is not None:
-        _, low, high = interval
-        better = high < 0 if lower_is_better else low > 0
-        worse = low > 0 if lower_is_better else high < 0
+    if len(finite) > 1:
+        try:
+            from scipy.stats import t
+        except ImportError:
+            raise ImportError("the bench's 95% intervals need scipy: pip install 'trl-qtuning[bench]'") from None
+        half = float(t.ppf(0.975, len(finite) - 1) * finite.sem())
+        low, high = float(finite.mean()) - half, float(finite.mean()) + half
+        better, worse = (high < 0, low > 0) if lower_is_better else (low > 0, high < 0)
         verdict = "better" if better else "worse" if worse else "no difference"
-    return {
-        "seeds": seeds, "differences": diffs, "mean": statistics.fmean(diffs),
-        "low": interval[1] if interval else None, "high": interval[2] if interval else None, "verdict": verdict,
-    }  # fmt: skip
+    return {"seeds": seeds, "differences": diffs.tolist(), "mean": float(diffs.mean(skipna=False)), "low": low,
+            "high": high, "verdict": verdict}  # fmt: skip

@@ -70,13 +70,12 @@ def code_state() -> dict[str, Any]:
 def library_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("trl-qtuning", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "mlflow"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
+    def installed(name: str) -> str | None:
+        with contextlib.suppress(PackageNotFoundError):
+            return version(name)
+
+    return {"python": platform.python_version(), **{name: installed(name) for name in (
+        "trl-qtuning", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "mlflow")}}  # fmt: skip
 
 
 def machine_summary() -> dict[str, Any]:

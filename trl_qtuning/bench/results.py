@@ -15,7 +15,7 @@ __all__ = ["RESULT_FILE", "RESULT_FORMAT", "cell_record", "read_result", "write_
 
 RESULT_FILE = "result.json"
 RESULT_FORMAT = 2
-"""2: adds the learning curve, compute and (with label noise) the noise audit; format 1 results still read."""
+"""Results carry the learning curve, the compute and (with label noise) the noise audit."""
 
 
 def read_result(cell_dir: Path, cell: Cell | None = None) -> dict[str, Any] | None:

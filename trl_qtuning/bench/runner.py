@@ -16,25 +16,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli.sft import debug_enabled, one_line
+from ..errors import debug_enabled, one_line
 from ..ledger import LEDGER_DIRNAME
 from .data import describe, prepare_data
 from .evaluate import CurveRecorder, curve_metrics, evaluate
 from .matrix import PROG, BenchConfigError, Cell, Matrix, build_config, cell_config_kwargs, plan_cells, with_defaults
-from .mlflow_env import cell_tags, environ, retire_old_run, run_id_from_disk, send, tracking_env, warn
+from .mlflow_env import cell_tags, retire_old_run, run_id_from_disk, send, warn
 from .models import load_model_and_tokenizer, peft_config
 from .progress import CellProgress, duration
 from .provenance import code_state, fingerprint
 from .results import RESULT_FILE, cell_record, read_result, write_json
 
-__all__ = ["CellTargets", "cell_targets", "run_base_cell", "run_bench", "run_train_cell"]
+__all__ = ["cell_targets", "run_base_cell", "run_bench", "run_train_cell"]
 
 SUMMARY_METRICS = (("eval/nll", "NLL"), ("eval/nll_transfer", "transfer NLL"), ("eval/gsm8k_em", "GSM8K EM"),
                    ("eval/arc_easy_acc", "ARC-E acc"), ("eval/arc_challenge_acc", "ARC-C acc"))  # fmt: skip
-
-
-CellTargets = dict
-"""What a cell takes from cells run before it: ``compute`` (the equal-compute target) and ``label_share``."""
 
 
 def _realised(history: list[dict[str, Any]], qtuning_enabled: bool, max_step: int | None) -> dict[str, float | None]:
@@ -55,19 +51,21 @@ def _pooled_label_share(ledger_dir: Path, max_step: int | None) -> float | None:
     """Kept answer tokens over all answer tokens of the steps up to ``max_step``, from the cell's ledger: the share
     a run-wide token budget (``token_budget_scope="run"``) reproduces, unlike the mean of per-step shares."""
     from ..ledger import read_ledger
+    from ..step.metrics import realised_budgets
 
     try:
         table = read_ledger(ledger_dir).select(["step", "response_tokens", "kept_tokens"]).to_pydict()
     except (OSError, ValueError):
         return None
     rows = [i for i, step in enumerate(table["step"]) if max_step is None or step <= max_step]
-    total = sum(table["response_tokens"][i] for i in rows)
-    return sum(table["kept_tokens"][i] for i in rows) / total if total else None
+    sums = {name: sum(table[name][i] for i in rows) for name in ("response_tokens", "kept_tokens")}
+    return realised_budgets(sums)["label_token_share"]
 
 
-def cell_targets(matrix: Matrix, cell: Cell) -> CellTargets:
-    """The targets a cell needs from finished cells of the same seed; a missing one is a clear error."""
-    targets = CellTargets()
+def cell_targets(matrix: Matrix, cell: Cell) -> dict[str, Any]:
+    """The targets a cell needs from finished cells of the same seed (``compute``: the equal-compute target;
+    ``label_share``: the matched label-token share); a missing one is a clear error."""
+    targets: dict[str, Any] = {}
     if cell.is_base:
         return targets
     method = matrix.method(cell.method)
@@ -113,7 +111,7 @@ def run_base_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Pa
         try:
             import mlflow
 
-            from ..tracking.callback import TRACKING_DIR
+            from ..tracking.outputs import TRACKING_DIR
             from ..tracking.sink import MLflowSink
 
             sink = MLflowSink(
@@ -134,16 +132,6 @@ def run_base_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Pa
     )  # fmt: skip
 
 
-def _tracking_sink(trainer):
-    """The MLflow sink of the trainer's tracking callback (None without tracking)."""
-    try:
-        from ..tracking.callback import QTuningMLflowCallback
-    except ImportError:  # mlflow is not installed
-        return None
-    callback = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, QTuningMLflowCallback)), None)
-    return getattr(callback, "sink", None)
-
-
 def _noise_audit(matrix: Matrix, data: dict[str, Any], cell_dir: Path, qtuning_enabled: bool) -> dict[str, Any] | None:
     from .audit import audit_ledger, full_data_audit
 
@@ -159,68 +147,62 @@ def _noise_audit(matrix: Matrix, data: dict[str, Any], cell_dir: Path, qtuning_e
         return {"error": one_line(exc), "trained_share_corrupted": None, "by_quadrant": {}, "by_decision": {}}
 
 
-def run_train_cell(
-    matrix: Matrix,
-    cell: Cell,
-    data: dict[str, Any],
-    cell_dir: Path,
-    targets: CellTargets | None = None,
-    progress: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def run_train_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Path,
+                   targets: dict[str, Any] | None = None, progress: dict[str, Any] | None = None) -> dict[str, Any]:
     """Seed, load a fresh model, train with ``QTuningSFTTrainer`` (counting compute, recording the curve, stopping
     at the equal-compute target), evaluate, log to the training's MLflow run."""
     from transformers import PrinterCallback, set_seed
 
-    from ..compute import ComputeMeter
+    from .compute import ComputeMeter
     from ..trainer import QTuningSFTTrainer
 
-    targets = targets if targets is not None else CellTargets()
+    targets = targets if targets is not None else {}
     method = matrix.method(cell.method)
     kwargs = cell_config_kwargs(matrix, cell, method, matched_label_share=targets.get("label_share"))
-    # The trainer's MLflow callback (transformers' MLflowCallback) takes its experiment and tags only from MLFLOW_*
-    # variables: set for this cell's training only.
-    with environ(tracking_env(matrix, cell_tags(matrix, cell))):
-        set_seed(int(cell.seed or 0))
-        config = build_config(kwargs, f"methods.{cell.method}")
-        model, tokenizer = load_model_and_tokenizer(matrix)
-        trainer = QTuningSFTTrainer(
-            model=model, args=config, train_dataset=data["train"], processing_class=tokenizer,
-            peft_config=peft_config(matrix),
-        )  # fmt: skip
-        trainer.remove_callback(PrinterCallback)
-        meter = ComputeMeter(trainer, target=targets.get("compute"), min_steps=matrix.max_steps or 0)
-        bf16 = bool(config.bf16)
+    set_seed(int(cell.seed or 0))
+    config = build_config(kwargs, f"methods.{cell.method}")
+    model, tokenizer = load_model_and_tokenizer(matrix)
+    trainer = QTuningSFTTrainer(
+        model=model, args=config, train_dataset=data["train"], processing_class=tokenizer,
+        peft_config=peft_config(matrix),
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)
+    tracking = None
+    if matrix.report_to == "mlflow":
+        from ..tracking import attach_tracking
 
-        pending: list[tuple[dict[str, float], int]] = []
+        tracking = attach_tracking(trainer, tracking_uri=matrix.tracking_uri, experiment=matrix.experiment,
+                                   tags=cell_tags(matrix, cell), new_run=True)  # fmt: skip
+    meter = ComputeMeter(trainer, target=targets.get("compute"), min_steps=matrix.max_steps or 0)
+    bf16 = bool(config.bf16)
 
-        def log_point(metrics: dict[str, float], step: int) -> None:
-            """To the cell's MLflow run; the step-0 point comes before the run exists and waits for it."""
-            pending.append((metrics, step))
-            sink = _tracking_sink(trainer)
-            if sink is None:
-                return
+    pending: list[tuple[dict[str, float], int]] = []
+
+    def log_point(metrics: dict[str, float], step: int) -> None:
+        """To the cell's MLflow run; the step-0 point comes before the run exists and waits for it."""
+        pending.append((metrics, step))
+        if (sink := getattr(tracking, "sink", None)) is not None:
             with contextlib.suppress(Exception):  # tracking never stops training
                 while pending:
-                    values, at = pending[0]
-                    sink.log_metrics(values, step=at)
+                    sink.log_metrics(pending[0][0], step=pending[0][1])
                     pending.pop(0)
 
-        curve = CurveRecorder(
-            measure=lambda m: curve_metrics(m, trainer.processing_class, matrix, data, bf16=bf16), meter=meter,
-            every_steps=matrix.eval.every_steps, equal_steps=matrix.max_steps,
-            log=log_point if matrix.report_to == "mlflow" else None,
-        )  # fmt: skip
-        if matrix.eval.nll is None or (matrix.eval.every_steps is None and matrix.equal_compute is None):
-            curve = None  # with equal compute the curve still records the equal-steps and equal-compute points
-        # First in line, so compute/* reach the reporters' on_log and the curve sees this step's compute.
-        trainer.callback_handler.callbacks.insert(0, meter)
-        if curve is not None:
-            trainer.callback_handler.callbacks.insert(1, curve)
-        if progress is not None:  # after the meter, so it reads this step's compute
-            trainer.callback_handler.callbacks.insert(1, CellProgress(meter=meter, **progress))
-        started = time.perf_counter()
-        train_output = trainer.train()
-        train_seconds = time.perf_counter() - started
+    curve = CurveRecorder(
+        measure=lambda m: curve_metrics(m, trainer.processing_class, matrix, data, bf16=bf16), meter=meter,
+        every_steps=matrix.eval.every_steps, equal_steps=matrix.max_steps,
+        log=log_point if matrix.report_to == "mlflow" else None,
+    )  # fmt: skip
+    if matrix.eval.nll is None or (matrix.eval.every_steps is None and matrix.equal_compute is None):
+        curve = None  # with equal compute the curve still records the equal-steps and equal-compute points
+    # First in line, so compute/* reach the reporters' on_log and the curve sees this step's compute.
+    trainer.callback_handler.callbacks.insert(0, meter)
+    if curve is not None:
+        trainer.callback_handler.callbacks.insert(1, curve)
+    if progress is not None:  # after the meter, so it reads this step's compute
+        trainer.callback_handler.callbacks.insert(1, CellProgress(meter=meter, **progress))
+    started = time.perf_counter()
+    train_output = trainer.train()
+    train_seconds = time.perf_counter() - started
     history = trainer.state.log_history
     realised = _realised(history, bool(config.qtuning_enabled), matrix.max_steps)
     realised_all = _realised(history, bool(config.qtuning_enabled), None)
@@ -241,7 +223,7 @@ def run_train_cell(
 
     mlflow_info = None
     if matrix.report_to == "mlflow":
-        sink = _tracking_sink(trainer)
+        sink = getattr(tracking, "sink", None)
         run_id = None
         if sink is not None:
             extra = {"train_seconds": train_seconds, "eval_seconds": eval_seconds,
@@ -251,7 +233,7 @@ def run_train_cell(
                 extra["bench/noise_trained_share_corrupted"] = audit["trained_share_corrupted"]
             run_id = send(sink, {**metrics, **extra}, step=final_step)
         mlflow_info = {"run_id": run_id or run_id_from_disk(cell_dir), "experiment": matrix.experiment}
-    record = cell_record(
+    return cell_record(
         matrix, cell, metrics=metrics, train_seconds=train_seconds, eval_seconds=eval_seconds,
         global_step=final_step, train_loss=getattr(train_output, "training_loss", None),
         qtuning_enabled=bool(config.qtuning_enabled), overrides=method.overrides, realised=realised,
@@ -261,7 +243,6 @@ def run_train_cell(
         curve=curve.points if curve else None, noise_audit=audit,
         corrupted_ids=data.get("corrupted_ids") or None, noise_type=data.get("noise_type"),
     )  # fmt: skip
-    return record
 
 
 def _free_memory() -> None:
@@ -273,24 +254,13 @@ def _free_memory() -> None:
             torch.cuda.empty_cache()
 
 
-def _quiet_libraries() -> None:
+def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | None = None) -> int:
+    """Run every cell not yet finished, then write and print the table. Returns the exit code (1 if a cell failed)."""
     import warnings
 
     import datasets
     import transformers
 
-    warnings.filterwarnings("ignore", module=r"(transformers|trl|peft|torch|datasets|mlflow)")
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
-def _metric_summary(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{label} {metrics[key]:.4g}" for key, label in SUMMARY_METRICS if key in metrics)
-
-
-def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | None = None) -> int:
-    """Run every cell not yet finished, then write and print the table. Returns the exit code (1 if a cell failed)."""
     from . import runner  # cells are looked up on the module, so tests can replace them
     from .tables import render_results
 
@@ -300,7 +270,10 @@ def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | N
     code_state()  # the commit of the code this process runs, before any cell trains (results record it)
     matrix.output_dir.mkdir(parents=True, exist_ok=True)
     (matrix.output_dir / "matrix.yaml").write_text(matrix.text, encoding="utf-8")
-    _quiet_libraries()
+    warnings.filterwarnings("ignore", module=r"(transformers|trl|peft|torch|datasets|mlflow)")
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     print(f"== {PROG}: {len(cells)} cell(s), experiment {matrix.experiment!r}, output {matrix.output_dir} ==", flush=True)
     data = None
     failed: list[str] = []
@@ -311,8 +284,7 @@ def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | N
         done = read_result(cell_dir, cell)
         if done is not None:
             stale = "" if done.get("fingerprint") == fingerprint(matrix, cell) else (
-                " -- made with other settings than the matrix's now; delete the folder to rerun"
-            )
+                " -- made with other settings than the matrix's now; delete the folder to rerun")
             print(f"{prefix}: skipped (done){stale}", flush=True)
             continue
         try:
@@ -355,7 +327,8 @@ def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | N
         steps = "" if cell.is_base else f"{record['global_step']} steps, "
         run = (record.get("mlflow") or {}).get("run_id")
         print(f"{prefix}: done ({steps}{timing}evaluated {record['eval_seconds']:.0f} s) "
-              f"{_metric_summary(record['metrics'])}" + (f" [MLflow run {run}]" if run else ""), flush=True)  # fmt: skip
+              + ", ".join(f"{label} {record['metrics'][key]:.4g}" for key, label in SUMMARY_METRICS if key in record["metrics"])
+              + (f" [MLflow run {run}]" if run else ""), flush=True)  # fmt: skip
     print()
     render_results(matrix, command=command)
     if failed:

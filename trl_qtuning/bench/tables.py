@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import datetime
 import math
-import statistics
 import sys
 from collections import Counter
 from typing import Any
+
+import pandas as pd
 
 from .matrix import BASE_METHOD, PROG, Cell, Matrix, budget_label, plan_cells
 from .paired import paired_difference
@@ -40,10 +41,6 @@ PAIRED_LABELS = {"eval/nll": "NLL", "eval/nll_transfer": "transfer NLL", "eval/c
                  "eval/contrast_numbers": "arithmetic contrast"}  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Readings
-# ----------------------------------------------------------------------------------------------------------------------
-
 
 def reading(result: dict[str, Any], kind: str, equal_steps: int | None) -> dict[str, Any]:
     """A cell's metrics at equal steps (``training.max_steps``) or at equal compute (where its counted compute
@@ -65,37 +62,68 @@ def reading(result: dict[str, Any], kind: str, equal_steps: int | None) -> dict[
     return {"step": step, "compute": cost["cumulative"] if cost else None}
 
 
+FORMATS = {"share": ".0%", "seconds": ".0f", "count": ",.0f", "delta": "+.4f", "points": "+.1f", "nll": ".4f"}
+"""How each kind of value is written (``pct``: a share as a percentage with one decimal)."""
+
+
 def _fmt(value: float | None, kind: str) -> str:
     if value is None or not math.isfinite(value):
         return "-"
-    if kind == "pct":
-        return f"{value * 100:.1f}"
-    if kind == "share":
-        return f"{value:.0%}"
-    if kind == "seconds":
-        return f"{value:.0f}"
-    if kind == "count":
-        return f"{value:,.0f}"
-    if kind == "delta":
-        return f"{value:+.4f}"
-    return f"{value:.4f}"
+    return f"{value * 100:.1f}" if kind == "pct" else format(value, FORMATS[kind])
 
 
-def _mean_std(stats: dict[str, Any], kind: str) -> str:
-    return f"{_fmt(stats['mean'], kind)} ± {_fmt(stats['std'], kind) if stats['std'] is not None else '-'}"
+def _fmt_mean(stats: dict[str, Any] | None, kind: str) -> str:
+    return _fmt(stats["mean"], kind) if stats else "-"
 
 
-def _stats(values: list[float]) -> dict[str, Any] | None:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "values": values}  # fmt: skip
+COUNTS = ("step", "compute")
+"""Columns that are whole numbers (their values stay integers in results.json)."""
+
+
+def _finite(column: pd.Series) -> list[float]:
+    values = column.dropna().tolist()
+    return [int(v) for v in values] if column.name in COUNTS else values
+
+
+def _summaries(frame: pd.DataFrame, by: list[str]) -> dict[Any, dict[str, dict[str, Any] | None]]:
+    """Per group of ``by``, every other column's ``{"mean", "std", "values"}`` over its finite values: std is the
+    sample standard deviation (n - 1), None for one value; a column without a finite value is None."""
+    values = frame.set_index(by).astype(float).replace([math.inf, -math.inf], math.nan)
+    table = values.groupby(level=by, sort=False).agg(["mean", "std", "count", _finite])
+    return {
+        key: {column: {"mean": float(line[column, "mean"]),
+                       "std": float(line[column, "std"]) if line[column, "count"] > 1 else None,
+                       "values": line[column, "_finite"]}
+              if line[column, "count"] else None for column in values.columns}
+        for key, line in table.iterrows()
+    }  # fmt: skip
+
+
+REALISED = ("sample_keep_ratio", "label_token_share")
+CELL_COLUMNS = ("train_seconds", "eval_seconds", *(f"realised_{n}" for n in REALISED), "token_keep_ratio")
+"""What each cell contributes to its row once (the final metrics too); a reading contributes its metrics,
+realised shares, step and compute."""
+METRIC_KEYS = tuple(key for key, _, _ in METRIC_COLUMNS)
+
+
+def _records(index: int, result: dict[str, Any], kinds: list[str], equal_steps: int | None) -> list[dict[str, Any]]:
+    """The cell's values, one record for the cell (``kind="cell"``) and one per reading."""
+    realised = result.get("realised") or {}
+    records = [{"row": index, "kind": "cell", **{f"realised_{n}": realised.get(n) for n in REALISED},
+                **{k: result.get(k) for k in ("train_seconds", "eval_seconds", "token_keep_ratio")},
+                **(result.get("metrics") or {})}]  # fmt: skip
+    for kind in kinds:
+        point = reading(result, kind, equal_steps)
+        shares = result.get("realised" if kind == "equal_steps" else "realised_all_steps") or realised
+        records.append({"row": index, "kind": kind, **{f"realised_{n}": shares.get(n) for n in REALISED},
+                        **{key: point.get(key) for key in (*METRIC_KEYS, *COUNTS)}})  # fmt: skip
+    return records
 
 
 def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
     """One row per (method, budget) in matrix order from the cells' result.json files; the missing cell ids; the
-    cell results. Each row carries its readings at equal steps and (with ``equal_compute``) at equal compute."""
+    cell results. Each row carries its readings at equal steps and (with ``equal_compute``) at equal compute: the
+    mean and std over its seeds of each value (pandas' ``groupby().agg``) and each seed's metrics."""
     missing: list[str] = []
     results: list[dict[str, Any]] = []
     by_row: dict[tuple, list[dict[str, Any]]] = {}
@@ -115,9 +143,15 @@ def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[
     order = [k for k in first_cell if first_cell[k].is_base]
     order += [(m.name, b) for m in matrix.methods for b in m.budgets]
     kinds = ["equal_steps"] + (["equal_compute"] if matrix.equal_compute else [])
+    records = [record for i, key in enumerate(order) for r in by_row[key]
+               for record in _records(i, r, kinds, matrix.max_steps)]  # fmt: skip
+    frame = pd.DataFrame(records, columns=["row", "kind", *CELL_COLUMNS, *METRIC_KEYS, *COUNTS])
+    stats = _summaries(frame, ["row", "kind"])
     rows = []
-    for key in order:
-        found, first = by_row.get(key, []), first_cell[key]
+    for i, key in enumerate(order):
+        found, first = by_row[key], first_cell[key]
+        cell = stats.get((i, "cell"), dict.fromkeys(frame.columns))
+        final = {k: cell[k] for k in METRIC_KEYS if cell[k]}
         row: dict[str, Any] = {
             "method": first.method,
             "budget": None if first.budget is None else list(first.budget),
@@ -125,31 +159,21 @@ def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[
             "n": len(found),
             "seeds": [r.get("seed") for r in found],
             "metrics": {},
-            "train_seconds": _stats([r.get("train_seconds") for r in found]),
-            "eval_seconds": _stats([r.get("eval_seconds") for r in found]),
+            **{column: cell[column] for column in CELL_COLUMNS},
         }
-        for name in ("sample_keep_ratio", "label_token_share"):
-            row[f"realised_{name}"] = _stats([(r.get("realised") or {}).get(name) for r in found])
-        row["token_keep_ratio"] = _stats([r.get("token_keep_ratio") for r in found])
         for kind in kinds:
+            read = stats.get((i, kind), dict.fromkeys(frame.columns))
             readings = [reading(r, kind, matrix.max_steps) for r in found]
-            realised_key = "realised" if kind == "equal_steps" else "realised_all_steps"
             row[kind] = {
-                **{f"realised_{name}": _stats([(r.get(realised_key) or r.get("realised") or {}).get(name) for r in found])
-                   for name in ("sample_keep_ratio", "label_token_share")},
+                **{f"realised_{n}": read[f"realised_{n}"] for n in REALISED},
                 "short_of_target": [r["cell_id"] for r in found if (r.get("compute") or {}).get("reached_target") is False],
-                "metrics": {k: s for k, _, _ in METRIC_COLUMNS if (s := _stats([p.get(k) for p in readings]))},
-                "step": _stats([p.get("step") for p in readings]),
-                "compute": _stats([p.get("compute") for p in readings]),
-                "per_seed": {r.get("seed"): {k: p.get(k) for k, _, _ in METRIC_COLUMNS if p.get(k) is not None}
+                "metrics": final if first.is_base else {k: read[k] for k in METRIC_KEYS if read[k]},
+                "step": read["step"],
+                "compute": read["compute"],
+                "per_seed": {r.get("seed"): {k: p.get(k) for k in METRIC_KEYS if p.get(k) is not None}
                              for r, p in zip(found, readings)},  # fmt: skip
             }
-        row["metrics"] = row["equal_compute" if matrix.equal_compute else "equal_steps"]["metrics"]
-        if first.is_base:  # the untrained model reads the same everywhere
-            row["metrics"] = {k: s for k, _, _ in METRIC_COLUMNS
-                              if (s := _stats([(r.get("metrics") or {}).get(k) for r in found]))}  # fmt: skip
-            for kind in kinds:
-                row[kind]["metrics"] = row["metrics"]
+        row["metrics"] = final if first.is_base else row[kinds[-1]]["metrics"]  # untrained: the same at every reading
         audits = {r.get("seed"): r["noise_audit"] for r in found if r.get("noise_audit")}
         if audits:
             row["noise_audit"] = _pool_audits(audits)
@@ -158,9 +182,7 @@ def collect_rows(matrix: Matrix) -> tuple[list[dict[str, Any]], list[str], list[
     return rows, missing, results
 
 
-def stale_results(
-    matrix: Matrix, cells: list[Cell], results: dict[str, dict[str, Any] | None]
-) -> dict[str, str]:
+def stale_results(matrix: Matrix, cells: list[Cell], results: dict[str, dict[str, Any] | None]) -> dict[str, str]:
     """Finished cells that no longer belong to the matrix, with the reason: made with other settings (their
     fingerprint), or trained against a target (equal-compute reference's compute, matched label-token share) that
     is not the one the finished source cell now gives."""
@@ -197,38 +219,33 @@ def _pool_audits(audits_by_seed: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     corrupted sample-steps trained on minus the share of clean ones, with its 95% t interval (below 0: the method
     keeps corrupted rows out of training more than clean ones; random selection is 0 in expectation). Cells without
     a ledger (full data trains everything by definition) have no selectivity."""
-    audits = list(audits_by_seed.values())
-    pooled: dict[str, Any] = {
-        "seeds": len(audits),
-        "trained_share_corrupted": _stats([a.get("trained_share_corrupted") for a in audits]),
-        "trained_share_clean": _stats([a.get("trained_share_clean") for a in audits]),
-    }
-    ledgered = {
-        seed: a for seed, a in audits_by_seed.items()
-        if a.get("sample_steps") and a.get("trained_share_corrupted") is not None
-        and a.get("trained_share_clean") is not None
-    }  # fmt: skip
+    shares = pd.DataFrame(list(audits_by_seed.values()), columns=["trained_share_corrupted", "trained_share_clean"])
+    pooled: dict[str, Any] = {"seeds": len(audits_by_seed), **_summaries(shares.assign(all=0), ["all"])[0]}
+    ledgered = {seed: a for seed, a in audits_by_seed.items() if a.get("sample_steps")
+                and a.get("trained_share_corrupted") is not None and a.get("trained_share_clean") is not None}  # fmt: skip
     pooled["selectivity"] = paired_difference(
         {seed: a["trained_share_corrupted"] for seed, a in ledgered.items()},
         {seed: a["trained_share_clean"] for seed, a in ledgered.items()},
     )
     for group in ("by_quadrant", "by_decision"):
-        counts: dict[str, dict[str, int]] = {}
-        for audit in audits:
-            for name, entry in (audit.get(group) or {}).items():
-                slot = counts.setdefault(name, {"corrupted": 0, "clean": 0})
-                slot["corrupted"] += entry["corrupted"]
-                slot["clean"] += entry["clean"]
-        pooled[group] = counts
+        counts = pd.DataFrame([{"name": name, "corrupted": entry["corrupted"], "clean": entry["clean"]}
+                               for audit in audits_by_seed.values() for name, entry in (audit.get(group) or {}).items()],
+                              columns=["name", "corrupted", "clean"])  # fmt: skip
+        pooled[group] = counts.groupby("name", sort=False).sum().to_dict("index")
     return pooled
 
 
-def _baseline_row(rows: list[dict[str, Any]], baseline: str, budget: list[float] | None) -> dict[str, Any] | None:
-    candidates = [r for r in rows if r["method"] == baseline]
-    same = next((r for r in candidates if r["budget"] == budget), None)
-    if same is not None:
-        return same
-    return candidates[0] if len(candidates) == 1 and candidates[0]["budget"] is None else None
+def _paired(mine: dict[Any, dict[str, float]], theirs: dict[Any, dict[str, float]]) -> dict[str, Any]:
+    """Per paired key both sides have: the per-seed differences with their interval (``mine`` and ``theirs`` map
+    each seed to its metrics)."""
+    paired = {}
+    for key in PAIRED_KEYS:
+        diff = paired_difference({s: v[key] for s, v in mine.items() if key in v},
+                                 {s: v[key] for s, v in theirs.items() if key in v},
+                                 lower_is_better=key not in HIGHER_IS_BETTER)  # fmt: skip
+        if diff is not None:
+            paired[key] = diff
+    return paired
 
 
 def _add_paired(matrix: Matrix, rows: list[dict[str, Any]], kinds: list[str]) -> None:
@@ -236,23 +253,15 @@ def _add_paired(matrix: Matrix, rows: list[dict[str, Any]], kinds: list[str]) ->
         if row["budget_label"] == "(untrained)":
             continue
         for kind in kinds:
-            paired: dict[str, Any] = {}
-            for baseline in matrix.baselines:
-                base = _baseline_row(rows, baseline, row["budget"])
-                if base is None or base is row:
-                    continue
-                for key in PAIRED_KEYS:
-                    mine = {s: v[key] for s, v in row[kind]["per_seed"].items() if key in v}
-                    theirs = {s: v[key] for s, v in base[kind]["per_seed"].items() if key in v}
-                    diff = paired_difference(mine, theirs, lower_is_better=key not in HIGHER_IS_BETTER)
-                    if diff is not None:
-                        paired.setdefault(baseline, {})[key] = diff
-            row[kind]["paired"] = paired
+            row[kind]["paired"] = {}
+            for baseline in matrix.baselines:  # the same budget, or the baseline's only row without one
+                candidates = [r for r in rows if r["method"] == baseline]
+                base = next((r for r in candidates if r["budget"] == row["budget"]), None) or (
+                    candidates[0] if len(candidates) == 1 and candidates[0]["budget"] is None else None)
+                if base is not None and base is not row:
+                    if paired := _paired(row[kind]["per_seed"], base[kind]["per_seed"]):
+                        row[kind]["paired"][baseline] = paired
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Markdown
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def _markdown(headers: list[str], body: list[list[str]], right_from: int = 2) -> str:
@@ -281,18 +290,14 @@ def format_table(rows: list[dict[str, Any]], kind: str = "equal_steps", *, final
         values = [row["method"], row["budget_label"], str(row["n"])]
         for key, _, fmt in metric_cols:
             stats = read.get("metrics", {}).get(key)
-            cell = _mean_std(stats, fmt) if stats else "-"
+            cell = f"{_fmt(stats['mean'], fmt)} ± {_fmt(stats['std'], fmt)}" if stats else "-"
             if stats and len(stats["values"]) < row["n"]:  # not every seed has it (e.g. read past its last step)
                 cell += f" (n={len(stats['values'])})"
             values.append(cell)
-        for key in ("realised_sample_keep_ratio", "realised_label_token_share"):
-            stats = read.get(key) or row.get(key)
-            values.append(_fmt(stats["mean"], "share") if stats else "-")
-        if with_compute:
-            values.append(_fmt(read["step"]["mean"], "count") if read.get("step") else "-")
-            values.append(_fmt(read["compute"]["mean"], "count") if read.get("compute") else "-")
-        values.append(_fmt(row["train_seconds"]["mean"], "seconds") if row.get("train_seconds") else "-")
-        body.append(values)
+        values += [_fmt_mean(read.get(k) or row.get(k), "share")
+                   for k in ("realised_sample_keep_ratio", "realised_label_token_share")]
+        values += [_fmt_mean(read.get("step"), "count"), _fmt_mean(read.get("compute"), "count")] if with_compute else []
+        body.append([*values, _fmt_mean(row.get("train_seconds"), "seconds")])
     return _markdown(headers, body)
 
 
@@ -305,40 +310,20 @@ def against_reference(matrix: Matrix, rows: list[dict[str, Any]]) -> list[dict[s
         return []
     reference_rows, _, _ = collect_rows(load_matrix(matrix.clean_reference, check_inputs=False))
     found = {(r["method"], r["budget_label"]): r for r in reference_rows if r["budget_label"] != "(untrained)"}
-    compared = []
-    for row in rows:
-        theirs = found.get((row["method"], row["budget_label"]))
-        if theirs is None:
-            continue
-        mine_seeds, their_seeds = row["equal_steps"]["per_seed"], theirs["equal_steps"]["per_seed"]
-        paired = {}
-        for key in PAIRED_KEYS:
-            diff = paired_difference({s: v[key] for s, v in mine_seeds.items() if key in v},
-                                     {s: v[key] for s, v in their_seeds.items() if key in v},
-                                     lower_is_better=key not in HIGHER_IS_BETTER)  # fmt: skip
-            if diff is not None:
-                paired[key] = diff
-        if paired:
-            compared.append({"method": row["method"], "budget_label": row["budget_label"], "paired": paired})
-    return compared
+    pairs = ((row, found.get((row["method"], row["budget_label"]))) for row in rows)
+    return [{"method": row["method"], "budget_label": row["budget_label"], "paired": paired} for row, theirs in pairs
+            if theirs and (paired := _paired(row["equal_steps"]["per_seed"], theirs["equal_steps"]["per_seed"]))]
 
 
-def format_against_reference(compared: list[dict[str, Any]], reference: str) -> str | None:
-    """The table of :func:`against_reference`."""
-    keys = [k for k in PAIRED_KEYS if any(k in c["paired"] for c in compared)]
-    if not keys:
-        return None
-    headers = ["method", "budget (samples x tokens)", *[f"Δ {PAIRED_LABELS[k]} vs clean [95% CI]" for k in keys]]
-    body = [[c["method"], c["budget_label"], *[_format_difference(c["paired"].get(k)) for k in keys]] for c in compared]
-    return f"Reference: `{reference}`.\n\n" + _markdown(headers, body)
-
-
-def _format_difference(d: dict[str, Any] | None) -> str:
-    if d is None:
+def _format_difference(d: dict[str, Any] | None, scale: float = 1, verdicts: dict[str, str] | None = None) -> str:
+    """``mean [low, high] verdict`` of a paired difference (``mean (n=1)`` without an interval)."""
+    if not d:
         return "-"
+    kind = "delta" if scale == 1 else "points"
+    mean, low, high = (_fmt(None if d[k] is None else d[k] * scale, kind) for k in ("mean", "low", "high"))
     if d["low"] is None:
-        return f"{_fmt(d['mean'], 'delta')} (n={len(d['seeds'])})"
-    return f"{_fmt(d['mean'], 'delta')} [{_fmt(d['low'], 'delta')}, {_fmt(d['high'], 'delta')}] {d['verdict']}"
+        return f"{mean} (n={len(d['seeds'])})"
+    return f"{mean} [{low}, {high}] {(verdicts or {}).get(d['verdict'], d['verdict'])}"
 
 
 def format_paired(rows: list[dict[str, Any]], kind: str, baselines: list[str]) -> str | None:
@@ -348,15 +333,8 @@ def format_paired(rows: list[dict[str, Any]], kind: str, baselines: list[str]) -
     if not cols:
         return None
     headers = ["method", "budget (samples x tokens)", *[f"Δ {PAIRED_LABELS[k]} vs {b} [95% CI]" for b, k in cols]]
-    body = []
-    for row in rows:
-        paired = row.get(kind, {}).get("paired")
-        if not paired:
-            continue
-        values = [row["method"], row["budget_label"]]
-        for baseline, key in cols:
-            values.append(_format_difference((paired.get(baseline) or {}).get(key)))
-        body.append(values)
+    body = [[row["method"], row["budget_label"], *[_format_difference((paired.get(b) or {}).get(k)) for b, k in cols]]
+            for row in rows if (paired := row.get(kind, {}).get("paired"))]  # fmt: skip
     return _markdown(headers, body) if body else None
 
 
@@ -367,13 +345,7 @@ _SELECTIVITY_VERDICT = {"better": "fewer corrupted", "worse": "more corrupted", 
 def format_selectivity(selectivity: dict[str, Any] | None) -> str:
     """Trained share of corrupted minus clean sample-steps, in percentage points: mean over seeds, 95% interval and
     what it says ("fewer corrupted" only where the whole interval is below 0)."""
-    if not selectivity:
-        return "-"
-    mean = f"{selectivity['mean'] * 100:+.1f}"
-    if selectivity["low"] is None:
-        return f"{mean} (n={len(selectivity['seeds'])})"
-    return (f"{mean} [{selectivity['low'] * 100:+.1f}, {selectivity['high'] * 100:+.1f}] "
-            f"{_SELECTIVITY_VERDICT[selectivity['verdict']]}")  # fmt: skip
+    return _format_difference(selectivity, 100, _SELECTIVITY_VERDICT)
 
 
 def format_audit(rows: list[dict[str, Any]]) -> str | None:
@@ -382,29 +354,20 @@ def format_audit(rows: list[dict[str, Any]]) -> str | None:
     audited = [r for r in rows if r.get("noise_audit")]
     if not audited:
         return None
-    quadrants = sorted({q for r in audited for q in r["noise_audit"]["by_quadrant"]})
-    decisions = sorted({d for r in audited for d in r["noise_audit"]["by_decision"]})
+    groups = {g: sorted({n for r in audited for n in r["noise_audit"][g]}) for g in ("by_quadrant", "by_decision")}
 
     def share(entry: dict[str, int] | None) -> str:
-        if not entry or not entry["corrupted"] + entry["clean"]:
-            return "-"
-        total = entry["corrupted"] + entry["clean"]
-        return f"{entry['corrupted'] / total:.0%} of {total}"
+        total = entry["corrupted"] + entry["clean"] if entry else 0
+        return f"{entry['corrupted'] / total:.0%} of {total}" if total else "-"
 
     headers = ["method", "budget (samples x tokens)", "seeds", "corrupted trained", "clean trained",
-               SELECTIVITY_HEADER, *[f"corrupted in {q}" for q in quadrants],
-               *[f"corrupted in {d}" for d in decisions]]  # fmt: skip
-    body = []
-    for row in audited:
-        audit = row["noise_audit"]
-        values = [row["method"], row["budget_label"], str(audit["seeds"])]
-        for key in ("trained_share_corrupted", "trained_share_clean"):
-            values.append(_fmt(audit[key]["mean"], "share") if audit.get(key) else "-")
-        values.append(format_selectivity(audit.get("selectivity")))
-        values += [share(audit["by_quadrant"].get(q)) for q in quadrants]
-        values += [share(audit["by_decision"].get(d)) for d in decisions]
-        body.append(values)
-    return _markdown(headers, body, right_from=2)
+               SELECTIVITY_HEADER, *[f"corrupted in {n}" for names in groups.values() for n in names]]  # fmt: skip
+    body = [[row["method"], row["budget_label"], str(audit["seeds"]),
+             *[_fmt_mean(audit.get(k), "share") for k in ("trained_share_corrupted", "trained_share_clean")],
+             format_selectivity(audit.get("selectivity")),
+             *[share(audit[g].get(n)) for g, names in groups.items() for n in names]]
+            for row in audited for audit in [row["noise_audit"]]]  # fmt: skip
+    return _markdown(headers, body)
 
 
 TABLE_NOTE = (
@@ -414,7 +377,7 @@ TABLE_NOTE = (
     "accuracy in %. Kept samples / label tokens: realised share of the step's samples trained on, and of all answer "
     "tokens that kept their label (means over the logged steps up to the equal-steps point; 100% for plain "
     "fine-tuning by definition). Compute: counted forward-token equivalents (scoring 1 per token, training 3 per "
-    "token for full fine-tuning, 2 for LoRA; `trl_qtuning.compute`). Train s: mean wall-clock training seconds per "
+    "token for full fine-tuning, 2 for LoRA; `trl_qtuning.bench.compute`). Train s: mean wall-clock training seconds per "
     "cell (evaluation excluded; machine-dependent, compare compute instead)."
 )
 PAIRED_NOTE = (
@@ -444,6 +407,10 @@ AUDIT_NOTE = (
 )
 
 
+def _cells(n: int) -> str:
+    return f"{n} cell{'s' if n != 1 else ''}"
+
+
 def _cell_versions_line(results: list[dict[str, Any]]) -> str | None:
     """The library versions the cells trained with (each cell records its own), a count beside each version where
     the cells differ: the versions of the process that renders the page say nothing about how the cells ran."""
@@ -453,18 +420,11 @@ def _cell_versions_line(results: list[dict[str, Any]]) -> str | None:
             if version:
                 seen.setdefault(library, Counter())[version] += 1
     recorded = sum(bool(result.get("versions")) for result in results)
-
-    def cells(n: int) -> str:
-        return f"{n} cell{'s' if n != 1 else ''}"
-
-    parts = []
-    for library, counts in seen.items():
-        if len(counts) == 1 and counts.total() == recorded:
-            parts.append(f"{library} {next(iter(counts))}")
-        else:
-            by_version = sorted(counts.items(), key=_version_key)
-            parts.append(f"{library} " + " / ".join(f"{v} ({cells(n)})" for v, n in by_version))
-    return ", ".join(parts) or None
+    return ", ".join(
+        f"{library} {next(iter(counts))}" if len(counts) == 1 and counts.total() == recorded
+        else f"{library} " + " / ".join(f"{v} ({_cells(n)})" for v, n in sorted(counts.items(), key=_version_key))
+        for library, counts in seen.items()
+    ) or None  # fmt: skip
 
 
 def _version_key(item: tuple[str, int]) -> tuple:
@@ -512,8 +472,7 @@ def untrained_readings(results: list[dict[str, Any]]) -> dict[float, list[str]]:
 def _untrained_line(groups: dict[float, list[str]]) -> str | None:
     if len(groups) < 2:
         return None
-    parts = [f"{value:.6f} ({len(cells)} cell{'s' if len(cells) > 1 else ''}: {', '.join(cells)})"
-             for value, cells in groups.items()]  # fmt: skip
+    parts = [f"{value:.6f} ({_cells(len(cells))}: {', '.join(cells)})" for value, cells in groups.items()]
     return ("- numerics: the untrained model's held-out NLL differs between cells, " + "; ".join(parts)
             + ". They ran with different numerics (machines whose kernels differ, or another precision): a paired "
               "difference between cells of different groups includes that difference")  # fmt: skip
@@ -534,13 +493,9 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
     command = command or f"{PROG} --config {matrix.path}"
     commits = sorted({f"{r['git']['commit'][:12]}{' (dirty)' if r['git'].get('dirty') else ''}"
                       for r in results if (r.get("git") or {}).get("commit")})  # fmt: skip
-    ran_on: dict[str, int] = {}
-    for r in results:
-        cpu = (r.get("machine") or {}).get("cpu")
-        if cpu:
-            ran_on[cpu] = ran_on.get(cpu, 0) + 1
-    unrecorded = sum(not (r.get("machine") or {}).get("cpu") for r in results)
-    machines = ", ".join(f"{cpu} ({n} cell{'s' if n > 1 else ''})" for cpu, n in sorted(ran_on.items()))
+    ran_on = Counter(cpu for r in results if (cpu := (r.get("machine") or {}).get("cpu")))
+    unrecorded = len(results) - ran_on.total()
+    machines = ", ".join(f"{cpu} ({_cells(n)})" for cpu, n in sorted(ran_on.items()))
     if machines and unrecorded:
         machines += f"; {unrecorded} cell(s) from before machines were recorded"
     commit = git.get("commit")
@@ -549,12 +504,11 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
     status = f"{total - len(missing)} of {total} cells finished"
     if missing:
         status += f"; missing: {', '.join(missing)}"
-    gpu = machine.get("gpu") or "none"
     numerics = untrained_readings(results)
     untrained = _untrained_line(numerics)
-    sections: list[tuple[str, str | None, str | None]] = [
-        (f"Equal steps ({matrix.max_steps} optimizer steps)" if matrix.max_steps else "Equal steps", steps_table,
-         format_paired(rows, "equal_steps", matrix.baselines)),
+    sections: list[tuple[str, list[tuple[str | None, str | None]]]] = [  # title, [(note, table), ...]
+        (f"Equal steps ({matrix.max_steps} optimizer steps)" if matrix.max_steps else "Equal steps",
+         [(None, steps_table), (PAIRED_NOTE, format_paired(rows, "equal_steps", matrix.baselines))]),
     ]  # fmt: skip
     if ec is not None:
         short = [cell for row in rows for cell in row.get("equal_compute", {}).get("short_of_target", [])]
@@ -562,25 +516,24 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         if short:
             table += (f"\n\nShort of the target (read at their last step, {ec.max_steps}: raise equal_compute.max_steps): "
                       + ", ".join(short))  # fmt: skip
-        sections.append((
-            f"Equal compute (the compute of `{ec.reference}`; at most {ec.max_steps} steps)",
-            table, format_paired(rows, "equal_compute", matrix.baselines),
-        ))  # fmt: skip
-    audit = format_audit(rows)
+        sections.append((f"Equal compute (the compute of `{ec.reference}`; at most {ec.max_steps} steps)",
+                         [(None, table), (PAIRED_NOTE, format_paired(rows, "equal_compute", matrix.baselines))]))
     compared = against_reference(matrix, rows)
-    reference_table = format_against_reference(compared, matrix.clean_reference) if compared else None
+    keys = [k for k in PAIRED_KEYS if any(k in c["paired"] for c in compared)]
+    reference_table = (f"Reference: `{matrix.clean_reference}`.\n\n" + _markdown(
+        ["method", "budget (samples x tokens)", *[f"Δ {PAIRED_LABELS[k]} vs clean [95% CI]" for k in keys]],
+        [[c["method"], c["budget_label"], *[_format_difference(c["paired"].get(k)) for k in keys]] for c in compared],
+    )) if keys else None  # fmt: skip
+    sections += [("Against the clean reference", [(REFERENCE_NOTE, reference_table)]),
+                 ("Label noise audit", [(AUDIT_NOTE, format_audit(rows))])]
+    sections = [(title, [(note, table) for note, table in parts if table]) for title, parts in sections]
+    sections = [(title, parts) for title, parts in sections if parts]
     with_contrast = any(k.startswith("eval/contrast") for r in rows for k in r.get("metrics", {}))
     print(f"Results ({status}):", file=out)
     if untrained:
         print(untrained[2:], file=out)
-    for title, table, paired in sections:
-        print(f"\n## {title}\n{table}", file=out)
-        if paired:
-            print(f"\n{paired}", file=out)
-    if reference_table:
-        print(f"\n## Against the clean reference\n{reference_table}", file=out)
-    if audit:
-        print(f"\n## Label noise audit\n{audit}", file=out)
+    for title, parts in sections:  # the page's sections without their notes
+        print(f"\n## {title}\n" + "\n\n".join(table for _, table in parts), file=out)
     print("\n" + TABLE_NOTE, file=out)
 
     matrix.output_dir.mkdir(parents=True, exist_ok=True)
@@ -592,7 +545,7 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         f"- commit: {commit_text}" + (f"; cells ran at {', '.join(commits)}" if commits else ""),
         f"- date: {now}",
         (f"- machine: {machine.get('cpu')}, {machine.get('cpu_count')} CPU cores, torch threads "
-         f"{machine.get('torch_threads', '?')}, GPU {gpu}; {machine.get('platform')}"),
+         f"{machine.get('torch_threads', '?')}, GPU {machine.get('gpu') or 'none'}; {machine.get('platform')}"),
         *([f"- cells ran on: {machines}"] if machines else []),
         *([untrained] if untrained else []),
         *([f"- cells ran with: {cell_versions}"] if (cell_versions := _cell_versions_line(results)) else []),
@@ -603,14 +556,9 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
         "",
         *([CONTRAST_NOTE, ""] if with_contrast else []),
     ]  # fmt: skip
-    for title, table, paired in sections:
-        lines += [f"## {title}", "", table, ""]
-        if paired:
-            lines += [PAIRED_NOTE, "", paired, ""]
-    if reference_table:
-        lines += ["## Against the clean reference", "", REFERENCE_NOTE, "", reference_table, ""]
-    if audit:
-        lines += ["## Label noise audit", "", AUDIT_NOTE, "", audit, ""]
+    for title, parts in sections:
+        lines += [f"## {title}", ""]
+        lines += [line for note, table in parts for line in [*([note, ""] if note else []), table, ""]]
     if figures:
         lines += ["## Curves", ""] + [f"![{name}]({name})" for name in figures] + [""]
     lines += [f"## Matrix (`{matrix.path}`)", "", "```yaml", matrix.text.rstrip(), "```", ""]

@@ -6,6 +6,7 @@
     trl-qtuning audit --model NAME|PATH|demo --dataset NAME|PATH|demo --output_dir DIR [...]
 
 Every subcommand is a ``main(argv: list[str] | None) -> int`` function; add one by adding a line to ``COMMANDS``.
+A :class:`~trl_qtuning.errors.CliError` it raises is reported as one line with its exit code.
 Runs in-process, so ``accelerate launch -m trl_qtuning.cli.main sft ...`` works for multi-GPU training.
 """
 
@@ -16,6 +17,9 @@ import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from .. import __version__
+from ..errors import run_reporting_errors
 
 __all__ = ["COMMANDS", "main"]
 
@@ -35,35 +39,16 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command(
-        "sft", "Train with Q-Tuning from a YAML recipe and/or --flags, like `trl sft`.", "trl_qtuning.cli.sft:main"
-    ),
-    Command(
-        "demo", "Run the fully offline Q-Tuning demo (small pretrained model, math data).", "trl_qtuning.demo.run:main"
-    ),
-    Command(
-        "compare",
-        "Compare the runs of an MLflow experiment (Q-Tuning and plain SFT): table and figure.",
-        "trl_qtuning.tracking.compare:main",
-    ),
+    Command("sft", "Train with Q-Tuning from a YAML recipe and/or --flags, like `trl sft`.",
+            "trl_qtuning.cli.sft:main"),
+    Command("demo", "Run the fully offline Q-Tuning demo (small pretrained model, math data).",
+            "trl_qtuning.demo.run:main"),
+    Command("compare", "Compare the runs of an MLflow experiment (Q-Tuning and plain SFT): table and figure.",
+            "trl_qtuning.tracking.compare:main"),
     Command("bench", "Run a benchmark matrix (methods x budgets x seeds) and tabulate it.", "trl_qtuning.bench:main"),
-    Command(
-        "audit",
-        "Score every row of a dataset once on the EU plane: table, figure, most suspected rows, summary.",
-        "trl_qtuning.audit.cli:main",
-    ),
-)
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("trl-qtuning")
-    except Exception:  # not installed as a distribution (e.g. run from a source tree)
-        from trl_qtuning import __version__
-
-        return __version__
+    Command("audit", "Score every row of a dataset once on the EU plane: table, figure, most suspected rows, summary.",
+            "trl_qtuning.audit.cli:main"),
+)  # fmt: skip
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -73,7 +58,7 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog=f"Run `{PROG} <command> --help` for the options of one command.",
         allow_abbrev=False,
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="<command>")
     for command in COMMANDS:
         # The subcommand parses its own arguments (including -h), so its parser here only names it.
@@ -88,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, _ = parser.parse_known_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        return int(exc.code or 0)
     if args.command is None:
         parser.print_help()
         return 0
@@ -103,12 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    try:
-        code = run(rest)
-    except KeyboardInterrupt:
-        print(f"{PROG} {command.name}: interrupted.", file=sys.stderr)
-        return 130
-    return int(code or 0)
+    return run_reporting_errors(f"{PROG} {command.name}", lambda: run(rest))
 
 
 if __name__ == "__main__":

@@ -48,45 +48,28 @@ def recipe_names() -> list[str]:
     return sorted(path.relative_to(root).with_suffix("").as_posix() for path in root.glob("*/qtuning/*.yaml"))
 
 
-def _shipped(value: str, names: list[str], folder: str = "") -> Path | None:
-    """The shipped file ``value`` names (with or without ``recipes/``, ``folder`` and ``.yaml``), else None."""
+def _resolve(value: str, kind: str, names: list[str], folder: str = "") -> Path:
+    """A file path as given, else the shipped file ``value`` names (with or without ``recipes/``, ``folder`` and
+    ``.yaml``); ``LookupError`` listing the shipped ``names`` when it is neither."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
     name = value.replace("\\", "/").removeprefix("./").removeprefix("recipes/").removeprefix(folder)
     name = name.removesuffix(".yaml")
     root = recipes_root()
-    return root / f"{folder}{name}.yaml" if root is not None and name in names else None
+    if root is not None and name in names:
+        return root / f"{folder}{name}.yaml"
+    listing = ", ".join(names) or "none found in this installation"
+    raise LookupError(f"{kind} not found: {value} (neither a file nor one shipped with trl-qtuning: {listing})")
 
 
 def resolve_accelerate_config(value: str) -> Path:
     """The file for ``--accelerate_config VALUE``: a file path as given, else a shipped config by name
-    (``ddp``, ``zero3``, ... or ``recipes/accelerate_configs/ddp.yaml`` from outside a clone).
-
-    Raises ``LookupError`` naming the shipped configs when it is neither.
-    """
-    path = Path(value).expanduser()
-    if path.is_file():
-        return path
-    names = accelerate_config_names()
-    found = _shipped(value, names, folder=f"{ACCELERATE_CONFIGS}/")
-    if found is not None:
-        return found
-    listing = ", ".join(names) or "none found in this installation"
-    raise LookupError(
-        f"accelerate config not found: {value} (neither a file nor a config shipped with trl-qtuning: {listing})"
-    )
+    (``ddp``, ``zero3``, ... or ``recipes/accelerate_configs/ddp.yaml`` from outside a clone)."""
+    return _resolve(value, "accelerate config", accelerate_config_names(), folder=f"{ACCELERATE_CONFIGS}/")
 
 
 def resolve_recipe(value: str) -> Path:
     """The file for ``--config VALUE``: a file path as given, else a shipped recipe (``recipes/<model>/qtuning/
-    config_<name>.yaml`` from any folder, with or without the ``recipes/`` prefix and the ``.yaml``).
-
-    Raises ``LookupError`` naming the shipped recipes when it is neither.
-    """
-    path = Path(value).expanduser()
-    if path.is_file():
-        return path
-    names = recipe_names()
-    found = _shipped(value, names)
-    if found is not None:
-        return found
-    listing = ", ".join(names) or "none found in this installation"
-    raise LookupError(f"recipe not found: {value} (neither a file nor a recipe shipped with trl-qtuning: {listing})")
+    config_<name>.yaml`` from any folder, with or without the ``recipes/`` prefix and the ``.yaml``)."""
+    return _resolve(value, "recipe", recipe_names())

@@ -4,10 +4,9 @@
 
 Arguments are the fields of ``trl.ScriptArguments``, :class:`~trl_qtuning.QTuningConfig` (``trl.SFTConfig`` plus the
 Q-Tuning budgets), ``trl.ModelConfig`` (model, LoRA, quantisation; plus ``quantization_fallback``, see
-:mod:`trl_qtuning.quantization`) and ``trl.DatasetMixtureConfig``. A YAML recipe
+:mod:`trl_qtuning.integrations.quantization`) and ``trl.DatasetMixtureConfig``, parsed by ``trl.TrlParser``. A YAML recipe
 (``--config``) sets their values and may carry an ``env:`` mapping of environment variables; flags on the command
-line override the recipe. ``dataset_name`` is a Hub dataset id or a local path: a folder written by
-``Dataset.save_to_disk``, a folder of data files, or a ``.json``/``.jsonl``/``.parquet``/``.csv`` file.
+line override the recipe. ``dataset_name`` is a Hub dataset id or a local path (:mod:`trl_qtuning.inputs`).
 
 ``--config`` and ``--accelerate_config`` also find the recipes and accelerate configs shipped in the wheel, by
 their ``recipes/...`` path or by name (``--accelerate_config ddp``): :mod:`trl_qtuning.cli.recipes`. Where no GPU
@@ -15,58 +14,24 @@ runs bf16 (and ``use_cpu`` is not set), TRL's ``bf16=True`` default becomes fp32
 explicit ``--bf16 true`` is an error naming ``--bf16 false``.
 
 Mistakes in the arguments or inputs are reported as one line (exit code 2 for arguments and recipes, 1 for inputs
-that cannot be loaded); set ``TRL_QTUNING_DEBUG=1`` to get the full traceback instead.
+that cannot be loaded): :mod:`trl_qtuning.errors`.
 """
 
 from __future__ import annotations
 
-import logging
+import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-__all__ = [
-    "CliError", "debug_enabled", "load_datasets", "load_local_dataset", "main", "make_parser", "one_line", "run",
-    "run_reporting_errors",
-]  # fmt: skip
+from ..errors import DEBUG_ENV, CliError, OneLineErrors, debug_enabled, one_line, run_reporting_errors
+from ..inputs import check_sft_columns, load_datasets, looks_like_path, select_split
+
+__all__ = ["accelerate_command", "main", "make_parser", "parse_args", "run", "summary_lines"]
 
 PROG = "trl-qtuning sft"
-DEBUG_ENV = "TRL_QTUNING_DEBUG"
-DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-
-logger = logging.getLogger(__name__)
-
-
-class CliError(Exception):
-    """A mistake the user can fix (arguments, recipe, inputs): reported as one line, without a traceback."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
-
-
-def one_line(exc: BaseException | str) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-def debug_enabled() -> bool:
-    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
-def run_reporting_errors(prog: str, body: Callable[[], int]) -> int:
-    """Run a subcommand: a :class:`CliError` becomes one ``prog: error: ...`` line and its exit code (a traceback
-    only with ``TRL_QTUNING_DEBUG=1``); argparse's ``--help`` / usage exits become return codes."""
-    try:
-        return body()
-    except CliError as exc:
-        if debug_enabled() and exc.__cause__ is not None:
-            raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return exc.code
-    except SystemExit as exc:  # --help
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -74,22 +39,88 @@ def run_reporting_errors(prog: str, body: Callable[[], int]) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def make_parser(prog: str = PROG):
-    """A ``trl.TrlParser`` over (ScriptArguments, QTuningConfig, QTuningModelConfig, DatasetMixtureConfig).
+def _pre_parse(argv: list[str], *options: str) -> tuple[argparse.Namespace, list[str]]:
+    """The values of ``options`` (``--x v`` or ``--x=v``) and the other arguments, untouched."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    for option in options:
+        parser.add_argument(option)
+    try:
+        return parser.parse_known_args(argv)
+    except argparse.ArgumentError as exc:
+        raise CliError(f"{exc.argument_name} needs a value") from exc
 
-    ``QTuningModelConfig`` is ``trl.ModelConfig`` plus ``quantization_fallback``.
+
+def device_supports_bf16() -> bool:
+    """Whether transformers accepts ``bf16=True`` without ``use_cpu``: a GPU (or XLA device) with bf16."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return bool(is_torch_bf16_gpu_available() or is_torch_xla_available())
+
+
+def _choose_precision(args: argparse.Namespace) -> None:
+    """TRL's ``bf16=True`` default (``bf16`` left None) where the device has no bf16: train in fp32, saying so in one
+    line; an explicit ``bf16`` there stops with a message naming ``--bf16 false`` (transformers' own asks to "assign
+    use_cpu").
+
+    On the CPU with ``use_cpu`` set, bf16 autocast runs (transformers allows it), so nothing changes then. Under an
+    accelerate config asking for bf16 (``ACCELERATE_MIXED_PRECISION=bf16``: the shipped GPU configs), transformers
+    would keep bf16 even with ``--bf16 false``, so that is an error too, naming the config's ``mixed_precision``.
+    """
+    if args.use_cpu or device_supports_bf16():
+        return
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower() == "bf16":  # wins over --bf16 false
+        raise CliError(
+            "the accelerate config asks for bf16 (mixed_precision: bf16) but this machine has no GPU with bf16 "
+            "support: use an accelerate config with mixed_precision: 'no' (or fp16), and pass --bf16 false"
+        )
+    if args.bf16 is False or args.fp16:
+        return
+    if args.bf16:
+        raise CliError(
+            "bf16 is set but this machine has no GPU with bf16 support: pass --bf16 false to train in fp32 "
+            "(or --use_cpu true to train in bf16 autocast on the CPU)"
+        )
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        print(f"{PROG}: warning: no GPU with bf16 support here: training in fp32 instead of TRL's default bf16=True "
+              "(pass --bf16 false to silence this, or --use_cpu true for bf16 autocast on the CPU)", file=sys.stderr,
+              flush=True)  # fmt: skip
+    args.bf16 = False
+
+
+def make_parser(prog: str = PROG):
+    """A ``trl.TrlParser`` over (ScriptArguments + ``eu_plane_every``, QTuningConfig, QuantizedModelConfig,
+    DatasetMixtureConfig).
+
+    ``QuantizedModelConfig`` is ``trl.ModelConfig`` plus ``quantization_fallback``.
     """
     from trl import DatasetMixtureConfig, ScriptArguments, TrlParser
 
     from trl_qtuning.config import QTuningConfig
-    from trl_qtuning.quantization import QTuningModelConfig
+    from trl_qtuning.integrations.quantization import QuantizedModelConfig
 
-    class _Parser(TrlParser):
-        def error(self, message: str):  # argparse's: usage of 400 options + exit(2); ours: one line
-            raise CliError(f"{message} (see `{prog} --help`)")
+    @dataclasses.dataclass
+    class SftScriptArguments(ScriptArguments):
+        """``trl.ScriptArguments`` plus the MLflow tracking's one setting a recipe may want to change."""
+
+        eu_plane_every: int | None = dataclasses.field(
+            default=None,
+            metadata={"help": "With report_to mlflow: draw the EU plane every N optimizer steps (and at the first "
+                              "and last step); 0 = never. Default: the tracking's own (50)."},
+        )  # fmt: skip
+
+    class _Parser(OneLineErrors, TrlParser):
+        def parse_known_args(self, args=None, namespace=None):
+            """Unknown flags and the precision are settled here, before the dataclasses check their values (an
+            unknown flag would otherwise hide behind the first failing check)."""
+            namespace, rest = super().parse_known_args(args, namespace)
+            if rest:
+                flags = [arg.split("=", 1)[0] for arg in rest if arg.startswith("-")]
+                raise CliError(f"unknown argument(s): {' '.join(flags or rest)} (see `{prog} --help`)")
+            _choose_precision(namespace)
+            return namespace, rest
 
     return _Parser(
-        (ScriptArguments, QTuningConfig, QTuningModelConfig, DatasetMixtureConfig),
+        (SftScriptArguments, QTuningConfig, QuantizedModelConfig, DatasetMixtureConfig),
         prog=prog,
         usage=f"{prog} [--config RECIPE.yaml] [--<field> VALUE ...]",
         description=(
@@ -108,154 +139,57 @@ def make_parser(prog: str = PROG):
     )
 
 
-def _normalise_argv(argv: list[str]) -> list[str]:
-    """Accept ``--config=path`` too (TrlParser only recognises ``--config path``)."""
-    out: list[str] = []
-    for arg in argv:
-        if arg.startswith("--config="):
-            out.extend(["--config", arg.split("=", 1)[1]])
-        else:
-            out.append(arg)
-    return out
+def _read_recipe(path: str | None) -> dict[str, Any]:
+    """The recipe's mapping (a file, or the name of a shipped recipe: :mod:`trl_qtuning.cli.recipes`), with its
+    ``env:`` block applied now.
 
-
-def _read_recipe(argv: list[str]) -> dict[str, Any]:
-    """Check the recipe and apply its ``env:`` block now, before transformers/datasets read their environment.
-
-    A ``--config`` value that is not a file but names a recipe shipped with the package (``recipes/<model>/qtuning/
-    config_<name>.yaml``, see :mod:`trl_qtuning.cli.recipes`) is replaced in ``argv`` by that file's path. Returns
-    the recipe's mapping (empty without ``--config``).
-
-    ``TrlParser`` applies the block too, but only after TRL is imported, which is too late for settings that the Hub
-    libraries read at import (``HF_HUB_OFFLINE``, ``HF_HOME``...) when this runs as a fresh process.
+    ``TrlParser.parse_args_and_config`` applies the block too, but only after TRL is imported: too late for what the
+    Hub libraries read at import (``HF_HUB_OFFLINE``, ``HF_HOME``...) when this runs as a fresh process.
     """
-    if "--config" not in argv:
+    if path is None:
         return {}
-    index = argv.index("--config")
-    if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
-        raise CliError("--config needs the path of a YAML recipe")
+    import yaml
+
     from .recipes import resolve_recipe
 
     try:
-        path = resolve_recipe(argv[index + 1])
+        file = resolve_recipe(path)
+        recipe = yaml.safe_load(file.read_text())
     except LookupError as exc:
         raise CliError(str(exc)) from exc
-    argv[index + 1] = str(path)
-    import yaml
-
-    try:
-        recipe = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise CliError(f"cannot parse recipe {path}: {one_line(exc)}") from exc
+        raise CliError(f"cannot parse recipe {file}: {one_line(exc)}") from exc
     if not isinstance(recipe, dict):
-        raise CliError(f"recipe {path} must be a YAML mapping of option names to values")
-    env = recipe.get("env") or {}
+        raise CliError(f"recipe {file} must be a YAML mapping of option names to values")
+    env = recipe.pop("env", None) or {}
     if not isinstance(env, dict):
-        raise CliError(f"`env` in recipe {path} must be a mapping of variable names to values")
-    for key, value in env.items():
-        os.environ[str(key)] = str(value)
+        raise CliError(f"`env` in recipe {file} must be a mapping of variable names to values")
+    os.environ.update({str(key): str(value) for key, value in env.items()})
     return recipe
-
-
-def device_supports_bf16() -> bool:
-    """Whether transformers accepts ``bf16=True`` without ``use_cpu``: a GPU (or XLA device) with bf16."""
-    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
-
-    return bool(is_torch_bf16_gpu_available() or is_torch_xla_available())
-
-
-def _given(argv: list[str], recipe: dict[str, Any], name: str) -> bool | None:
-    """The boolean field ``name`` as the command line (which wins) or the recipe sets it; None when neither does."""
-    value: Any = None
-    flag = f"--{name}"
-    for i, arg in enumerate(argv):
-        if arg == flag:  # `--bf16` alone means true, as for HfArgumentParser's boolean flags
-            following = argv[i + 1] if i + 1 < len(argv) else None
-            value = True if following is None or following.startswith("--") else following
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    if value is None:
-        value = recipe.get(name)
-    if value is None or isinstance(value, bool):
-        return value
-    return str(value).strip().lower() in ("true", "yes", "y", "t", "1")  # HfArgumentParser's true values
-
-
-def _choose_precision(argv: list[str], recipe: dict[str, Any]) -> list[str]:
-    """TRL's ``bf16=True`` default where the device has no bf16: train in fp32, saying so in one line; an explicit
-    ``--bf16 true`` there stops with a message naming ``--bf16 false`` (transformers' own asks to "assign use_cpu").
-
-    On the CPU with ``use_cpu`` set, bf16 autocast runs (transformers allows it), so nothing changes then. Under an
-    accelerate config asking for bf16 (``ACCELERATE_MIXED_PRECISION=bf16``: the shipped GPU configs), transformers
-    would keep bf16 even with ``--bf16 false``, so that is an error too, naming the config's ``mixed_precision``.
-    """
-    if "-h" in argv or "--help" in argv:
-        return argv
-    if _given(argv, recipe, "use_cpu") or device_supports_bf16():
-        return argv
-    if os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower() == "bf16":  # wins over --bf16 false
-        raise CliError(
-            "the accelerate config asks for bf16 (mixed_precision: bf16) but this machine has no GPU with bf16 "
-            "support: use an accelerate config with mixed_precision: 'no' (or fp16), and pass --bf16 false"
-        )
-    bf16 = _given(argv, recipe, "bf16")
-    if bf16 is False or _given(argv, recipe, "fp16"):
-        return argv
-    if bf16:
-        raise CliError(
-            "bf16 is set but this machine has no GPU with bf16 support: pass --bf16 false to train in fp32 "
-            "(or --use_cpu true to train in bf16 autocast on the CPU)"
-        )
-    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
-        print(
-            f"{PROG}: warning: no GPU with bf16 support here: training in fp32 instead of TRL's default bf16=True "
-            "(pass --bf16 false to silence this, or --use_cpu true for bf16 autocast on the CPU)",
-            file=sys.stderr,
-            flush=True,
-        )
-    return [*argv, "--bf16", "false"]
-
-
-def _unknown_flags(parser, argv: list[str]) -> list[str]:
-    """Flags no option starts with, found before the configs are built (whose checks would otherwise speak first)."""
-    known = [option for option in parser._option_string_actions if option.startswith("--")]
-    names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--") and arg != "--"]
-    return [name for name in names if name != "--config" and not any(option.startswith(name) for option in known)]
 
 
 def parse_args(argv: list[str]):
     """(script_args, training_args, model_args, dataset_args) from a recipe and command-line flags."""
-    argv = _normalise_argv(argv)
-    recipe = _read_recipe(argv)
+    known, argv = _pre_parse(argv, "--config")
+    recipe = _read_recipe(known.config)
     parser = make_parser()
-    unknown = _unknown_flags(parser, argv)
+    unknown = parser.set_defaults_with_config(**recipe)  # TrlParser gives them back as ["--key", "value", ...]
     if unknown:
-        raise CliError(f"unknown argument(s): {' '.join(unknown)} (see `{PROG} --help`)")
-    argv = _choose_precision(argv, recipe)
+        keys = ", ".join(key.removeprefix("--") for key in unknown[::2])
+        raise CliError(f"unknown key(s) in the recipe: {keys} (see `{PROG} --help` for the valid names)")
+    # TRL declares bf16 as `bool | None`, for which HfArgumentParser takes no bare flag; `--bf16` alone means true,
+    # as for every other boolean.
+    following = [*argv[1:], "-"]
+    argv = ["--bf16=true" if arg == "--bf16" and then.startswith("-") else arg for arg, then in zip(argv, following)]
     try:
-        *parsed, recipe_rest, cli_rest = parser.parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
+        return parser.parse_args_into_dataclasses(argv)
     except (ValueError, TypeError) as exc:  # dataclass validation (QTuningConfig, SFTConfig, ModelConfig...)
         raise CliError(one_line(exc)) from exc
-    if recipe_rest:  # TrlParser gives them back as ["--key", "value", ...]
-        keys = ", ".join(key.removeprefix("--") for key in recipe_rest[::2])
-        raise CliError(f"unknown key(s) in the recipe: {keys} (see `{PROG} --help` for the valid names)")
-    if cli_rest:
-        raise CliError(f"unknown argument(s): {' '.join(cli_rest)} (see `{PROG} --help`)")
-    return tuple(parsed)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _looks_like_path(name: str) -> bool:
-    """A local path rather than a Hub id (``org/name`` or ``name``)."""
-    if name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name in (".", "..") or "\\" in name:
-        return True
-    return name.count("/") > 1 or Path(name).suffix.lower() in DATA_FILE_BUILDERS
 
 
 def _check_model(model_args) -> None:
@@ -269,119 +203,25 @@ def _check_model(model_args) -> None:
         if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
             raise CliError(f"not a model directory (no config.json or adapter_config.json): {name}")
         model_args.model_name_or_path = str(path)
-    elif _looks_like_path(name):
+    elif looks_like_path(name):
         raise CliError(f"model path not found: {name}", code=1)
 
 
-def load_local_dataset(path: Path, config_name: str | None = None, streaming: bool = False):
-    """A local dataset as a ``DatasetDict``: a ``save_to_disk`` folder, a folder of data files, or one data file."""
-    import datasets
-
-    if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.Dataset):
-                loaded = datasets.DatasetDict({"train": loaded})
-            if streaming:
-                loaded = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in loaded.items()})
-            return loaded
-        return datasets.load_dataset(str(path), name=config_name, streaming=streaming)
-    builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise CliError(
-            f"unsupported dataset file type {path.suffix or '(none)'!r}: {path} "
-            f"(use {', '.join(sorted(DATA_FILE_BUILDERS))}, or a folder written by save_to_disk)"
-        )
-    return datasets.load_dataset(builder, data_files=str(path), streaming=streaming)
-
-
-def load_datasets(script_args, dataset_args):
-    """The ``DatasetDict`` to train on: the ``datasets:`` mixture if given, else ``dataset_name`` (Hub id or path)."""
-    import datasets
-    from trl import get_dataset
-
-    if dataset_args.datasets:
-        if script_args.dataset_name:
-            logger.warning("Both `datasets` and `dataset_name` are given: using the `datasets` mixture.")
-        source, load = "the `datasets` mixture", lambda: get_dataset(dataset_args)
-    elif script_args.dataset_name:
-        name = script_args.dataset_name
-        path = Path(name).expanduser()
-        source = repr(name)
-        if path.exists():
-            def load():
-                return load_local_dataset(path, script_args.dataset_config, script_args.dataset_streaming)
-        elif _looks_like_path(name):
-            raise CliError(f"dataset not found: {name} (no such file or folder)", code=1)
-        else:
-            def load():
-                return datasets.load_dataset(
-                    name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
-                )
-    else:
-        raise CliError("no dataset given: set `dataset_name` (Hub id or local path) or a `datasets:` mixture")
-    try:
-        return load()
-    except CliError:
-        raise
-    except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:
-        if debug_enabled():
-            raise
-        hint = ""
-        if not (script_args.dataset_name and Path(script_args.dataset_name).expanduser().exists()):
-            if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-                hint = " (HF_HUB_OFFLINE is set: only local or cached datasets can load)"
-        detail = one_line(exc)
-        if exc.__cause__ is not None:  # e.g. DatasetGenerationError wraps the parse error
-            detail = f"{detail}: {one_line(exc.__cause__)}"
-        raise CliError(f"cannot load dataset {source}{hint}: {detail}", code=1) from exc
-
-
-def _split(dataset, split: str, option: str, source: str):
-    if split not in dataset:
-        available = ", ".join(map(repr, dataset)) or "none"
-        raise CliError(f"split {split!r} not found in dataset {source} (available: {available}); set --{option}")
-    return dataset[split]
-
-
-def _check_columns(dataset, training_args, source: str) -> None:
-    """SFT needs text, conversations or prompt-completion pairs (or tokenised rows): say so before TRL's KeyError."""
-    columns = getattr(dataset, "column_names", None)
-    if not columns:  # e.g. a streamed dataset whose features are unknown
-        return
-    text_field = getattr(training_args, "dataset_text_field", "text")
-    if text_field in columns or "messages" in columns or "input_ids" in columns:
-        return
-    if "prompt" in columns and "completion" in columns:
-        return
-    raise CliError(
-        f"dataset {source} has columns {', '.join(map(repr, columns))}; SFT needs a {text_field!r} column "
-        "(--dataset_text_field), 'messages' (conversations), 'prompt' + 'completion', or pre-tokenised 'input_ids'",
-        code=1,
-    )
-
-
 def _resume_value(value: str | bool | None) -> str | bool | None:
-    if isinstance(value, str):
-        if value.strip().lower() in ("true", "last", "latest"):
-            return True
-        if value.strip().lower() in ("", "false", "none"):
-            return None
-        if not Path(value).expanduser().is_dir():
-            raise CliError(f"checkpoint not found: {value} (resume_from_checkpoint)", code=1)
+    """``resume_from_checkpoint`` for ``Trainer.train``: True (the last checkpoint in output_dir), None, or a folder."""
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in ("true", "last", "latest"):
+        return True
+    if word in ("", "false", "none"):
+        return None
+    if word is not None and not Path(value).expanduser().is_dir():
+        raise CliError(f"checkpoint not found: {value} (resume_from_checkpoint)", code=1)
     return value
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _final_loss(log_history: list[dict[str, Any]], fallback: float | None) -> float | None:
-    for entry in reversed(log_history):
-        if "loss" in entry:
-            return float(entry["loss"])
-    return fallback
 
 
 def _realised_lines(realised: dict[str, Any], args) -> list[str]:
@@ -406,8 +246,8 @@ def _realised_lines(realised: dict[str, Any], args) -> list[str]:
 def summary_lines(trainer, train_output, quantization=None) -> list[str]:
     """The few lines printed after training (``quantization``: the run's ``QuantizationPlan``, if any)."""
     args = trainer.args
-    history = trainer.state.log_history
-    loss = _final_loss(history, getattr(train_output, "training_loss", None))
+    logged = (float(entry["loss"]) for entry in reversed(trainer.state.log_history) if "loss" in entry)
+    loss = next(logged, getattr(train_output, "training_loss", None))
     loss_text = f"{loss:.4f}" if loss is not None else "n/a"
     lines = [f"Training completed: {trainer.state.global_step} optimizer steps, final loss {loss_text}."]
     if args.qtuning_enabled:
@@ -430,41 +270,35 @@ def summary_lines(trainer, train_output, quantization=None) -> list[str]:
 
 def run(script_args, training_args, model_args, dataset_args) -> int:
     """Train with the parsed arguments (the body of ``trl sft``'s script, with ``QTuningSFTTrainer``)."""
-    import transformers
-    from packaging.version import Version
     from trl import get_peft_config
 
-    from trl_qtuning.quantization import QuantizationError, plan_quantization, prepare_quantized_model
+    from trl_qtuning.integrations.quantization import QuantizationError, plan_quantization, prepare_quantized_model
     from trl_qtuning.trainer import QTuningSFTTrainer
 
     _check_model(model_args)
     resume = _resume_value(training_args.resume_from_checkpoint)
     try:
         # Before anything is loaded: bitsandbytes and its backend for the device, a quantisable model, or the
-        # opt-in plain-LoRA fallback (which merges its tag into MLFLOW_TAGS before the trainer reads it).
+        # opt-in plain-LoRA fallback (whose tags go to the MLflow run).
         quantization = plan_quantization(model_args, training_args)
     except QuantizationError as exc:
         raise CliError(one_line(exc), code=exc.code) from exc
 
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    if training_args.model_init_kwargs is not None:
-        model_init_kwargs.update(training_args.model_init_kwargs)
-    training_args.model_init_kwargs = model_init_kwargs
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }  # fmt: skip
 
     dataset = load_datasets(script_args, dataset_args)
     source = "the `datasets` mixture" if dataset_args.datasets else repr(script_args.dataset_name)
-    train_dataset = _split(dataset, script_args.dataset_train_split, "dataset_train_split", source)
+    train_dataset = select_split(dataset, script_args.dataset_train_split, "dataset_train_split", source)
     eval_dataset = None
     if training_args.eval_strategy != "no":
-        eval_dataset = _split(dataset, script_args.dataset_test_split, "dataset_test_split", source)
+        eval_dataset = select_split(dataset, script_args.dataset_test_split, "dataset_test_split", source)
     for split in (train_dataset, eval_dataset):
         if split is not None:
-            _check_columns(split, training_args, source)
+            check_sft_columns(split, training_args.dataset_text_field, source)
 
     try:
         peft_config = get_peft_config(model_args)
@@ -489,6 +323,13 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
         prepare_quantized_model(trainer.model, quantization)
     except QuantizationError as exc:
         raise CliError(one_line(exc), code=exc.code) from exc
+    tracking = {"tags": quantization.tags} if quantization.tags else {}
+    if script_args.eu_plane_every is not None:
+        tracking["eu_plane_every"] = script_args.eu_plane_every
+    if tracking and "mlflow" in (training_args.report_to or []):
+        from trl_qtuning import tracking as mlflow_tracking
+
+        mlflow_tracking.attach_tracking(trainer, **tracking)
 
     train_output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
@@ -498,8 +339,7 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
         trainer.accelerator.print(line)
     if training_args.push_to_hub:
         trainer.accelerator.print(f"Model pushed to the Hub: https://huggingface.co/{trainer.hub_model_id}.")
-    if Version(transformers.__version__) >= Version("5.18.0") and hasattr(trainer, "end"):
-        trainer.end()  # finish the trackers and destroy the process group
+    trainer.end()  # finish the trackers and destroy the process group
     return 0
 
 
@@ -512,35 +352,21 @@ def accelerate_command(argv: list[str]) -> list[str] | None:
 
     Multi-process training goes through accelerate's own launcher, never one of ours: this only spells the command.
     """
-    launch: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name, has_value, value = arg.partition("=")
-        if name in ("--accelerate_config", "--num_processes", "--main_process_port"):
-            if not has_value:
-                if i + 1 >= len(argv):
-                    raise CliError(f"{name} needs a value")
-                value = argv[i + 1]
-                i += 1
-            launch += ["--config_file" if name == "--accelerate_config" else name, value]
-        else:
-            rest.append(arg)
-        i += 1
-    if not launch:
+    known, rest = _pre_parse(argv, "--accelerate_config", "--num_processes", "--main_process_port")
+    if known.accelerate_config is None:
+        if known.num_processes or known.main_process_port:
+            raise CliError("--num_processes/--main_process_port need --accelerate_config NAME or FILE "
+                           "(e.g. --accelerate_config ddp)")  # fmt: skip
         return None
-    if "--config_file" not in launch:
-        raise CliError(
-            "--num_processes/--main_process_port need --accelerate_config NAME or FILE (e.g. --accelerate_config ddp)"
-        )
     from .recipes import resolve_accelerate_config
 
-    index = launch.index("--config_file") + 1
     try:
-        launch[index] = str(resolve_accelerate_config(launch[index]))
+        launch = ["--config_file", str(resolve_accelerate_config(known.accelerate_config))]
     except LookupError as exc:
         raise CliError(str(exc), code=1) from exc
+    for option in ("num_processes", "main_process_port"):
+        if getattr(known, option) is not None:
+            launch += [f"--{option}", getattr(known, option)]
     return [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "trl_qtuning.cli.main", "sft", *rest]
 
 

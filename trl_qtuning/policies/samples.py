@@ -6,6 +6,8 @@ statistics; those are never kept), so methods train on the same number of sample
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from ..core.selection import qtuning_token_rows, triage_axes
@@ -13,16 +15,9 @@ from ..core.triage import TriageResult, triage_samples
 from .base import SampleBatch, SampleDecision, SamplePolicy, keep_top, register_sample_policy
 
 __all__ = [
-    "QTuningSamples",
-    "AllSamples",
-    "RandomSamples",
-    "ShortestSamples",
-    "InfoBatchSamples",
-    "EntropySamples",
-    "HighPPLSamples",
-    "LowPPLSamples",
-    "TailSFTSamples",
-]
+    "QTuningSamples", "AllSamples", "RandomSamples", "ShortestSamples", "InfoBatchSamples", "EntropySamples",
+    "HighPPLSamples", "LowPPLSamples", "TailSFTSamples",
+]  # fmt: skip
 
 
 def _baseline_decision(batch: SampleBatch, keep: torch.Tensor, target: int, weight: torch.Tensor | None = None):
@@ -72,16 +67,22 @@ class RandomSamples(SamplePolicy):
         return _baseline_decision(batch, keep_top(draw, batch.valid, k), k)
 
 
-@register_sample_policy
-class ShortestSamples(SamplePolicy):
-    """Drop the longest samples first: keep the K with the fewest response tokens (ties: earlier sample)."""
+class _TopSamples(SamplePolicy):
+    """Keep the K valid samples of highest (or lowest) ``score``, a ``SampleBatch`` field; ties go to the earlier."""
 
-    name = "longest"
-    reads_statistics = False
+    score: ClassVar[str]
+    highest: ClassVar[bool] = True
 
     def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
         k = self.target(batch)
-        return _baseline_decision(batch, keep_top(batch.response_tokens, batch.valid, k, highest=False), k)
+        return _baseline_decision(batch, keep_top(getattr(batch, self.score), batch.valid, k, highest=self.highest), k)
+
+
+@register_sample_policy
+class ShortestSamples(_TopSamples):
+    """Drop the longest samples first: keep the K with the fewest response tokens."""
+
+    name, score, highest, reads_statistics = "longest", "response_tokens", False, False
 
 
 @register_sample_policy
@@ -118,55 +119,36 @@ class InfoBatchSamples(SamplePolicy):
 
 
 @register_sample_policy
-class EntropySamples(SamplePolicy):
+class EntropySamples(_TopSamples):
     """Keep the K samples of highest mean predictive entropy (most uncertain)."""
 
-    name = "entropy"
-
-    def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
-        k = self.target(batch)
-        return _baseline_decision(batch, keep_top(batch.entropy, batch.valid, k), k)
+    name, score = "entropy", "entropy"
 
 
 @register_sample_policy
-class HighPPLSamples(SamplePolicy):
+class HighPPLSamples(_TopSamples):
     """Keep the K samples of highest perplexity (hardest)."""
 
-    name = "ppl_high"
-
-    def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
-        k = self.target(batch)
-        return _baseline_decision(batch, keep_top(batch.ppl, batch.valid, k), k)
+    name, score = "ppl_high", "ppl"
 
 
 @register_sample_policy
-class LowPPLSamples(SamplePolicy):
+class LowPPLSamples(_TopSamples):
     """Keep the K samples of lowest perplexity (easiest)."""
 
-    name = "ppl_low"
-
-    def select_samples(self, batch: SampleBatch, generator: torch.Generator) -> SampleDecision:
-        k = self.target(batch)
-        return _baseline_decision(batch, keep_top(batch.ppl, batch.valid, k, highest=False), k)
+    name, score, highest = "ppl_low", "ppl", False
 
 
 @register_sample_policy
 class TailSFTSamples(SamplePolicy):
     """TailSFT's filter: drop the samples whose loss fell furthest below the initial model's loss on them.
 
-    Source: TRL's TailSFT example (huggingface/trl pull request #7212, ``examples/tail_sft_gsm8k/tail_sft.py``,
-    after https://huggingface.co/papers/2608.25756, Algorithm 1 line 6). Its score, the "margin", is the sample's
-    length-normalised loss under the current model minus the same loss under the initial policy:
-    ``mean answer-token NLL_now - mean answer-token NLL_init = log PPL - log PPL_reference``. Over each selection
-    batch it drops the ``round(f * B)`` samples of lowest margin (those the model has moved furthest from where the
-    initial policy left them), always keeping one. Here the budget is this package's, as for every other policy: the
-    ``K = target(batch)`` samples of highest margin stay (ties to the earlier sample), so ``sample_keep_ratio`` plays
-    ``1 - filter_fraction`` (the example's optional linear ramp of the fraction is not reproduced). Both losses are
-    length-normalised, so the rule favours neither long nor short answers.
-
-    The reference is the initial model: the trainer scores it with the LoRA adapters disabled, or a frozen copy of the
-    model taken before the first step (full fine-tuning), or ``reference_model_path`` when given. A sample without a
-    finite perplexity, or without a finite reference perplexity, is never kept.
+    Source: TRL's TailSFT example (huggingface/trl #7212, ``examples/tail_sft_gsm8k/tail_sft.py``; paper 2608.25756,
+    Algorithm 1 line 6). The "margin" ``log PPL - log PPL_reference`` is the difference of length-normalised losses,
+    so it favours neither long nor short answers. The ``K = target(batch)`` samples of highest margin stay (ties to
+    the earlier): ``sample_keep_ratio`` plays ``1 - filter_fraction`` (the example's optional ramp is not reproduced).
+    The reference is the initial model (LoRA adapters disabled, a frozen copy for full fine-tuning, or
+    ``reference_model_path``); a sample without a finite perplexity under both is never kept.
     """
 
     name = "tailsft"

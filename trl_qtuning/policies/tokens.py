@@ -6,10 +6,10 @@ over all rows); pruned tokens stay in the input as context and only lose their l
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from ..core.selection import token_budget
-from ..core.tokens import prune_tokens
 from .base import TokenBatch, TokenPolicy, keep_tokens_by_score, register_token_policy
 
 __all__ = ["QTuningTokens", "ReversedQTuningTokens", "RandomTokens", "PPLTokens", "Rho1Tokens", "AllTokens"]
@@ -24,17 +24,14 @@ class QTuningTokens(TokenPolicy):
     """The paper's neighbour-aware score ``(1 - lambda) PPL_i + lambda (PPL_{i-1} + PPL_{i+1})``; prune the highest."""
 
     name = "qtuning"
-
-    def _keep_highest(self) -> bool:
-        return self.params.reverse_token_score
+    keep_highest: ClassVar[bool | None] = None
+    """None: as ``reverse_token_score`` says."""
 
     def keep_tokens(self, batch: TokenBatch, generator: torch.Generator) -> torch.Tensor:
         p = self.params
-        return prune_tokens(
-            _token_ppl(batch), batch.response_mask, p.token_keep_ratio, neighbor_lambda=p.neighbor_lambda,
-            neighbor=p.neighbor_mode, keep_highest=self._keep_highest(),
-            **token_budget(p, batch.budget_tokens),
-        )
+        highest = p.reverse_token_score if self.keep_highest is None else self.keep_highest
+        return keep_tokens_by_score(_token_ppl(batch), batch, p, keep_highest=highest,
+                                    neighbor_lambda=p.neighbor_lambda)
 
 
 @register_token_policy
@@ -42,9 +39,7 @@ class ReversedQTuningTokens(QTuningTokens):
     """Ablation: the same neighbour-aware score, but the highest-scoring tokens stay."""
 
     name = "reversed"
-
-    def _keep_highest(self) -> bool:
-        return True
+    keep_highest = True
 
 
 @register_token_policy
@@ -56,8 +51,7 @@ class RandomTokens(TokenPolicy):
 
     def keep_tokens(self, batch: TokenBatch, generator: torch.Generator) -> torch.Tensor:
         draw = torch.rand(batch.token_logps.shape, generator=generator, dtype=torch.float64)
-        return keep_tokens_by_score(draw.to(batch.token_logps.device), batch.response_mask, self.params, keep_highest=False,
-                                    budget_tokens=batch.budget_tokens)
+        return keep_tokens_by_score(draw.to(batch.token_logps.device), batch, self.params, keep_highest=False)
 
 
 @register_token_policy
@@ -67,16 +61,13 @@ class PPLTokens(TokenPolicy):
     name = "ppl"
 
     def keep_tokens(self, batch: TokenBatch, generator: torch.Generator) -> torch.Tensor:
-        return keep_tokens_by_score(_token_ppl(batch), batch.response_mask, self.params, keep_highest=False,
-                                    budget_tokens=batch.budget_tokens)
+        return keep_tokens_by_score(_token_ppl(batch), batch, self.params, keep_highest=False)
 
 
 @register_token_policy
 class Rho1Tokens(TokenPolicy):
-    """Rho-1 (Lin et al., 2024): keep the tokens of highest excess loss ``NLL_model - NLL_reference``.
-
-    The reference model is given by ``QTuningConfig.reference_model_path`` and scored with the same fused head.
-    """
+    """Rho-1 (Lin et al., 2024): keep the tokens of highest excess loss ``NLL_model - NLL_reference`` against
+    ``QTuningConfig.reference_model_path`` (scored with the same fused head)."""
 
     name = "rho1"
     needs_reference = True
@@ -85,8 +76,7 @@ class Rho1Tokens(TokenPolicy):
         if batch.reference_logps is None:
             raise ValueError("the rho1 token policy needs the reference model's log-probs")
         excess = batch.reference_logps.double() - batch.token_logps.double()
-        return keep_tokens_by_score(excess, batch.response_mask, self.params, keep_highest=True,
-                                    budget_tokens=batch.budget_tokens)
+        return keep_tokens_by_score(excess, batch, self.params, keep_highest=True)
 
 
 @register_token_policy

@@ -10,14 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "MLFLOW_INSTALL_HINT",
-    "require_mlflow",
-    "attach_tracking",
-    "QTuningMLflowCallback",
-    "sync_pending",
-    "load_selection",
-    "kept_sample_ids",
-]
+    "MLFLOW_INSTALL_HINT", "require_mlflow", "attach_tracking", "QTuningMLflowCallback", "sync_pending",
+    "load_selection", "kept_sample_ids",
+]  # fmt: skip
 
 MLFLOW_INSTALL_HINT = "pip install 'trl-qtuning[mlflow]'"
 
@@ -38,7 +33,9 @@ def attach_tracking(trainer: Any, **options: Any):
 
     Replaces any ``transformers.integrations.MLflowCallback`` in the trainer at the same position (so metrics are
     logged before user callbacks run), and listens to the trainer's per-step decisions when Q-Tuning is enabled.
-    ``options`` go to :class:`QTuningMLflowCallback` (``eu_plane_every``, ``html_samples``, ``retry_interval``).
+    ``options`` are :class:`QTuningMLflowCallback`'s (``tracking_uri``, ``experiment``, ``run_name``, ``tags``,
+    ``new_run``, ``eu_plane_every``, ``html_samples``, ``retry_interval``); on a callback already attached (the
+    trainer attaches one when ``report_to`` asks for mlflow) they replace its own.
     """
     require_mlflow()
     from transformers.integrations import MLflowCallback
@@ -48,7 +45,6 @@ def attach_tracking(trainer: Any, **options: Any):
     callbacks = trainer.callback_handler.callbacks
     for cb in callbacks:
         if isinstance(cb, QTuningMLflowCallback):
-            # Already attached (the trainer does it when report_to asks for mlflow): apply the caller's options.
             cb.configure(**options)
             return cb
     callback = QTuningMLflowCallback(trainer, **options)

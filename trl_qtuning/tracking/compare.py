@@ -7,33 +7,18 @@ realised sample keep ratio 1, and the columns that only Q-Tuning logs are ``-``.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["main", "collect_rows", "format_table", "comparison_figure"]
 
 COMPARISON_TAG = "qtuning.kind"
-
-
-def _num(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _method(run) -> str:
-    tags, params = run.data.tags, run.data.params
-    if "qtuning.method" in tags:
-        return tags["qtuning.method"]
-    if params.get("qtuning_enabled") == "True":
-        return "qtuning"
-    return "sft"
-
+"""Tag of the runs ``compare`` logs itself (never compared)."""
 
 EVAL_COUNTERS = ("runtime", "per_second", "num_tokens", "_tokens", "_samples", "_n")
 """Endings of eval metrics that count or time rather than measure (``eval_num_tokens`` is a training counter)."""
@@ -62,38 +47,46 @@ def _eval_loss(row: dict[str, Any]) -> float | None:
     return next((row["eval"][k] for k in ("eval_loss", "eval/nll") if row["eval"].get(k) is not None), None)
 
 
-def collect_rows(client, experiment_id: str, max_runs: int = 200) -> list[dict[str, Any]]:
-    """The ``max_runs`` newest runs (comparison runs excluded), oldest first."""
-    runs = client.search_runs([experiment_id], max_results=max_runs, order_by=["attributes.start_time DESC"])
-    rows = []
-    for run in reversed(list(runs)):
-        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-        if tags.get(COMPARISON_TAG) == "comparison":
-            continue
-        method = _method(run)
-        qtuning = method != "sft"  # Q-Tuning or a baseline pruning policy: both have budgets
-        realised_sample = metrics.get("qtuning/final/sample_keep_ratio", metrics.get("qtuning/sample_keep_ratio"))
-        realised_token = metrics.get("qtuning/final/token_keep_ratio", metrics.get("qtuning/token_keep_ratio"))
-        wall = metrics.get("train_runtime")
-        if wall is None and run.info.end_time and run.info.start_time:
-            wall = (run.info.end_time - run.info.start_time) / 1000.0
-        rows.append(
-            {
-                "run_id": run.info.run_id,
-                "run_name": run.info.run_name or run.info.run_id[:8],
-                "status": run.info.status,
-                "method": method,
-                "sample_keep_ratio": _num(params.get("sample_keep_ratio")) if qtuning else None,
-                "token_keep_ratio": _num(params.get("token_keep_ratio")) if qtuning else None,
-                "realised_sample_keep": realised_sample if qtuning else 1.0,
-                "realised_token_keep": realised_token if qtuning else 1.0,
-                "train_loss": metrics.get("train_loss", metrics.get("loss")),
-                "eval": {k: v for k, v in sorted(metrics.items()) if k.startswith("eval_") or k.startswith("eval/")},
-                "wall_seconds": wall,
-                "tokens": metrics.get("num_tokens", metrics.get("num_input_tokens_seen")),
-                "label_tokens": metrics.get("qtuning/final/label_tokens_trained"),
-            }
-        )
+def _first(runs: pd.DataFrame, *columns: str) -> pd.Series:
+    """Per run, the value of the first of ``columns`` it has (NaN where it has none)."""
+    return runs.reindex(columns=list(columns)).bfill(axis=1).iloc[:, 0]
+
+
+def collect_rows(experiment_id: str, max_runs: int = 200) -> list[dict[str, Any]]:
+    """The ``max_runs`` newest runs of the current tracking store (comparison runs excluded), oldest first."""
+    import mlflow
+    import pandas as pd
+
+    runs = mlflow.search_runs([experiment_id], max_results=max_runs, order_by=["attributes.start_time DESC"])
+    if runs.empty:
+        return []
+    runs = runs.iloc[::-1]
+    runs = runs[_first(runs, f"tags.{COMPARISON_TAG}") != "comparison"]
+    enabled = _first(runs, "params.qtuning_enabled").eq("True").map({True: "qtuning", False: "sft"})
+    method = _first(runs, "tags.qtuning.method").fillna(enabled)
+    pruning = method != "sft"  # Q-Tuning or a baseline pruning policy: both have budgets
+
+    def budget(name: str) -> pd.Series:
+        return pd.to_numeric(_first(runs, f"params.{name}"), errors="coerce").where(pruning)
+
+    def realised(name: str) -> pd.Series:
+        return _first(runs, f"metrics.qtuning/final/{name}", f"metrics.qtuning/{name}").where(pruning, 1.0)
+
+    elapsed = pd.to_datetime(runs["end_time"], utc=True) - pd.to_datetime(runs["start_time"], utc=True)
+    table = pd.DataFrame({
+        "run_id": runs["run_id"], "run_name": _first(runs, "tags.mlflow.runName").fillna(runs["run_id"].str[:8]),
+        "status": runs["status"], "method": method,
+        "sample_keep_ratio": budget("sample_keep_ratio"), "token_keep_ratio": budget("token_keep_ratio"),
+        "realised_sample_keep": realised("sample_keep_ratio"), "realised_token_keep": realised("token_keep_ratio"),
+        "train_loss": _first(runs, "metrics.train_loss", "metrics.loss"),
+        "wall_seconds": _first(runs, "metrics.train_runtime").fillna(elapsed.dt.total_seconds()),
+        "tokens": _first(runs, "metrics.num_tokens", "metrics.num_input_tokens_seen"),
+        "label_tokens": _first(runs, "metrics.qtuning/final/label_tokens_trained"),
+    })  # fmt: skip
+    rows = table.astype(object).where(table.notna(), None).to_dict("records")
+    evals = runs.filter(regex=r"^metrics\.eval[_/]").rename(columns=lambda c: c.removeprefix("metrics."))
+    for row, (_, metrics) in zip(rows, evals.iterrows()):
+        row["eval"] = {k: float(v) for k, v in sorted(metrics.dropna().items())}
     return rows
 
 
@@ -195,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from mlflow import MlflowClient
+    import mlflow
 
-    client = MlflowClient(tracking_uri=args.tracking_uri)
+    if args.tracking_uri:
+        mlflow.set_tracking_uri(args.tracking_uri)
+    client = mlflow.MlflowClient()
     try:
         experiment = client.get_experiment_by_name(args.experiment)
     except Exception as exc:
@@ -206,7 +201,7 @@ def _compare(args: argparse.Namespace) -> int:
     if experiment is None:
         print(f"trl-qtuning compare: no experiment named {args.experiment!r}.", file=sys.stderr)
         return 2
-    rows = collect_rows(client, experiment.experiment_id, args.max_runs)
+    rows = collect_rows(experiment.experiment_id, args.max_runs)
     if not rows:
         print(f"Experiment {args.experiment!r} has no runs.")
         return 0

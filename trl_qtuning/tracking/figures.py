@@ -3,20 +3,37 @@ budgets over training, and the comparison of several runs."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..vocabulary import QUADRANTS, TRAINED_DECISIONS
-from .recorder import StepStats
 
-__all__ = ["eu_plane_figure", "quadrant_shares_figure", "budgets_figure", "save_figure"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["eu_plane_figure", "quadrant_shares_figure", "budgets_figure", "save_figure", "matplotlib_available"]
 
 QUADRANT_COLORS = ("#9e9e9e", "#d62728", "#ff7f0e", "#1f77b4", "#2ca02c")
 """By quadrant code (0 mid band, 1..4 for Q1..Q4)."""
+
+
+@functools.cache
+def matplotlib_available() -> bool:
+    """Figures are optional: without matplotlib, say so once and draw none."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        logging.getLogger("trl_qtuning.tracking").warning(
+            "Q-Tuning MLflow tracking: matplotlib is missing, no figures (pip install 'trl-qtuning[mlflow]')."
+        )
+        return False
+    return True
 
 
 def _figure(width: float = 7.0, height: float = 5.0):
@@ -80,13 +97,13 @@ def eu_plane_figure(step: int, columns: dict[str, Any], thresholds: list[dict[st
     return fig
 
 
-def quadrant_shares_figure(steps: Sequence[StepStats]):
-    """Stacked share of each quadrant per optimizer step (before pruning)."""
+def quadrant_shares_figure(steps: pd.DataFrame):
+    """Stacked share of each quadrant per optimizer step (before pruning); ``steps``: ``per_step()``'s frame."""
     fig = _figure(8.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
-    x = [s.step for s in steps]
-    shares = [[s.share(q.key) for s in steps] for q in QUADRANTS]
-    ax.stackplot(x, *shares, labels=[q.label for q in QUADRANTS], colors=[QUADRANT_COLORS[q.code] for q in QUADRANTS])
+    shares = [steps[q.key] / steps["samples"] for q in QUADRANTS]
+    colors = [QUADRANT_COLORS[q.code] for q in QUADRANTS]
+    ax.stackplot(steps.index, *shares, labels=[q.label for q in QUADRANTS], colors=colors)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("share of the step's samples")
     ax.set_ylim(0, 1)
@@ -95,20 +112,16 @@ def quadrant_shares_figure(steps: Sequence[StepStats]):
     return fig
 
 
-def budgets_figure(steps: Sequence[StepStats], sample_target: float | None, token_target: float | None):
+def budgets_figure(steps: pd.DataFrame, sample_target: float | None, token_target: float | None):
     """Realised sample keep ratio, token keep ratio (token-pruned samples) and trained label-token share per step."""
     fig = _figure(8.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
-    x = [s.step for s in steps]
-    ax.plot(x, [s.sample_keep_ratio for s in steps], marker=".", color="#1f77b4", label="sample keep ratio")
-    ax.plot(x, [s.token_keep_ratio for s in steps], marker=".", color="#ff7f0e", label="token keep ratio (Q2 pruned)")
-    ax.plot(
-        x,
-        [s.label_tokens / s.response_tokens if s.response_tokens else math.nan for s in steps],
-        marker=".",
-        color="#2ca02c",
-        label="label tokens trained / all",
-    )
+    for num, den, color, label in (
+        ("kept_samples", "samples", "#1f77b4", "sample keep ratio"),
+        ("token_pruned_kept", "token_pruned_response", "#ff7f0e", "token keep ratio (Q2 pruned)"),
+        ("label_tokens", "response_tokens", "#2ca02c", "label tokens trained / all"),
+    ):
+        ax.plot(steps.index, steps[num] / steps[den].replace(0, np.nan), marker=".", color=color, label=label)
     if sample_target is not None:
         ax.axhline(sample_target, color="#1f77b4", ls="--", lw=1, label=f"sample_keep_ratio = {sample_target:g}")
     if token_target is not None:

@@ -1,128 +1,90 @@
-"""Aggregates of the trainer's per-sample decisions: per step (for the figures) and per sample (for the summary and
-the pruned-dataset export). Fed live from ``StepDecisions`` events or rebuilt from the Parquet ledger."""
+"""The decision rows of a run, fed live from ``StepDecisions`` events or read back from the Parquet ledger, and their
+pandas group-bys: per step (figures, summary) and per (epoch, sample) (summary, pruned-dataset selection)."""
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from ..events import StepDecisions
+from ..step.events import StepDecisions
 from ..vocabulary import DECISIONS, QUADRANT_KEYS, TRAINED_DECISIONS, Decision
 
-__all__ = ["StepStats", "DecisionAccumulator", "epoch_index"]
+__all__ = ["DecisionAccumulator"]
 
-
-def epoch_index(epoch: float) -> int:
-    """The 0-based epoch a step belongs to (the ledger stores ``state.epoch`` as it was before the step)."""
-    return int(math.floor(float(epoch) + 1e-9))
-
-
-@dataclass
-class StepStats:
-    step: int
-    epoch: float
-    samples: int = 0
-    quadrants: dict[str, int] = field(default_factory=dict)
-    decisions: dict[str, int] = field(default_factory=dict)
-    response_tokens: int = 0
-    label_tokens: int = 0
-    """Response tokens trained on (kept samples, after token pruning)."""
-    token_pruned_response: int = 0
-    token_pruned_kept: int = 0
-    scoring_seconds: float | None = None
-    thresholds: list[dict[str, float]] = field(default_factory=list)
-
-    @property
-    def kept_samples(self) -> int:
-        return sum(self.decisions.get(d, 0) for d in TRAINED_DECISIONS)
-
-    @property
-    def sample_keep_ratio(self) -> float:
-        return self.kept_samples / self.samples if self.samples else float("nan")
-
-    @property
-    def token_keep_ratio(self) -> float:
-        return self.token_pruned_kept / self.token_pruned_response if self.token_pruned_response else float("nan")
-
-    def share(self, quadrant: str) -> float:
-        return self.quadrants.get(quadrant, 0) / self.samples if self.samples else float("nan")
+COLUMNS = ("step", "epoch", "sample_id", "quadrant", "decision", "response_tokens", "kept_tokens")
+"""The ledger columns the aggregates read."""
 
 
 class DecisionAccumulator:
-    """Per-step statistics plus per-(epoch, sample) counters ``[seen, kept, token_pruned, dropped]``."""
+    """Decision rows, plus each step's scoring seconds (which the ledger does not store)."""
 
     def __init__(self) -> None:
-        self.steps: dict[int, StepStats] = {}
-        self.per_sample: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        self._frames: list[pd.DataFrame] = []
+        self.scoring_seconds: dict[int, float] = {}
 
     def __call__(self, event: StepDecisions) -> None:  # a decision listener
-        self.ingest(event.columns, thresholds=event.thresholds, scoring_seconds=event.scoring_seconds)
-
-    def ingest(
-        self,
-        columns: dict[str, Any],
-        *,
-        thresholds: list[dict[str, float]] | None = None,
-        scoring_seconds: float | None = None,
-    ) -> None:
-        steps = np.asarray(columns["step"], dtype=np.int64)
-        if steps.size == 0:
-            return
-        epochs = np.asarray(columns["epoch"], dtype=np.float64)
-        sample_ids = np.asarray(columns["sample_id"], dtype=np.int64)
-        quadrants = np.asarray(columns["quadrant"], dtype=np.int64)
-        decisions = np.asarray(columns["decision"], dtype=object)
-        response = np.asarray(columns["response_tokens"], dtype=np.int64)
-        kept_tokens = np.asarray(columns["kept_tokens"], dtype=np.int64)
-        kept = np.isin(decisions, TRAINED_DECISIONS)
-        token_pruned = decisions == Decision.TOKEN_PRUNED
-        for step in np.unique(steps):
-            rows = steps == step
-            stats = self.steps.get(int(step))
-            if stats is None:
-                stats = self.steps[int(step)] = StepStats(step=int(step), epoch=float(epochs[rows][0]))
-            stats.samples += int(rows.sum())
-            for code, name in enumerate(QUADRANT_KEYS):
-                stats.quadrants[name] = stats.quadrants.get(name, 0) + int((quadrants[rows] == code).sum())
-            for name in DECISIONS:
-                stats.decisions[name] = stats.decisions.get(name, 0) + int((decisions[rows] == name).sum())
-            stats.response_tokens += int(response[rows].sum())
-            stats.label_tokens += int(kept_tokens[rows & kept].sum())
-            stats.token_pruned_response += int(response[rows & token_pruned].sum())
-            stats.token_pruned_kept += int(kept_tokens[rows & token_pruned].sum())
-            if scoring_seconds is not None:
-                stats.scoring_seconds = (stats.scoring_seconds or 0.0) + float(scoring_seconds)
-            if thresholds:
-                stats.thresholds.extend(thresholds)
-        for epoch, sid, is_kept, is_tp in zip(epochs.tolist(), sample_ids.tolist(), kept.tolist(), token_pruned.tolist()):
-            counts = self.per_sample[(epoch_index(epoch), sid)]
-            counts[0] += 1
-            counts[1] += int(is_kept)
-            counts[2] += int(is_tp)
-            counts[3] += int(not is_kept)
+        self._frames.append(pd.DataFrame({name: event.columns[name] for name in COLUMNS}))
+        if len(self._frames) >= 256:  # one frame, not one per step, for a long run
+            self._frames = [self.rows()]
+        if event.scoring_seconds is not None:
+            self.scoring_seconds[event.step] = self.scoring_seconds.get(event.step, 0.0) + float(event.scoring_seconds)
 
     @classmethod
     def from_ledger(cls, directory: str | Path, live: DecisionAccumulator | None = None) -> DecisionAccumulator:
-        """Rebuild from the Parquet ledger (covers steps of earlier processes of a resumed run); scoring times and
-        thresholds, which the ledger does not store, are taken from ``live`` where it saw the step."""
+        """The rows of the Parquet ledger (which covers the steps of earlier processes of a resumed run), with the
+        scoring seconds of the steps ``live`` saw."""
         from ..ledger import read_ledger
 
-        table = read_ledger(directory)
         acc = cls()
-        if table.num_rows:
-            acc.ingest(table.drop_columns(["pruned_positions"]).to_pydict())
+        acc._frames = [read_ledger(directory).select(list(COLUMNS)).to_pandas()]
         if live is not None:
-            for step, stats in acc.steps.items():
-                seen = live.steps.get(step)
-                if seen is not None:
-                    stats.scoring_seconds = seen.scoring_seconds
-                    stats.thresholds = list(seen.thresholds)
+            acc.scoring_seconds = dict(live.scoring_seconds)
         return acc
 
-    def ordered_steps(self) -> list[StepStats]:
-        return [self.steps[s] for s in sorted(self.steps)]
+    @property
+    def empty(self) -> bool:
+        return not any(len(frame) for frame in self._frames)
+
+    def rows(self) -> pd.DataFrame:
+        frames = [frame for frame in self._frames if len(frame)]
+        if not frames:
+            return pd.DataFrame({name: pd.Series(dtype=object if name == "decision" else "int64") for name in COLUMNS})
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+    def per_step(self) -> pd.DataFrame:
+        """One row per step (the index): ``samples``, ``kept_samples``, ``response_tokens``, ``label_tokens`` (kept
+        samples' trained answer tokens), ``token_pruned_response``/``token_pruned_kept`` (answer tokens of the
+        token-pruned samples, all and kept), a count per quadrant key and per decision, ``scoring_seconds``."""
+        rows = self.rows()
+        kept = rows["decision"].isin(TRAINED_DECISIONS)
+        pruned = rows["decision"].eq(Decision.TOKEN_PRUNED)
+        steps = rows.assign(
+            kept=kept, label_tokens=rows["kept_tokens"].where(kept, 0),
+            token_pruned_response=rows["response_tokens"].where(pruned, 0),
+            token_pruned_kept=rows["kept_tokens"].where(pruned, 0),
+        ).groupby("step").agg(
+            samples=("sample_id", "size"), kept_samples=("kept", "sum"), response_tokens=("response_tokens", "sum"),
+            label_tokens=("label_tokens", "sum"), token_pruned_response=("token_pruned_response", "sum"),
+            token_pruned_kept=("token_pruned_kept", "sum"),
+        )  # fmt: skip
+        quadrants = pd.crosstab(rows["step"], rows["quadrant"].map(dict(enumerate(QUADRANT_KEYS))))
+        decisions = pd.crosstab(rows["step"], rows["decision"].astype(str))
+        steps = steps.join(quadrants.reindex(columns=QUADRANT_KEYS, fill_value=0))
+        steps = steps.join(decisions.reindex(columns=DECISIONS, fill_value=0)).fillna(0).astype("int64")
+        return steps.assign(scoring_seconds=pd.Series(self.scoring_seconds, dtype="float64"))
+
+    def per_sample(self) -> pd.DataFrame:
+        """One row per (epoch, sample_id): ``times_seen``, ``times_kept`` (trained on), ``times_token_pruned``,
+        ``times_dropped`` and ``kept`` (trained on at least once). The epoch is 0-based (the ledger stores
+        ``state.epoch`` as it was before the step)."""
+        rows = self.rows()
+        kept = rows["decision"].isin(TRAINED_DECISIONS)
+        counts = pd.DataFrame({
+            "epoch": np.floor(rows["epoch"].astype("float64") + 1e-9).astype("int32"), "sample_id": rows["sample_id"],
+            "times_seen": 1, "times_kept": kept, "times_token_pruned": rows["decision"].eq(Decision.TOKEN_PRUNED),
+            "times_dropped": ~kept,
+        }).groupby(["epoch", "sample_id"], as_index=False).sum()  # fmt: skip
+        counts = counts.astype({name: "int32" for name in counts.columns if name.startswith("times_")})
+        return counts.assign(kept=counts["times_kept"] > 0)

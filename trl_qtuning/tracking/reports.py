@@ -1,28 +1,29 @@
-"""End-of-training outputs: ``qtuning_summary.json``, ``qtuning_report.md``, the pruned-dataset selection (Parquet)
-and the HTML page of token-pruned samples."""
+"""End-of-training outputs: ``qtuning_summary.json``, ``qtuning_report.md``, the pruned-dataset selection (Parquet),
+the HTML page of token-pruned samples and the training figures, written and queued for MLflow by
+:func:`write_run_outputs`."""
 
 from __future__ import annotations
 
 import html
 import json
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .outputs import REPORT_FILE, SUMMARY_FILE
+from ..ledger import LEDGER_DIRNAME, SHARD_GLOB
 from ..vocabulary import DECISIONS, QUADRANT_KEYS
+from ..step.metrics import realised_budgets
+from .outputs import REPORT_FILE, SELECTION_DIR, SUMMARY_FILE, TRACKING_DIR
 from .recorder import DecisionAccumulator
 
 __all__ = [
-    "build_summary",
-    "write_summary",
-    "summary_markdown",
-    "write_selection",
-    "load_selection",
-    "kept_sample_ids",
-    "samples_html",
-]
+    "build_summary", "write_summary", "summary_markdown", "write_selection", "load_selection", "kept_sample_ids",
+    "samples_html", "queue_ledger", "write_run_outputs",
+]  # fmt: skip
+
+logger = logging.getLogger("trl_qtuning.tracking")
 
 SELECTION_FILE = "selection.parquet"
 
@@ -38,52 +39,46 @@ def build_summary(
     train_metrics: dict[str, float] | None = None,
     top_dropped: int = 10,
 ) -> dict[str, Any]:
-    steps = acc.ordered_steps()
-    samples = sum(s.samples for s in steps)
-    quadrants = {name: sum(s.quadrants.get(name, 0) for s in steps) for name in QUADRANT_KEYS}
-    decisions = {name: sum(s.decisions.get(name, 0) for s in steps) for name in DECISIONS}
-    kept = sum(s.kept_samples for s in steps)
-    response = sum(s.response_tokens for s in steps)
-    label_tokens = sum(s.label_tokens for s in steps)
-    tp_response = sum(s.token_pruned_response for s in steps)
-    tp_kept = sum(s.token_pruned_kept for s in steps)
-    timed = [s.scoring_seconds for s in steps if s.scoring_seconds is not None]
-    scoring = float(sum(timed)) if timed else None
+    steps = acc.per_step()
+    total = {name: int(value) for name, value in steps.drop(columns="scoring_seconds").sum().items()}
+    samples, kept = total["samples"], total["kept_samples"]
+    response, label_tokens = total["response_tokens"], total["label_tokens"]
+    timed = steps["scoring_seconds"].dropna()
+    scoring = float(timed.sum()) if len(timed) else None
     train_metrics = dict(train_metrics or {})
     runtime = train_metrics.get("train_runtime")
-    per_sample: dict[int, list[int]] = {}
-    for (_, sid), counts in acc.per_sample.items():
-        total = per_sample.setdefault(sid, [0, 0])
-        total[0] += counts[0]
-        total[1] += counts[3]
-    ranked = sorted(per_sample.items(), key=lambda item: (-item[1][1], -item[1][0], item[0]))
+    per_sample = acc.per_sample().groupby("sample_id")[["times_seen", "times_dropped"]].sum().reset_index()
+    ranked = per_sample[per_sample["times_dropped"] > 0].sort_values(
+        ["times_dropped", "times_seen", "sample_id"], ascending=[False, False, True]
+    )
     most_dropped = [
-        {"sample_id": sid, "dropped": d, "seen": n, "dropped_share": d / n if n else None}
-        for sid, (n, d) in ranked[:top_dropped]
-        if d > 0
+        {"sample_id": int(sid), "dropped": int(d), "seen": int(n), "dropped_share": d / n if n else None}
+        for sid, n, d in ranked.head(top_dropped).itertuples(index=False)
     ]
     config = dict(config or {})
+    budgets = realised_budgets(
+        {"samples": samples, "kept": kept, "response_tokens": response, "kept_tokens": label_tokens,
+         "pruned_response": total["token_pruned_response"], "pruned_kept": total["token_pruned_kept"]}
+    )  # fmt: skip
     return {
         "method": config.get("method", "qtuning"),
         "config": config,
         "steps": len(steps),
-        "first_step": steps[0].step if steps else None,
-        "last_step": steps[-1].step if steps else None,
+        "first_step": int(steps.index[0]) if len(steps) else None,
+        "last_step": int(steps.index[-1]) if len(steps) else None,
         "samples_scored": samples,
         "distinct_samples": len(per_sample),
-        "quadrants": {name: {"count": c, "share": _ratio(c, samples)} for name, c in quadrants.items()},
-        "decisions": decisions,
+        "quadrants": {name: {"count": total[name], "share": _ratio(total[name], samples)} for name in QUADRANT_KEYS},
+        "decisions": {name: total[name] for name in DECISIONS},
         "realised": {
-            "sample_keep_ratio": _ratio(kept, samples),
-            "token_keep_ratio": _ratio(tp_kept, tp_response),
-            "label_token_share": _ratio(label_tokens, response),
+            **{name: budgets[name] for name in ("sample_keep_ratio", "token_keep_ratio", "label_token_share")},
             "samples_trained": kept,
             "label_tokens_trained": label_tokens,
             "response_tokens_scored": response,
         },
         "scoring": {
             "total_seconds": scoring,
-            "mean_seconds_per_step": scoring / len(timed) if timed else None,
+            "mean_seconds_per_step": scoring / len(timed) if len(timed) else None,
             "share_of_train_runtime": scoring / runtime if scoring is not None and runtime else None,
             "steps_timed": len(timed),
         },
@@ -100,9 +95,19 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _table(header: str, rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A Markdown table: ``header`` as written, its rule, one line per row."""
+    return [header, "|" + "---|" * header.count(" |"), *(f"| {' | '.join(map(str, row))} |" for row in rows)]
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
-    cfg = summary.get("config", {})
-    real = summary["realised"]
+    cfg, real, sc = summary.get("config", {}), summary["realised"], summary["scoring"]
+    budgets = [
+        ("sample keep ratio", _fmt(real["sample_keep_ratio"])),
+        ("token keep ratio (token-pruned Q2 samples)", _fmt(real["token_keep_ratio"])),
+        ("label tokens trained / response tokens scored", _fmt(real["label_token_share"])),
+        ("samples trained", real["samples_trained"]), ("label tokens trained", real["label_tokens_trained"]),
+    ]  # fmt: skip
     lines = [
         "# Q-Tuning run summary",
         "",
@@ -112,40 +117,18 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"samples scored: {summary['samples_scored']} ({summary['distinct_samples']} distinct)",
         f"- final train loss: {_fmt(summary['train'].get('train_loss'), 4)}; "
         f"train runtime: {_fmt(summary['train'].get('train_runtime'), 1)} s",
-        "",
-        "## Realised budgets",
-        "",
-        "| | value |",
-        "|---|---|",
-        f"| sample keep ratio | {_fmt(real['sample_keep_ratio'])} |",
-        f"| token keep ratio (token-pruned Q2 samples) | {_fmt(real['token_keep_ratio'])} |",
-        f"| label tokens trained / response tokens scored | {_fmt(real['label_token_share'])} |",
-        f"| samples trained | {real['samples_trained']} |",
-        f"| label tokens trained | {real['label_tokens_trained']} |",
-        "",
-        "## Quadrants (before pruning)",
-        "",
-        "| quadrant | samples | share |",
-        "|---|---|---|",
-    ]
-    for name, entry in summary["quadrants"].items():
-        lines.append(f"| {name} | {entry['count']} | {_fmt(entry['share'])} |")
-    lines += ["", "## Decisions", "", "| decision | samples |", "|---|---|"]
-    lines += [f"| {name} | {count} |" for name, count in summary["decisions"].items()]
-    sc = summary["scoring"]
-    lines += [
-        "",
-        "## Scoring overhead",
-        "",
+        "", "## Realised budgets", "", *_table("| | value |", budgets),
+        "", "## Quadrants (before pruning)", "",
+        *_table("| quadrant | samples | share |",
+                [(name, entry["count"], _fmt(entry["share"])) for name, entry in summary["quadrants"].items()]),
+        "", "## Decisions", "", *_table("| decision | samples |", summary["decisions"].items()),
+        "", "## Scoring overhead", "",
         f"- scoring forwards: {_fmt(sc['total_seconds'], 2)} s in total, {_fmt(sc['mean_seconds_per_step'], 3)} s per "
         f"step, {_fmt(sc['share_of_train_runtime'])} of the train runtime",
-        "",
-        "## Most-dropped samples",
-        "",
-        "| sample_id | dropped | seen |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {d['sample_id']} | {d['dropped']} | {d['seen']} |" for d in summary["most_dropped"]]
+        "", "## Most-dropped samples", "",
+        *_table("| sample_id | dropped | seen |",
+                [(d["sample_id"], d["dropped"], d["seen"]) for d in summary["most_dropped"]]),
+    ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -162,26 +145,10 @@ def write_summary(summary: dict[str, Any], output_dir: str | Path) -> tuple[Path
 # ---------------------------------------------------------------------- pruned-dataset selection
 def write_selection(acc: DecisionAccumulator, directory: str | Path) -> Path:
     """One row per (epoch, sample): how often it was scored, trained on (``kept``), token-pruned, dropped."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    keys = sorted(acc.per_sample)
-    counts = [acc.per_sample[k] for k in keys]
-    table = pa.table(
-        {
-            "epoch": pa.array([k[0] for k in keys], pa.int32()),
-            "sample_id": pa.array([k[1] for k in keys], pa.int64()),
-            "times_seen": pa.array([c[0] for c in counts], pa.int32()),
-            "times_kept": pa.array([c[1] for c in counts], pa.int32()),
-            "times_token_pruned": pa.array([c[2] for c in counts], pa.int32()),
-            "times_dropped": pa.array([c[3] for c in counts], pa.int32()),
-            "kept": pa.array([c[1] > 0 for c in counts], pa.bool_()),
-        }
-    )
     path = directory / SELECTION_FILE
-    pq.write_table(table, path)
+    acc.per_sample().to_parquet(path, index=False)
     return path
 
 
@@ -197,16 +164,13 @@ def load_selection(path: str | Path):
 
 def kept_sample_ids(path: str | Path, epoch: int | None = None) -> list[int]:
     """Ids (rows of the original ``train_dataset``) trained on at least once (in ``epoch``, or in any epoch)."""
-    import pyarrow.parquet as pq
+    import pandas as pd
 
     path = Path(path)
-    table = pq.read_table(path / SELECTION_FILE if path.is_dir() else path).to_pydict()
-    ids = {
-        sid
-        for e, sid, kept in zip(table["epoch"], table["sample_id"], table["kept"])
-        if kept and (epoch is None or e == epoch)
-    }
-    return sorted(ids)
+    selection = pd.read_parquet(path / SELECTION_FILE if path.is_dir() else path)
+    if epoch is not None:
+        selection = selection[selection["epoch"] == epoch]
+    return sorted(int(sid) for sid in selection.loc[selection["kept"], "sample_id"].unique())
 
 
 # ---------------------------------------------------------------------- token-pruned samples page
@@ -260,3 +224,104 @@ def samples_html(samples: Sequence[dict[str, Any]], tokenizer, *, title: str = "
         )
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------- the end of a tracked run
+def queue_ledger(sink: Any, output_dir: Path, uploaded: dict[str, tuple[int, int]]) -> None:
+    """Queue the ledger shards written or grown since the last call (``uploaded``: path -> (size, mtime))."""
+    for shard in sorted((output_dir / LEDGER_DIRNAME).glob(SHARD_GLOB)):
+        stat = shard.stat()
+        if uploaded.get(str(shard)) != (stat.st_size, stat.st_mtime_ns):
+            uploaded[str(shard)] = (stat.st_size, stat.st_mtime_ns)
+            sink.log_artifact(shard, LEDGER_DIRNAME)
+
+
+def write_run_outputs(
+    sink: Any,
+    output_dir: Path,
+    decisions: DecisionAccumulator,
+    *,
+    args: Any,
+    train_metrics: dict[str, float],
+    token_pruned: list[dict[str, Any]],
+    dataset: Any,
+    tokenizer: Any,
+    uploaded: dict[str, tuple[int, int]],
+) -> None:
+    """Write the run's figures, summary, report, selection and samples page, and queue them with the last ledger
+    shards in ``sink``. ``decisions``: what this process saw; the ledger, where there is one, covers the steps of
+    earlier processes of a resumed run. One output that fails is logged and the others are still written."""
+    ledger_dir = output_dir / LEDGER_DIRNAME
+    on_disk = ledger_dir.is_dir() and any(ledger_dir.glob(SHARD_GLOB))
+    run = DecisionAccumulator.from_ledger(ledger_dir, live=decisions) if on_disk else decisions
+    for part in (
+        lambda: _training_figures(sink, output_dir, run, args) if not decisions.empty else None,
+        lambda: _summary_and_selection(sink, output_dir, run, args, train_metrics)
+        if not decisions.empty or ledger_dir.is_dir() else None,  # plain SFT has no decisions to summarise
+        lambda: _samples_page(sink, output_dir, token_pruned, dataset, tokenizer)
+        if token_pruned or not decisions.empty else None,
+        lambda: queue_ledger(sink, output_dir, uploaded),
+    ):
+        try:
+            part()
+        except Exception as exc:
+            logger.warning("Q-Tuning MLflow tracking: an end-of-training output failed (%s: %s).", type(exc).__name__, exc)
+
+
+def _training_figures(sink: Any, output_dir: Path, run: DecisionAccumulator, args: Any) -> None:
+    from .figures import budgets_figure, matplotlib_available, quadrant_shares_figure, save_figure
+
+    if not matplotlib_available():
+        return
+    steps, figures = run.per_step(), output_dir / TRACKING_DIR / "figures"
+    targets = getattr(args, "sample_keep_ratio", None), getattr(args, "token_keep_ratio", None)
+    sink.log_artifact(save_figure(quadrant_shares_figure(steps), figures / "quadrant_shares.png"), "figures")
+    sink.log_artifact(save_figure(budgets_figure(steps, *targets), figures / "realised_budgets.png"), "figures")
+
+
+def _summary_and_selection(
+    sink: Any, output_dir: Path, run: DecisionAccumulator, args: Any, train_metrics: dict[str, float]
+) -> None:
+    from ..config import METHOD_FIELDS, run_label
+
+    config = {"method": run_label(args)}
+    for name in ("sample_keep_ratio", "token_keep_ratio", *METHOD_FIELDS, "qtuning_ledger"):
+        if hasattr(args, name):
+            config[name] = getattr(args, name)
+    summary = build_summary(run, config=config, train_metrics=train_metrics)
+    for path in write_summary(summary, output_dir):
+        sink.log_artifact(path, None)
+    sink.log_artifact(write_selection(run, output_dir / SELECTION_DIR).parent, SELECTION_DIR)
+    real = summary["realised"]
+    final = {f"qtuning/final/{key}": real[key] for key in
+             ("sample_keep_ratio", "token_keep_ratio", "label_token_share", "samples_trained", "label_tokens_trained")}
+    final["qtuning/final/scoring_seconds"] = summary["scoring"]["total_seconds"]
+    finite = {k: float(v) for k, v in final.items() if v is not None and math.isfinite(v)}
+    sink.log_metrics(finite, step=summary["last_step"] or 0)
+
+
+def _samples_page(sink: Any, output_dir: Path, token_pruned: list[dict[str, Any]], dataset: Any, tokenizer: Any) -> None:
+    """The most recent token-pruned samples, read back from ``dataset`` by their sample id."""
+    from ..step.collator import SAMPLE_ID_COLUMN
+
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
+    if tokenizer is None or dataset is None:
+        return
+    samples = []
+    if token_pruned and SAMPLE_ID_COLUMN in getattr(dataset, "column_names", []):
+        row_of = {int(sid): i for i, sid in enumerate(dataset[SAMPLE_ID_COLUMN])}
+        for candidate in reversed(token_pruned):
+            if candidate["sample_id"] not in row_of:
+                continue
+            example = dataset[row_of[candidate["sample_id"]]]
+            ids = list(example["input_ids"])
+            if "labels" in example:
+                response = [label != -100 for label in example["labels"]]
+            else:
+                mask = example.get("completion_mask", example.get("assistant_masks"))
+                response = [bool(m) for m in mask] if mask is not None else [True] * len(ids)
+            samples.append({**candidate, "input_ids": ids, "response": response})
+    path = output_dir / TRACKING_DIR / "qtuning_samples.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(samples_html(samples, tokenizer), encoding="utf-8")
+    sink.log_artifact(path, None)

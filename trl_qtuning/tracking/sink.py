@@ -43,8 +43,8 @@ _FAST_FAIL_ENV = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
-_METRICS_PER_BATCH = 1000
-_PARAMS_PER_BATCH = 100
+_PROBE_TIMEOUT = 2.0
+"""Seconds an HTTP(S) server has to answer ``GET /health``."""
 
 
 @contextlib.contextmanager
@@ -90,7 +90,6 @@ class MLflowSink:
         end_run: bool = True,
         tags: dict[str, str] | None = None,
         retry_interval: float = 30.0,
-        probe_timeout: float = 2.0,
         queue_file: str | os.PathLike | None = None,
         during_training: bool = True,
     ):
@@ -106,11 +105,9 @@ class MLflowSink:
         self.spec = _RunSpec(experiment_name, experiment_id, run_name, run_id, parent_run_id, end_run, dict(tags or {}))
         self.run_id: str | None = run_id
         self.retry_interval = retry_interval
-        self.probe_timeout = probe_timeout
         self.pending: list[dict[str, Any]] = []
         self.online = True
         self._last_failure = -float("inf")
-        self._sent_ops = 0
         self._client = None
         if run_id is not None:  # a run we did not create gets its tags like one we create
             self.set_tags(self.spec.tags)
@@ -150,13 +147,13 @@ class MLflowSink:
         return self._client
 
     def reachable(self) -> bool:
-        """HTTP(S) servers: ``GET /health`` answers 200 within ``probe_timeout``. Other stores: assumed reachable."""
+        """HTTP(S) servers: ``GET /health`` answers 200 in time. Other stores: assumed reachable."""
         if not self.tracking_uri.startswith(("http://", "https://")):
             return True
         import requests
 
         try:
-            return requests.get(self.tracking_uri.rstrip("/") + "/health", timeout=self.probe_timeout).ok
+            return requests.get(self.tracking_uri.rstrip("/") + "/health", timeout=_PROBE_TIMEOUT).ok
         except Exception:
             return False
 
@@ -189,7 +186,6 @@ class MLflowSink:
                 self.run_id,
             )
         self.online = True
-        self._sent_ops += sent
         if self._owns_queue_file:  # everything in it was sent; a queue another process left is not this sink's
             self.queue_file.unlink(missing_ok=True)
             self._owns_queue_file = False
@@ -246,18 +242,13 @@ class MLflowSink:
 
         client, run_id = self.client, self.run_id
         kind = op["op"]
-        if kind == "params":
-            items = [Param(k, v) for k, v in op["params"].items()]
-            for i in range(0, len(items), _PARAMS_PER_BATCH):
-                client.log_batch(run_id, params=items[i : i + _PARAMS_PER_BATCH], synchronous=True)
+        if kind == "params":  # MLflow splits a batch into the sizes the store accepts
+            client.log_batch(run_id, params=[Param(k, v) for k, v in op["params"].items()], synchronous=True)
         elif kind == "tags":
-            items = [RunTag(k, v) for k, v in op["tags"].items()]
-            for i in range(0, len(items), _PARAMS_PER_BATCH):
-                client.log_batch(run_id, tags=items[i : i + _PARAMS_PER_BATCH], synchronous=True)
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()], synchronous=True)
         elif kind == "metrics":
-            items = [Metric(k, float(v), op["ts"], op["step"]) for k, v in op["metrics"].items()]
-            for i in range(0, len(items), _METRICS_PER_BATCH):
-                client.log_batch(run_id, metrics=items[i : i + _METRICS_PER_BATCH], synchronous=True)
+            metrics = [Metric(k, float(v), op["ts"], op["step"]) for k, v in op["metrics"].items()]
+            client.log_batch(run_id, metrics=metrics, synchronous=True)
         elif kind == "input":
             from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -303,19 +294,12 @@ class MLflowSink:
             queue_file = queue_file / PENDING_FILE
         lines = queue_file.read_text().splitlines()
         header = json.loads(lines[0])
+        spec = {name: header.get(name) for name in ("experiment_name", "experiment_id", "run_name", "run_id",
+                                                    "parent_run_id", "tags")}  # fmt: skip
         sink = cls(
-            queue_file.parent,
-            queue_file=queue_file,
-            during_training=False,
-            tracking_uri=tracking_uri or header["tracking_uri"],
-            experiment_name=header.get("experiment_name"),
-            experiment_id=header.get("experiment_id"),
-            run_name=header.get("run_name"),
-            run_id=header.get("run_id"),
-            parent_run_id=header.get("parent_run_id"),
-            end_run=header.get("end_run", True),
-            tags=header.get("tags"),
-        )
+            queue_file.parent, queue_file=queue_file, during_training=False,
+            tracking_uri=tracking_uri or header["tracking_uri"], end_run=header.get("end_run", True), **spec,
+        )  # fmt: skip
         sink.pending = [json.loads(line) for line in lines[1:] if line.strip()]
         return sink
 

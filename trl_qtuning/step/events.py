@@ -15,14 +15,13 @@ __all__ = ["StepDecisions", "DecisionListener"]
 
 @dataclass(frozen=True)
 class StepDecisions:
-    """Every sample's statistics and decision for one optimizer step on one rank."""
+    """Every sample's statistics and decision for one optimizer step, of every rank (gathered to the main process)."""
 
     step: int
     """The optimizer step these decisions train (1-based, equal to ``state.global_step`` once it completes)."""
-    epoch: float
-    rank: int
     columns: dict[str, list[Any]]
-    """One value per sample, keyed like ``trl_qtuning.ledger.LEDGER_SCHEMA`` (``pruned_positions`` included)."""
+    """One value per sample, keyed like ``trl_qtuning.ledger.LEDGER_SCHEMA`` (``epoch``, ``rank`` and
+    ``pruned_positions`` included)."""
     thresholds: list[dict[str, float]]
     """``q``, ``ppl_lo``, ``ppl_hi``, ``ent_lo``, ``ent_hi`` of each triage group of the step."""
     scoring_seconds: float

@@ -2,7 +2,7 @@
 
 Pruned labels become -100, dropped samples' rows (padded) or segments (padding-free) are physically removed, padding
 columns no kept row needs are trimmed, InfoBatch's loss weights ride along as a column, and a one-row fully masked
-placeholder stands in where a micro-batch must still run. Re-packing the kept rows is in :mod:`trl_qtuning.packing`.
+placeholder stands in where a micro-batch must still run. Re-packing the kept rows is in :mod:`trl_qtuning.step.packing`.
 """
 
 from __future__ import annotations
@@ -77,11 +77,22 @@ def apply_decisions(
     return out
 
 
-def placeholder(batch: dict[str, Any], scored: ScoredMicroBatch) -> dict[str, Any]:
-    """One row (segment) of ``batch`` with every label masked: a forward and backward that add exactly zero."""
-    first = torch.zeros(scored.num_samples, dtype=torch.bool)
-    first[0] = True
-    out = apply_decisions(batch, scored, first, torch.zeros_like(scored.response))
+def placeholder(batch: dict[str, Any]) -> dict[str, Any]:
+    """The first row (segment) of a fetched ``batch`` with every label masked: a forward and backward that add exactly
+    zero, where a micro-batch must run but kept nothing."""
+    if "attention_mask" not in batch and "position_ids" in batch:
+        starts = [*(batch["position_ids"][0] == 0).nonzero().flatten().tolist(), batch["position_ids"].shape[1]]
+        first = slice(starts[0], starts[1])
+        out = refresh_flat_metadata({k: v[:, first] if k in _PER_TOKEN_FLAT_KEYS else v for k, v in batch.items()})
+    else:
+        rows, seq_len = batch["labels"].shape
+        attended = batch["attention_mask"][0].bool() if "attention_mask" in batch else None
+        width = int(attended.nonzero().max()) + 1 if attended is not None and bool(attended.any()) else seq_len
+        is_row = lambda v: torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == rows  # noqa: E731
+        out = {
+            k: (v[:1, :width] if v.dim() >= 2 and v.shape[1] == seq_len else v[:1]) if is_row(v) else v
+            for k, v in batch.items()
+        }
     out["labels"] = torch.full_like(out["labels"], -100)
     return out
 
@@ -89,7 +100,6 @@ def placeholder(batch: dict[str, Any], scored: ScoredMicroBatch) -> dict[str, An
 def runnable_micro_batches(
     pruned: list[dict[str, Any]],
     fetched: list[dict[str, Any]],
-    scored: list[ScoredMicroBatch],
     *,
     pack_size: int | None,
     padding_free: bool,
@@ -103,7 +113,7 @@ def runnable_micro_batches(
     ``run_last``: the last micro-batch synchronises (DDP all-reduces in its backward, DeepSpeed steps its optimizer
     there), so it must run. ``most_across_ranks`` (several processes; None for one): the largest of every rank's
     value; every rank then runs the same micro-batches, so collectives stay matched, and an emptied one runs one fully
-    label-masked row (:func:`placeholder`, an exact zero) instead of being skipped.
+    label-masked row (:func:`placeholder`) instead of being skipped.
     """
     several = most_across_ranks is not None
     if pack_size is not None:
@@ -112,13 +122,13 @@ def runnable_micro_batches(
         needed = max(len(filled), 1) if run_last or several else len(filled)
         if several:  # as many as the rank that needs the most; all ranks skip the same freed slots
             needed = most_across_ranks(needed)
-        filled = [placeholder(fetched[0], scored[0]) for _ in range(needed - len(filled))] + filled
+        filled = [placeholder(fetched[0]) for _ in range(needed - len(filled))] + filled
         return [empty_like(pruned[0]) for _ in range(len(pruned) - len(filled))] + filled
     if several:
-        return [mb if has_rows(mb) else placeholder(f, s) for mb, f, s in zip(pruned, fetched, scored, strict=True)]
+        return [mb if has_rows(mb) else placeholder(f) for mb, f in zip(pruned, fetched, strict=True)]
     runnable = list(pruned)
     if run_last and not has_rows(runnable[-1]):
-        runnable[-1] = placeholder(fetched[-1], scored[-1])
+        runnable[-1] = placeholder(fetched[-1])
     return runnable
 
 

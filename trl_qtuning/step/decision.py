@@ -13,18 +13,31 @@ from typing import Any
 
 import torch
 
-from .core.selection import Selection, share_of_tokens
-from .policies import Policy, SampleDecision
-from .policies.base import reference_sample_ppl
+from ..core.selection import share_of_tokens
+from ..policies import Policy, SampleDecision
+from ..policies.base import reference_sample_ppl
 from .scoring import ScoredMicroBatch
 
-__all__ = ["MicroBatchDecision", "StepDecision", "StepDecider"]
+__all__ = ["StepSelection", "StepDecider"]
+
+
+def _pad_columns(tensor: torch.Tensor, width: int, value: float | bool = 0) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
 
 @dataclass(frozen=True)
-class MicroBatchDecision:
-    """The decisions of one micro-batch's samples (n rows, W scored columns)."""
+class StepSelection:
+    """The statistics and decisions of a step's samples on this process, one row per sample in micro-batch order
+    (micro-batch ``i`` is rows :meth:`rows` ``(i)``), columns padded to the widest micro-batch. Applying the
+    decisions, the metrics and the ledger all read this one shape."""
 
+    scored: list[ScoredMicroBatch]
+    offsets: list[int]
+    """Row where each micro-batch starts, and the total last."""
+    ppl: torch.Tensor
+    entropy: torch.Tensor
+    response: torch.Tensor
+    """(n, W) answer positions."""
     keep: torch.Tensor
     label_keep: torch.Tensor
     """(n, W) answer positions that keep their label."""
@@ -36,27 +49,23 @@ class MicroBatchDecision:
     loss_weight: torch.Tensor | None
     plane_axis: torch.Tensor | None
     """(n,) the entropy axis the triage ran on, where it is not the entropy itself (``eu_plane="decorrelated"``)."""
-
-    @classmethod
-    def of(cls, selection: Selection, rows: slice, width: int, plane_axis: torch.Tensor | None) -> MicroBatchDecision:
-        triage = selection.triage
-        return cls(
-            selection.keep[rows], selection.label_keep[rows, :width], selection.token_pruned[rows],
-            triage.quadrant[rows], triage.filled[rows], triage.trimmed[rows], triage.invalid[rows],
-            None if selection.loss_weight is None else selection.loss_weight[rows],
-            None if plane_axis is None else plane_axis[rows],
-        )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class StepDecision:
-    micro_batches: list[MicroBatchDecision]
     thresholds: list[dict[str, float]]
     """``q`` and the four thresholds of each triage group decided on this process."""
 
+    def rows(self, index: int) -> slice:
+        return slice(self.offsets[index], self.offsets[index + 1])
 
-def _pad_columns(tensor: torch.Tensor, width: int, value: float | bool = 0) -> torch.Tensor:
-    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+    @property
+    def measured(self) -> torch.Tensor:
+        """(n,) samples whose statistics a scoring forward measured (none when the policy reads no statistics)."""
+        counts = torch.tensor(self.offsets).diff()
+        return torch.tensor([s.measured for s in self.scored]).repeat_interleave(counts)
+
+    def of_micro_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``keep``, ``label_keep`` and ``loss_weight`` of micro-batch ``index`` in its own layout."""
+        rows, width = self.rows(index), self.scored[index].width
+        weight = None if self.loss_weight is None else self.loss_weight[rows]
+        return self.keep[rows], self.label_keep[rows, :width], weight
 
 
 class StepDecider:
@@ -65,15 +74,7 @@ class StepDecider:
     ``accelerator`` is needed for ``triage_scope="global"`` with several processes (its gather).
     """
 
-    def __init__(
-        self,
-        policy: Policy,
-        *,
-        triage_scope: str,
-        seed: int,
-        rank: int = 0,
-        accelerator: Any = None,
-    ):
+    def __init__(self, policy: Policy, *, triage_scope: str, seed: int, rank: int = 0, accelerator: Any = None):
         self.policy = policy
         self.triage_scope = triage_scope
         self.seed = int(seed)
@@ -83,36 +84,44 @@ class StepDecider:
         self.run_tokens_seen = self.run_tokens_kept = 0
         """``token_budget_scope="run"``: this process's answer tokens seen and kept so far (restart on resume)."""
 
-    def decide(self, scored: list[ScoredMicroBatch], step: int) -> StepDecision:
+    def decide(self, scored: list[ScoredMicroBatch], step: int) -> StepSelection:
         """Decisions for optimizer step ``step`` (1-based: it seeds the baselines' random draws)."""
         self.step = step
-        single = self.triage_scope == "micro_batch"
-        groups = [[i] for i in range(len(scored))] if single else [list(range(len(scored)))]
-        decisions: list[MicroBatchDecision | None] = [None] * len(scored)
-        thresholds = []
-        for index, group in enumerate(groups):
-            selection, plane_axis = self._decide_group([scored[i] for i in group], index)
-            thresholds.append({"q": selection.triage.q, **selection.triage.thresholds})
-            offset = 0
-            for i in group:
-                rows = slice(offset, offset + scored[i].num_samples)
-                decisions[i] = MicroBatchDecision.of(selection, rows, scored[i].width, plane_axis)
-                offset += scored[i].num_samples
-        return StepDecision(decisions, thresholds)
+        width = max(s.width for s in scored)
+        offsets = [0]
+        for s in scored:
+            offsets.append(offsets[-1] + s.num_samples)
+        stats = {
+            "ppl": torch.cat([s.ppl for s in scored]),
+            "entropy": torch.cat([s.entropy for s in scored]),
+            "response": torch.cat([_pad_columns(s.response, width, False) for s in scored]),
+            "token_logps": torch.cat([_pad_columns(s.token_logps, width) for s in scored]),
+            "reference": torch.cat([_pad_columns(s.reference_logps, width) for s in scored])
+            if self.policy.needs_reference else None,
+        }  # fmt: skip
+        # A group is a range of rows and the columns of its widest micro-batch (what its policy call sees).
+        if self.triage_scope == "micro_batch":
+            groups = [(slice(offsets[i], offsets[i + 1]), s.width) for i, s in enumerate(scored)]
+        else:
+            groups = [(slice(0, offsets[-1]), width)]
+        parts = [self._decide_group(stats, rows, columns, index) for index, (rows, columns) in enumerate(groups)]
+        cat = lambda get: None if get(parts[0]) is None else torch.cat([get(p) for p in parts])  # noqa: E731
+        return StepSelection(
+            scored, offsets, stats["ppl"], stats["entropy"], stats["response"],
+            keep=cat(lambda p: p[0].keep), label_keep=cat(lambda p: _pad_columns(p[0].label_keep, width, False)),
+            token_pruned=cat(lambda p: p[0].token_pruned), quadrant=cat(lambda p: p[0].triage.quadrant),
+            filled=cat(lambda p: p[0].triage.filled), trimmed=cat(lambda p: p[0].triage.trimmed),
+            invalid=cat(lambda p: p[0].triage.invalid), loss_weight=cat(lambda p: p[0].loss_weight),
+            plane_axis=cat(lambda p: p[1]), thresholds=[{"q": p[0].triage.q, **p[0].triage.thresholds} for p in parts],
+        )  # fmt: skip
 
-    def _decide_group(self, group: list[ScoredMicroBatch], index: int) -> tuple[Selection, torch.Tensor | None]:
-        width = max(s.width for s in group)
-        ppl = torch.cat([s.ppl for s in group])
-        entropy = torch.cat([s.entropy for s in group])
-        response = torch.cat([_pad_columns(s.response, width, False) for s in group])
-        reference = None
-        if self.policy.needs_reference:
-            reference = torch.cat([_pad_columns(s.reference_logps, width) for s in group])
+    def _decide_group(self, stats: dict[str, torch.Tensor | None], rows: slice, width: int, index: int):
+        ppl, entropy = stats["ppl"][rows], stats["entropy"][rows]
+        response = stats["response"][rows, :width]
+        reference = None if stats["reference"] is None else stats["reference"][rows, :width]
         cross_rank = self.triage_scope == "global"
         generator = self.generator(index, per_rank=not cross_rank, stream=int(cross_rank))
-        reference_ppl = None
-        if self.policy.samples.needs_reference:
-            reference_ppl = reference_sample_ppl(reference, response)
+        reference_ppl = reference_sample_ppl(reference, response) if self.policy.samples.needs_reference else None
         if cross_rank:  # the sample draws come from a generator of their own (stream 0)
             extra = {} if reference_ppl is None else {"reference_ppl": reference_ppl}
             decision = self.global_decision(ppl, entropy, response.sum(dim=-1), **extra)
@@ -120,7 +129,7 @@ class StepDecider:
             decision = self.policy.decide_samples(ppl, entropy, response.sum(dim=-1), generator, reference_ppl=reference_ppl)
         budget_tokens = self._run_token_budget(int(response.sum()))
         selection = self.policy.select(
-            ppl, entropy, torch.cat([_pad_columns(s.token_logps, width) for s in group]), response,
+            ppl, entropy, stats["token_logps"][rows, :width], response,
             generator=generator, reference_logps=reference, decision=decision, token_budget_tokens=budget_tokens,
         )  # fmt: skip
         if budget_tokens is not None:

@@ -1,13 +1,13 @@
 """Offline evaluation of (Q-)tuned causal LMs: held-out answer NLL, GSM8K exact match, ARC-style multiple choice.
 
-Small-data evaluation, not a training hot path: every function runs plain batched forward passes (or greedy
-``generate``) under :func:`torch.no_grad` with the model temporarily in eval mode, on ``model.device``. Only
-the logits of the positions that are actually scored go through ``log_softmax`` (and, when the model accepts it,
-``logits_to_keep`` stops the LM head from computing the rest), so memory stays bounded by the scored tokens.
+Small-data evaluation, not a training hot path: plain batched forward passes (or greedy ``generate``) under
+:func:`torch.no_grad` with the model temporarily in eval mode, on ``model.device``. Only the logits of the scored
+positions go through ``log_softmax`` (and, when the model accepts it, ``logits_to_keep`` stops the LM head from
+computing the rest), so memory stays bounded by the scored tokens.
 
 The functions take a model (plain ``transformers`` or PEFT-wrapped), its tokenizer and a ``datasets.Dataset`` (or any
-sequence of row dicts) in the formats produced by :mod:`trl_qtuning.demo.assets`. This module deliberately imports
-neither the trainer, tracking nor the CLI.
+sequence of row dicts) in the formats of :mod:`trl_qtuning.demo.assets`; conversational rows go through TRL's own
+``maybe_apply_chat_template``, as TRL formats them for training.
 """
 
 from __future__ import annotations
@@ -15,18 +15,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import torch
 
-__all__ = [
-    "answer_nll",
-    "extract_final_number",
-    "gsm8k_exact_match",
-    "multiple_choice_accuracy",
-]
+__all__ = ["answer_logprob_sums", "answer_nll", "extract_final_number", "gsm8k_exact_match", "multiple_choice_accuracy"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -43,27 +38,19 @@ def _rows(dataset: Any) -> list[dict[str, Any]]:
 
 
 def _model_device(model: Any) -> torch.device:
-    """``model.device`` (also forwarded by PEFT wrappers), else the first parameter's device, else CPU."""
-    device = getattr(model, "device", None)
-    if device is not None:
-        return torch.device(device)
-    param = (
-        next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    )
+    """``model.device`` (PEFT wrappers forward it), else the first parameter's device, else the CPU."""
+    if getattr(model, "device", None) is not None:
+        return torch.device(model.device)
+    param = next(iter(model.parameters()), None)
     return param.device if param is not None else torch.device("cpu")
 
 
 @contextlib.contextmanager
 def _eval_mode(model: Any) -> Iterator[None]:
-    """Eval mode (no dropout) for the duration, then every submodule's own previous ``training`` flag restored.
-
-    Restoring per module, rather than ``model.train(was_training)``, keeps deliberately frozen-in-eval submodules as
-    the caller left them.
-    """
-    modules = list(model.modules()) if hasattr(model, "modules") else []
-    states = [(module, module.training) for module in modules]
-    if hasattr(model, "eval"):
-        model.eval()
+    """Eval mode (no dropout) and no gradients for the duration, then every submodule's own ``training`` flag back:
+    ``model.train(was_training)`` would also unfreeze submodules the caller deliberately keeps in eval mode."""
+    states = [(module, module.training) for module in model.modules()]
+    model.eval()
     try:
         with torch.no_grad():  # not inference_mode: lazily built caches must stay usable for later training
             yield
@@ -80,40 +67,37 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _is_conversational(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and (
-        len(value) == 0 or isinstance(value[0], dict)
-    )
-
-
 def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _chat_texts(tokenizer: Any, row: dict[str, Any], keys: tuple[str, ...]) -> tuple[dict[str, str], bool]:
+    """The row's ``keys`` as text (TRL's chat template for conversational rows) and whether the tokenizer should add
+    special tokens: not after a chat template, which already carries any BOS."""
+    from trl import is_conversational, maybe_apply_chat_template
+
+    example = {key: row[key] for key in keys}
+    return maybe_apply_chat_template(example, tokenizer), not is_conversational(example)
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
     """Whether the underlying HF model takes ``logits_to_keep`` (PEFT forwards unknown kwargs to its base model)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    forward = getattr(base, "forward", None)
-    if forward is None:
-        return False
     try:
-        return "logits_to_keep" in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (AttributeError, TypeError, ValueError):
         return False
 
 
-def _batches(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
+def _batches(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {size}.")
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
 def _scored_logprob_sums(
-    model: Any,
-    sequences: Sequence[Sequence[int]],
-    starts: Sequence[int],
-    *,
-    batch_size: int,
-    pad_id: int,
+    model: Any, sequences: Sequence[Sequence[int]], starts: Sequence[int], *, batch_size: int, pad_id: int
 ) -> tuple[list[float], list[int]]:
     """Sum of ``log p(ids[t] | ids[:t])`` over ``t in [starts[i], len(ids))`` for every sequence, and the counts.
 
@@ -121,53 +105,34 @@ def _scored_logprob_sums(
     each batch holds similar lengths and an out-of-memory shows up on the first batch. Only the scored positions'
     logits are sliced out (in float32) before ``log_softmax``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    n = len(sequences)
     lengths = [len(seq) for seq in sequences]
     # Position 0 has no prefix to predict it from: it can never be scored.
     starts = [min(max(int(s), 1), length) for s, length in zip(starts, lengths)]
-    sums = [0.0] * n
+    sums = [0.0] * len(sequences)
     counts = [length - start for start, length in zip(starts, lengths)]
     device = _model_device(model)
     keep_logits = _accepts_logits_to_keep(model)
-    order = sorted((i for i in range(n) if counts[i] > 0), key=lambda i: -lengths[i])
+    order = sorted((i for i in range(len(sequences)) if counts[i] > 0), key=lambda i: -lengths[i])
     for chunk in _batches(order, batch_size):
         width = max(lengths[i] for i in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, i in enumerate(chunk):
-            input_ids[row, : lengths[i]] = torch.as_tensor(
-                sequences[i], dtype=torch.long
-            )
+            input_ids[row, : lengths[i]] = torch.as_tensor(sequences[i], dtype=torch.long)
             attention_mask[row, : lengths[i]] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         chunk_starts = torch.tensor([starts[i] for i in chunk], device=device)
-        chunk_lengths = torch.tensor([lengths[i] for i in chunk], device=device)
         positions = torch.arange(width, device=device)
-        scored = (positions >= chunk_starts[:, None]) & (
-            positions < chunk_lengths[:, None]
-        )
+        scored = (positions >= chunk_starts[:, None]) & attention_mask.bool()
         rows, targets = scored.nonzero(as_tuple=True)
 
         # Logits at t-1 predict the token at t; the earliest one needed is min(start) - 1.
-        offset = int(chunk_starts.min().item()) - 1
-        kwargs = (
-            {"logits_to_keep": width - offset} if keep_logits and offset > 0 else {}
-        )
-        if not kwargs:
-            offset = 0
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, **kwargs
-        ).logits
-        if (
-            logits.shape[1] != width - offset
-        ):  # a model that ignored logits_to_keep: index the full sequence
-            offset = width - logits.shape[1]
+        offset = int(chunk_starts.min()) - 1 if keep_logits else 0
+        kwargs = {"logits_to_keep": width - offset} if offset > 0 else {}
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+        offset = width - logits.shape[1]  # 0 where the model ignored logits_to_keep
         picked = logits[rows, targets - 1 - offset].float()
-        token_logprobs = torch.log_softmax(picked, dim=-1).gather(
-            -1, input_ids[rows, targets].unsqueeze(-1)
-        )
+        token_logprobs = torch.log_softmax(picked, dim=-1).gather(-1, input_ids[rows, targets].unsqueeze(-1))
         chunk_sums = torch.zeros(len(chunk), dtype=torch.float64, device=device)
         chunk_sums.index_add_(0, rows, token_logprobs.squeeze(-1).double())
         for row, i in enumerate(chunk):
@@ -180,27 +145,6 @@ def _scored_logprob_sums(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _prompt_and_full_ids(
-    tokenizer: Any, row: dict[str, Any]
-) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt and of prompt+completion, built the way TRL's completion-only loss sees them."""
-    prompt, completion = row["prompt"], row["completion"]
-    if _is_conversational(prompt):
-        prompt_text = tokenizer.apply_chat_template(
-            list(prompt), tokenize=False, add_generation_prompt=True
-        )
-        full_text = tokenizer.apply_chat_template(
-            list(prompt) + list(completion), tokenize=False
-        )
-        # The chat template already carries any BOS; adding special tokens again would double it.
-        special = False
-    else:
-        prompt_text, full_text, special = prompt, prompt + completion, True
-    return _encode(tokenizer, prompt_text, add_special_tokens=special), _encode(
-        tokenizer, full_text, add_special_tokens=special
-    )
-
-
 def answer_logprob_sums(
     model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], *, batch_size: int = 8, max_length: int = 1024
 ) -> tuple[list[float], list[int]]:
@@ -208,27 +152,22 @@ def answer_logprob_sums(
     (tokenized as :func:`answer_nll` does; truncated to ``max_length`` from the right)."""
     sequences, starts = [], []
     for row in rows:
-        prompt_ids, full_ids = _prompt_and_full_ids(tokenizer, row)
-        sequences.append(full_ids[:max_length])
-        starts.append(len(prompt_ids))
+        texts, special = _chat_texts(tokenizer, row, ("prompt", "completion"))
+        full = _encode(tokenizer, texts["prompt"] + texts["completion"], add_special_tokens=special)
+        sequences.append(full[:max_length])
+        starts.append(len(_encode(tokenizer, texts["prompt"], add_special_tokens=special)))
     with _eval_mode(model):
         return _scored_logprob_sums(model, sequences, starts, batch_size=batch_size, pad_id=_pad_id(tokenizer))
 
 
 def answer_nll(
-    model: Any,
-    tokenizer: Any,
-    dataset: Any,
-    *,
-    batch_size: int = 8,
-    max_length: int = 1024,
+    model: Any, tokenizer: Any, dataset: Any, *, batch_size: int = 8, max_length: int = 1024
 ) -> dict[str, float]:
     """Mean negative log-likelihood per answer token over held-out prompt-completion rows.
 
-    The held-out counterpart of the SFT loss: rows are TRL prompt-completion rows, conversational (prompt = messages,
-    completion = one assistant message; texts via ``apply_chat_template``) or plain strings. Like TRL's
-    ``completion_only_loss``, the answer tokens are the full text's tokens after the prompt's; sequences are truncated
-    to ``max_length`` from the right (an answer cut away entirely contributes nothing).
+    The held-out counterpart of the SFT loss: rows are TRL prompt-completion rows, conversational or plain strings.
+    Like TRL's ``completion_only_loss``, the answer tokens are the full text's tokens after the prompt's; sequences
+    are truncated to ``max_length`` from the right (an answer cut away entirely contributes nothing).
 
     Returns:
         ``{"nll": token-weighted mean NLL over all answer tokens (nan if none survive truncation), "tokens": number
@@ -237,8 +176,7 @@ def answer_nll(
     rows = _rows(dataset)
     sums, counts = answer_logprob_sums(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)
     tokens = sum(counts)
-    nll = -sum(sums) / tokens if tokens else float("nan")
-    return {"nll": float(nll), "tokens": tokens, "samples": len(rows)}
+    return {"nll": float(-sum(sums) / tokens if tokens else float("nan")), "tokens": tokens, "samples": len(rows)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -251,13 +189,7 @@ _NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\
 
 
 def _clean_number(text: str) -> str:
-    return (
-        text.replace(",", "")
-        .replace("$", "")
-        .replace("\u2212", "-")
-        .strip()
-        .rstrip(".")
-    )
+    return text.replace(",", "").replace("$", "").replace("\u2212", "-").strip().rstrip(".")
 
 
 def extract_final_number(text: str) -> str | None:
@@ -267,10 +199,9 @@ def extract_final_number(text: str) -> str | None:
     ``.`` are stripped (``"#### 1,234"`` -> ``"1234"``, ``"so $18."`` -> ``"18"``); ``None`` when there is no number.
     """
     _, sep, tail = text.rpartition("####")
-    if sep:
-        match = _NUMBER.search(tail)
-        if match:
-            return _clean_number(match.group())
+    match = _NUMBER.search(tail) if sep else None
+    if match:
+        return _clean_number(match.group())
     matches = _NUMBER.findall(text)
     return _clean_number(matches[-1]) if matches else None
 
@@ -287,84 +218,49 @@ def _answers_match(prediction: str | None, gold: Any) -> bool:
 
 
 def gsm8k_exact_match(
-    model: Any,
-    tokenizer: Any,
-    dataset: Any,
-    *,
-    max_new_tokens: int = 256,
-    batch_size: int = 16,
+    model: Any, tokenizer: Any, dataset: Any, *, max_new_tokens: int = 256, batch_size: int = 16
 ) -> dict[str, Any]:
     """Greedy-decoding exact match on GSM8K-style rows (``prompt`` conversational or string, ``answer`` gold number).
 
-    Prompts are left-padded for batched generation (by hand: the tokenizer's ``padding_side`` is never touched, and
-    one without a pad token pads with EOS) and batched by length to waste little compute on padding; the prediction is :func:`extract_final_number` of the
-    generated continuation only.
+    Prompts are left-padded by hand (the tokenizer's ``padding_side`` is never touched, and one without a pad token
+    pads with EOS) and batched by length to waste little compute on padding; the prediction is
+    :func:`extract_final_number` of the generated continuation only.
 
     Returns:
         ``{"exact_match": share correct in [0, 1], "n": rows, "predictions": extracted numbers in row order}``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     rows = _rows(dataset)
     encoded = []
     for row in rows:
-        prompt = row["prompt"]
-        if _is_conversational(prompt):
-            text = tokenizer.apply_chat_template(
-                list(prompt), tokenize=False, add_generation_prompt=True
-            )
-            encoded.append(_encode(tokenizer, text, add_special_tokens=False))
-        else:
-            encoded.append(_encode(tokenizer, prompt, add_special_tokens=True))
-
+        texts, special = _chat_texts(tokenizer, row, ("prompt",))
+        encoded.append(_encode(tokenizer, texts["prompt"], add_special_tokens=special))
     pad_id = _pad_id(tokenizer)
     device = _model_device(model)
-    generation_config = getattr(model, "generation_config", None)
-    eos = getattr(generation_config, "eos_token_id", None)
-    extra = (
-        {}
-        if eos is not None or tokenizer.eos_token_id is None
-        else {"eos_token_id": tokenizer.eos_token_id}
-    )
+    has_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) is not None
+    extra = {} if has_eos or tokenizer.eos_token_id is None else {"eos_token_id": tokenizer.eos_token_id}
 
     completions: list[str] = [""] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))
     with _eval_mode(model):
         for chunk in _batches(order, batch_size):
-            # Left padding (done here, so tokenizers without a pad token work too): every row's prompt ends at the
-            # same column and generation appends after it.
+            # Left padding: every row's prompt ends at the same column and generation appends after it.
             width = max(len(encoded[i]) for i in chunk)
             input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, i in enumerate(chunk):
-                input_ids[row, width - len(encoded[i]) :] = torch.as_tensor(
-                    encoded[i], dtype=torch.long
-                )
+                input_ids[row, width - len(encoded[i]) :] = torch.as_tensor(encoded[i], dtype=torch.long)
                 attention_mask[row, width - len(encoded[i]) :] = 1
             output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                **extra,
-            )
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=pad_id, **extra,
+            )  # fmt: skip
             sequences = output.sequences if hasattr(output, "sequences") else output
-            texts = tokenizer.batch_decode(
-                sequences[:, width:].cpu(), skip_special_tokens=True
-            )
-            for i, text in zip(chunk, texts):
+            for i, text in zip(chunk, tokenizer.batch_decode(sequences[:, width:].cpu(), skip_special_tokens=True)):
                 completions[i] = text
 
     predictions = [extract_final_number(text) for text in completions]
-    correct = sum(
-        _answers_match(pred, row["answer"]) for pred, row in zip(predictions, rows)
-    )
-    return {
-        "exact_match": correct / len(rows),
-        "n": len(rows),
-        "predictions": predictions,
-    }
+    correct = sum(_answers_match(pred, row["answer"]) for pred, row in zip(predictions, rows))
+    return {"exact_match": correct / len(rows), "n": len(rows), "predictions": predictions}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -372,9 +268,7 @@ def gsm8k_exact_match(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _encode_pair(
-    tokenizer: Any, context: str, continuation: str
-) -> tuple[list[int], list[int]]:
+def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Context and continuation ids, as lm-evaluation-harness splits them.
 
     Trailing context whitespace moves to the continuation; the continuation ids are those of ``context +
@@ -387,20 +281,13 @@ def _encode_pair(
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     context_ids = _encode(tokenizer, context, add_special_tokens=False)
     whole_ids = _encode(tokenizer, context + continuation, add_special_tokens=False)
-    if whole_ids[: len(context_ids)] == context_ids and len(whole_ids) > len(
-        context_ids
-    ):
+    if whole_ids[: len(context_ids)] == context_ids and len(whole_ids) > len(context_ids):
         return context_ids, whole_ids[len(context_ids) :]
     return context_ids, _encode(tokenizer, continuation, add_special_tokens=False)
 
 
 def _continuation_logprobs(
-    model: Any,
-    tokenizer: Any,
-    pairs: Sequence[tuple[str, str]],
-    *,
-    batch_size: int,
-    max_length: int,
+    model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, batch_size: int, max_length: int
 ) -> list[float]:
     """Sum of continuation-token log-probs for each ``(context, continuation)``; over-long inputs lose their left."""
     sequences, starts = [], []
@@ -410,19 +297,11 @@ def _continuation_logprobs(
         cut = max(0, len(ids) - max_length)
         sequences.append(ids[cut:])
         starts.append(len(context_ids) - cut)
-    sums, _ = _scored_logprob_sums(
-        model, sequences, starts, batch_size=batch_size, pad_id=_pad_id(tokenizer)
-    )
-    return sums
+    return _scored_logprob_sums(model, sequences, starts, batch_size=batch_size, pad_id=_pad_id(tokenizer))[0]
 
 
 def multiple_choice_accuracy(
-    model: Any,
-    tokenizer: Any,
-    dataset: Any,
-    *,
-    batch_size: int = 16,
-    max_length: int = 512,
+    model: Any, tokenizer: Any, dataset: Any, *, batch_size: int = 16, max_length: int = 512
 ) -> dict[str, float]:
     """ARC-style multiple choice by log-likelihood, as lm-evaluation-harness's ARC task scores it.
 
@@ -435,26 +314,15 @@ def multiple_choice_accuracy(
         ``{"accuracy": float, "accuracy_norm": float, "n": questions}``.
     """
     rows = _rows(dataset)
-    pairs: list[tuple[str, str]] = []
-    for row in rows:
-        context = f"Question: {row['question']}\nAnswer:"
-        pairs.extend((context, f" {choice}") for choice in row["choices"])
+    pairs = [(f"Question: {row['question']}\nAnswer:", f" {choice}") for row in rows for choice in row["choices"]]
     with _eval_mode(model):
-        scores = _continuation_logprobs(
-            model, tokenizer, pairs, batch_size=batch_size, max_length=max_length
-        )
-
+        scores = iter(_continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, max_length=max_length))
     correct = correct_norm = 0
-    cursor = 0
     for row in rows:
         choices = list(row["choices"])
-        row_scores = scores[cursor : cursor + len(choices)]
-        cursor += len(choices)
-        normalised = [
-            score / max(len(choice), 1) for score, choice in zip(row_scores, choices)
-        ]
+        row_scores = [next(scores) for _ in choices]
+        normalised = [score / max(len(choice), 1) for score, choice in zip(row_scores, choices)]
         label = int(row["label_index"])
         correct += max(range(len(choices)), key=row_scores.__getitem__) == label
         correct_norm += max(range(len(choices)), key=normalised.__getitem__) == label
-    n = len(rows)
-    return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "n": n}
+    return {"accuracy": correct / len(rows), "accuracy_norm": correct_norm / len(rows), "n": len(rows)}

@@ -24,13 +24,9 @@ def _rows(batch: dict[str, Any]) -> int:
 def empty_like(batch: dict[str, Any]) -> dict[str, Any]:
     """The same keys with no sample: 0 rows (padded) or 0 tokens (padding-free)."""
     if "attention_mask" not in batch and "position_ids" in batch:
-        out = {k: (v[:, :0] if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] == 1 else v) for k, v in batch.items()}
-        if "cu_seq_lens_q" in out:
-            out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = torch.zeros(1, dtype=torch.int32)
-        for key in ("max_length_q", "max_length_k"):
-            if key in out:
-                out[key] = 0
-        return out
+        return refresh_flat_metadata(
+            {k: (v[:, :0] if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] == 1 else v) for k, v in batch.items()}
+        )
     n = _rows(batch)
     return {k: (v[:0] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n else v) for k, v in batch.items()}
 
@@ -105,18 +101,23 @@ def pack_padding_free(batches: list[dict[str, Any]], samples_per_batch: int) -> 
 
 
 def refresh_flat_metadata(batch: dict[str, Any]) -> dict[str, Any]:
-    """Recompute the varlen metadata of a padding-free row after its segments changed (as TRL's collator does)."""
+    """Recompute the varlen metadata TRL's collator adds to a padding-free row, after its segments changed.
+
+    transformers' ``prepare_fa_kwargs_from_position_ids`` finds the boundaries; a row left with no token (every sample
+    of the micro-batch dropped) has none, which that helper cannot take.
+    """
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
     position_ids = batch["position_ids"]
-    starts = (position_ids[0] == 0).nonzero().flatten()
-    total = torch.tensor([position_ids.shape[1]], device=position_ids.device)
-    cu_seq_lens = torch.cat([starts, total]).to(torch.int32)
+    if position_ids.numel():
+        (cu_seq_lens, _), (longest, _) = prepare_fa_kwargs_from_position_ids(position_ids)
+    else:
+        cu_seq_lens, longest = torch.zeros(1, dtype=torch.int32, device=position_ids.device), 0
     if "cu_seq_lens_q" in batch:
         batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu_seq_lens
-    lengths = cu_seq_lens.diff()
     if "max_length_q" in batch:
-        batch["max_length_q"] = batch["max_length_k"] = int(lengths.max()) if lengths.numel() else 0
+        batch["max_length_q"] = batch["max_length_k"] = int(longest)
     if "seq_idx" in batch:
-        batch["seq_idx"] = torch.repeat_interleave(
-            torch.arange(lengths.numel(), dtype=torch.int32, device=position_ids.device), lengths
-        )[None]
+        segments = torch.arange(cu_seq_lens.numel() - 1, dtype=torch.int32, device=position_ids.device)
+        batch["seq_idx"] = torch.repeat_interleave(segments, cu_seq_lens.diff())[None]
     return batch

@@ -10,15 +10,9 @@ from typing import Any
 import torch
 
 __all__ = [
-    "QTuningDataCollator",
-    "SAMPLE_ID_COLUMN",
-    "check_prepared_dataset",
-    "check_sample_ids",
-    "non_integer_sample_ids",
-    "pad_token_id",
-    "sized_length",
-    "with_sample_ids",
-]
+    "QTuningDataCollator", "SAMPLE_ID_COLUMN", "check_prepared_dataset", "check_sample_ids", "non_integer_sample_ids",
+    "pad_token_id", "sized_length", "with_sample_ids",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 

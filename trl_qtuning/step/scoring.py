@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .core.stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
+from ..core.stats import eu_plane_stats, flat_to_padded, padded_to_flat, segment_ids_from_position_ids
 
 try:  # Internal TRL API (1.16+): checked here so a TRL change fails at import with a clear message.
     from trl.trainer.utils import FusedCausalLMOutput
@@ -28,17 +28,9 @@ except ImportError as exc:  # pragma: no cover - depends on the installed TRL
     ) from exc
 
 __all__ = [
-    "FusedCausalLMOutput",
-    "RowLayout",
-    "ScoredMicroBatch",
-    "Scorer",
-    "inference_tensor_error",
-    "is_inference_tensor_error",
-    "load_reference_model",
-    "reference_forward",
-    "non_padding_tokens",
-    "project_labelled_positions_only",
-]
+    "FusedCausalLMOutput", "RowLayout", "ScoredMicroBatch", "Scorer", "inference_tensor_error", "load_reference_model",
+    "non_padding_tokens", "project_labelled_positions_only", "reference_forward",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -264,13 +256,11 @@ class Scorer:
         )  # fmt: skip
 
 
-def is_inference_tensor_error(error: BaseException) -> bool:
-    """Training touched a tensor created under ``torch.inference_mode()`` (by our scoring forward)."""
-    return "inference tensor" in str(error).lower()
-
-
-def inference_tensor_error(error: BaseException) -> RuntimeError:
-    """The error to raise instead of torch's: what happened and the setting that fixes it."""
+def inference_tensor_error(error: BaseException) -> RuntimeError | None:
+    """Where training touched a tensor created under ``torch.inference_mode()`` (by our scoring forward), the error
+    to raise instead of torch's: what happened and the setting that fixes it."""
+    if "inference tensor" not in str(error).lower():
+        return None
     return RuntimeError(
         "Training used a tensor the model created during Q-Tuning's scoring forward, which runs under "
         "torch.inference_mode(): the model caches tensors in its forward. Set `scoring_inference_mode=False` "
