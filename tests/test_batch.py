@@ -99,7 +99,7 @@ def test_loss_weights_follow_their_samples():
 def test_placeholder_is_one_fully_masked_row():
     for batch, padding_free, n in ((_padded(), False, None), (_flat(), True, 2)):
         scored = _layout_only(batch, padding_free=padding_free, n=n)
-        out = placeholder(batch)
+        out = placeholder(batch, padding_free)
         assert has_rows(out) and bool((out["labels"] == -100).all())
         rows = int((out["position_ids"] == 0).sum()) if padding_free else out["input_ids"].shape[0]
         assert rows == 1

@@ -539,3 +539,34 @@ def test_evaluate_before_train_keeps_the_runs_own_tracking_folder(tracking, tmp_
     assert not any("held the tracking outputs of an earlier run" in r.getMessage() for r in caplog.records)
     run = client.get_run(callback.run_id)
     assert "eval_loss" in run.data.metrics and "train_loss" in run.data.metrics  # one run holds both
+
+
+def test_mlflow_integration_turned_off_is_named_for_training_only(monkeypatch):
+    """transformers' DISABLE_MLFLOW_INTEGRATION stops the MLflowCallback our tracking runs: a training run says so;
+    the audit and compare, which log through their own client, are not affected."""
+    from trl_qtuning.tracking import require_mlflow
+
+    monkeypatch.setenv("DISABLE_MLFLOW_INTEGRATION", "TRUE")
+    require_mlflow()
+    with pytest.raises(RuntimeError, match="DISABLE_MLFLOW_INTEGRATION"):
+        require_mlflow(integration=True)
+    monkeypatch.delenv("DISABLE_MLFLOW_INTEGRATION")
+    require_mlflow(integration=True)
+
+
+def test_decision_rows_of_a_long_run_are_compacted_once_and_kept_in_order():
+    """Every 256 steps become one frame (a long run's rows are copied once); the rows and per-step counts stay."""
+    from trl_qtuning.step.events import StepDecisions
+    from trl_qtuning.tracking.recorder import DecisionAccumulator
+
+    acc = DecisionAccumulator()
+    for step in range(1, 601):
+        columns = {"step": [step, step], "epoch": [0, 0], "sample_id": [2 * step, 2 * step + 1], "quadrant": [1, 3],
+                   "decision": ["dropped", "kept"], "response_tokens": [4, 5], "kept_tokens": [0, 5]}  # fmt: skip
+        acc(StepDecisions(step=step, columns=columns, thresholds=[], scoring_seconds=0.5))
+    assert len(acc._frames) == 2 + (600 - 512)
+    rows = acc.rows()
+    assert rows["step"].tolist() == [s for step in range(1, 601) for s in (step, step)]
+    assert rows["sample_id"].tolist() == list(range(2, 1202))
+    per_step = acc.per_step()
+    assert len(per_step) == 600 and int(per_step["kept_samples"].sum()) == 600

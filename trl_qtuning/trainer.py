@@ -11,31 +11,33 @@ micro-batches as it fetched (an emptied one is skipped in ``training_step``).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
 from transformers import DefaultFlowCallback, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from .config import QTUNING_FIELDS, QTuningConfig, require_qtuning_config
+from .integrations.teardown import end_at_exit, release_before_group_ends, unregister
+from .ledger import LEDGER_DIRNAME, DecisionLedger, is_fresh_run, open_for_run, write_checkpoint_id
 from .step.batch import LOSS_WEIGHT_COLUMN, WeightedLogProbs, apply_decisions, has_rows, runnable_micro_batches
 from .step.collator import (
     SAMPLE_ID_COLUMN, QTuningDataCollator, check_prepared_dataset, pad_token_id, sized_length, with_sample_ids,
 )  # fmt: skip
-from .config import QTUNING_FIELDS, QTuningConfig, require_qtuning_config
 from .step.decision import StepDecider, StepSelection
 from .step.events import DecisionListener, StepDecisions
-from .ledger import LEDGER_DIRNAME, DecisionLedger, is_fresh_run, open_for_run, write_checkpoint_id
 from .step.metrics import StepMetricsLog, gather_ledger_columns, gather_step_sums, ledger_columns, step_sums
 from .step.scoring import (
-    ScoredMicroBatch, Scorer, inference_tensor_error, load_reference_model, reference_forward,
+    ScoredMicroBatch, Scorer, as_inference_tensor_error, load_reference_model, reference_forward,
 )  # fmt: skip
-from .integrations.teardown import end_at_exit, release_before_group_ends, unregister
 
 __all__ = ["QTuningSFTTrainer"]
 
@@ -74,11 +76,9 @@ def _warn_if_adapters_are_trained(model: torch.nn.Module) -> None:
 class LedgerCallback(TrainerCallback):
     """The decision ledger's life in the training loop: it takes each step's rows (a decision listener), opens the
     run's ledger (:meth:`open`: the resume checks, before anything is touched), writes the buffered rows before each
-    checkpoint (so a checkpoint never holds steps the ledger has lost) and at the end, and records the ledger's run id
-    in each checkpoint.
-
-    It sits right after transformers' ``DefaultFlowCallback``, which decides whether the step saves, and before the
-    reporting callbacks, which upload or read the ledger when training ends.
+    checkpoint and records the ledger's run id in it (:meth:`around_checkpoint`, called by the trainer's
+    ``_save_checkpoint``: whichever callback asked for the save, a checkpoint never holds steps the ledger has lost),
+    and writes the rest at the end, before the reporting callbacks placed after it read the ledger.
     """
 
     def __init__(self, ledger: DecisionLedger):
@@ -90,21 +90,12 @@ class LedgerCallback(TrainerCallback):
     def open(self, resume_from_checkpoint: str | bool | None, output_dir: str) -> Path | None:
         return open_for_run(self.ledger, resume_from_checkpoint, output_dir)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save:
-            self.ledger.flush()
-
-    on_epoch_end = on_step_end
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        if args.save_strategy == SaveStrategy.BEST:  # the save follows if the metric improved
-            self.ledger.flush()
-
-    def on_save(self, args, state, control, **kwargs):
-        self.ledger.flush()  # a save a later callback asked for
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    @contextlib.contextmanager
+    def around_checkpoint(self, folder: Path, step: int) -> Iterator[None]:
+        self.ledger.flush()
+        yield
         if self.ledger.run_id is not None and folder.is_dir():
-            write_checkpoint_id(folder, self.ledger.run_id, state.global_step)
+            write_checkpoint_id(folder, self.ledger.run_id, step)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.ledger.flush()
@@ -131,7 +122,7 @@ class QTuningSFTTrainer(SFTTrainer):
         if wants_mlflow:
             from .tracking import require_mlflow
 
-            require_mlflow()  # before transformers' own MLflowCallback fails with a less helpful message
+            require_mlflow(integration=True)  # before transformers' own MLflowCallback fails with a less helpful message
         super().__init__(**call, **extra)
         from .integrations.quantization import keep_4bit_trainable_on_cpu
 
@@ -332,7 +323,7 @@ class QTuningSFTTrainer(SFTTrainer):
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         except RuntimeError as error:
-            clearer = inference_tensor_error(error) if self.args.qtuning_enabled else None
+            clearer = as_inference_tensor_error(error) if self.args.qtuning_enabled else None
             if clearer is not None and self._scores_in_inference_mode():
                 raise clearer from error
             raise
@@ -384,6 +375,14 @@ class QTuningSFTTrainer(SFTTrainer):
         self._decision_listeners.append(listener)
 
     # ------------------------------------------------------------------ persistence
+    def _save_checkpoint(self, model, trial):
+        ledger = self._ledger if self.args.qtuning_enabled else None
+        if ledger is None:
+            return super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        with ledger.around_checkpoint(folder, self.state.global_step):
+            super()._save_checkpoint(model, trial)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         self._apply_changed_settings()
         ledger = self._ledger if self.args.qtuning_enabled else None

@@ -44,10 +44,11 @@ The matrix file (all relative paths resolve against the CURRENT directory, not t
 Mistakes in the matrix are reported as one line naming the field (exit code 2) before anything is trained; set
 ``TRL_QTUNING_DEBUG=1`` for tracebacks.
 
-The package, one module per job: ``matrix`` (schema and validation), ``data``, ``models``, ``evaluate`` (evaluation
-glue and the learning curve), ``mlflow_env`` (tracking environment), ``runner`` (orchestration and resume),
-``provenance``, ``results`` (cell records on disk), ``tables``, ``paired``, ``audit`` and ``figures`` (the results
-page) and ``cli``.
+The package, one module per job: ``matrix`` (schema and validation), ``data`` and ``noise`` (training rows and their
+label noise), ``models``, ``evaluation`` (held-out NLL, GSM8K exact match, ARC accuracy), ``contrast`` (contrasts a
+noise can move), ``evaluate`` (evaluation glue and the learning curve), ``compute`` (counted compute),
+``mlflow_runs`` (the cells' MLflow runs), ``runner`` (orchestration and resume), ``progress``, ``provenance``,
+``results`` (cell records on disk), ``tables``, ``paired``, ``audit`` and ``figures`` (the results page) and ``cli``.
 """
 
 from __future__ import annotations

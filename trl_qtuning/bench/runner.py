@@ -21,7 +21,7 @@ from ..ledger import LEDGER_DIRNAME
 from .data import describe, prepare_data
 from .evaluate import CurveRecorder, curve_metrics, evaluate
 from .matrix import PROG, BenchConfigError, Cell, Matrix, build_config, cell_config_kwargs, plan_cells, with_defaults
-from .mlflow_env import cell_tags, retire_old_run, run_id_from_disk, send, warn
+from .mlflow_runs import cell_tags, retire_old_run, run_id_from_disk, send, warn
 from .models import load_model_and_tokenizer, peft_config
 from .progress import CellProgress, duration
 from .provenance import code_state, fingerprint

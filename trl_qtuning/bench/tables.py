@@ -482,7 +482,7 @@ def render_results(matrix: Matrix, *, command: str | None = None, out=None) -> s
     """Collect the cells' results, print the tables, write ``results.md``, ``results.json`` and the curve figures;
     returns the equal-steps table."""
     from .figures import draw_curves
-    from .mlflow_env import log_summary
+    from .mlflow_runs import log_summary
 
     out = out or sys.stdout
     rows, missing, results = collect_rows(matrix)

@@ -192,8 +192,6 @@ def main(argv: list[str] | None = None) -> int:
         import importlib.util
 
         args.report_to = "mlflow" if importlib.util.find_spec("mlflow") else "none"
-    if args.report_to == "mlflow":
-        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "trl-qtuning-demo")
     print("Loading model ...", flush=True)
     if args.model is None:
         model, tokenizer = load_demo_model_and_tokenizer()
@@ -231,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         peft_config=peft_config, callbacks=[StepReport()],
     )
     trainer.remove_callback(PrinterCallback)
+    experiment = None
+    if args.report_to == "mlflow":  # the demo's own experiment unless the user named one
+        from trl_qtuning.tracking import attach_tracking
+
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "trl-qtuning-demo"
+        attach_tracking(trainer, experiment=experiment)
     print(f"Q-Tuning: keep {args.sample_keep_ratio:.0%} of samples and {args.token_keep_ratio:.0%} of Q2 response "
           f"tokens; {args.batch_size} x {args.grad_acc} samples triaged per step; {args.max_steps} steps", flush=True)
     print_expected_duration(args, bf16, use_cuda)
@@ -253,14 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     for q, label in QUADRANT_LABELS.items():
         print(f"  {label:<28} {counts.get(q, 0):>4}")
     print("Decisions: " + ", ".join(f"{k} {v}" for k, v in ledger.decision.value_counts().sort_index().items()))
-    response, kept_tokens = ledger.response_tokens.sum(), ledger.kept_tokens.sum()
-    kept_response = ledger.response_tokens[kept_mask].sum()
-    print(f"Realised sample keep ratio: {kept_mask.mean():.3f} (asked {args.sample_keep_ratio})")
-    pruned = ledger.decision == Decision.TOKEN_PRUNED
-    q2_ratio = ledger.kept_tokens[pruned].sum() / max(ledger.response_tokens[pruned].sum(), 1)
-    print(f"Realised token keep ratio in token-pruned samples: {q2_ratio:.3f} (asked {args.token_keep_ratio}); "
-          f"in all kept samples: {kept_tokens / max(kept_response, 1):.3f}; "
-          f"trained answer tokens / all answer tokens: {kept_tokens / max(response, 1):.3f}")
+    realised = trainer.qtuning_realised_budgets
+
+    def share(name: str) -> str:
+        return "n/a" if realised[name] is None else f"{realised[name]:.3f}"
+
+    print(f"Realised sample keep ratio: {share('sample_keep_ratio')} (asked {args.sample_keep_ratio})")
+    print(f"Realised token keep ratio in token-pruned samples: {share('token_keep_ratio')} (asked "
+          f"{args.token_keep_ratio}); in all kept samples: {share('kept_sample_token_share')}; "
+          f"trained answer tokens / all answer tokens: {share('label_token_share')}")
 
     dataset = trainer.train_dataset
     index_of = {int(sid): i for i, sid in enumerate(dataset["qtuning_sample_id"])}
@@ -285,13 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         import mlflow
 
         uri = mlflow.get_tracking_uri()
-        print(f"MLflow: experiment {os.environ['MLFLOW_EXPERIMENT_NAME']!r} at {uri}; open the UI with "
+        print(f"MLflow: experiment {experiment!r} at {uri}; open the UI with "
               f"`mlflow ui --backend-store-uri {uri}` and browse http://127.0.0.1:5000")
     summary = {
         "model": model_name, "embedded_default": embedded, "train_samples": len(train_set),
         "heldout_samples": len(heldout), "steps": result.global_step, "heldout_loss_before": before,
         "heldout_loss_after": after, "quadrant_counts": {QUADRANT_LABELS[int(k)]: int(v) for k, v in counts.items()},
-        "realised_sample_keep_ratio": float(kept_mask.mean()), "realised_token_keep_ratio": float(q2_ratio),
+        "realised_sample_keep_ratio": realised["sample_keep_ratio"],
+        "realised_token_keep_ratio": realised["token_keep_ratio"],
         "train_seconds": train_seconds,
     }  # fmt: skip
     Path(args.output_dir, "demo_summary.json").write_text(json.dumps(summary, indent=2))

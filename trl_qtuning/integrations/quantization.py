@@ -244,7 +244,11 @@ def inspect_model(
     try:
         config = AutoConfig.from_pretrained(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         return model_report_from_config(config, model_name_or_path, trust_remote_code=trust_remote_code)
-    except Exception as exc:
+    except ImportError as exc:  # transformers moved the helpers the pre-check counts with: worth knowing
+        logger.warning("Cannot count %s's quantisable layers before loading (%s); skipping the pre-check.",
+                       model_name_or_path, exc)  # fmt: skip
+        return None
+    except Exception as exc:  # no config to read (a Hub id offline...): loading will say what is wrong
         logger.debug("Cannot inspect %s before loading (%s); skipping the pre-check.", model_name_or_path, exc)
         return None
 

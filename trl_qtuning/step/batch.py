@@ -77,10 +77,10 @@ def apply_decisions(
     return out
 
 
-def placeholder(batch: dict[str, Any]) -> dict[str, Any]:
-    """The first row (segment) of a fetched ``batch`` with every label masked: a forward and backward that add exactly
-    zero, where a micro-batch must run but kept nothing."""
-    if "attention_mask" not in batch and "position_ids" in batch:
+def placeholder(batch: dict[str, Any], padding_free: bool) -> dict[str, Any]:
+    """The first row (segment, when ``padding_free``) of a fetched ``batch`` with every label masked: a forward and
+    backward that add exactly zero, where a micro-batch must run but kept nothing."""
+    if padding_free:
         starts = [*(batch["position_ids"][0] == 0).nonzero().flatten().tolist(), batch["position_ids"].shape[1]]
         first = slice(starts[0], starts[1])
         out = refresh_flat_metadata({k: v[:, first] if k in _PER_TOKEN_FLAT_KEYS else v for k, v in batch.items()})
@@ -122,13 +122,13 @@ def runnable_micro_batches(
         needed = max(len(filled), 1) if run_last or several else len(filled)
         if several:  # as many as the rank that needs the most; all ranks skip the same freed slots
             needed = most_across_ranks(needed)
-        filled = [placeholder(fetched[0]) for _ in range(needed - len(filled))] + filled
+        filled = [placeholder(fetched[0], padding_free) for _ in range(needed - len(filled))] + filled
         return [empty_like(pruned[0]) for _ in range(len(pruned) - len(filled))] + filled
     if several:
-        return [mb if has_rows(mb) else placeholder(f) for mb, f in zip(pruned, fetched, strict=True)]
+        return [mb if has_rows(mb) else placeholder(f, padding_free) for mb, f in zip(pruned, fetched, strict=True)]
     runnable = list(pruned)
     if run_last and not has_rows(runnable[-1]):
-        runnable[-1] = placeholder(fetched[-1])
+        runnable[-1] = placeholder(fetched[-1], padding_free)
     return runnable
 
 

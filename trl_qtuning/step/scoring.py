@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed TRL
     ) from exc
 
 __all__ = [
-    "FusedCausalLMOutput", "RowLayout", "ScoredMicroBatch", "Scorer", "inference_tensor_error", "load_reference_model",
+    "FusedCausalLMOutput", "RowLayout", "ScoredMicroBatch", "Scorer", "as_inference_tensor_error", "load_reference_model",
     "non_padding_tokens", "project_labelled_positions_only", "reference_forward",
 ]  # fmt: skip
 
@@ -256,9 +256,9 @@ class Scorer:
         )  # fmt: skip
 
 
-def inference_tensor_error(error: BaseException) -> RuntimeError | None:
+def as_inference_tensor_error(error: BaseException) -> RuntimeError | None:
     """Where training touched a tensor created under ``torch.inference_mode()`` (by our scoring forward), the error
-    to raise instead of torch's: what happened and the setting that fixes it."""
+    to raise instead of torch's: what happened and the setting that fixes it; None for any other error."""
     if "inference tensor" not in str(error).lower():
         return None
     return RuntimeError(

@@ -17,8 +17,9 @@ __all__ = [
 MLFLOW_INSTALL_HINT = "pip install 'trl-qtuning[mlflow]'"
 
 
-def require_mlflow() -> None:
-    """Raise a clear ImportError when mlflow is missing (``report_to`` asks for it)."""
+def require_mlflow(*, integration: bool = False) -> None:
+    """Raise a clear error when mlflow is missing (``report_to`` asks for it) or, with ``integration`` (a training
+    run, whose callback runs transformers' ``MLflowCallback``), when transformers' MLflow integration is turned off."""
     try:
         import mlflow  # noqa: F401
     except ImportError as exc:
@@ -26,6 +27,13 @@ def require_mlflow() -> None:
             "MLflow tracking was requested (`report_to` includes 'mlflow') but mlflow is not installed. "
             f"Install the extra: {MLFLOW_INSTALL_HINT}"
         ) from exc
+    from transformers.integrations import is_mlflow_available
+
+    if integration and not is_mlflow_available():  # installed, but transformers' MLflowCallback (which ours runs) refuses to start
+        raise RuntimeError(
+            "MLflow tracking was requested (`report_to` includes 'mlflow') but DISABLE_MLFLOW_INTEGRATION is set, "
+            "which turns off transformers' MLflow integration: unset it, or drop 'mlflow' from `report_to`."
+        )
 
 
 def attach_tracking(trainer: Any, **options: Any):
@@ -37,7 +45,7 @@ def attach_tracking(trainer: Any, **options: Any):
     ``new_run``, ``eu_plane_every``, ``html_samples``, ``retry_interval``); on a callback already attached (the
     trainer attaches one when ``report_to`` asks for mlflow) they replace its own.
     """
-    require_mlflow()
+    require_mlflow(integration=True)
     from transformers.integrations import MLflowCallback
 
     from .callback import QTuningMLflowCallback

@@ -162,7 +162,8 @@ class QTuningMLflowCallback(MLflowCallback):
 
     def configure(self, **options: Any) -> None:
         """Change the options (``__init__``'s keyword arguments) of an attached callback before training starts."""
-        unknown = options.keys() - (set(inspect.signature(QTuningMLflowCallback.__init__).parameters) - {"trainer"})
+        allowed = set(inspect.signature(QTuningMLflowCallback.__init__).parameters) - {"self", "trainer"}
+        unknown = options.keys() - allowed
         if unknown:
             raise TypeError(f"unknown tracking option(s): {', '.join(sorted(unknown))}")
         vars(self).update(options)

@@ -22,12 +22,15 @@ class DecisionAccumulator:
 
     def __init__(self) -> None:
         self._frames: list[pd.DataFrame] = []
+        self._loose = 0  # frames appended since the last compaction
         self.scoring_seconds: dict[int, float] = {}
 
     def __call__(self, event: StepDecisions) -> None:  # a decision listener
         self._frames.append(pd.DataFrame({name: event.columns[name] for name in COLUMNS}))
-        if len(self._frames) >= 256:  # one frame, not one per step, for a long run
-            self._frames = [self.rows()]
+        self._loose += 1
+        if self._loose == 256:  # the last 256 steps as one frame: a long run's rows are copied once, not every time
+            self._frames[-256:] = [pd.concat(self._frames[-256:], ignore_index=True)]
+            self._loose = 0
         if event.scoring_seconds is not None:
             self.scoring_seconds[event.step] = self.scoring_seconds.get(event.step, 0.0) + float(event.scoring_seconds)
 
