@@ -116,12 +116,17 @@ def budgets_figure(steps: pd.DataFrame, sample_target: float | None, token_targe
     """Realised sample keep ratio, token keep ratio (token-pruned samples) and trained label-token share per step."""
     fig = _figure(8.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
-    for num, den, color, label in (
-        ("kept_samples", "samples", "#1f77b4", "sample keep ratio"),
-        ("token_pruned_kept", "token_pruned_response", "#ff7f0e", "token keep ratio (Q2 pruned)"),
-        ("label_tokens", "response_tokens", "#2ca02c", "label tokens trained / all"),
+    import pandas as pd
+
+    from .recorder import step_budgets
+
+    budgets = pd.DataFrame([step_budgets(row) for row in steps.to_dict("records")], index=steps.index).astype(float)
+    for name, color, label in (
+        ("sample_keep_ratio", "#1f77b4", "sample keep ratio"),
+        ("token_keep_ratio", "#ff7f0e", "token keep ratio (Q2 pruned)"),
+        ("label_token_share", "#2ca02c", "label tokens trained / all"),
     ):
-        ax.plot(steps.index, steps[num] / steps[den].replace(0, np.nan), marker=".", color=color, label=label)
+        ax.plot(budgets.index, budgets[name], marker=".", color=color, label=label)
     if sample_target is not None:
         ax.axhline(sample_target, color="#1f77b4", ls="--", lw=1, label=f"sample_keep_ratio = {sample_target:g}")
     if token_target is not None:

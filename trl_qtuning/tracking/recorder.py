@@ -3,18 +3,30 @@ pandas group-bys: per step (figures, summary) and per (epoch, sample) (summary, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..step.events import StepDecisions
+from ..step.metrics import realised_budgets
 from ..vocabulary import DECISIONS, QUADRANT_KEYS, TRAINED_DECISIONS, Decision
 
-__all__ = ["DecisionAccumulator"]
+__all__ = ["DecisionAccumulator", "step_budgets"]
 
 COLUMNS = ("step", "epoch", "sample_id", "quadrant", "decision", "response_tokens", "kept_tokens")
 """The ledger columns the aggregates read."""
+
+
+def step_budgets(totals: Mapping[str, float]) -> dict[str, float | None]:
+    """:func:`~trl_qtuning.step.metrics.realised_budgets` of :meth:`DecisionAccumulator.per_step`'s columns (one
+    step's row, or their sum over steps)."""
+    return realised_budgets({
+        "samples": totals["samples"], "kept": totals["kept_samples"], "response_tokens": totals["response_tokens"],
+        "kept_tokens": totals["label_tokens"], "pruned_response": totals["token_pruned_response"],
+        "pruned_kept": totals["token_pruned_kept"],
+    })  # fmt: skip
 
 
 class DecisionAccumulator:

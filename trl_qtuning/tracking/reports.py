@@ -14,9 +14,8 @@ from typing import Any
 
 from ..ledger import LEDGER_DIRNAME, SHARD_GLOB
 from ..vocabulary import DECISIONS, QUADRANT_KEYS
-from ..step.metrics import realised_budgets
 from .outputs import REPORT_FILE, SELECTION_DIR, SUMMARY_FILE, TRACKING_DIR
-from .recorder import DecisionAccumulator
+from .recorder import DecisionAccumulator, step_budgets
 
 __all__ = [
     "build_summary", "write_summary", "summary_markdown", "write_selection", "load_selection", "kept_sample_ids",
@@ -56,10 +55,7 @@ def build_summary(
         for sid, n, d in ranked.head(top_dropped).itertuples(index=False)
     ]
     config = dict(config or {})
-    budgets = realised_budgets(
-        {"samples": samples, "kept": kept, "response_tokens": response, "kept_tokens": label_tokens,
-         "pruned_response": total["token_pruned_response"], "pruned_kept": total["token_pruned_kept"]}
-    )  # fmt: skip
+    budgets = step_budgets(total)
     return {
         "method": config.get("method", "qtuning"),
         "config": config,
