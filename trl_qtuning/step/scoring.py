@@ -28,8 +28,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installed TRL
     ) from exc
 
 __all__ = [
-    "FusedCausalLMOutput", "RowLayout", "ScoredMicroBatch", "Scorer", "as_inference_tensor_error", "load_reference_model",
-    "non_padding_tokens", "project_labelled_positions_only", "reference_forward",
+    "FusedCausalLMOutput", "RowLayout", "ScoredMicroBatch", "Scorer", "as_inference_tensor_error",
+    "load_reference_model", "non_padding_tokens", "project_labelled_positions_only", "reference_forward",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)

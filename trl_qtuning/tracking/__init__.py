@@ -29,7 +29,7 @@ def require_mlflow(*, integration: bool = False) -> None:
         ) from exc
     from transformers.integrations import is_mlflow_available
 
-    if integration and not is_mlflow_available():  # installed, but transformers' MLflowCallback (which ours runs) refuses to start
+    if integration and not is_mlflow_available():  # installed, but transformers' MLflowCallback (ours runs it) won't
         raise RuntimeError(
             "MLflow tracking was requested (`report_to` includes 'mlflow') but DISABLE_MLFLOW_INTEGRATION is set, "
             "which turns off transformers' MLflow integration: unset it, or drop 'mlflow' from `report_to`."
