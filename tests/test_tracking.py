@@ -570,3 +570,20 @@ def test_decision_rows_of_a_long_run_are_compacted_once_and_kept_in_order():
     assert rows["sample_id"].tolist() == list(range(2, 1202))
     per_step = acc.per_step()
     assert len(per_step) == 600 and int(per_step["kept_samples"].sum()) == 600
+
+
+def test_a_second_train_is_a_run_of_its_own(tracking, tmp_path):
+    """``trainer.train()`` twice (a notebook): the second training gets its own run, with its own step-1 metrics and
+    outputs, instead of appending to the first, finished one."""
+    client, _ = tracking
+    trainer = build_trainer(tmp_path, report_to=["mlflow"], max_steps=1)
+    callback = attach_tracking(trainer)
+    run_ids = []
+    for _ in range(2):
+        trainer.train()
+        run_ids.append(callback.run_id)
+    assert run_ids[0] != run_ids[1]
+    for run_id in run_ids:
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run_id, "qtuning/q2_share")] == [1]
+        assert "qtuning_summary.json" in {a.path for a in client.list_artifacts(run_id)}

@@ -145,17 +145,23 @@ class QTuningMLflowCallback(MLflowCallback):
         retry_interval: float = 30.0,
     ):
         super().__init__()
-        self._ml_flow = _QueuedMlflow(self)
         self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
         self.tags, self.new_run = dict(tags or {}), new_run
         self.eu_plane_every, self.html_samples, self.retry_interval = eu_plane_every, html_samples, retry_interval
+        self._start_run_state()
+
+    def _start_run_state(self) -> None:
+        """What one training run accumulates (its sink stays readable after the run ends: ``run_id``)."""
+        self._initialized = False  # MLflowCallback's flag: the next on_train_begin sets up a run
+        self._run_ended = False
+        self._ml_flow = _QueuedMlflow(self)
         self.decisions = DecisionAccumulator()
         self.sink: MLflowSink | None = None
         self._args: Any = None
         self._last_event: StepDecisions | None = None
         self._eu_drawn: set[int] = set()
-        self._token_pruned: deque[dict[str, Any]] = deque(maxlen=max(0, int(html_samples)))
+        self._token_pruned: deque[dict[str, Any]] = deque(maxlen=max(0, int(self.html_samples)))
         self._uploaded: dict[str, tuple[int, int]] = {}
         self._train_metrics: dict[str, float] = {}
         self._hook_errors: set[str] = set()
@@ -252,6 +258,11 @@ class QTuningMLflowCallback(MLflowCallback):
             }  # fmt: skip
         return {key: getattr(entity, key) for key in ("name", "digest", "source_type", "source", "schema", "profile")}
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._run_ended:  # a second train() on this trainer: a run of its own, not more steps of the finished one
+            self._start_run_state()
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+
     @_guarded
     def on_log(self, args, state, control, logs, model=None, **kwargs):
         super().on_log(args, state, control, logs, model=model, **kwargs)
@@ -279,6 +290,7 @@ class QTuningMLflowCallback(MLflowCallback):
 
     @_guarded
     def on_train_end(self, args, state, control, **kwargs):
+        self._run_ended = True
         if self.sink is None:
             return
         if self.eu_plane_every > 0:
