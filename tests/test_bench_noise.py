@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trl_qtuning.bench.noise import perturb_solution, row_rng
+from trl_qtuning.bench.noise import completion_text, perturb_solution, row_rng, with_text
 
 from .test_bench import _run, _tiny_matrix, _write_matrix, model_dir  # noqa: F401  (model_dir is a fixture)
 
@@ -52,6 +52,16 @@ def test_units_follow_the_size_of_the_number_and_never_go_below_zero():
         "It costs 3*500 = <<3*500=1200>>1200.\n#### 1200"
     )
     assert perturb_solution("He has <<3-2=1>>1 left.\n#### 1", _First()) == "He has <<3-2=0>>0 left.\n#### 0"
+
+
+def test_a_step_that_gives_a_moved_value_again_is_not_moved():
+    # 24 -> 27 in the first step; the second step computes 24 again from its own numbers, so its printed 24 stays (a
+    # value-keyed map printed 27 after <<12*2=24>>, a second error). Which 24 the last step adds is then ambiguous:
+    # the slip reaches no new final answer, and the final number moves instead (48 -> 51).
+    solution = "He buys <<4*6=24>>24 eggs. She buys <<12*2=24>>24 eggs. Together <<24+24=48>>48.\n#### 48"
+    assert perturb_solution(solution, _Last()) == (
+        "He buys <<4*6=24>>24 eggs. She buys <<12*2=24>>24 eggs. Together <<24+24=51>>51.\n#### 51"
+    )
 
 
 def test_a_solution_without_annotations_moves_its_final_number_everywhere():
@@ -113,33 +123,63 @@ def test_matrix_noise_type_is_checked_and_swap_hashes_as_before(tmp_path, model_
             load(train)
 
 
-def test_contrast_is_the_per_token_log_likelihood_ratio_of_true_and_wrong_answers(model_dir):  # noqa: F811
+def test_contrasts_are_log_likelihood_ratios_of_true_and_wrong_answers(model_dir):  # noqa: F811
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_qtuning.bench.contrast import answer_contrasts, contrast_rows
     from trl_qtuning.bench.data import _arithmetic_rows
-    from trl_qtuning.bench.evaluation import answer_logprob_sums
+    from trl_qtuning.bench.evaluation import answer_logprob_sums, answer_sequences
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     rows = [dict(r) for r in _arithmetic_rows(6, 3, 0.0)]
     with torch.no_grad():
         got = answer_contrasts(model, tokenizer, rows, kinds=["swap", "numbers"], seed=0, batch_size=4)
         true, counts = answer_logprob_sums(model, tokenizer, rows, batch_size=4)
-        # swap: row j's answer under row j+1's question
+        # swap: row j's answer under row j+1's question, per answer token
         swapped = [{**rows[j], "prompt": rows[(j + 1) % 6]["prompt"]} for j in range(6)]
         other, _ = answer_logprob_sums(model, tokenizer, swapped, batch_size=4)
         margins = [(t - o) / c for t, o, c in zip(true, other, counts)]
         assert got["eval/contrast_swap"] == pytest.approx(sum(margins) / 6, abs=1e-9)
         assert got["eval/contrast_swap_win"] == pytest.approx(sum(m > 0 for m in margins) / 6)
-        # numbers: each answer against its own slip (every arithmetic row has a number)
+        # numbers: one forward of each true answer; at the first token where its slip departs, the true token's
+        # log-probability minus the slip's (the prefix is the same, so one distribution gives both)
         indices, wrong = contrast_rows(rows, "numbers", 0)
         assert indices == list(range(6))
         assert all(w["prompt"] == r["prompt"] and w["completion"] != r["completion"] for w, r in zip(wrong, rows))
-        other, _ = answer_logprob_sums(model, tokenizer, wrong, batch_size=4)
-        margins = [(t - o) / c for t, o, c in zip(true, other, counts)]
-        assert got["eval/contrast_numbers"] == pytest.approx(sum(margins) / 6, abs=1e-9)
+        true_ids, starts = answer_sequences(tokenizer, rows)
+        wrong_ids, _ = answer_sequences(tokenizer, wrong)
+        margins = []
+        for t, w, start in zip(true_ids, wrong_ids, starts):
+            d = next(i for i in range(start, min(len(t), len(w))) if t[i] != w[i])
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([t])).logits[0, d - 1].double(), dim=-1)
+            margins.append(float(logprobs[t[d]] - logprobs[w[d]]))
+        assert got["eval/contrast_numbers"] == pytest.approx(sum(margins) / 6, abs=1e-5)
+        assert got["eval/contrast_numbers_win"] == pytest.approx(sum(m > 0 for m in margins) / 6)
         assert got["eval/contrast_numbers_n"] == 6.0
+
+
+def test_arithmetic_contrast_reads_the_departure_not_what_follows_it(model_dir, monkeypatch):  # noqa: F811
+    """What comes after the first departing token (a slip can lengthen every later number) does not move it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_qtuning.bench import contrast
+    from trl_qtuning.bench.data import _arithmetic_rows
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    rows = [dict(r) for r in _arithmetic_rows(4, 3, 0.0)]
+    with torch.no_grad():
+        plain = contrast.answer_contrasts(model, tokenizer, rows, kinds=["numbers"], seed=0, batch_size=4)
+        slip = contrast.contrast_rows
+        padded = lambda rows, kind, seed: (  # noqa: E731
+            slip(rows, kind, seed)[0],
+            [{**w, "completion": with_text(w["completion"], completion_text(w["completion"]) + " and 123.45 more")}
+             for w in slip(rows, kind, seed)[1]],
+        )
+        monkeypatch.setattr(contrast, "contrast_rows", padded)
+        longer = contrast.answer_contrasts(model, tokenizer, rows, kinds=["numbers"], seed=0, batch_size=4)
+    assert longer == pytest.approx(plain, abs=1e-6)
 
 
 def test_bench_cell_with_numbers_noise_records_its_rows_and_contrasts(tmp_path, model_dir):  # noqa: F811

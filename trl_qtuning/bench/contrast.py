@@ -2,17 +2,20 @@
 
 Held-out answer NLL barely sees label noise (30% swapped answers moved it by 0.01, docs/results.md): a model can
 learn that answers ignore their questions, or that arithmetic slips are fine, and still predict the style of a
-solution as well as before. Each contrast compares, row by row on the held-out set, the log-likelihood of the true
-answer with that of a wrong one, per answer token of the true answer:
+solution as well as before. Each contrast compares, row by row on the held-out set, the true answer with a wrong one:
 
 * ``swap``: ``[log p(a_j | q_j) - log p(a_j | q_k)] / |a_j|``, the same answer under its own question and under the
-  next held-out row's question ``k = j + 1 (mod n)``: how much the question matters to the answer (0 for a model
-  that ignores questions);
-* ``numbers``: ``[log p(a_j | q_j) - log p(a'_j | q_j)] / |a_j|``, the true solution against the same solution with a
-  carried arithmetic slip (:func:`trl_qtuning.bench.noise.perturb_solution`, seeded by the row's uid).
+  next held-out row's question ``k = j + 1 (mod n)``, per answer token: how much the question matters to the answer
+  (0 for a model that ignores questions). Both sides score the same tokens.
+* ``numbers``: ``log p(t_d | prefix) - log p(w_d | prefix)`` at the first token ``d`` where the solution with a carried
+  arithmetic slip (:func:`trl_qtuning.bench.noise.perturb_solution`, seeded by the row's uid) departs from the true
+  one: given the identical question and reasoning so far, how much more likely the right result's token is than the
+  slip's. Read at that one token because the two solutions differ in length after it (a slip can add digits or
+  decimals to every later number), and a sum over different token counts would move with how well the model fits
+  tokens in general, not with its arithmetic. A row whose departure lies beyond ``max_length`` is left out.
 
-Reported as the mean over rows (``eval/contrast_<kind>``, higher is better) and the share of rows where the true
-answer is the more likely one (``eval/contrast_<kind>_win``).
+Reported as the mean over rows (``eval/contrast_<kind>``, higher is better), the share of rows where the true answer
+is the more likely one (``eval/contrast_<kind>_win``) and the number of rows (``eval/contrast_<kind>_n``).
 """
 
 from __future__ import annotations
@@ -44,19 +47,41 @@ def contrast_rows(rows: list[dict[str, Any]], kind: str, seed: int) -> tuple[lis
     raise ValueError(f"contrast kind must be one of {', '.join(CONTRAST_KINDS)}, got {kind!r}")
 
 
+def _first_departure(true: list[int], wrong: list[int], start: int) -> int | None:
+    """The first answer position where the two token sequences differ (None: identical as far as both go)."""
+    return next((i for i, (a, b) in enumerate(zip(true, wrong)) if a != b and i >= start), None)
+
+
+def _swap_margins(model, tokenizer, rows, contrasts, *, batch_size: int, max_length: int) -> list[float]:
+    from .evaluation import answer_logprob_sums
+
+    true_sums, counts = answer_logprob_sums(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)
+    sums, _ = answer_logprob_sums(model, tokenizer, contrasts, batch_size=batch_size, max_length=max_length)
+    return [(t - o) / c for t, o, c in zip(true_sums, sums, counts) if c > 0]
+
+
+def _slip_margins(model, tokenizer, rows, contrasts, *, batch_size: int, max_length: int) -> list[float]:
+    from .evaluation import answer_sequences, token_logprob_sums
+
+    true_ids, starts = answer_sequences(tokenizer, rows, max_length=max_length)
+    wrong_ids, _ = answer_sequences(tokenizer, contrasts, max_length=max_length)
+    points = [(t, w, d) for t, w, s in zip(true_ids, wrong_ids, starts) if (d := _first_departure(t, w, s)) is not None]
+    sequences = [t[: d + 1] for t, _, d in points] + [w[: d + 1] for _, w, d in points]
+    sums, _ = token_logprob_sums(model, tokenizer, sequences, [d for *_, d in points] * 2, batch_size=batch_size)
+    return [sums[i] - sums[i + len(points)] for i in range(len(points))]
+
+
 def answer_contrasts(
     model, tokenizer, dataset, *, kinds: list[str], seed: int, batch_size: int = 8, max_length: int = 1024
 ) -> dict[str, float]:
     """``eval/contrast_<kind>``, ``eval/contrast_<kind>_win`` and ``eval/contrast_<kind>_n`` for each kind."""
-    from .evaluation import answer_logprob_sums
-
     rows = [dict(row) for row in dataset]
-    true_sums, true_counts = answer_logprob_sums(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)
     metrics: dict[str, float] = {}
     for kind in kinds:
         indices, contrasts = contrast_rows(rows, kind, seed)
-        sums, _ = answer_logprob_sums(model, tokenizer, contrasts, batch_size=batch_size, max_length=max_length)
-        margins = [(true_sums[j] - other) / true_counts[j] for j, other in zip(indices, sums) if true_counts[j] > 0]
+        margins_of = _swap_margins if kind == "swap" else _slip_margins
+        margins = margins_of(model, tokenizer, [rows[j] for j in indices], contrasts, batch_size=batch_size,
+                             max_length=max_length)  # fmt: skip
         if not margins:
             continue
         metrics[f"eval/contrast_{kind}"] = sum(margins) / len(margins)

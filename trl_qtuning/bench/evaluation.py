@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["answer_logprob_sums", "answer_nll", "extract_final_number", "gsm8k_exact_match", "multiple_choice_accuracy"]
+__all__ = [
+    "answer_logprob_sums", "answer_nll", "answer_sequences", "extract_final_number", "gsm8k_exact_match",
+    "multiple_choice_accuracy", "token_logprob_sums",
+]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -145,19 +148,35 @@ def _scored_logprob_sums(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def answer_logprob_sums(
-    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], *, batch_size: int = 8, max_length: int = 1024
-) -> tuple[list[float], list[int]]:
-    """Per row: the summed log-probability of the completion's tokens given the prompt, and how many were scored
-    (tokenized as :func:`answer_nll` does; truncated to ``max_length`` from the right)."""
+def answer_sequences(
+    tokenizer: Any, rows: Sequence[dict[str, Any]], *, max_length: int = 1024
+) -> tuple[list[list[int]], list[int]]:
+    """Per row: the prompt and completion's token ids as the held-out NLL scores them (TRL's chat template for
+    conversational rows; truncated to ``max_length`` from the right) and the index of the first answer token."""
     sequences, starts = [], []
     for row in rows:
         texts, special = _chat_texts(tokenizer, row, ("prompt", "completion"))
         full = _encode(tokenizer, texts["prompt"] + texts["completion"], add_special_tokens=special)
         sequences.append(full[:max_length])
         starts.append(len(_encode(tokenizer, texts["prompt"], add_special_tokens=special)))
+    return sequences, starts
+
+
+def token_logprob_sums(
+    model: Any, tokenizer: Any, sequences: Sequence[Sequence[int]], starts: Sequence[int], *, batch_size: int = 8
+) -> tuple[list[float], list[int]]:
+    """Per token sequence: the summed log-probability of its tokens from ``starts[i]`` on, and how many were scored."""
     with _eval_mode(model):
         return _scored_logprob_sums(model, sequences, starts, batch_size=batch_size, pad_id=_pad_id(tokenizer))
+
+
+def answer_logprob_sums(
+    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], *, batch_size: int = 8, max_length: int = 1024
+) -> tuple[list[float], list[int]]:
+    """Per row: the summed log-probability of the completion's tokens given the prompt, and how many were scored
+    (tokenized as :func:`answer_nll` does; truncated to ``max_length`` from the right)."""
+    sequences, starts = answer_sequences(tokenizer, rows, max_length=max_length)
+    return token_logprob_sums(model, tokenizer, sequences, starts, batch_size=batch_size)
 
 
 def answer_nll(

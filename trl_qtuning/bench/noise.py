@@ -126,6 +126,8 @@ def _carry_slip(solution: str, rng: random.Random) -> str | None:
             return None
         if result != _key(match.group(2)):
             mapping[_key(match.group(2))] = result
+        else:  # this step gives its old value again: later mentions of that value are this step's, unchanged
+            mapping.pop(result, None)
         parts.append(f"<<{expression}={result}>>")
         position = match.end()
     parts.append(_substitute(solution[position:], mapping))

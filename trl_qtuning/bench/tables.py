@@ -387,9 +387,9 @@ PAIRED_NOTE = (
 )
 CONTRAST_NOTE = (
     "Q-A contrast: per held-out row, the answer's log-likelihood under its own question minus under the next row's "
-    "question, per answer token; arithmetic contrast: the true solution's minus the same solution's with a carried "
-    "arithmetic slip (trl_qtuning/bench/contrast.py). Mean over rows; higher is better, and a paired difference above "
-    "0 is `better`."
+    "question, per answer token; arithmetic contrast: at the first token where the same solution with a carried "
+    "arithmetic slip departs from the true one, the true token's log-probability minus the slip's "
+    "(trl_qtuning/bench/contrast.py). Mean over rows; higher is better, and a paired difference above 0 is `better`."
 )
 REFERENCE_NOTE = (
     "Against the clean reference: per seed, this matrix's cell minus the reference matrix's cell of the same method "
