@@ -4,9 +4,9 @@
 # STUDY_TREE: a worktree of this repository the cells run from (git worktree add --detach STUDY_TREE HEAD), so that
 # commits in the main checkout never change the code a running cell imports. PYTHON: the venv's python.
 # First the three base cells, then the full-data cells of the three matrices, seed by seed (the contrasts' validation:
-# noisy minus clean), then
-# the other four methods of both noisy matrices, seed by seed. Each stage runs a copy of a committed matrix with only
-# `seeds` narrowed (same fingerprints); finished cells are skipped, so rerunning the script resumes.
+# noisy minus clean), then the other four methods of both noisy matrices, seed by seed. Each stage runs a copy of a
+# committed matrix with only `seeds` narrowed (same fingerprints); finished cells are skipped, so rerunning the script
+# resumes.
 set -u
 tree=${1:?study worktree}; python=${2:?python of the venv}
 stages=$(mktemp -d)
