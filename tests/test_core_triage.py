@@ -517,8 +517,11 @@ def test_property_triage_invariants_with_invalid(batch, enforce):
 
 
 @settings(max_examples=200, deadline=None)
-@given(stat_batches(coarse=False), st.booleans(), st.randoms(use_true_random=False))
-def test_property_permutation_invariance(batch, enforce, rnd):
+@given(
+    stat_batches(coarse=False), st.booleans(), st.randoms(use_true_random=False),
+    st.sampled_from(["paper", "q1_last", "least_suspect"]),
+)  # fmt: skip
+def test_property_permutation_invariance(batch, enforce, rnd, rule):
     ppl, ent, percent = batch
     b = ppl.size
     # distinct statistics and distinct fill/trim scores, so no decision depends on a tie
@@ -527,12 +530,15 @@ def test_property_permutation_invariance(batch, enforce, rnd):
     n_p, n_e = _norm(ppl, valid), _norm(ent, valid)
     assume(len(set(np.abs(n_p - n_e).tolist())) == b)
     assume(len(set((n_p - n_e).tolist()) | set((n_e - n_p).tolist())) == 2 * b or b == 1)
+    if rule == "least_suspect":  # distinct rank sums (ranks of distinct values are 1..b)
+        rank_sums = np.argsort(np.argsort(ppl)) + np.argsort(np.argsort(ent))
+        assume(len(set(rank_sums.tolist())) == b)
     perm = list(range(b))
     rnd.shuffle(perm)
     perm_t = torch.tensor(perm)
     r = percent / 100
-    base = triage_samples(torch.tensor(ppl), torch.tensor(ent), r, enforce_budget=enforce)
-    moved = triage_samples(torch.tensor(ppl[perm]), torch.tensor(ent[perm]), r, enforce_budget=enforce)
+    base = triage_samples(torch.tensor(ppl), torch.tensor(ent), r, enforce_budget=enforce, fill_rule=rule)
+    moved = triage_samples(torch.tensor(ppl[perm]), torch.tensor(ent[perm]), r, enforce_budget=enforce, fill_rule=rule)
     for name in ("quadrant", "keep", "filled", "trimmed", "invalid", "q2_like"):
         assert getattr(moved, name).tolist() == getattr(base, name)[perm_t].tolist(), name
     assert moved.q == base.q
