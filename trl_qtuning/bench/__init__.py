@@ -22,6 +22,7 @@ The matrix file (all relative paths resolve against the CURRENT directory, not t
     data:
       train: {source: gsm8k_jsonl, path: ../shared/data/gsm8k/train.jsonl, size: 256, seed: 0}
       # train: {..., label_noise: 0.3}     # swap the answers of 30% of the training rows among themselves
+      # train: {..., label_noise: 0.3, label_noise_type: numbers}   # or give each one carried arithmetic slip
       heldout_size: 64                     # rows split off the train pool for the held-out answer NLL
     training: {max_steps: 12, ...}         # QTuningConfig / SFTConfig fields shared by every cell
     eval:
@@ -31,6 +32,8 @@ The matrix file (all relative paths resolve against the CURRENT directory, not t
       gsm8k: {size: 50, max_new_tokens: 256, path: null}
       arc_easy: {size: 100}
       arc_challenge: {size: 100}
+      contrast: {kinds: [swap, numbers]}   # held-out contrasts a label noise moves: the answer under its own question
+                                           # against another's; the right token against a carried slip's
     methods:                               # name -> QTuningConfig overrides (+ optional `budgets:`)
       full: {qtuning_enabled: false}
       qtuning: {}
@@ -40,6 +43,7 @@ The matrix file (all relative paths resolve against the CURRENT directory, not t
     seeds: [0, 1, 2]
     equal_compute: {reference: full, max_steps: 400}   # train on to the reference's counted compute
     baselines: [full, random-random]       # paired per-seed differences against these (this is the default)
+    clean_reference: recipes/bench/clean.yaml   # (a noisy matrix) its cells against this matrix's, seed by seed
 
 Mistakes in the matrix are reported as one line naming the field (exit code 2) before anything is trained; set
 ``TRL_QTUNING_DEBUG=1`` for tracebacks.
