@@ -240,6 +240,22 @@ def test_command_end_to_end(tmp_path, capsys):
     assert "dataset not found" in capsys.readouterr().err
     assert main(["audit", "--model", str(model)]) == 2
     assert "required" in capsys.readouterr().err
+    assert main(["audit", "--model", str(model), "--dataset", str(data), "--bf16", "ture"]) == 2  # not a silent false
+    assert "--bf16: expected true or false, got 'ture'" in capsys.readouterr().err
+
+
+def test_the_figure_leaves_the_callers_matplotlib_alone(tmp_path):
+    """The audit is a Python API: drawing its figure must not switch the caller's backend or start pyplot."""
+    code = (
+        "import sys, matplotlib, pandas as pd; from pathlib import Path; matplotlib.use('svg');"
+        "from trl_qtuning.audit.outputs import plot_plane;"
+        "df = pd.DataFrame({'log_ppl': [0.1, 0.5, 0.9], 'entropy': [1.0, 2.0, 3.0], 'suspicion_rank': [1.0, 2.0, 3.0]});"
+        f"assert plot_plane(df, None, Path({str(tmp_path / 'plane.png')!r}), 1, 't');"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend();"
+        "assert 'matplotlib.pyplot' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=REPO)
+    assert (tmp_path / "plane.png").stat().st_size > 0
 
 
 def _free_port() -> int:

@@ -100,6 +100,18 @@ def test_trainer_attaches_tracking_in_place_of_transformers_callback(tmp_path, t
     assert callback.on_decisions in trainer._decision_listeners
 
 
+def test_a_failing_decision_hook_warns_once_and_does_not_raise(tmp_path, tracking, caplog):
+    from trl_qtuning.tracking.callback import QTuningMLflowCallback
+
+    trainer = build_trainer(tmp_path, report_to=["mlflow"])
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, QTuningMLflowCallback))
+    callback.decisions = lambda event: 1 / 0  # any error inside the hook
+    with caplog.at_level("WARNING", logger="trl_qtuning.tracking"):
+        assert callback.on_decisions(object()) is None and callback.on_decisions(object()) is None
+    warnings = [r for r in caplog.records if "on_decisions failed (ZeroDivisionError" in r.getMessage()]
+    assert len(warnings) == 1 and "training continues" in warnings[0].getMessage()
+
+
 def test_metrics_params_tags_and_dataset_in_one_run(qtuning_run):
     trainer, callback, client, _ = qtuning_run
     run = client.get_run(callback.run_id)

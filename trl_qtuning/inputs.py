@@ -6,7 +6,6 @@ mixture. A mistake is a :class:`~trl_qtuning.errors.CliError` naming the input a
 from __future__ import annotations
 
 import logging
-import os
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,9 +77,10 @@ def load_datasets(script_args: ScriptArguments, dataset_args: DatasetMixtureConf
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:
         if debug_enabled():
             raise
+        from huggingface_hub import is_offline_mode
+
         hint = ""
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        if offline and not (path and path.exists()):
+        if is_offline_mode() and not (path and path.exists()):
             hint = " (HF_HUB_OFFLINE is set: only local or cached datasets can load)"
         detail = one_line(exc)
         if exc.__cause__ is not None:  # e.g. DatasetGenerationError wraps the parse error

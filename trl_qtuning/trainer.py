@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
+from peft import PeftModel
 from transformers import DefaultFlowCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
@@ -42,17 +43,6 @@ from .step.scoring import (
 __all__ = ["QTuningSFTTrainer"]
 
 logger = logging.getLogger(__name__)
-
-
-def _is_peft(model: torch.nn.Module) -> bool:
-    """A PEFT (LoRA) model, whose ``disable_adapter()`` gives back the base model."""
-    from transformers.utils import is_peft_available
-
-    if not is_peft_available():
-        return False
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 _BUILT_FROM = (*QTUNING_FIELDS, "output_dir", "seed", "per_device_train_batch_size", "gradient_accumulation_steps")
@@ -162,7 +152,7 @@ class QTuningSFTTrainer(SFTTrainer):
         # TailSFT's reference is the initial model: with LoRA (which starts as the identity) that is the trained model
         # with its adapters disabled, at no memory cost; otherwise a model of its own (loaded, or a frozen copy).
         self._reference_without_adapters = (
-            self._policy.needs_reference and config.reference_model_path is None and _is_peft(self.model)
+            self._policy.needs_reference and config.reference_model_path is None and isinstance(self.model, PeftModel)
         )
         if self._reference_without_adapters:
             _warn_if_adapters_are_trained(self.accelerator.unwrap_model(self.model))

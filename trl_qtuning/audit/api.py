@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CliError
+from ..errors import CliError, one_line
 
 __all__ = [
     "AuditInputError",
@@ -127,6 +127,7 @@ def load_audit_model(name: str, *, adapter: str | None = None, dtype: str = "flo
     ``base_model_name_or_path``) and the adapter on it; ``adapter`` puts an adapter on any base model.
     """
     import torch
+    from huggingface_hub import is_offline_mode
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..inputs import looks_like_path
@@ -168,9 +169,8 @@ def load_audit_model(name: str, *, adapter: str | None = None, dtype: str = "flo
             tokenizer = _ensure_pad(AutoTokenizer.from_pretrained(name))
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
-            offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-            hint = " (HF_HUB_OFFLINE is set: only local or cached models can load)" if offline else ""
-            raise AuditInputError(f"cannot load model {name!r}{hint}: {' '.join(str(exc).split())}", code=1) from exc
+            hint = " (HF_HUB_OFFLINE is set: only local or cached models can load)" if is_offline_mode() else ""
+            raise AuditInputError(f"cannot load model {name!r}{hint}: {one_line(exc)}", code=1) from exc
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if adapter is not None:
@@ -188,8 +188,7 @@ def _with_adapter(model: Any, adapter: str) -> Any:
     try:
         return PeftModel.from_pretrained(model, str(path), is_trainable=False)
     except (OSError, ValueError, RuntimeError) as exc:
-        detail = " ".join(str(exc).split())
-        raise AuditInputError(f"cannot load adapter {adapter} on this model: {detail}", code=1) from exc
+        raise AuditInputError(f"cannot load adapter {adapter} on this model: {one_line(exc)}", code=1) from exc
 
 
 def load_audit_dataset(
@@ -229,11 +228,9 @@ def _check_dataset(dataset: Any, settings: AuditSettings, source: str) -> None:
 
 
 def _is_sized(dataset: Any) -> bool:
-    try:
-        len(dataset)
-    except TypeError:
-        return False
-    return hasattr(dataset, "select")
+    from ..step.collator import sized_length
+
+    return sized_length(dataset) is not None and hasattr(dataset, "select")
 
 
 def _with_row_ids(dataset: Any) -> Any:

@@ -27,7 +27,11 @@ def _optional_int(value: str) -> int | None:
 
 
 def _bool(value: str) -> bool:
-    return value.strip().lower() in ("true", "yes", "y", "t", "1")
+    """true/false as ``trl-qtuning sft`` reads them (transformers' ``string_to_bool``); a typo is an error."""
+    text = value.strip().lower()
+    if text not in ("true", "yes", "y", "t", "1", "false", "no", "n", "f", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return text in ("true", "yes", "y", "t", "1")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -130,18 +130,16 @@ def summarise(df: Any, triage: Any, settings: AuditSettings, noisy_rows: Any = N
 def plot_plane(df: Any, triage: Any, path: Path, top_k: int, title: str) -> bool:
     """Density of (log PPL, entropy), the triage's threshold lines, the ``top_k`` suspected rows circled (and the
     known noisy rows as dots when given). False (and nothing written) without matplotlib."""
-    try:
-        import matplotlib
+    from ..tracking.figures import matplotlib_available, new_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter
-    except ImportError:
-        logger.warning("trl-qtuning audit: matplotlib is missing, so no figure (pip install 'trl-qtuning[mlflow]').")
+    if not matplotlib_available():
         return False
+    from matplotlib.ticker import FuncFormatter
+
     valid = df["suspicion_rank"].notna().to_numpy()
     x, y = df["log_ppl"].to_numpy(np.float64)[valid], df["entropy"].to_numpy(np.float64)[valid]
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    fig = new_figure(6.4, 4.8)
+    ax = fig.add_subplot()
     if x.size:
         hb = ax.hexbin(x, y, gridsize=30, mincnt=1, cmap="Blues", bins="log")
         counts = fig.colorbar(hb, ax=ax, label="rows (log scale)").ax.yaxis
@@ -165,7 +163,6 @@ def plot_plane(df: Any, triage: Any, path: Path, top_k: int, title: str) -> bool
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return True
 
 

@@ -66,13 +66,9 @@ def _as_prompt_completion(dataset, where: str):
     if {"prompt", "completion"} <= columns:
         return dataset
     if {"question", "answer"} <= columns:
-        return dataset.map(
-            lambda row: {
-                "prompt": [{"role": "user", "content": row["question"]}],
-                "completion": [{"role": "assistant", "content": row["answer"]}],
-            },
-            remove_columns=sorted(columns),
-        )
+        from ..demo.assets import to_conversation
+
+        return dataset.map(lambda row: to_conversation(row["question"], row["answer"]), remove_columns=sorted(columns))
     raise field_error(where, f"needs 'prompt'/'completion' (or 'question'/'answer') columns, found {sorted(columns)}",
                "convert the file to prompt/completion rows", )
 

@@ -31,14 +31,13 @@ def _autocast(model, bf16: bool):
 
 
 def curve_metrics(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf16: bool) -> dict[str, float]:
-    """The learning curve's metrics: held-out NLL (and the transfer set's NLL when configured)."""
-    import torch
-
+    """The learning curve's metrics: held-out NLL (and the transfer set's NLL when configured). Eval mode and no
+    gradients come from every evaluation function itself (``evaluation._eval_mode``)."""
     from . import evaluation
 
     ev = matrix.eval
     metrics: dict[str, float] = {}
-    with torch.no_grad(), _autocast(model, bf16):
+    with _autocast(model, bf16):
         if ev.nll:
             out = evaluation.answer_nll(model, tokenizer, data["heldout"], batch_size=ev.nll.batch_size,
                                         max_length=ev.nll.max_length)  # fmt: skip
@@ -57,40 +56,33 @@ def evaluate(model, tokenizer, matrix: Matrix, data: dict[str, Any], *, bf16: bo
     """Every enabled evaluation, as ``eval/...`` metrics (GSM8K predictions saved to ``cell_dir``)."""
     if not matrix.eval.enabled:
         return {}
-    import torch
-
     from . import evaluation
 
     ev = matrix.eval
-    was_training = model.training
-    model.eval()
-    try:
-        metrics = curve_metrics(model, tokenizer, matrix, data, bf16=bf16)
-        with torch.no_grad(), _autocast(model, bf16):
-            if ev.contrast:
-                from .contrast import answer_contrasts
+    metrics = curve_metrics(model, tokenizer, matrix, data, bf16=bf16)
+    with _autocast(model, bf16):
+        if ev.contrast:
+            from .contrast import answer_contrasts
 
-                c = ev.contrast
-                metrics.update(answer_contrasts(model, tokenizer, data["heldout"], kinds=c.kinds, seed=ev.seed,
-                                                batch_size=c.batch_size, max_length=c.max_length))  # fmt: skip
-            if ev.gsm8k:
-                out = evaluation.gsm8k_exact_match(model, tokenizer, data["gsm8k"], max_new_tokens=ev.gsm8k.max_new_tokens,
-                                                   batch_size=ev.gsm8k.batch_size)  # fmt: skip
-                metrics["eval/gsm8k_em"] = float(out["exact_match"])
-                metrics["eval/gsm8k_n"] = float(out["n"])
-                with contextlib.suppress(OSError), (cell_dir / "gsm8k_predictions.jsonl").open("w", encoding="utf-8") as fh:
-                    for row, prediction in zip(data["gsm8k"], out.get("predictions") or []):
-                        fh.write(json.dumps({"uid": row.get("uid"), "answer": row.get("answer"),
-                                             "prediction": prediction}, default=str) + "\n")  # fmt: skip
-            for name in ("arc_easy", "arc_challenge"):
-                if a := getattr(ev, name):
-                    out = evaluation.multiple_choice_accuracy(model, tokenizer, data[name], batch_size=a.batch_size,
-                                                              max_length=a.max_length)  # fmt: skip
-                    metrics[f"eval/{name}_acc"] = float(out["accuracy"])
-                    metrics[f"eval/{name}_acc_norm"] = float(out["accuracy_norm"])
-                    metrics[f"eval/{name}_n"] = float(out["n"])
-    finally:
-        model.train(was_training)
+            c = ev.contrast
+            metrics.update(answer_contrasts(model, tokenizer, data["heldout"], kinds=c.kinds, seed=ev.seed,
+                                            batch_size=c.batch_size, max_length=c.max_length))  # fmt: skip
+        if ev.gsm8k:
+            out = evaluation.gsm8k_exact_match(model, tokenizer, data["gsm8k"], max_new_tokens=ev.gsm8k.max_new_tokens,
+                                               batch_size=ev.gsm8k.batch_size)  # fmt: skip
+            metrics["eval/gsm8k_em"] = float(out["exact_match"])
+            metrics["eval/gsm8k_n"] = float(out["n"])
+            with contextlib.suppress(OSError), (cell_dir / "gsm8k_predictions.jsonl").open("w", encoding="utf-8") as fh:
+                for row, prediction in zip(data["gsm8k"], out.get("predictions") or []):
+                    fh.write(json.dumps({"uid": row.get("uid"), "answer": row.get("answer"),
+                                         "prediction": prediction}, default=str) + "\n")  # fmt: skip
+        for name in ("arc_easy", "arc_challenge"):
+            if a := getattr(ev, name):
+                out = evaluation.multiple_choice_accuracy(model, tokenizer, data[name], batch_size=a.batch_size,
+                                                          max_length=a.max_length)  # fmt: skip
+                metrics[f"eval/{name}_acc"] = float(out["accuracy"])
+                metrics[f"eval/{name}_acc_norm"] = float(out["accuracy_norm"])
+                metrics[f"eval/{name}_n"] = float(out["n"])
     return metrics
 
 
@@ -114,12 +106,7 @@ class CurveRecorder(TrainerCallback):
     def _point(self, step: int, model) -> None:
         if self.points and self.points[-1]["step"] == step:
             return
-        was_training = model.training
-        model.eval()
-        try:
-            metrics = self.measure(model)
-        finally:
-            model.train(was_training)
+        metrics = self.measure(model)
         compute = self.meter.cumulative
         self.points.append({"step": step, "compute": compute, **metrics})
         if self.log is not None:

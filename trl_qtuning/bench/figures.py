@@ -45,17 +45,15 @@ def draw_curves(matrix: Matrix, results: list[dict[str, Any]], folder: Path) -> 
     """Write the figures that have data next to results.md; returns their file names (none without matplotlib)."""
     if importlib.util.find_spec("matplotlib") is None:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..tracking.figures import new_figure
 
     written = []
     for metric, axis, name in FIGURES:
         series = curve_series(results, metric, axis)
         if not series:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig = new_figure(7, 4.2)
+        ax = fig.add_subplot()
         for label, curves in series.items():
             grid, mean, low, high = _band(curves)
             (line,) = ax.plot(grid, mean, label=f"{label} (n={len(curves)})")
@@ -70,5 +68,4 @@ def draw_curves(matrix: Matrix, results: list[dict[str, Any]], folder: Path) -> 
         with contextlib.suppress(OSError):
             fig.savefig(folder / name, dpi=110)
             written.append(name)
-        plt.close(fig)
     return written

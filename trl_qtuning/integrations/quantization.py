@@ -34,6 +34,8 @@ from typing import Any
 
 from trl import ModelConfig
 
+from ..errors import one_line
+
 __all__ = [
     "FALLBACK_CHOICES",
     "FALLBACK_TAG",
@@ -146,7 +148,7 @@ def check_bitsandbytes(device: Any, mode: str = "4-bit") -> str:
         reason = "is not installed" if isinstance(exc, ImportError) else "fails to import"
         raise BitsAndBytesUnavailable(
             f"load_in_{mode[0]}bit needs bitsandbytes, which {reason} ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())}). Fix: {INSTALL_HINT}; {FALLBACK_HINT}."
+            f"{one_line(exc)}). Fix: {INSTALL_HINT}; {FALLBACK_HINT}."
         ) from exc
     version = getattr(bnb, "__version__", "unknown")
     name = str(device)
@@ -172,7 +174,7 @@ def check_bitsandbytes(device: Any, mode: str = "4-bit") -> str:
     except Exception as exc:  # NotImplementedError "Could not run 'bitsandbytes::...' with ... 'CPU' backend", etc.
         raise BitsAndBytesUnavailable(
             f"bitsandbytes {version} has no working {mode} backend for the training device {name} "
-            f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}). {fix}"
+            f"({type(exc).__name__}: {one_line(exc)[:300]}). {fix}"
         ) from exc
     return version
 
@@ -358,7 +360,7 @@ def plan_quantization(model_args: Any, training_args: Any, fallback: str | None 
     except QuantizationError as exc:
         if fallback != "lora":
             raise
-        plan.fallback_reason = " ".join(str(exc).split()).split(" Fix: ")[0]  # the why; the fallback is the fix
+        plan.fallback_reason = one_line(exc).split(" Fix: ")[0]  # the why; the fallback is the fix
         plan.tags[FALLBACK_TAG] = FALLBACK_TAG_VALUE
         logger.warning(
             "quantization_fallback=lora: training PLAIN LoRA on unquantised %s weights instead of %s, because: %s "

@@ -184,23 +184,19 @@ class QTuningMLflowCallback(MLflowCallback):
     def trainer(self) -> Any:
         return self._trainer_ref() if self._trainer_ref is not None else None
 
+    @_guarded
     def on_decisions(self, event: StepDecisions) -> None:
         """Registered with ``trainer.add_decision_listener``: aggregates each step's decisions."""
-        try:
-            self.decisions(event)
-            self._last_event = event
-            cols = event.columns
-            for i, decision in enumerate(cols["decision"]):
-                if decision == Decision.TOKEN_PRUNED and cols["pruned_positions"][i]:
-                    self._token_pruned.append({
-                        "sample_id": int(cols["sample_id"][i]), "step": event.step,
-                        "pruned_positions": list(cols["pruned_positions"][i]),
-                        "ppl": float(cols["ppl"][i]), "entropy": float(cols["entropy"][i]),
-                    })  # fmt: skip
-        except Exception as exc:  # never break the training step
-            if "on_decisions" not in self._hook_errors:
-                self._hook_errors.add("on_decisions")
-                logger.warning("Q-Tuning MLflow tracking: recording decisions failed (%s); training continues.", exc)
+        self.decisions(event)
+        self._last_event = event
+        cols = event.columns
+        for i, decision in enumerate(cols["decision"]):
+            if decision == Decision.TOKEN_PRUNED and cols["pruned_positions"][i]:
+                self._token_pruned.append({
+                    "sample_id": int(cols["sample_id"][i]), "step": event.step,
+                    "pruned_positions": list(cols["pruned_positions"][i]),
+                    "ppl": float(cols["ppl"][i]), "entropy": float(cols["entropy"][i]),
+                })  # fmt: skip
 
     @_guarded
     def setup(self, args, state, model):

@@ -134,9 +134,9 @@ def comparison_figure(client, rows: list[dict[str, Any]], experiment_name: str):
     """Left: training loss per step for every run. Right: held-out loss (``eval_loss`` / ``eval/nll``) against the
     realised sample keep ratio; when no run has one, the final train loss, flagged in the title (a loss over the
     kept tokens only favours pruning by construction)."""
-    from .figures import _figure
+    from .figures import new_figure
 
-    fig = _figure(12.0, 4.8)
+    fig = new_figure(12.0, 4.8)
     ax_loss, ax_scatter = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     held_out = any(_eval_loss(row) is not None for row in rows)
     for row in rows:

@@ -17,7 +17,7 @@ from ..vocabulary import QUADRANTS, TRAINED_DECISIONS
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["eu_plane_figure", "quadrant_shares_figure", "budgets_figure", "save_figure", "matplotlib_available"]
+__all__ = ["eu_plane_figure", "quadrant_shares_figure", "budgets_figure", "new_figure", "save_figure", "matplotlib_available"]
 
 QUADRANT_COLORS = ("#9e9e9e", "#d62728", "#ff7f0e", "#1f77b4", "#2ca02c")
 """By quadrant code (0 mid band, 1..4 for Q1..Q4)."""
@@ -30,13 +30,15 @@ def matplotlib_available() -> bool:
         import matplotlib  # noqa: F401
     except ImportError:
         logging.getLogger("trl_qtuning.tracking").warning(
-            "Q-Tuning MLflow tracking: matplotlib is missing, no figures (pip install 'trl-qtuning[mlflow]')."
+            "trl-qtuning: matplotlib is missing, so no figures are drawn (pip install 'trl-qtuning[mlflow]')."
         )
         return False
     return True
 
 
-def _figure(width: float = 7.0, height: float = 5.0):
+def new_figure(width: float = 7.0, height: float = 5.0):
+    """A figure on its own Agg canvas: no pyplot, so no global backend switch or figure registry in the caller's
+    process (the audit and the bench are Python APIs too)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -60,7 +62,7 @@ def _finite(values: Sequence[float]) -> np.ndarray:
 def eu_plane_figure(step: int, columns: dict[str, Any], thresholds: list[dict[str, float]]):
     """PPL (log x axis when it spans more than a decade) against mean entropy, one point per sample, coloured by
     quadrant; filled markers were trained on, crosses were dropped; dashed lines are the step's thresholds."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     ppl = np.asarray(columns["ppl"], dtype=np.float64)
     ent = np.asarray(columns["entropy"], dtype=np.float64)
@@ -99,7 +101,7 @@ def eu_plane_figure(step: int, columns: dict[str, Any], thresholds: list[dict[st
 
 def quadrant_shares_figure(steps: pd.DataFrame):
     """Stacked share of each quadrant per optimizer step (before pruning); ``steps``: ``per_step()``'s frame."""
-    fig = _figure(8.0, 4.5)
+    fig = new_figure(8.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     shares = [steps[q.key] / steps["samples"] for q in QUADRANTS]
     colors = [QUADRANT_COLORS[q.code] for q in QUADRANTS]
@@ -114,7 +116,7 @@ def quadrant_shares_figure(steps: pd.DataFrame):
 
 def budgets_figure(steps: pd.DataFrame, sample_target: float | None, token_target: float | None):
     """Realised sample keep ratio, token keep ratio (token-pruned samples) and trained label-token share per step."""
-    fig = _figure(8.0, 4.5)
+    fig = new_figure(8.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     import pandas as pd
 
