@@ -70,3 +70,6 @@ def test_demo_takes_a_local_model_and_dataset(tmp_path, capsys):
     bad.write_text("x")
     with pytest.raises(SystemExit, match="unsupported dataset file type"):
         cli_main(["demo", "--model", str(model_dir), "--dataset", str(bad), "--output-dir", str(out), "--report-to", "none"])
+    assert cli_main(["demo", "--model", str(tmp_path / "nowhere"), "--dataset", str(data), "--output-dir", str(out),
+                     "--report-to", "none"]) == 1  # fmt: skip
+    assert "model path not found" in capsys.readouterr().err  # one line, not a transformers traceback

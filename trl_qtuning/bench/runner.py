@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..audit.api import load_audit_model
 from ..errors import debug_enabled, one_line
 from ..ledger import LEDGER_DIRNAME
 from .data import describe, prepare_data
 from .evaluate import CurveRecorder, curve_metrics, evaluate
 from .matrix import PROG, BenchConfigError, Cell, Matrix, build_config, cell_config_kwargs, plan_cells, with_defaults
 from .mlflow_runs import cell_tags, retire_old_run, run_id_from_disk, send, warn
-from .models import load_model_and_tokenizer, peft_config
 from .progress import CellProgress, duration
 from .provenance import code_state, fingerprint
 from .results import RESULT_FILE, cell_record, read_result, write_json
@@ -31,6 +31,16 @@ __all__ = ["cell_targets", "run_base_cell", "run_bench", "run_train_cell"]
 
 SUMMARY_METRICS = (("eval/nll", "NLL"), ("eval/nll_transfer", "transfer NLL"), ("eval/gsm8k_em", "GSM8K EM"),
                    ("eval/arc_easy_acc", "ARC-E acc"), ("eval/arc_challenge_acc", "ARC-C acc"))  # fmt: skip
+
+
+def _lora_config(matrix: Matrix):
+    if matrix.lora is None:
+        return None
+    from peft import LoraConfig
+
+    lora = matrix.lora
+    return LoraConfig(r=int(lora["r"]), lora_alpha=lora["alpha"], lora_dropout=float(lora["dropout"]),
+                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")  # fmt: skip
 
 
 def _realised(history: list[dict[str, Any]], qtuning_enabled: bool, max_step: int | None) -> dict[str, float | None]:
@@ -98,7 +108,7 @@ def run_base_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Pa
     set_seed(0)
     settings = with_defaults(matrix.training)
     bf16 = bool(settings.get("bf16"))
-    model, tokenizer = load_model_and_tokenizer(matrix)
+    model, tokenizer, _ = load_audit_model(matrix.model)  # the demo model or a local folder (checked)
     if torch.cuda.is_available() and not settings.get("use_cpu"):
         model = model.to("cuda")
     started = time.perf_counter()
@@ -161,10 +171,10 @@ def run_train_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: P
     kwargs = cell_config_kwargs(matrix, cell, method, matched_label_share=targets.get("label_share"))
     set_seed(int(cell.seed or 0))
     config = build_config(kwargs, f"methods.{cell.method}")
-    model, tokenizer = load_model_and_tokenizer(matrix)
+    model, tokenizer, _ = load_audit_model(matrix.model)  # the demo model or a local folder (checked)
     trainer = QTuningSFTTrainer(
         model=model, args=config, train_dataset=data["train"], processing_class=tokenizer,
-        peft_config=peft_config(matrix),
+        peft_config=_lora_config(matrix),
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)
     tracking = None

