@@ -8,6 +8,8 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -737,3 +739,14 @@ def test_page_lists_the_versions_the_cells_ran_with_not_only_the_renderers():
         "torch 2.13.0, accelerate 1.9.0 (1 cell) / 1.10.0 (2 cells), mlflow 3.1 (1 cell)"  # versions in version order;
     )  # a library only some cells recorded says how many
     assert _cell_versions_line([{}]) is None
+
+
+def test_help_and_table_only_do_not_import_the_trainer():
+    """`bench --help` and `--table-only` read files: they must not pay for TRL, transformers' Trainer and peft."""
+    code = (
+        "import sys, trl_qtuning.bench as b; from trl_qtuning.bench.cli import main; "
+        "assert not {'trl', 'peft', 'trl_qtuning.bench.runner'} & set(sys.modules), 'the trainer was imported'; "
+        "assert b.run_bench is b.runner.run_bench  # still there, on first use"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+

@@ -49,7 +49,7 @@ Mistakes in the matrix are reported as one line naming the field (exit code 2) b
 ``TRL_QTUNING_DEBUG=1`` for tracebacks.
 
 The package, one module per job: ``matrix`` (schema and validation), ``data`` and ``noise`` (training rows and their
-label noise), ``models``, ``evaluation`` (held-out NLL, GSM8K exact match, ARC accuracy), ``contrast`` (contrasts a
+label noise), ``evaluation`` (held-out NLL, GSM8K exact match, ARC accuracy), ``contrast`` (contrasts a
 noise can move), ``evaluate`` (evaluation glue and the learning curve), ``compute`` (counted compute),
 ``mlflow_runs`` (the cells' MLflow runs), ``runner`` (orchestration and resume), ``progress``, ``provenance``,
 ``results`` (cell records on disk), ``tables``, ``paired``, ``audit`` and ``figures`` (the results page) and ``cli``.
@@ -57,12 +57,13 @@ noise can move), ``evaluate`` (evaluation glue and the learning curve), ``comput
 
 from __future__ import annotations
 
-from . import runner
+import importlib
+from typing import Any
+
 from .cli import build_parser, main
 from .matrix import (BASE_METHOD, PROG, BenchConfigError, Cell, EqualCompute, EvalSpec, Matrix, Method, TrainData,
                      budget_label, budget_tag, cell_config_kwargs, load_matrix, plan_cells)
 from .results import RESULT_FILE, cell_record, read_result, write_json
-from .runner import run_bench
 from .tables import collect_rows, render_results
 
 __all__ = [
@@ -70,3 +71,12 @@ __all__ = [
     "TrainData", "budget_label", "budget_tag", "build_parser", "cell_config_kwargs", "cell_record", "collect_rows",
     "load_matrix", "main", "plan_cells", "read_result", "render_results", "run_bench", "runner", "write_json",
 ]  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """``runner`` and ``run_bench`` on first use: they import the trainer (torch, transformers, TRL, peft), which
+    ``--help`` and ``--table-only`` do not need."""
+    if name in ("runner", "run_bench"):
+        runner = importlib.import_module(".runner", __name__)
+        return runner if name == "runner" else runner.run_bench
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

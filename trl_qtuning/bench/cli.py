@@ -7,7 +7,6 @@ import sys
 
 from ..errors import ArgumentParser, CliError, run_reporting_errors
 from .matrix import PROG, BenchConfigError, load_matrix
-from .runner import run_bench
 from .tables import collect_rows, render_results
 
 __all__ = ["build_parser", "main"]
@@ -43,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise CliError(f"no finished cells under {matrix.output_dir} (run `{PROG} --config {args.config}`)", 1)
                 render_results(matrix, command=command)
                 return 0
+            from .runner import run_bench  # the trainer's imports, only when cells run
+
             return run_bench(matrix, only=args.only, command=command)
         except BenchConfigError as exc:  # a field of the matrix: say which file
             if str(exc).startswith(("matrix file not found", "--only")):
