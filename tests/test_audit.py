@@ -179,7 +179,7 @@ def test_bad_inputs_are_named(tmp_path):
         audit_dataset(model, Dataset.from_list([{"question": "a", "answer": "b"}]), tokenizer=tokenizer)
     with pytest.raises(AuditInputError, match="model path not found: ./no/such/model"):
         audit_dataset("./no/such/model", make_arithmetic_dataset(4))
-    with pytest.raises(AuditInputError, match="cannot load model 'no-org/no-such-model'"):
+    with pytest.raises(AuditInputError, match="cannot load model 'no-org/no-such-model' \\(offline mode is on"):
         audit_dataset("no-org/no-such-model", make_arithmetic_dataset(4))
     with pytest.raises(AuditInputError, match="needs its tokenizer"):
         audit_dataset(model, make_arithmetic_dataset(4))
@@ -240,7 +240,8 @@ def test_command_end_to_end(tmp_path, capsys):
     assert "dataset not found" in capsys.readouterr().err
     assert main(["audit", "--model", str(model)]) == 2
     assert "required" in capsys.readouterr().err
-    assert main(["audit", "--model", str(model), "--dataset", str(data), "--bf16", "ture"]) == 2  # not a silent false
+    assert main(["audit", "--model", str(model), "--dataset", str(data), "--output_dir", str(tmp_path / "o4"),
+                 "--bf16", "ture"]) == 2  # not a silent false
     assert "--bf16: expected true or false, got 'ture'" in capsys.readouterr().err
 
 

@@ -741,12 +741,22 @@ def test_page_lists_the_versions_the_cells_ran_with_not_only_the_renderers():
     assert _cell_versions_line([{}]) is None
 
 
-def test_help_and_table_only_do_not_import_the_trainer():
-    """`bench --help` and `--table-only` read files: they must not pay for TRL, transformers' Trainer and peft."""
+def test_help_and_table_only_do_not_import_the_trainer(tmp_path):
+    """`bench --help` reads no library; `--table-only` reads files and checks the matrix against QTuningConfig (TRL's
+    SFTConfig), but must not pay for the trainers (transformers' Trainer, TRL's SFTTrainer, ours)."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    matrix = yaml.safe_load((root / "recipes/bench/study_gsm8k_fill_clean.yaml").read_text())
+    shutil.copytree(root / matrix["output_dir"], tmp_path / "study")
+    matrix.update(output_dir=str(tmp_path / "study"), report_to="none")
+    (tmp_path / "matrix.yaml").write_text(yaml.safe_dump(matrix))
+    trainers = "{'trl_qtuning.trainer', 'transformers.trainer', 'trl.trainer.sft_trainer', 'trl_qtuning.bench.runner'}"
     code = (
         "import sys, trl_qtuning.bench as b; from trl_qtuning.bench.cli import main; "
-        "assert not {'trl', 'peft', 'trl_qtuning.bench.runner'} & set(sys.modules), 'the trainer was imported'; "
+        "assert not {'trl', 'peft', 'transformers'} & set(sys.modules), 'imported for --help'; "
+        f"assert main(['--config', {str(tmp_path / 'matrix.yaml')!r}, '--table-only']) == 0; "
+        f"assert not {trainers} & set(sys.modules), 'a trainer was imported for --table-only'; "
         "assert b.run_bench is b.runner.run_bench  # still there, on first use"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, cwd=root)

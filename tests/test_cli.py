@@ -315,6 +315,17 @@ def test_local_dataset_formats(tmp_path):
     assert sorted(loaded) == ["test", "train"] and loaded["train"].column_names == ["prompt"]
 
 
+def test_a_hub_dataset_offline_is_one_line_naming_offline_mode():
+    from trl import DatasetMixtureConfig, ScriptArguments
+
+    from trl_qtuning.errors import CliError
+    from trl_qtuning.inputs import load_datasets
+
+    with pytest.raises(CliError, match=r"cannot load dataset 'no-org/no-such-dataset' \(offline mode is on") as caught:
+        load_datasets(ScriptArguments(dataset_name="no-org/no-such-dataset"), DatasetMixtureConfig())
+    assert caught.value.code == 1 and "\n" not in str(caught.value)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # End to end: the tiny CPU recipe trains, saves an adapter and writes the ledger
 # ----------------------------------------------------------------------------------------------------------------------

@@ -73,3 +73,27 @@ def test_demo_takes_a_local_model_and_dataset(tmp_path, capsys):
     assert cli_main(["demo", "--model", str(tmp_path / "nowhere"), "--dataset", str(data), "--output-dir", str(out),
                      "--report-to", "none"]) == 1  # fmt: skip
     assert "model path not found" in capsys.readouterr().err  # one line, not a transformers traceback
+
+
+def test_demo_trains_on_from_a_lora_runs_output(tmp_path, capsys):
+    """--model <a LoRA run's output>: its adapter is merged into the base model, and the demo trains on from there."""
+    from peft import LoraConfig, get_peft_model
+
+    from trl_qtuning.testing import make_arithmetic_dataset, make_tiny_model, save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base")
+    run = tmp_path / "run"
+    get_peft_model(make_tiny_model(), LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(run)
+    config = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    rows = make_arithmetic_dataset(24, seed=2)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": r["prompt"], "answer": r["completion"]}) + "\n" for r in rows))
+    for extra in ([], ["--no-lora"]):  # a fresh LoRA on the merged weights, or full fine-tuning of them
+        out = tmp_path / f"out{len(extra)}"
+        code = cli_main(["demo", "--model", str(run), "--dataset", str(data), "--output-dir", str(out), "--max-steps",
+                         "1", "--batch-size", "2", "--grad-acc", "2", "--eval-size", "4", "--report-to", "none", *extra])
+        assert code == 0
+        assert "(adapter merged)" in capsys.readouterr().out
+        assert read_ledger(out / "qtuning_ledger").num_rows == 4
+

@@ -81,7 +81,7 @@ def load_datasets(script_args: ScriptArguments, dataset_args: DatasetMixtureConf
 
         hint = ""
         if is_offline_mode() and not (path and path.exists()):
-            hint = " (HF_HUB_OFFLINE is set: only local or cached datasets can load)"
+            hint = " (offline mode is on, HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE: only local or cached datasets load)"
         detail = one_line(exc)
         if exc.__cause__ is not None:  # e.g. DatasetGenerationError wraps the parse error
             detail = f"{detail}: {one_line(exc.__cause__)}"

@@ -169,7 +169,8 @@ def load_audit_model(name: str, *, adapter: str | None = None, dtype: str = "flo
             tokenizer = _ensure_pad(AutoTokenizer.from_pretrained(name))
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
-            hint = " (HF_HUB_OFFLINE is set: only local or cached models can load)" if is_offline_mode() else ""
+            hint = (" (offline mode is on, HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE: only local or cached models load)"
+                    if is_offline_mode() else "")  # fmt: skip
             raise AuditInputError(f"cannot load model {name!r}{hint}: {one_line(exc)}", code=1) from exc
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -80,3 +80,7 @@ def __getattr__(name: str) -> Any:
         runner = importlib.import_module(".runner", __name__)
         return runner if name == "runner" else runner.run_bench
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "runner", "run_bench"})

