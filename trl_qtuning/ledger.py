@@ -34,6 +34,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from .files import write_json
+
 __all__ = [
     "DecisionLedger", "LEDGER_DIRNAME", "LEDGER_ID_FILE", "LEDGER_INFO_FILE", "LEDGER_SCHEMA", "SHARD_GLOB", "aside_path",
     "is_fresh_run", "modified_tag", "open_for_run", "read_ledger", "shard_name", "write_checkpoint_id",
@@ -142,9 +144,7 @@ class DecisionLedger:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         info = {"run_id": run_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        tmp = self.directory / f"{LEDGER_INFO_FILE}.tmp"
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, self.directory / LEDGER_INFO_FILE)
+        write_json(self.directory / LEDGER_INFO_FILE, info)
 
     def _clear_buffer(self) -> None:
         self._buffer = {name: [] for name in LEDGER_SCHEMA.names}
@@ -269,9 +269,7 @@ def is_fresh_run(resume_from_checkpoint: str | bool | None, output_dir: str) -> 
 
 def write_checkpoint_id(folder: Path, run_id: str, step: int) -> None:
     """Record in a checkpoint folder the run its ledger belongs to, so a resume can tell it from another run's."""
-    tmp = folder / f"{LEDGER_ID_FILE}.tmp"
-    tmp.write_text(json.dumps({"run_id": run_id, "step": step}) + "\n")
-    tmp.replace(folder / LEDGER_ID_FILE)
+    write_json(folder / LEDGER_ID_FILE, {"run_id": run_id, "step": step}, indent=None)
 
 
 def open_for_run(ledger: DecisionLedger, resume_from_checkpoint: str | bool | None, output_dir: str) -> Path | None:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CliError, one_line
+from ..files import write_json
 
 __all__ = [
     "AuditInputError",
@@ -503,7 +504,7 @@ def audit_dataset(
             out.mkdir(parents=True, exist_ok=True)
             _check_resume(out, meta, overwrite)
             (out / SHARD_DIR).mkdir(exist_ok=True)
-            (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            write_json(out / META_FILE, meta)
         state.wait_for_everyone()
         if not (out / META_FILE).is_file():  # the main process refused the folder; its error is the one to read
             raise AuditInputError(f"{out} could not be prepared for this audit (see the main process's error)")

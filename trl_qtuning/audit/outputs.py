@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..files import write_json
 from ..vocabulary import QUADRANT_LABELS
 from .api import ROW_ID, SHARD_DIR, AuditResult, AuditSettings, _is_sized, read_shards, row_text
 from .detection import RECOMMENDED_SCORE, candidate_scores, detection_table
@@ -290,7 +291,7 @@ def finalize(
         files["page"] = out / FILES["page"]
         write_page(df, summary, raw, settings, files["page"], figure)
         files["summary"] = out / FILES["summary"]
-        files["summary"].write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+        write_json(files["summary"], _json_safe(summary))
         if report_to == "mlflow":
             try:  # the audit is written already: a tracking outage costs the MLflow copy, not the audit
                 summary["mlflow_run_id"] = log_to_mlflow(files, summary, tracking_uri, experiment_name)
@@ -298,7 +299,7 @@ def finalize(
                 logger.warning("audit: logging to MLflow failed (%s: %s); the outputs are in %s", type(exc).__name__,
                                exc, out)  # fmt: skip
                 summary["mlflow_run_id"] = None
-            files["summary"].write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+            write_json(files["summary"], _json_safe(summary))
     return AuditResult(df, summary, out if write_files else None, files)
 
 

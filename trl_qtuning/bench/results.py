@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from ..files import write_json
 from .matrix import Cell, Matrix
 from .provenance import code_state, fingerprint, git_state, library_versions, machine_summary
 
@@ -30,13 +30,6 @@ def read_result(cell_dir: Path, cell: Cell | None = None) -> dict[str, Any] | No
     if cell is not None and result.get("cell_id") != cell.id:
         return None
     return result
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Atomically (a killed process never leaves a half-written result that looks complete)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def cell_record(matrix: Matrix, cell: Cell, **fields: Any) -> dict[str, Any]:
