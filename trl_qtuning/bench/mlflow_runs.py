@@ -5,7 +5,6 @@ Tracking never stops the bench: an outage keeps metrics in the run's ``pending.j
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -44,18 +43,18 @@ def send(sink, metrics: dict[str, float], step: int) -> str | None:
         return getattr(sink, "run_id", None)
 
 
-def _run_file(cell_dir: Path) -> dict[str, str]:
+def _run_file(cell_dir: Path) -> Path:
     """The cell's ``run.json`` (run id and tracking URI), written by its sink once the run exists."""
     from ..tracking.outputs import TRACKING_DIR
     from ..tracking.sink import RUN_FILE
 
-    return json.loads((cell_dir / TRACKING_DIR / RUN_FILE).read_text())
+    return cell_dir / TRACKING_DIR / RUN_FILE
 
 
 def run_id_from_disk(cell_dir: Path) -> str | None:
-    with contextlib.suppress(OSError, ValueError):
-        return _run_file(cell_dir).get("run_id")
-    return None
+    from ..tracking.sink import recorded_run_id
+
+    return recorded_run_id(_run_file(cell_dir))
 
 
 def retire_old_run(matrix: Matrix, cell_dir: Path) -> None:
@@ -63,7 +62,7 @@ def retire_old_run(matrix: Matrix, cell_dir: Path) -> None:
     if matrix.report_to != "mlflow":
         return
     try:
-        info = _run_file(cell_dir)
+        info = json.loads(_run_file(cell_dir).read_text())
     except (OSError, ValueError):
         return
     try:

@@ -13,13 +13,12 @@ files to the earlier run. Nothing here imports mlflow.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 from ..ledger import aside_path, modified_tag
-from .sink import PENDING_FILE, RUN_FILE, queue_files, rewrite_queue_paths
+from .sink import PENDING_FILE, RUN_FILE, queue_files, recorded_run_id, rewrite_queue_paths
 
 __all__ = [
     "TRACKING_DIR", "SUMMARY_FILE", "REPORT_FILE", "SELECTION_DIR", "RUN_OUTPUTS", "set_aside_earlier_outputs",
@@ -43,18 +42,6 @@ def tracking_folders(output_dir: str | os.PathLike) -> list[Path]:
     return [output_dir / TRACKING_DIR, *sorted(output_dir.glob(f"{TRACKING_DIR}.previous-*"))]
 
 
-def _earlier_run_id(tracking: Path) -> str | None:
-    for path, line in ((tracking / RUN_FILE, None), (tracking / PENDING_FILE, 0)):
-        try:
-            text = path.read_text()
-            run_id = json.loads(text if line is None else text.splitlines()[line]).get("run_id")
-        except (OSError, ValueError, IndexError, AttributeError):
-            continue
-        if isinstance(run_id, str) and run_id:
-            return run_id
-    return None
-
-
 def set_aside_earlier_outputs(
     output_dir: str | os.PathLike, moved_ledger: tuple[Path, Path] | None = None, *, keep: tuple[str, ...] = ()
 ) -> dict[Path, Path]:
@@ -72,7 +59,8 @@ def set_aside_earlier_outputs(
     if moved_ledger is not None:
         tag = moved_ledger[1].name.split(".previous-", 1)[1]
     else:
-        run_id = _earlier_run_id(output_dir / TRACKING_DIR)
+        spool = output_dir / TRACKING_DIR
+        run_id = recorded_run_id(spool / RUN_FILE) or recorded_run_id(spool / PENDING_FILE)
         tag = run_id[:8] if run_id else modified_tag(max(present, key=lambda p: p.stat().st_mtime))
     moves = {}
     for path in present:

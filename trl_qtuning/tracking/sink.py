@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "MLflowSink", "PENDING_FILE", "RUN_FILE", "fast_fail_http", "queue_files", "rewrite_queue_paths", "set_aside_queue",
+    "MLflowSink", "PENDING_FILE", "RUN_FILE", "fast_fail_http", "queue_files", "recorded_run_id", "rewrite_queue_paths",
+    "set_aside_queue",
 ]  # fmt: skip
 
 logger = logging.getLogger("trl_qtuning.tracking")
@@ -320,6 +321,17 @@ def run_file_of(queue_file: Path) -> Path:
     return queue_file.with_name("run" + queue_file.name[len("pending") : -len(".jsonl")] + ".json")
 
 
+def recorded_run_id(path: Path) -> str | None:
+    """The MLflow run id a run file (``run*.json``) or a queue's header (the first line of ``pending*.jsonl``)
+    records; None where there is none or the file cannot be read."""
+    try:
+        text = path.read_text()
+        run_id = json.loads(text.splitlines()[0] if path.suffix == ".jsonl" else text).get("run_id")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
 def queue_files(folders: list[Path]) -> list[Path]:
     """The unsent queues in ``folders`` (a run's tracking folder and those moved aside): ``pending*.jsonl``."""
     return [path for folder in folders if folder.is_dir() for path in sorted(folder.glob(_QUEUE_GLOB))]
@@ -333,10 +345,7 @@ def set_aside_queue(spool_dir: str | os.PathLike) -> Path | None:
     queue = Path(spool_dir) / PENDING_FILE
     if not queue.is_file():
         return None
-    try:
-        run_id = json.loads(queue.read_text().splitlines()[0]).get("run_id")
-    except (ValueError, IndexError, AttributeError):
-        run_id = None
+    run_id = recorded_run_id(queue)
     target = aside_path(queue, run_id[:8] if run_id else modified_tag(queue))
     queue.rename(target)
     run_file = queue.with_name(RUN_FILE)
