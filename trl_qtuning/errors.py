@@ -13,7 +13,9 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-__all__ = ["ArgumentParser", "CliError", "OneLineErrors", "debug_enabled", "one_line", "run_reporting_errors"]
+__all__ = [
+    "ArgumentParser", "CliError", "OneLineErrors", "debug_enabled", "one_line", "quiet_libraries", "run_reporting_errors",
+]  # fmt: skip
 
 DEBUG_ENV = "TRL_QTUNING_DEBUG"
 
@@ -69,3 +71,20 @@ def run_reporting_errors(prog: str, body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted.", file=sys.stderr)
         return 130
+
+
+def quiet_libraries(warnings_from: str = "") -> None:
+    """For a command that prints its own progress (the demo, the bench): no Hub telemetry, no tokenizers fork
+    warning, no progress bars or info logs of datasets and transformers, and no warnings from the modules
+    ``warnings_from`` matches (a regex, as for ``warnings.filterwarnings``; every module by default)."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore", module=warnings_from)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from ..audit.api import load_audit_model
-from ..errors import debug_enabled, one_line
+from ..errors import debug_enabled, one_line, quiet_libraries
 from ..ledger import LEDGER_DIRNAME
 from .data import describe, prepare_data
 from .evaluate import CurveRecorder, curve_metrics, evaluate
@@ -266,24 +265,14 @@ def _free_memory() -> None:
 
 def run_bench(matrix: Matrix, *, only: list[str] | None = None, command: str | None = None) -> int:
     """Run every cell not yet finished, then write and print the table. Returns the exit code (1 if a cell failed)."""
-    import warnings
-
-    import datasets
-    import transformers
-
     from . import runner  # cells are looked up on the module, so tests can replace them
     from .tables import render_results
 
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries(warnings_from=r"(transformers|trl|peft|torch|datasets|mlflow)")
     cells = plan_cells(matrix, only)
     code_state()  # the commit of the code this process runs, before any cell trains (results record it)
     matrix.output_dir.mkdir(parents=True, exist_ok=True)
     (matrix.output_dir / "matrix.yaml").write_text(matrix.text, encoding="utf-8")
-    warnings.filterwarnings("ignore", module=r"(transformers|trl|peft|torch|datasets|mlflow)")
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
     print(f"== {PROG}: {len(cells)} cell(s), experiment {matrix.experiment!r}, output {matrix.output_dir} ==", flush=True)
     data = None
     failed: list[str] = []

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArgumentParser, run_reporting_errors
+from ..errors import ArgumentParser, quiet_libraries, run_reporting_errors
 from ..vocabulary import QUADRANT_LABELS, QUADRANTS, TRAINED_DECISIONS, Decision
 
 __all__ = ["main", "bf16_is_fast", "build_parser", "expected_duration", "print_expected_duration"]
@@ -155,21 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     embedded = args.model is None and args.dataset is None
     if args.model is None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    import warnings
-
-    import datasets
-    import torch
-    import transformers
-    from transformers import PrinterCallback, TrainerCallback
-
     # A readable demo: our own one-line-per-step report instead of raw log dicts, progress bars and library warnings.
-    warnings.filterwarnings("ignore")
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    quiet_libraries()
+
+    import torch
+    from transformers import PrinterCallback, TrainerCallback
 
     class StepReport(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
