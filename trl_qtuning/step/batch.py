@@ -60,20 +60,24 @@ def apply_decisions(
     if loss_weight is not None:
         out[LOSS_WEIGHT_COLUMN] = loss_weight.to(device=device, dtype=torch.float32)[:, None].expand_as(labels).contiguous()
     labels[:, 1:][masked] = -100
-    rows = keep_rows.nonzero().squeeze(-1)
-    batch_size, seq_len = labels.shape
+    return _take_rows(out, keep_rows.nonzero().squeeze(-1))
+
+
+def _take_rows(batch: dict[str, Any], rows: torch.Tensor | slice) -> dict[str, Any]:
+    """The ``rows`` of a padded ``batch`` (in every tensor with a row per sample), without the columns none of them
+    attends to."""
+    batch_size, seq_len = batch["labels"].shape
     width = seq_len
     if "attention_mask" in batch:
         attended = batch["attention_mask"][rows].bool()
         if attended.numel() and bool(attended.any()):
             # Right padding (TRL's collator): drop the columns no kept row attends to.
             width = int(attended.any(dim=0).nonzero().max()) + 1
-    for key, value in out.items():
+    out = dict(batch)
+    for key, value in batch.items():
         if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == batch_size:
-            value = value.index_select(0, rows)
-            if value.dim() >= 2 and value.shape[1] == seq_len:
-                value = value[:, :width]
-            out[key] = value
+            value = value[rows]
+            out[key] = value[:, :width] if value.dim() >= 2 and value.shape[1] == seq_len else value
     return out
 
 
@@ -85,14 +89,7 @@ def placeholder(batch: dict[str, Any], padding_free: bool) -> dict[str, Any]:
         first = slice(starts[0], starts[1])
         out = refresh_flat_metadata({k: v[:, first] if k in _PER_TOKEN_FLAT_KEYS else v for k, v in batch.items()})
     else:
-        rows, seq_len = batch["labels"].shape
-        attended = batch["attention_mask"][0].bool() if "attention_mask" in batch else None
-        width = int(attended.nonzero().max()) + 1 if attended is not None and bool(attended.any()) else seq_len
-        is_row = lambda v: torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == rows  # noqa: E731
-        out = {
-            k: (v[:1, :width] if v.dim() >= 2 and v.shape[1] == seq_len else v[:1]) if is_row(v) else v
-            for k, v in batch.items()
-        }
+        out = _take_rows(batch, slice(0, 1))
     out["labels"] = torch.full_like(out["labels"], -100)
     return out
 
