@@ -4,6 +4,8 @@ Change two names in a TRL script: ``SFTConfig`` -> :class:`QTuningConfig`, ``SFT
 The pure tensor core (:func:`eu_plane_stats`, :func:`triage_samples`, :func:`prune_tokens`) is importable on its own.
 """
 
+import importlib
+
 from .core import SelectionParams, TriageResult, eu_plane_stats, prune_tokens, triage_samples
 from .policies import select_qtuning
 
@@ -24,22 +26,13 @@ __all__ = [
 ]
 
 
+_LAZY = {"QTuningConfig": ".config", "QTuningSFTTrainer": ".trainer", "QTuningDataCollator": ".step.collator",
+         "read_ledger": ".ledger"}  # fmt: skip
+"""Names imported on first use, and their modules."""
+
+
 def __getattr__(name: str):
     # The trainer side imports TRL/transformers (seconds); the core stays importable without paying for it.
-    if name == "QTuningConfig":
-        from .config import QTuningConfig
-
-        return QTuningConfig
-    if name == "QTuningSFTTrainer":
-        from .trainer import QTuningSFTTrainer
-
-        return QTuningSFTTrainer
-    if name == "QTuningDataCollator":
-        from .step.collator import QTuningDataCollator
-
-        return QTuningDataCollator
-    if name == "read_ledger":
-        from .ledger import read_ledger
-
-        return read_ledger
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'trl_qtuning' has no attribute {name!r}")
