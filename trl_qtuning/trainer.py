@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -242,12 +243,7 @@ class QTuningSFTTrainer(SFTTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         if not self.args.qtuning_enabled:
             return super().get_batch_samples(epoch_iterator, num_batches, device)
-        batch_samples = []
-        for _ in range(num_batches):
-            try:
-                batch_samples.append(next(epoch_iterator))
-            except StopIteration:
-                break
+        batch_samples = list(itertools.islice(epoch_iterator, num_batches))
         if batch_samples:
             batch_samples = self._prune_step(batch_samples)
         return batch_samples, self._count_label_tokens(batch_samples, device)
