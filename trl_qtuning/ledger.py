@@ -100,8 +100,7 @@ class DecisionLedger:
         self.level = level
         self.rank = rank
         self.rows_per_shard = rows_per_shard
-        self._buffer: dict[str, list[Any]] = {name: [] for name in LEDGER_SCHEMA.names}
-        self._buffered = 0
+        self._clear_buffer()
         self._next_shard = self._first_free_shard()
 
     def _first_free_shard(self) -> int:
@@ -147,7 +146,7 @@ class DecisionLedger:
         write_json(self.directory / LEDGER_INFO_FILE, info)
 
     def _clear_buffer(self) -> None:
-        self._buffer = {name: [] for name in LEDGER_SCHEMA.names}
+        self._buffer: dict[str, list[Any]] = {name: [] for name in LEDGER_SCHEMA.names}
         self._buffered = 0
 
     def truncate_after(self, step: int) -> None:
