@@ -27,10 +27,6 @@ logger = logging.getLogger("trl_qtuning.tracking")
 SELECTION_FILE = "selection.parquet"
 
 
-def _ratio(num: float, den: float) -> float | None:
-    return num / den if den else None
-
-
 def build_summary(
     acc: DecisionAccumulator,
     *,
@@ -64,7 +60,9 @@ def build_summary(
         "last_step": int(steps.index[-1]) if len(steps) else None,
         "samples_scored": samples,
         "distinct_samples": len(per_sample),
-        "quadrants": {name: {"count": total[name], "share": _ratio(total[name], samples)} for name in QUADRANT_KEYS},
+        "quadrants": {
+            name: {"count": total[name], "share": total[name] / samples if samples else None} for name in QUADRANT_KEYS
+        },
         "decisions": {name: total[name] for name in DECISIONS},
         "realised": {
             **{name: budgets[name] for name in ("sample_keep_ratio", "token_keep_ratio", "label_token_share")},
