@@ -64,10 +64,7 @@ def _eval_mode(model: Any) -> Iterator[None]:
 
 def _pad_id(tokenizer: Any) -> int:
     """Pad id for batching; padded positions are masked, so any valid id works when a tokenizer has no pad token."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
+    return int(next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0))
 
 
 def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
