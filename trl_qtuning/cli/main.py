@@ -13,7 +13,7 @@ Runs in-process, so ``accelerate launch -m trl_qtuning.cli.main sft ...`` works 
 from __future__ import annotations
 
 import argparse
-import importlib
+import pkgutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +34,7 @@ class Command:
     """``"module:function"``; the function takes the arguments after the subcommand name and returns an exit code."""
 
     def load(self) -> Callable[[list[str] | None], int | None]:
-        module_name, _, attr = self.target.partition(":")
-        return getattr(importlib.import_module(module_name), attr)
+        return pkgutil.resolve_name(self.target)
 
 
 COMMANDS: tuple[Command, ...] = (
