@@ -599,3 +599,22 @@ def test_a_second_train_is_a_run_of_its_own(tracking, tmp_path):
         assert client.get_run(run_id).info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run_id, "qtuning/q2_share")] == [1]
         assert "qtuning_summary.json" in {a.path for a in client.list_artifacts(run_id)}
+
+
+@pytest.mark.parametrize("recorded", ['{"run_id": 123}', '{"run_id": ""}', "[]", "not json"])
+def test_a_damaged_run_id_on_disk_is_no_run_id(tmp_path, recorded):
+    """A queue header or run.json whose run id is not a non-empty string (a damaged file) reads as no run: the queue is
+    set aside under the time it was written, and the bench records no run for the cell."""
+    from trl_qtuning.bench.mlflow_runs import run_id_from_disk
+    from trl_qtuning.ledger import modified_tag
+    from trl_qtuning.tracking.outputs import TRACKING_DIR
+    from trl_qtuning.tracking.sink import PENDING_FILE, RUN_FILE, set_aside_queue
+
+    spool = tmp_path / TRACKING_DIR
+    spool.mkdir()
+    (spool / RUN_FILE).write_text(recorded)
+    (spool / PENDING_FILE).write_text(recorded + "\n")
+    assert run_id_from_disk(tmp_path) is None
+    tag = modified_tag(spool / PENDING_FILE)
+    moved = set_aside_queue(spool)
+    assert moved == spool / f"pending.previous-{tag}.jsonl" and moved.read_text() == recorded + "\n"
