@@ -653,6 +653,42 @@ def test_bad_matrix_names_the_field(tmp_path, model_dir, monkeypatch, change, ex
     assert calls == [] and not (tmp_path / "out").exists()
 
 
+def test_bench_trains_on_from_a_lora_runs_output(tmp_path, model_dir):
+    """``model:`` may be a LoRA run's output, as for the demo: its adapter is merged into the base model, whose weights
+    the cells then train (the adapter alone loads frozen, for scoring, and a cell could not train it)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from trl_qtuning.audit.api import load_audit_model, load_trainable_model
+    from trl_qtuning.testing import make_tiny_model
+
+    run = tmp_path / "lora_run"
+    lora = get_peft_model(make_tiny_model(), LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM",
+                                                         init_lora_weights=False))  # fmt: skip
+    lora.save_pretrained(run)
+    config = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(model_dir)}))
+
+    frozen, _, _ = load_audit_model(str(run))
+    merged, _, description = load_trainable_model(str(run))
+    assert isinstance(frozen, PeftModel) and not isinstance(merged, PeftModel)
+    assert description.endswith(" + adapter " + str(run) + " (adapter merged)")
+    assert all(p.requires_grad for p in merged.parameters())
+    ids = torch.tensor([[3, 5, 7, 11]])
+    torch.testing.assert_close(merged(ids).logits, frozen(ids).logits)  # the adapter's (non-zero) update is kept
+    base, _, _ = load_trainable_model(str(model_dir))
+    assert not torch.allclose(base(ids).logits, merged(ids).logits)
+
+    matrix = _write_matrix(tmp_path / "m.yaml", _tiny_matrix(tmp_path, run, report_to="none"))
+    code, out, err = _run(["bench", "--config", str(matrix), "--only", "full"])
+    assert code == 0, f"{out}\n{err}"
+    assert json.loads((tmp_path / "out" / "full_seed0" / "result.json").read_text())["status"] == "complete"
+    (tmp_path / "empty").mkdir()
+    matrix = _write_matrix(tmp_path / "bad.yaml", _tiny_matrix(tmp_path, tmp_path / "empty", report_to="none"))
+    code, _, err = _run(["bench", "--config", str(matrix)])
+    assert code == 2 and "model: not a model folder (no config.json or adapter_config.json)" in err
+
+
 def test_missing_matrix_and_bad_arguments():
     code, _, err = _run(["bench", "--config", "/no/such/matrix.yaml"])
     assert code == 2 and "matrix file not found" in err

@@ -42,6 +42,7 @@ __all__ = [
     "audit_dataset",
     "load_audit_dataset",
     "load_audit_model",
+    "load_trainable_model",
 ]
 
 ROW_ID = "audit_row_id"
@@ -178,6 +179,18 @@ def load_audit_model(name: str, *, adapter: str | None = None, dtype: str = "flo
     if adapter is not None:
         model = _with_adapter(model, adapter)
         description = f"{description} + adapter {adapter}"
+    return model, tokenizer, description
+
+
+def load_trainable_model(name: str, *, dtype: str = "float32") -> tuple[Any, Any, str]:
+    """:func:`load_audit_model` for training on (the demo, the bench): a LoRA run's output has its adapter merged into
+    the base model, whose weights then train (the adapter loads frozen, for scoring)."""
+    from peft import PeftModel
+
+    model, tokenizer, description = load_audit_model(name, dtype=dtype)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload().requires_grad_(True)
+        description += " (adapter merged)"
     return model, tokenizer, description
 
 

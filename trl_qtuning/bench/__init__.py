@@ -17,7 +17,8 @@ The matrix file (all relative paths resolve against the CURRENT directory, not t
     output_dir: bench_runs/gsm8k           # one folder per cell, results.md, results.json
     report_to: auto                        # auto (mlflow if installed) | mlflow | none
     tracking_uri: null                     # else MLFLOW_TRACKING_URI / MLflow's default
-    model: demo                            # "demo" (embedded SmolLM2-135M-Instruct) or a local model folder
+    model: demo                            # "demo" (embedded SmolLM2-135M-Instruct), a local model folder or a
+                                           # LoRA run's output (its adapter merged into the base before training)
     lora: {r: 8, alpha: 16, dropout: 0.05, target_modules: all-linear}   # null: full fine-tuning
     data:
       train: {source: gsm8k_jsonl, path: ../shared/data/gsm8k/train.jsonl, size: 256, seed: 0}

