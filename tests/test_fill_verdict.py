@@ -47,3 +47,12 @@ def test_protection_is_the_difference_on_its_noise_minus_on_the_other(tmp_path, 
     assert rows[("Q-A contrast", "qtuning-q1-last - random-random")] == ["-", "-", "-"]  # no random-random cells
     assert module.main(["--study-dir", str(tmp_path)]) == 0
     assert "| Q-A contrast | qtuning-q1-last - qtuning | +0.1500" in capsys.readouterr().out
+
+
+def test_committed_verdict_page_is_the_render_of_the_committed_cells():
+    """docs/study/fill-verdict.md is what the script writes from the committed cells (the commit loop rewrites it
+    after each cell that lands): no number on it was edited by hand or left stale."""
+    module = _verdict()
+    page = ROOT / "docs" / "study" / module.PAGE
+    assert page.is_file(), f"{page} is missing: python benchmarks/study/fill_verdict.py --write"
+    assert page.read_text() == module.render(ROOT / "docs" / "study")

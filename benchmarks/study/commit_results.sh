@@ -3,7 +3,8 @@
 #   benchmarks/study/commit_results.sh STUDY_TREE MAIN_CHECKOUT PYTHON
 # Every 2 minutes: copies each new or changed docs/study/fill-*/*/result.json from the study worktree into the main
 # checkout; when any landed, re-renders the three pages there (--table-only: the noisy pages compare with the clean
-# one) and commits docs/study/fill-* only (nothing else of the checkout). Runs until killed.
+# one) and the cross-noise control (docs/study/fill-verdict.md, benchmarks/study/fill_verdict.py), and commits
+# docs/study/fill-* only (nothing else of the checkout). Runs until killed.
 set -u
 tree=${1:?study worktree}; main=${2:?main checkout}; python=${3:?python of the venv}
 while true; do
@@ -25,6 +26,8 @@ while true; do
           --table-only >/dev/null || echo "$(date -u +%FT%TZ) rendering fill-$name failed"
       fi
     done
+    HF_HUB_OFFLINE=1 "$python" benchmarks/study/fill_verdict.py --write >/dev/null \
+      || echo "$(date -u +%FT%TZ) writing fill-verdict.md failed"
     dirs=$(ls -d docs/study/fill-* 2>/dev/null)
     git add $dirs && git commit -q -m "study (fill rules): finished cell results (pages re-rendered)" -- $dirs \
       && echo "$(date -u +%FT%TZ) committed $dirs"

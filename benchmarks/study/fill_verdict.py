@@ -14,7 +14,11 @@ All three come with the bench's paired 95% t interval (``trl_qtuning.bench.paire
 better for a contrast). Prints one Markdown table; reads only committed ``result.json`` files.
 
     python benchmarks/study/fill_verdict.py                     # docs/study/fill-swap30 and fill-numbers30
+    python benchmarks/study/fill_verdict.py --write             # and writes docs/study/fill-verdict.md
     python benchmarks/study/fill_verdict.py --study-dir DIR     # DIR/fill-swap30 and DIR/fill-numbers30
+
+The study's commit loop (benchmarks/study/commit_results.sh) rewrites the page after every cell that lands;
+tests/test_fill_verdict.py checks that the committed page is the render of the committed cells.
 """
 
 from __future__ import annotations
@@ -34,12 +38,12 @@ BASELINES = ("random-random", "qtuning")
 
 
 def read_cells(study_dir: Path) -> dict[str, dict[str, dict[int, dict[str, float]]]]:
-    """``{matrix: {method: {seed: metrics}}}`` of the finished cells (the base cell left out)."""
+    """``{matrix: {method: {seed: metrics}}}`` of the finished cells of the methods and baselines compared."""
     cells: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
     for matrix in MATRICES:
         for cell_dir in sorted((study_dir / f"fill-{matrix}").glob("*_seed*")):
             result = read_result(cell_dir)
-            if result is not None:
+            if result is not None and result["method"] in (*METHODS, *BASELINES):
                 cells.setdefault(matrix, {}).setdefault(result["method"], {})[int(result["seed"])] = result["metrics"]
     return cells
 
@@ -76,17 +80,44 @@ def verdict_rows(cells: dict) -> list[list[str]]:
     return rows
 
 
+PAGE = "fill-verdict.md"
+"""The page ``--write`` writes in the study folder (docs/results.md quotes its table)."""
+
+
+def render(study_dir: Path) -> str:
+    """The page: what the table is, and the table of the cells committed so far."""
+    headers = ["contrast", "method - baseline", "on its noise [95% CI]", "on the other noise [95% CI]",
+               "protection: its noise - other [95% CI]"]
+    cells = read_cells(study_dir)
+    seeds = {matrix: sorted({s for runs in methods.values() for s in runs}) for matrix, methods in cells.items()}
+    lines = [
+        "# Fill-rule study: the cross-noise control",
+        "",
+        "Written by `python benchmarks/study/fill_verdict.py --write` from the committed cells of "
+        "[fill-swap30](fill-swap30/results.md) and [fill-numbers30](fill-numbers30/results.md) (seeds with cells: "
+        + ", ".join(f"{m} {seeds.get(m, [])}" for m in MATRICES) + "). Each noise moves only its own contrast, so "
+        "each noisy matrix is the other's control. Per seed: a method's contrast minus the baseline's on the matrix "
+        "whose noise moves that contrast (on its noise), the same on the other matrix (on the other noise), and the "
+        "first minus the second (protection: what the method keeps the noise out of the contrast, apart from the "
+        "samples it picks). Mean over seeds and paired 95% Student t interval; higher is better; `better` / `worse` "
+        "only where the interval excludes 0.",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|---|---|" + "---:|" * (len(headers) - 2),
+        *("| " + " | ".join(row) + " |" for row in verdict_rows(cells)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study-dir", type=Path, default=ROOT / "docs" / "study")
+    parser.add_argument("--write", action="store_true", help=f"also write STUDY_DIR/{PAGE}")
     args = parser.parse_args(argv)
-    headers = ["contrast", "method - baseline", "on its noise [95% CI]", "on the other noise [95% CI]",
-               "protection: its noise - other [95% CI]"]
-    body = verdict_rows(read_cells(args.study_dir))
-    print("| " + " | ".join(headers) + " |")
-    print("|---|---|" + "---:|" * (len(headers) - 2))
-    for row in body:
-        print("| " + " | ".join(row) + " |")
+    page = render(args.study_dir)
+    print(page, end="")
+    if args.write:
+        (args.study_dir / PAGE).write_text(page, encoding="utf-8")
     return 0
 
 
