@@ -53,6 +53,11 @@ def _per_seed(cells: dict, matrix: str, method: str, baseline: str, metric: str)
     return {seed: mine[seed][metric] - theirs[seed][metric] for seed in sorted(set(mine) & set(theirs))}
 
 
+def _interval(differences: dict[int, float]) -> dict | None:
+    """The per-seed differences' own mean and t interval (paired against 0)."""
+    return paired_difference(differences, dict.fromkeys(differences, 0.0), lower_is_better=False) if differences else None
+
+
 def _fmt(d: dict | None) -> str:
     if d is None:
         return "-"
@@ -72,11 +77,9 @@ def verdict_rows(cells: dict) -> list[list[str]]:
                     continue
                 own = _per_seed(cells, matrix, method, baseline, metric)
                 control = _per_seed(cells, other, method, baseline, metric)
-                differences = [paired_difference(own, {s: 0.0 for s in own}, lower_is_better=False) if own else None,
-                               paired_difference(control, {s: 0.0 for s in control}, lower_is_better=False)
-                               if control else None,
-                               paired_difference(own, control, lower_is_better=False) if own and control else None]
-                rows.append([CONTRAST_NAMES[metric], f"{method} - {baseline}", *(_fmt(d) for d in differences)])
+                protection = paired_difference(own, control, lower_is_better=False) if own and control else None
+                rows.append([CONTRAST_NAMES[metric], f"{method} - {baseline}",
+                             *(_fmt(d) for d in (_interval(own), _interval(control), protection))])
     return rows
 
 
