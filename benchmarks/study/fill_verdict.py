@@ -85,6 +85,8 @@ def verdict_rows(cells: dict) -> list[list[str]]:
 
 PAGE = "fill-verdict.md"
 """The page ``--write`` writes in the study folder (docs/results.md quotes its table)."""
+SECTION = "Cross-noise control"
+"""The heading of the page's table: docs/results.md quotes it as `fill-verdict.md: Cross-noise control, table 1`."""
 
 
 def render(study_dir: Path) -> str:
@@ -104,6 +106,8 @@ def render(study_dir: Path) -> str:
         "first minus the second (protection: what the method keeps the noise out of the contrast, apart from the "
         "samples it picks). Mean over seeds and paired 95% Student t interval; higher is better; `better` / `worse` "
         "only where the interval excludes 0.",
+        "",
+        f"## {SECTION}",
         "",
         "| " + " | ".join(headers) + " |",
         "|---|---|" + "---:|" * (len(headers) - 2),
