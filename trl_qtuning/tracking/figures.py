@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,11 +53,6 @@ def save_figure(fig, path: str | Path) -> Path:
     return path
 
 
-def _finite(values: Sequence[float]) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float64)
-    return arr[np.isfinite(arr)]
-
-
 def eu_plane_figure(step: int, columns: dict[str, Any], thresholds: list[dict[str, float]]):
     """PPL (log x axis when it spans more than a decade) against mean entropy, one point per sample, coloured by
     quadrant; filled markers were trained on, crosses were dropped; dashed lines are the step's thresholds."""
@@ -76,7 +70,7 @@ def eu_plane_figure(step: int, columns: dict[str, Any], thresholds: list[dict[st
         color = QUADRANT_COLORS[q.code]
         ax.scatter(ppl[sel & kept], ent[sel & kept], c=color, s=28, label=f"{q.label} ({int(sel.sum())})")
         ax.scatter(ppl[sel & ~kept], ent[sel & ~kept], c=color, s=28, marker="x")
-    positive = _finite(ppl[finite & (ppl > 0)])
+    positive = ppl[finite & (ppl > 0)]
     if positive.size and positive.max() / max(positive.min(), 1e-12) > 10:
         ax.set_xscale("log")
     for i, group in enumerate(thresholds):
