@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -224,13 +223,8 @@ def _compare(args: argparse.Namespace) -> int:
             run_name=f"compare-{len(rows)}-runs",
             tags={COMPARISON_TAG: "comparison", "qtuning.compared_runs": ",".join(r["run_id"] for r in rows)[:5000]},
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "comparison.png"
-            fig.savefig(path, bbox_inches="tight")
-            client.log_artifact(run.info.run_id, str(path), "figures")
-            table = Path(tmp) / "comparison.txt"
-            table.write_text(format_table(rows) + "\n")
-            client.log_artifact(run.info.run_id, str(table))
+        client.log_figure(run.info.run_id, fig, "figures/comparison.png", save_kwargs={"bbox_inches": "tight"})
+        client.log_text(run.info.run_id, format_table(rows) + "\n", "comparison.txt")
         client.set_terminated(run.info.run_id, "FINISHED")
         print(f"Comparison figure logged to run {run.info.run_id} (experiment {args.experiment!r}).")
     return 0
