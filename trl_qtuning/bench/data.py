@@ -9,32 +9,26 @@ corrupted.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
+from ..demo.assets import (
+    load_arc, load_gsm8k_test, load_local_gsm8k_jsonl, load_math_pool, make_arithmetic_dataset, ranked_rows, split_pool,
+    to_conversation,
+)  # fmt: skip
 from .matrix import Matrix, field_error
 
 __all__ = ["corrupt_answers", "corrupt_numbers", "describe", "load_pool", "prepare_data"]
 
 
-def _rank_order(dataset, seed: int, salt: str) -> list[int]:
-    """Row indices ranked by ``sha256(seed:salt:uid)`` (row index without a uid column): the same for every cell
-    and library version."""
-    keys = list(dataset["uid"]) if "uid" in dataset.column_names else [str(i) for i in range(len(dataset))]
-    return sorted(range(len(dataset)), key=lambda i: hashlib.sha256(f"{seed}:{salt}:{keys[i]}".encode()).digest())
-
-
 def _first(dataset, size: int | None, seed: int, salt: str):
     if size is None or size >= len(dataset):
         return dataset
-    return dataset.select(_rank_order(dataset, seed, salt)[:size])
+    return dataset.select(ranked_rows(dataset, f"{seed}:{salt}")[:size])
 
 
 def _arithmetic_rows(n: int, seed: int, noisy_share: float):
     """Tiny synthetic conversational prompt/completion rows with a uid and the final number as ``answer``."""
-    from ..demo.assets import make_arithmetic_dataset
-
     dataset = make_arithmetic_dataset(n, seed=seed, conversational=True, noisy_share=noisy_share)
 
     def add(row, i):
@@ -66,8 +60,6 @@ def _as_prompt_completion(dataset, where: str):
     if {"prompt", "completion"} <= columns:
         return dataset
     if {"question", "answer"} <= columns:
-        from ..demo.assets import to_conversation
-
         return dataset.map(lambda row: to_conversation(row["question"], row["answer"]), remove_columns=sorted(columns))
     raise field_error(where, f"needs 'prompt'/'completion' (or 'question'/'answer') columns, found {sorted(columns)}",
                "convert the file to prompt/completion rows", )
@@ -76,12 +68,8 @@ def _as_prompt_completion(dataset, where: str):
 def load_pool(source: str, options: dict[str, Any], *, path: str | None, size: int, seed: int, where: str):
     """A pool of prompt-completion rows from one of the bench's sources (``size``/``seed`` feed the synthetic one)."""
     if source == "gsm8k_jsonl":
-        from ..demo.assets import load_local_gsm8k_jsonl
-
         return load_local_gsm8k_jsonl(path, strip_calculator=bool(options.get("strip_calculator", False)))
     if source == "demo_math":
-        from ..demo.assets import load_math_pool
-
         return load_math_pool(options.get("subjects"), options.get("max_level"), options.get("max_chars"))
     if source == "arithmetic":
         return _arithmetic_rows(size, seed, float(options.get("noisy_share", 0.2)))
@@ -102,7 +90,7 @@ def corrupt_answers(train, share: float, seed: int) -> tuple[Any, list[int]]:
     if count < 2:
         raise field_error("data.train.label_noise", f"{share} of {n} rows is {count} row: answers are swapped among the "
                    "corrupted rows, so at least 2 are needed", "raise label_noise or data.train.size")
-    chosen = _rank_order(train, seed, "label_noise")[:count]
+    chosen = ranked_rows(train, f"{seed}:label_noise")[:count]
     completions = train["completion"]
     donor = {row: chosen[(i + 1) % count] for i, row in enumerate(chosen)}
 
@@ -129,7 +117,7 @@ def corrupt_numbers(train, share: float, seed: int) -> tuple[Any, list[int]]:
     keys = list(train["uid"]) if "uid" in train.column_names else [str(i) for i in range(n)]
     completions = train["completion"]
     changed: dict[int, Any] = {}
-    for row in _rank_order(train, seed, "label_noise"):
+    for row in ranked_rows(train, f"{seed}:label_noise"):
         wrong = perturb_solution(completion_text(completions[row]), row_rng(seed, keys[row]))
         if wrong is not None:
             changed[row] = with_text(completions[row], wrong)
@@ -147,8 +135,6 @@ def corrupt_numbers(train, share: float, seed: int) -> tuple[Any, list[int]]:
 
 def prepare_data(matrix: Matrix) -> dict[str, Any]:
     """Train subset, held-out rows and evaluation subsets: the same for every cell."""
-    from ..demo.assets import split_pool
-
     spec = matrix.train
     pool = load_pool(spec.source, spec.options, path=getattr(spec, "path", None), seed=spec.seed,
                      size=(spec.size or 64) + matrix.heldout_size, where="data.train.path")  # fmt: skip
@@ -174,12 +160,8 @@ def prepare_data(matrix: Matrix) -> dict[str, Any]:
         if g.source == "arithmetic":
             pool_g = _arithmetic_rows(g.size, 10_000 + seed, 0.0)
         elif g.source == "gsm8k_jsonl":
-            from ..demo.assets import load_local_gsm8k_jsonl
-
             pool_g = load_local_gsm8k_jsonl(g.path)
         else:
-            from ..demo.assets import load_gsm8k_test
-
             pool_g = load_gsm8k_test()
         data["gsm8k"] = _first(pool_g, g.size, seed, "gsm8k")
     for name in ("arc_easy", "arc_challenge"):
@@ -188,8 +170,6 @@ def prepare_data(matrix: Matrix) -> dict[str, Any]:
             if a.source == "arithmetic":
                 pool_a = _arithmetic_choices(a.size, 20_000 + seed + (name == "arc_challenge"))
             else:
-                from ..demo.assets import load_arc
-
                 pool_a = load_arc(name.removeprefix("arc_"), a.subset)  # type: ignore[arg-type]
             data[name] = _first(pool_a, a.size, seed, name)
     if ev.transfer:

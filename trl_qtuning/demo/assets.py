@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover - import only for annotations; `datasets`/
 __all__ = [
     "MATH_SUBJECTS", "SMOLLM2_GGUF_NAME", "default_demo_cache_dir", "demo_model_path", "extract_boxed", "load_arc",
     "load_demo_model_and_tokenizer", "load_gsm8k_test", "load_local_gsm8k_jsonl", "load_math500", "load_math_pool",
-    "locate_smollm2_gguf", "make_arithmetic_dataset", "split_pool", "to_conversation",
+    "locate_smollm2_gguf", "make_arithmetic_dataset", "ranked_rows", "split_pool", "to_conversation",
 ]  # fmt: skip
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -475,6 +475,13 @@ def load_arc(split_name: Literal["easy", "challenge"], subset: Literal["test", "
     return Dataset.from_list(rows)
 
 
+def ranked_rows(dataset: Dataset, prefix: str) -> list[int]:
+    """Row indices ranked by ``sha256(f"{prefix}:{uid}")`` (row index if there is no ``uid`` column): an order that
+    depends only on ``prefix`` and the rows' ids, not on library versions or RNG streams."""
+    keys = list(dataset["uid"]) if "uid" in dataset.column_names else [str(i) for i in range(len(dataset))]
+    return sorted(range(len(dataset)), key=lambda i: hashlib.sha256(f"{prefix}:{keys[i]}".encode()).digest())
+
+
 def split_pool(dataset: Dataset, eval_size: int, seed: int) -> tuple[Dataset, Dataset]:
     """Deterministic disjoint ``(train, heldout)`` split with ``len(heldout) == eval_size``.
 
@@ -484,9 +491,7 @@ def split_pool(dataset: Dataset, eval_size: int, seed: int) -> tuple[Dataset, Da
     n = len(dataset)
     if not 0 <= eval_size <= n:
         raise ValueError(f"eval_size must be in [0, {n}], got {eval_size}.")
-    keys = list(dataset["uid"]) if "uid" in dataset.column_names else [str(i) for i in range(n)]
-    digests = [hashlib.sha256(f"{seed}:{key}".encode()).digest() for key in keys]
-    heldout = set(sorted(range(n), key=digests.__getitem__)[:eval_size])
+    heldout = set(ranked_rows(dataset, str(seed))[:eval_size])
     return dataset.select([i for i in range(n) if i not in heldout]), dataset.select(sorted(heldout))
 
 
