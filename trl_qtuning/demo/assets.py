@@ -215,8 +215,7 @@ def _convert_gguf_to_folder(target: Path) -> None:
             if not _is_complete_cache(target):  # not a lost race with a concurrent conversion: a real failure
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def demo_model_path(cache_dir: str | Path | None = None) -> Path:
