@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..demo.assets import (
-    load_arc, load_gsm8k_test, load_local_gsm8k_jsonl, load_math_pool, make_arithmetic_dataset, ranked_rows, split_pool,
-    to_conversation,
+    load_arc, load_gsm8k_test, load_local_gsm8k_jsonl, load_math_pool, make_arithmetic_dataset, ranked_rows, row_keys,
+    split_pool, to_conversation,
 )  # fmt: skip
 from .matrix import Matrix, field_error
 
@@ -114,7 +114,7 @@ def corrupt_numbers(train, share: float, seed: int) -> tuple[Any, list[int]]:
     count = _noise_count(n, share)
     if count == 0:
         return train, []
-    keys = list(train["uid"]) if "uid" in train.column_names else [str(i) for i in range(n)]
+    keys = row_keys(train)
     completions = train["completion"]
     changed: dict[int, Any] = {}
     for row in ranked_rows(train, f"{seed}:label_noise"):

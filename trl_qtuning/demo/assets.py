@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover - import only for annotations; `datasets`/
 __all__ = [
     "MATH_SUBJECTS", "SMOLLM2_GGUF_NAME", "default_demo_cache_dir", "demo_model_path", "extract_boxed", "load_arc",
     "load_demo_model_and_tokenizer", "load_gsm8k_test", "load_local_gsm8k_jsonl", "load_math500", "load_math_pool",
-    "locate_smollm2_gguf", "make_arithmetic_dataset", "ranked_rows", "split_pool", "to_conversation",
+    "locate_smollm2_gguf", "make_arithmetic_dataset", "ranked_rows", "row_keys", "split_pool", "to_conversation",
 ]  # fmt: skip
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -474,10 +474,15 @@ def load_arc(split_name: Literal["easy", "challenge"], subset: Literal["test", "
     return Dataset.from_list(rows)
 
 
+def row_keys(dataset: Dataset) -> list:
+    """Each row's stable id: its ``uid``, or its index as a string where there is no ``uid`` column."""
+    return list(dataset["uid"]) if "uid" in dataset.column_names else [str(i) for i in range(len(dataset))]
+
+
 def ranked_rows(dataset: Dataset, prefix: str) -> list[int]:
-    """Row indices ranked by ``sha256(f"{prefix}:{uid}")`` (row index if there is no ``uid`` column): an order that
-    depends only on ``prefix`` and the rows' ids, not on library versions or RNG streams."""
-    keys = list(dataset["uid"]) if "uid" in dataset.column_names else [str(i) for i in range(len(dataset))]
+    """Row indices ranked by ``sha256(f"{prefix}:{key}")`` over :func:`row_keys`: an order that depends only on
+    ``prefix`` and the rows' ids, not on library versions or RNG streams."""
+    keys = row_keys(dataset)
     return sorted(range(len(dataset)), key=lambda i: hashlib.sha256(f"{prefix}:{keys[i]}".encode()).digest())
 
 
